@@ -1,0 +1,1 @@
+//! firn-build: see ARCHITECTURE.md. Not yet implemented (issue tracker: the build issue).
