@@ -345,7 +345,11 @@ fn print_path(out: &mut Vec<u8>, store_dir: &StoreDir, p: &StorePath) {
     out.push(b'"');
 }
 
-fn print_list<T>(out: &mut Vec<u8>, items: impl IntoIterator<Item = T>, mut f: impl FnMut(&mut Vec<u8>, T)) {
+fn print_list<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut f: impl FnMut(&mut Vec<u8>, T),
+) {
     out.push(b'[');
     for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
@@ -379,7 +383,11 @@ impl Derivation<'_> {
     }
 
     /// Append the `.drv` text to `out`.
-    pub fn write_aterm(&self, store_dir: &StoreDir, out: &mut Vec<u8>) -> Result<(), DerivationError> {
+    pub fn write_aterm(
+        &self,
+        store_dir: &StoreDir,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DerivationError> {
         self.unparse(store_dir, Unparse::File, out)
     }
 
@@ -389,7 +397,13 @@ impl Derivation<'_> {
         mode: Unparse<'_, '_>,
         out: &mut Vec<u8>,
     ) -> Result<(), DerivationError> {
-        let mask = matches!(mode, Unparse::Modulo { mask_outputs: true, .. });
+        let mask = matches!(
+            mode,
+            Unparse::Modulo {
+                mask_outputs: true,
+                ..
+            }
+        );
         out.reserve(self.size_hint());
         out.extend_from_slice(b"Derive([");
         for (i, (name, output)) in self.outputs.iter().enumerate() {
@@ -403,7 +417,11 @@ impl Derivation<'_> {
                 (DerivationOutput::InputAddressed(p), false) => print_path(out, store_dir, p),
                 (DerivationOutput::CAFixed(_), false) => {
                     let p = self.output_path(store_dir, name, output)?;
-                    print_path(out, store_dir, p.as_ref().ok_or(DerivationError::NoOutputs)?);
+                    print_path(
+                        out,
+                        store_dir,
+                        p.as_ref().ok_or(DerivationError::NoOutputs)?,
+                    );
                 }
                 _ => out.extend_from_slice(b"\"\""),
             }
@@ -436,7 +454,9 @@ impl Derivation<'_> {
             }),
         }
         out.push(b',');
-        print_list(out, &self.input_srcs, |out, p| print_path(out, store_dir, p));
+        print_list(out, &self.input_srcs, |out, p| {
+            print_path(out, store_dir, p)
+        });
         out.push(b',');
         print_unquoted(out, &self.platform);
         out.push(b',');
@@ -496,7 +516,10 @@ mod tests {
         let d = parse(br#"Derive([],[],[],"s","b\\\"\n\r\t\x\q",["\\x\\q\\\\"],[])"#).unwrap();
         assert_eq!(&d.builder[..], b"b\\\"\n\r\txq");
         assert_eq!(&d.args[0][..], b"\\x\\q\\\\");
-        assert_eq!(print(&d), br#"Derive([],[],[],"s","b\\\"\n\r\txq",["\\x\\q\\\\"],[])"#);
+        assert_eq!(
+            print(&d),
+            br#"Derive([],[],[],"s","b\\\"\n\r\txq",["\\x\\q\\\\"],[])"#
+        );
         // Raw control bytes and non-UTF-8 bytes pass through unchanged.
         let raw = b"Derive([],[],[],\"s\",\"b\",[\"\x01\x1f\x7f\xff\xc3\xa9\"],[])";
         assert_eq!(print(&parse(raw).unwrap()), raw);
@@ -504,9 +527,13 @@ mod tests {
 
     #[test]
     fn nix_list_quirks() {
-        let d = parse(br#"Derive([],[],[],"s","b",[,"a""b"],[("b","1")("a","2"),("b","3")])trailing"#)
-            .unwrap();
-        assert_eq!(d.args, vec![Cow::Borrowed(&b"a"[..]), Cow::Borrowed(&b"b"[..])]);
+        let d =
+            parse(br#"Derive([],[],[],"s","b",[,"a""b"],[("b","1")("a","2"),("b","3")])trailing"#)
+                .unwrap();
+        assert_eq!(
+            d.args,
+            vec![Cow::Borrowed(&b"a"[..]), Cow::Borrowed(&b"b"[..])]
+        );
         assert_eq!(d.env.get(b"b".as_slice()).map(|v| &v[..]), Some(&b"3"[..]));
         assert_eq!(
             print(&d),
@@ -517,7 +544,10 @@ mod tests {
     #[test]
     fn errors_have_positions() {
         let e = parse(b"").unwrap_err();
-        assert_eq!((e.pos, e.to_string()), (0, "at byte 0: expected 'Derive(['".to_owned()));
+        assert_eq!(
+            (e.pos, e.to_string()),
+            (0, "at byte 0: expected 'Derive(['".to_owned())
+        );
         let e = parse(b"Derive([").unwrap_err();
         assert_eq!((e.pos, e.kind), (8, ParseErrorKind::Expected("(")));
         let e = parse(br#"Derive([("out","/nix/store/abc"#).unwrap_err();
@@ -528,6 +558,9 @@ mod tests {
         assert_eq!(e.pos, 15);
         assert_eq!(e.kind.to_string(), "bad path 'nix/store/x' in derivation");
         let e = parse(br#"Derive([("out","","r:sha256","")],[],[],"s","b",[],[])"#).unwrap_err();
-        assert!(matches!(e.kind, ParseErrorKind::FloatingContentAddressed(_)));
+        assert!(matches!(
+            e.kind,
+            ParseErrorKind::FloatingContentAddressed(_)
+        ));
     }
 }

@@ -84,7 +84,11 @@ impl Derivation<'_> {
     pub fn into_owned(self) -> Derivation<'static> {
         Derivation {
             name: self.name,
-            outputs: self.outputs.iter().map(|(k, v)| (own(k), v.clone())).collect(),
+            outputs: self
+                .outputs
+                .iter()
+                .map(|(k, v)| (own(k), v.clone()))
+                .collect(),
             input_drvs: self
                 .input_drvs
                 .iter()

@@ -56,8 +56,7 @@ impl HashAlgo {
 
     /// Parse a name as `parseHashType` does (exact, lower case).
     pub fn parse(s: &str) -> Result<Self, HashError> {
-        Self::from_bytes(s.as_bytes())
-            .ok_or_else(|| HashError::UnknownAlgo(s.to_owned()))
+        Self::from_bytes(s.as_bytes()).ok_or_else(|| HashError::UnknownAlgo(s.to_owned()))
     }
 
     pub(crate) fn from_bytes(s: &[u8]) -> Option<Self> {
@@ -360,7 +359,11 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -433,7 +436,10 @@ mod tests {
     fn parse_forms() {
         let want = Hash::sha256(b"hello\n");
         for s in [HELLO, HELLO32, HELLO64, &HELLO.to_uppercase()] {
-            assert_eq!(Hash::parse_non_sri_unprefixed(s, HashAlgo::Sha256).unwrap(), want);
+            assert_eq!(
+                Hash::parse_non_sri_unprefixed(s, HashAlgo::Sha256).unwrap(),
+                want
+            );
         }
         for s in [
             format!("sha256:{HELLO}"),
@@ -445,17 +451,30 @@ mod tests {
         assert_eq!(Hash::parse_sri(&want.to_sri()).unwrap(), want);
         // Nix's leniency: newline skipped, non-zero trailing bits ignored.
         let lenient = "WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2\nvgM";
-        assert_eq!(Hash::parse_any(&format!("sha256-{lenient}"), None).unwrap(), want);
+        assert_eq!(
+            Hash::parse_any(&format!("sha256-{lenient}"), None).unwrap(),
+            want
+        );
         let trailing = "WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgN=";
-        assert_eq!(Hash::parse_non_sri_unprefixed(trailing, HashAlgo::Sha256).unwrap(), want);
+        assert_eq!(
+            Hash::parse_non_sri_unprefixed(trailing, HashAlgo::Sha256).unwrap(),
+            want
+        );
     }
 
     // Error texts observed from `nix show-derivation` on crafted fixed-output .drv files.
     #[test]
     fn parse_errors() {
         let s256 = HashAlgo::Sha256;
-        let e = |s: &str| Hash::parse_non_sri_unprefixed(s, s256).unwrap_err().to_string();
-        assert_eq!(e("abc"), "hash 'abc' has wrong length for hash type 'sha256'");
+        let e = |s: &str| {
+            Hash::parse_non_sri_unprefixed(s, s256)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            e("abc"),
+            "hash 'abc' has wrong length for hash type 'sha256'"
+        );
         assert_eq!(
             e(&format!("sha256-{HELLO64}")),
             format!("hash 'sha256-{HELLO64}' has wrong length for hash type 'sha256'")
@@ -478,7 +497,10 @@ mod tests {
             HashAlgo::parse("sha3").unwrap_err().to_string(),
             "unknown hash algorithm 'sha3'"
         );
-        assert!(matches!(Hash::parse_any(HELLO, None), Err(HashError::NoType(_))));
+        assert!(matches!(
+            Hash::parse_any(HELLO, None),
+            Err(HashError::NoType(_))
+        ));
         assert!(matches!(
             Hash::parse_any(&format!("sha1:{HELLO}"), Some(s256)),
             Err(HashError::TypeMismatch { .. })

@@ -160,12 +160,19 @@ fn write_derivation_object(
         p.close(b'}');
     }
     p.close(b'}');
-    let srcs: Vec<String> = drv.input_srcs.iter().map(|s| store_dir.display(s)).collect();
+    let srcs: Vec<String> = drv
+        .input_srcs
+        .iter()
+        .map(|s| store_dir.display(s))
+        .collect();
     p.string_list(b"inputSrcs", srcs.iter().map(|s| s.as_bytes()));
     p.key(b"inputDrvs");
     p.open(b'{');
     for (path, outputs) in &drv.input_drvs {
-        p.string_list(store_dir.display(path).as_bytes(), outputs.iter().map(|o| &o[..]));
+        p.string_list(
+            store_dir.display(path).as_bytes(),
+            outputs.iter().map(|o| &o[..]),
+        );
     }
     p.close(b'}');
     p.string_attr(b"system", &drv.platform);
@@ -485,7 +492,10 @@ fn fields<'v, const N: usize>(
     optional: &[&str],
 ) -> Result<([&'v Value; N], Vec<Option<&'v Value>>), JsonError> {
     for (k, _) in obj {
-        let known = required.iter().chain(optional).any(|f| f.as_bytes() == &k[..]);
+        let known = required
+            .iter()
+            .chain(optional)
+            .any(|f| f.as_bytes() == &k[..]);
         if !known {
             return at.fail(format!("unknown field {}", show(k)));
         }
@@ -570,7 +580,15 @@ fn read_derivation(
     let ([outputs, input_srcs, input_drvs, system, builder, args, env], opt) = fields(
         obj,
         at,
-        ["outputs", "inputSrcs", "inputDrvs", "system", "builder", "args", "env"],
+        [
+            "outputs",
+            "inputSrcs",
+            "inputDrvs",
+            "system",
+            "builder",
+            "args",
+            "env",
+        ],
         &["name"],
     )?;
     let mut drv = Derivation::default();
@@ -578,7 +596,8 @@ fn read_derivation(
     let env_at = at.push(b"env");
     for (k, v) in as_object(env, &env_at)? {
         let value = as_string(v, &env_at.push(k))?;
-        drv.env.insert(Cow::Owned(k.clone()), Cow::Owned(value.to_vec()));
+        drv.env
+            .insert(Cow::Owned(k.clone()), Cow::Owned(value.to_vec()));
     }
     drv.name = match (opt[0], name) {
         (Some(n), _) => as_str(n, &at.push(b"name"))?.to_owned(),
@@ -601,7 +620,10 @@ fn read_derivation(
     }
 
     let srcs_at = at.push(b"inputSrcs");
-    for (i, s) in as_string_array(input_srcs, &srcs_at)?.into_iter().enumerate() {
+    for (i, s) in as_string_array(input_srcs, &srcs_at)?
+        .into_iter()
+        .enumerate()
+    {
         match store_dir.parse_path(s) {
             Ok(p) => drv.input_srcs.insert(p),
             Err(e) => return srcs_at.push(i.to_string().as_bytes()).fail(e.to_string()),
@@ -611,7 +633,9 @@ fn read_derivation(
     let drvs_at = at.push(b"inputDrvs");
     for (k, v) in as_object(input_drvs, &drvs_at)? {
         let at = drvs_at.push(k);
-        let path = store_dir.parse_path(k).or_else(|e| at.fail(e.to_string()))?;
+        let path = store_dir
+            .parse_path(k)
+            .or_else(|e| at.fail(e.to_string()))?;
         let outs: BTreeSet<_> = as_string_array(v, &at)?
             .into_iter()
             .map(|o| Cow::Owned(o.to_vec()))
@@ -700,10 +724,17 @@ mod tests {
     #[test]
     fn reader_errors_name_the_field() {
         let sd = StoreDir::default();
-        let e = |s: &str| parse_show_derivation(&sd, s.as_bytes()).unwrap_err().to_string();
+        let e = |s: &str| {
+            parse_show_derivation(&sd, s.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(e("{"), "invalid JSON at byte 1: expected a string");
         assert_eq!(e("[1,]"), "invalid JSON at byte 3: unexpected ']'");
-        assert_eq!(e(r#"{"a":1,"a":2}"#), "invalid JSON at byte 7: duplicate key 'a'");
+        assert_eq!(
+            e(r#"{"a":1,"a":2}"#),
+            "invalid JSON at byte 7: duplicate key 'a'"
+        );
         assert!(e(r#"{"outputs":{}}"#).contains("missing field 'inputSrcs'"));
         let bad_hash = r#"{"name":"x","outputs":{"out":{"hashAlgo":"sha256","hash":"abc"}},"inputSrcs":[],"inputDrvs":{},"system":"s","builder":"b","args":[],"env":{}}"#;
         assert_eq!(

@@ -23,8 +23,7 @@ pub mod store_path;
 pub use aterm::{parse_derivation, ParseError, ParseErrorKind};
 pub use ca::{FileIngestionMethod, FixedOutputHash};
 pub use derivation::{
-    name_from_drv_base_name, ByteStr, Derivation, DerivationError, DerivationOutput,
-    DerivationType,
+    name_from_drv_base_name, ByteStr, Derivation, DerivationError, DerivationOutput, DerivationType,
 };
 pub use hash::{Encoding, Hash, HashAlgo, HashError, Hasher};
 pub use json::{parse_show_derivation, write_show_derivation, JsonError};

@@ -55,7 +55,9 @@ pub enum ModuloError<E> {
         actual: String,
         expected: String,
     },
-    #[error("derivation '{drv}' has incorrect environment variable '{var}', should be '{expected}'")]
+    #[error(
+        "derivation '{drv}' has incorrect environment variable '{var}', should be '{expected}'"
+    )]
     IncorrectEnv {
         drv: String,
         var: String,
@@ -75,7 +77,11 @@ pub fn hash_derivation_modulo<E>(
     lookup: &mut dyn FnMut(&StorePath) -> Result<InputDrvHash, E>,
 ) -> Result<DrvHashModulo, ModuloError<E>> {
     if drv.derivation_type()? == DerivationType::FixedOutput {
-        let (name, output) = drv.outputs.iter().next().ok_or(DerivationError::NoOutputs)?;
+        let (name, output) = drv
+            .outputs
+            .iter()
+            .next()
+            .ok_or(DerivationError::NoOutputs)?;
         let DerivationOutput::CAFixed(fixed) = output else {
             return Err(DerivationError::MixedOutputTypes.into());
         };
@@ -95,11 +101,16 @@ pub fn hash_derivation_modulo<E>(
     for (path, wanted) in &drv.input_drvs {
         let input = lookup(path).map_err(ModuloError::Lookup)?;
         for output in wanted {
-            let h = input.hash_for(output).ok_or_else(|| ModuloError::MissingInputOutput {
-                drv: store_dir.display(path),
-                output: String::from_utf8_lossy(output).into_owned(),
-            })?;
-            inputs.entry(h.to_base16()).or_default().insert(output.clone());
+            let h = input
+                .hash_for(output)
+                .ok_or_else(|| ModuloError::MissingInputOutput {
+                    drv: store_dir.display(path),
+                    output: String::from_utf8_lossy(output).into_owned(),
+                })?;
+            inputs
+                .entry(h.to_base16())
+                .or_default()
+                .insert(output.clone());
         }
     }
     let mut text = Vec::new();
@@ -272,7 +283,9 @@ impl Derivation<'_> {
         self.derivation_type()?;
         let expected = compute_output_paths(store_dir, self, lookup)?;
         for (name, output) in &self.outputs {
-            let Some(want) = expected.get(&name[..]) else { continue };
+            let Some(want) = expected.get(&name[..]) else {
+                continue;
+            };
             if let DerivationOutput::Deferred = output {
                 continue;
             }
@@ -303,7 +316,10 @@ impl Derivation<'_> {
 
     /// The references of the `.drv` file: its input sources and input derivations.
     pub fn references(&self) -> BTreeSet<&StorePath> {
-        self.input_srcs.iter().chain(self.input_drvs.keys()).collect()
+        self.input_srcs
+            .iter()
+            .chain(self.input_drvs.keys())
+            .collect()
     }
 
     /// The `.drv`'s own store path: a text path named `<name>.drv` over the ATerm bytes,

@@ -129,15 +129,26 @@ mod tests {
     #[test]
     fn vectors() {
         let cases = [
-            ("0100000000000000000000000000000000000000000000000000000000000000",
-             "0000000000000000000000000000000000000000000000000001"),
-            ("0000000000000000000000000000000000000000000000000000000000000080",
-             "1000000000000000000000000000000000000000000000000000"),
-            ("ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
-             "1zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz"),
-            ("ff00000000000000000000000000000000000000", "0000000000000000000000000000007z"),
-            ("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03",
-             "00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"),
+            (
+                "0100000000000000000000000000000000000000000000000000000000000000",
+                "0000000000000000000000000000000000000000000000000001",
+            ),
+            (
+                "0000000000000000000000000000000000000000000000000000000000000080",
+                "1000000000000000000000000000000000000000000000000000",
+            ),
+            (
+                "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+                "1zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+            ),
+            (
+                "ff00000000000000000000000000000000000000",
+                "0000000000000000000000000000007z",
+            ),
+            (
+                "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03",
+                "00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq",
+            ),
         ];
         for (h, b32) in cases {
             let bytes = hex(h);
@@ -165,7 +176,10 @@ mod tests {
         );
         assert!(matches!(
             decode_into(b"abc", &mut out),
-            Err(DecodeError::WrongLength { expected: 52, got: 3 })
+            Err(DecodeError::WrongLength {
+                expected: 52,
+                got: 3
+            })
         ));
     }
 

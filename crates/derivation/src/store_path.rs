@@ -265,7 +265,11 @@ impl StoreDir {
         hash: &Hash,
         drv_name: &str,
     ) -> Result<StorePath, StorePathError> {
-        self.make_store_path(&format!("output:{id}"), hash, &output_path_name(drv_name, id))
+        self.make_store_path(
+            &format!("output:{id}"),
+            hash,
+            &output_path_name(drv_name, id),
+        )
     }
 
     /// A text file (`.drv`, `builtins.toFile`) with contents hashing to `hash` (sha256).
@@ -298,8 +302,7 @@ impl StoreDir {
         fixed: &FixedOutputHash,
         name: &str,
     ) -> Result<StorePath, StorePathError> {
-        if fixed.method == FileIngestionMethod::Recursive && fixed.hash.algo() == HashAlgo::Sha256
-        {
+        if fixed.method == FileIngestionMethod::Recursive && fixed.hash.algo() == HashAlgo::Sha256 {
             self.make_source_path(name, &fixed.hash, [], false)
         } else {
             let inner = format!(
@@ -366,15 +369,24 @@ mod tests {
 
     #[test]
     fn parse_and_print() {
-        let p = sd().parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single").unwrap();
+        let p = sd()
+            .parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single")
+            .unwrap();
         assert_eq!(p.hash_part(), "qhk42s8j7kqg82l6ncz33d8xx332vz9f");
         assert_eq!(p.name(), "single");
-        assert_eq!(sd().display(&p), "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single");
+        assert_eq!(
+            sd().display(&p),
+            "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single"
+        );
         assert!(!p.is_derivation());
         // canonPath is applied first, as in Nix.
-        let q = sd().parse("/nix//store/./qhk42s8j7kqg82l6ncz33d8xx332vz9f-single/").unwrap();
+        let q = sd()
+            .parse("/nix//store/./qhk42s8j7kqg82l6ncz33d8xx332vz9f-single/")
+            .unwrap();
         assert_eq!(p, q);
-        let q = sd().parse("/nix/var/../store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single").unwrap();
+        let q = sd()
+            .parse("/nix/var/../store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single")
+            .unwrap();
         assert_eq!(p, q);
     }
 
@@ -402,13 +414,22 @@ mod tests {
             e("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-"),
             "store path 'qhk42s8j7kqg82l6ncz33d8xx332vz9f-' has an empty name"
         );
-        let long = format!("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-{}", "x".repeat(212));
+        let long = format!(
+            "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-{}",
+            "x".repeat(212)
+        );
         assert!(e(&long).ends_with("has a name longer than 211 characters"));
         assert!(sd().parse(&long[..long.len() - 1]).is_ok());
         assert_eq!(e("/nix/store"), "path '/nix/store' is not in the Nix store");
-        assert_eq!(e("/nix/store/"), "path '/nix/store' is not in the Nix store");
+        assert_eq!(
+            e("/nix/store/"),
+            "path '/nix/store' is not in the Nix store"
+        );
         assert_eq!(e("/nix/store/.."), "path '/nix' is not in the Nix store");
-        assert!(matches!(sd().parse("nix/store/x"), Err(StorePathError::NotAbsolute(_))));
+        assert!(matches!(
+            sd().parse("nix/store/x"),
+            Err(StorePathError::NotAbsolute(_))
+        ));
         assert!(matches!(
             sd().parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-\u{e9}"),
             Err(StorePathError::IllegalNameChar { byte: 0xc3, .. })
@@ -418,7 +439,9 @@ mod tests {
     // Nix 2.8 does not check the byte after the hash part (observed with show-derivation).
     #[test]
     fn separator_is_not_checked() {
-        let p = sd().parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9fXsingle").unwrap();
+        let p = sd()
+            .parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9fXsingle")
+            .unwrap();
         assert_eq!(p.name(), "single");
         assert_eq!(p.base_name(), "qhk42s8j7kqg82l6ncz33d8xx332vz9fXsingle");
     }
@@ -434,7 +457,10 @@ mod tests {
                 "chain-a",
             )
             .unwrap();
-        assert_eq!(sd().display(&p), "/nix/store/kdwvcddwjz7plkg82fd7k0dpk25nr7aa-chain-a");
+        assert_eq!(
+            sd().display(&p),
+            "/nix/store/kdwvcddwjz7plkg82fd7k0dpk25nr7aa-chain-a"
+        );
         let note = sd()
             .make_text_path(
                 "note.txt",
@@ -442,7 +468,10 @@ mod tests {
                 [],
             )
             .unwrap();
-        assert_eq!(sd().display(&note), "/nix/store/migf3i53pc35bf1lkscgbi243my58ims-note.txt");
+        assert_eq!(
+            sd().display(&note),
+            "/nix/store/migf3i53pc35bf1lkscgbi243my58ims-note.txt"
+        );
         let src = sd()
             .make_source_path(
                 "input.txt",
@@ -451,7 +480,10 @@ mod tests {
                 false,
             )
             .unwrap();
-        assert_eq!(sd().display(&src), "/nix/store/53brh2sp2k9hhbc9mrj3j8ziix41jmha-input.txt");
+        assert_eq!(
+            sd().display(&src),
+            "/nix/store/53brh2sp2k9hhbc9mrj3j8ziix41jmha-input.txt"
+        );
     }
 
     #[test]
@@ -478,8 +510,12 @@ mod tests {
 
     #[test]
     fn ordering_is_by_base_name() {
-        let a = sd().parse("/nix/store/0hk42s8j7kqg82l6ncz33d8xx332vz9f-z").unwrap();
-        let b = sd().parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-a").unwrap();
+        let a = sd()
+            .parse("/nix/store/0hk42s8j7kqg82l6ncz33d8xx332vz9f-z")
+            .unwrap();
+        let b = sd()
+            .parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-a")
+            .unwrap();
         assert!(a < b);
         assert_eq!(a.cmp(&a.clone()), std::cmp::Ordering::Equal);
     }

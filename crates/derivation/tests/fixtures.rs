@@ -3,6 +3,8 @@
 //! paths from scratch, and show as Nix's JSON, byte for byte. Crafted malformed files
 //! are accepted or rejected exactly as Nix 2.8 does.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,11 @@ fn case_dirs() -> Vec<PathBuf> {
         }
     }
     dirs.sort();
-    assert!(dirs.len() >= 60, "fixtures missing: {} case dirs", dirs.len());
+    assert!(
+        dirs.len() >= 60,
+        "fixtures missing: {} case dirs",
+        dirs.len()
+    );
     dirs
 }
 
@@ -43,8 +49,7 @@ fn load_drvs(dir: &Path) -> BTreeMap<StorePath, Vec<u8>> {
 
 fn parse<'a>(path: &StorePath, text: &'a [u8]) -> Derivation<'a> {
     let name = name_from_drv_base_name(path.base_name());
-    parse_derivation(&StoreDir::default(), text, name)
-        .unwrap_or_else(|e| panic!("{path}: {e}"))
+    parse_derivation(&StoreDir::default(), text, name).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 fn show(entries: &[(String, &Derivation<'_>)]) -> Vec<u8> {
@@ -61,7 +66,11 @@ fn show(entries: &[(String, &Derivation<'_>)]) -> Vec<u8> {
 /// Compare bytes, showing them as text when they differ.
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
-        assert_eq!(String::from_utf8_lossy(got), String::from_utf8_lossy(want), "{what}");
+        assert_eq!(
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(want),
+            "{what}"
+        );
         panic!("{what}: bytes differ outside UTF-8");
     }
 }
@@ -73,7 +82,11 @@ fn every_drv_roundtrips_and_hashes_to_its_name() {
     for dir in case_dirs() {
         for (path, text) in load_drvs(&dir) {
             let drv = parse(&path, &text);
-            assert_eq!(drv.to_aterm(&sd).unwrap(), text, "{path}: printed bytes differ");
+            assert_eq!(
+                drv.to_aterm(&sd).unwrap(),
+                text,
+                "{path}: printed bytes differ"
+            );
             assert_eq!(drv.drv_path(&sd).unwrap(), path, "{path}: own path differs");
             n += 1;
         }
@@ -108,7 +121,11 @@ fn output_paths_recompute_from_scratch() {
             blank
                 .fill_output_paths(&sd, &mut lookup)
                 .unwrap_or_else(|e| panic!("{path}: {e}"));
-            assert_eq!(blank.to_aterm(&sd).unwrap(), *text, "{path}: filled-in paths differ");
+            assert_eq!(
+                blank.to_aterm(&sd).unwrap(),
+                *text,
+                "{path}: filled-in paths differ"
+            );
         }
         // outputs.json (reference vectors) lists the top derivation's output paths.
         if let Ok(outputs) = fs::read_to_string(dir.join("outputs.json")) {
@@ -143,7 +160,11 @@ fn show_derivation_json_is_byte_exact() {
         let want = fs::read(dir.join("show-derivation-recursive.json")).unwrap();
         let all: Vec<(String, &Derivation<'_>)> =
             parsed.iter().map(|(p, d)| (sd.display(p), d)).collect();
-        assert_same(&show(&all), &want, &format!("{} (recursive)", dir.display()));
+        assert_same(
+            &show(&all),
+            &want,
+            &format!("{} (recursive)", dir.display()),
+        );
 
         // And back: the JSON reads to the same derivations and the same .drv bytes.
         let back = parse_show_derivation(&sd, &want).unwrap();
@@ -166,7 +187,8 @@ fn expected_firn_message(name: &str, nix_err: &str) -> String {
         _ => {
             let first = nix_err.lines().next().unwrap_or_default();
             let msg = first.rsplit("error: ").next().unwrap_or_default();
-            msg.replace("expected string ", "expected ").replace('\u{fffd}', "\\xc3")
+            msg.replace("expected string ", "expected ")
+                .replace('\u{fffd}', "\\xc3")
         }
     }
 }
@@ -211,9 +233,15 @@ fn malformed_files_are_judged_as_nix_does() {
             let nix_err = String::from_utf8_lossy(&nix_err);
             let want = expected_firn_message(&name, &nix_err);
             let got = e.to_string();
-            assert!(got.contains(&want), "{name}: firn says {got:?}, expected it to contain {want:?}");
+            assert!(
+                got.contains(&want),
+                "{name}: firn says {got:?}, expected it to contain {want:?}"
+            );
             rejected += 1;
         }
     }
-    assert!(accepted >= 15 && rejected >= 25, "{accepted} accepted, {rejected} rejected");
+    assert!(
+        accepted >= 15 && rejected >= 25,
+        "{accepted} accepted, {rejected} rejected"
+    );
 }

@@ -1,0 +1,126 @@
+//! `firn derivation show` and `firn derivation print`.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use clap::Subcommand;
+use firn_derivation::{
+    name_from_drv_base_name, parse_derivation, parse_show_derivation, write_show_derivation,
+    Derivation,
+};
+
+use crate::error::CliError;
+use crate::settings::Settings;
+
+#[derive(Debug, Subcommand)]
+pub enum DerivationCommand {
+    /// Show .drv files as `nix show-derivation` does (JSON keyed by .drv path).
+    ///
+    /// A DRV is a store path (read from the store given by --store) or any file.
+    Show {
+        #[arg(required = true, value_name = "DRV")]
+        drvs: Vec<PathBuf>,
+    },
+    /// Read derivation JSON (as `show` prints it) on stdin, write the .drv text to stdout.
+    Print,
+}
+
+pub fn run(
+    cmd: DerivationCommand,
+    settings: &Settings,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    match cmd {
+        DerivationCommand::Show { drvs } => show(&drvs, settings, out),
+        DerivationCommand::Print => print(settings, out),
+    }
+}
+
+/// Lexically normalise an absolute or relative path (no symlinks resolved).
+fn absolute(path: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = PathBuf::from("/");
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The key `nix show-derivation` would use and where to read the file from.
+fn locate(arg: &Path, settings: &Settings) -> (String, PathBuf) {
+    let store = settings.store_dir.as_str();
+    let abs = absolute(arg);
+    let abs_str = abs.to_string_lossy();
+    let base = abs
+        .file_name()
+        .map(|b| b.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let in_store = abs_str
+        .strip_prefix(store)
+        .is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/'));
+    if in_store {
+        // A logical store path: read it from the configured root.
+        (
+            abs_str.into_owned(),
+            settings.physical(&abs.to_string_lossy()),
+        )
+    } else {
+        (format!("{store}/{base}"), arg.to_path_buf())
+    }
+}
+
+fn show(drvs: &[PathBuf], settings: &Settings, out: &mut impl Write) -> Result<(), CliError> {
+    let sd = &settings.store_dir;
+    let mut files = Vec::with_capacity(drvs.len());
+    for arg in drvs {
+        let (key, file) = locate(arg, settings);
+        let text = fs::read(&file).map_err(|e| CliError::read(&file, e))?;
+        files.push((key, file, text));
+    }
+    // Keyed and ordered by store path, duplicates once, as Nix's StorePathSet.
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files.dedup_by(|a, b| a.0 == b.0);
+    let mut parsed: Vec<(&str, Derivation<'_>)> = Vec::with_capacity(files.len());
+    for (key, file, text) in &files {
+        let base = key.rsplit('/').next().unwrap_or_default();
+        let drv = parse_derivation(sd, text, name_from_drv_base_name(base))
+            .map_err(|e| CliError::usage(format!("parsing derivation '{}' {e}", file.display())))?;
+        parsed.push((key, drv));
+    }
+    let mut json = Vec::new();
+    write_show_derivation(sd, parsed.iter().map(|(k, d)| (*k, d)), &mut json)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    out.write_all(&json).map_err(CliError::stdout)
+}
+
+fn print(settings: &Settings, out: &mut impl Write) -> Result<(), CliError> {
+    let mut input = Vec::new();
+    io::stdin()
+        .read_to_end(&mut input)
+        .map_err(|e| CliError::read(Path::new("<stdin>"), e))?;
+    let sd = &settings.store_dir;
+    let mut drvs = parse_show_derivation(sd, &input)
+        .map_err(|e| CliError::usage(format!("derivation JSON on stdin: {e}")))?;
+    if drvs.len() != 1 {
+        return Err(CliError::usage(format!(
+            "derivation JSON on stdin holds {} derivations; `print` writes exactly one",
+            drvs.len()
+        )));
+    }
+    let (_, drv) = drvs.remove(0);
+    let text = drv
+        .to_aterm(sd)
+        .map_err(|e| CliError::usage(format!("derivation JSON on stdin: {e}")))?;
+    out.write_all(&text).map_err(CliError::stdout)
+}

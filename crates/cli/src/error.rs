@@ -1,0 +1,45 @@
+//! The CLI's errors: one line each, with Nix's exit codes.
+
+use std::io;
+use std::path::Path;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// Anything the user can fix: bad input, unknown path, bad setting.
+    #[error("{0}")]
+    Usage(String),
+    #[error("reading '{path}': {source}")]
+    Read { path: String, source: io::Error },
+    #[error("writing to standard output: {0}")]
+    Stdout(io::Error),
+    #[error("standard output was closed")]
+    BrokenPipe,
+}
+
+impl CliError {
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Self::Usage(msg.into())
+    }
+
+    pub fn read(path: &Path, source: io::Error) -> Self {
+        Self::Read {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub fn stdout(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            Self::BrokenPipe
+        } else {
+            Self::Stdout(e)
+        }
+    }
+
+    /// Nix's exit status: 1 for every failure that is not a build failure.
+    pub fn exit_code(&self) -> u8 {
+        1
+    }
+}
