@@ -98,7 +98,9 @@ fn show(drvs: &[PathBuf], settings: &Settings, out: &mut impl Write) -> Result<(
             .map_err(|e| CliError::usage(format!("parsing derivation '{}' {e}", file.display())))?;
         parsed.push((key, drv));
     }
-    let mut json = Vec::new();
+    // JSON is a little larger than the ATerm: reserve once.
+    let input_size: usize = files.iter().map(|f| f.2.len()).sum();
+    let mut json = Vec::with_capacity(input_size + input_size / 4 + 64);
     write_show_derivation(sd, parsed.iter().map(|(k, d)| (*k, d)), &mut json)
         .map_err(|e| CliError::usage(e.to_string()))?;
     out.write_all(&json).map_err(CliError::stdout)

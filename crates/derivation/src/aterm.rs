@@ -145,7 +145,7 @@ impl<'a> Parser<'a, '_> {
                 c => c,
             });
             at = next + 2;
-            next = match memchr::memchr2(b'"', b'\\', &input[at..]) {
+            next = match find_quote_or_backslash(&input[at..]) {
                 Some(j) => at + j,
                 None => return Err(self.err(start, ParseErrorKind::UnterminatedString)),
             };
@@ -283,6 +283,16 @@ impl<'a> Parser<'a, '_> {
     }
 }
 
+/// The next `"` or `\\`. Escaped strings (build scripts) have them every few dozen
+/// bytes, where a plain loop beats memchr's set-up; long runs still go to memchr.
+fn find_quote_or_backslash(s: &[u8]) -> Option<usize> {
+    let head = s.len().min(32);
+    if let Some(i) = s[..head].iter().position(|&c| c == b'"' || c == b'\\') {
+        return Some(i);
+    }
+    memchr::memchr2(b'"', b'\\', &s[head..]).map(|i| i + head)
+}
+
 /// Parse a `.drv` file. `name` is the derivation's name (its path's name without
 /// `.drv`), which fixed-output paths depend on.
 pub fn parse_derivation<'a>(
@@ -311,22 +321,21 @@ const NEEDS_ESCAPE: [bool; 256] = {
 
 /// `printString`: quoted, with escapes.
 fn print_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
-    let mut run = 0;
-    for (i, &c) in s.iter().enumerate() {
-        if NEEDS_ESCAPE[c as usize] {
-            out.extend_from_slice(&s[run..i]);
-            out.extend_from_slice(match c {
-                b'"' => b"\\\"",
-                b'\\' => b"\\\\",
-                b'\n' => b"\\n",
-                b'\r' => b"\\r",
-                _ => b"\\t",
-            });
-            run = i + 1;
-        }
+    let mut rest = s;
+    while let Some(i) = rest.iter().position(|&c| NEEDS_ESCAPE[c as usize]) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(match rest[i] {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => b"\\t",
+        });
+        rest = &rest[i + 1..];
     }
-    out.extend_from_slice(&s[run..]);
+    out.extend_from_slice(rest);
     out.push(b'"');
 }
 
