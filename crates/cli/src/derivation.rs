@@ -24,6 +24,13 @@ pub enum DerivationCommand {
     },
     /// Read derivation JSON (as `show` prints it) on stdin, write the .drv text to stdout.
     Print,
+    /// Read derivation JSON on stdin, compute the output paths left empty (inputs must
+    /// be in the store), write the .drv into the store and register it.
+    Add {
+        /// Only print the .drv path it would have.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub fn run(
@@ -34,6 +41,9 @@ pub fn run(
     match cmd {
         DerivationCommand::Show { drvs } => show(&drvs, settings, out),
         DerivationCommand::Print => print(settings, out),
+        DerivationCommand::Add { dry_run } => {
+            crate::store_cmds::derivation_add(settings, dry_run, out)
+        }
     }
 }
 

@@ -16,6 +16,9 @@ pub enum CliError {
     Stdout(io::Error),
     #[error("standard output was closed")]
     BrokenPipe,
+    /// The command has printed its own diagnostics; exit 1 without another line.
+    #[error("failed")]
+    Silent,
 }
 
 impl CliError {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod derivation;
 mod error;
 mod settings;
+mod store_cmds;
 
 use error::CliError;
 use settings::Settings;
@@ -42,6 +43,52 @@ enum Command {
     /// Read and write .drv files.
     #[command(subcommand)]
     Derivation(derivation::DerivationCommand),
+    /// Add files or trees to the store, recursive sha256 (`nix-store --add`).
+    Add {
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+    /// Add files or trees with a given hash algorithm (`nix-store --add-fixed`).
+    AddFixed {
+        /// Hash the NAR serialisation instead of the file's contents.
+        #[arg(long)]
+        recursive: bool,
+        /// md5, sha1, sha256 or sha512.
+        algo: String,
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+    /// Write the NAR serialisation of a store path to stdout (`nix-store --dump`).
+    Dump { path: String },
+    /// Read a NAR from stdin and unpack it at PATH, which must not exist (`nix-store --restore`).
+    Restore { path: std::path::PathBuf },
+    /// Query the store (`nix-store -q`).
+    Query {
+        #[command(flatten)]
+        kind: store_cmds::QueryKind,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Show metadata of store paths (`nix path-info`).
+    PathInfo {
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Check the database against the disk (`nix-store --verify`).
+    Verify {
+        /// Also re-hash every path's contents.
+        #[arg(long)]
+        check_contents: bool,
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Delete store paths that nothing references (`nix-store --delete`).
+    Delete {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -54,6 +101,27 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let mut out = io::stdout().lock();
     match cli.command {
         Command::Derivation(cmd) => derivation::run(cmd, &settings, &mut out)?,
+        Command::Add { paths } => store_cmds::add(&settings, &paths, &mut out)?,
+        Command::AddFixed {
+            recursive,
+            algo,
+            paths,
+        } => store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?,
+        Command::Dump { path } => store_cmds::dump(&settings, &path, &mut out)?,
+        Command::Restore { path } => store_cmds::restore(&path)?,
+        Command::Query { kind, paths } => store_cmds::query(&settings, &kind, &paths, &mut out)?,
+        Command::PathInfo { json, paths } => {
+            store_cmds::path_info(&settings, json, &paths, &mut out)?
+        }
+        Command::Verify {
+            check_contents,
+            repair,
+        } => {
+            if !store_cmds::verify(&settings, check_contents, repair)? {
+                return Err(CliError::Silent);
+            }
+        }
+        Command::Delete { paths } => store_cmds::delete(&settings, &paths, &mut out)?,
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())
@@ -65,6 +133,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`firn … | head`) is not an error worth a message.
         Err(CliError::BrokenPipe) => ExitCode::SUCCESS,
+        // Already reported (e.g. by verify, line by line).
+        Err(CliError::Silent) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())

@@ -44,17 +44,41 @@ impl Settings {
             let _ = value;
         }
         Ok(Self {
-            root: root.filter(|r| r.as_os_str() != "/"),
+            root,
             store_dir: StoreDir::default(),
             warnings,
         })
     }
 
+    /// The store root: `--store`/`FIRN_STORE`, else `/` for root (like Nix), else
+    /// `$XDG_DATA_HOME/firn/root` (`~/.local/share/firn/root`).
+    pub fn store_root(&self) -> PathBuf {
+        if let Some(r) = &self.root {
+            return r.clone();
+        }
+        if nix_is_root() {
+            return PathBuf::from("/");
+        }
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        data.join("firn/root")
+    }
+
     /// Where a logical store path lives on disk.
     pub fn physical(&self, logical: &str) -> PathBuf {
         match &self.root {
-            Some(root) => root.join(logical.trim_start_matches('/')),
-            None => PathBuf::from(logical),
+            Some(root) if root.as_os_str() != "/" => root.join(logical.trim_start_matches('/')),
+            _ => PathBuf::from(logical),
         }
     }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free: reading the effective uid through std's metadata of /proc/self.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }

@@ -43,7 +43,8 @@ const JSON_ESCAPE: [bool; 256] = {
     t
 };
 
-fn write_json_string(out: &mut Vec<u8>, s: &[u8]) {
+/// Append `s` as a JSON string, escaped as Nix's `toJSON` does.
+pub fn write_json_string(out: &mut Vec<u8>, s: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push(b'"');

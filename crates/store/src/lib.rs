@@ -1,1 +1,17 @@
-//! firn-store: see ARCHITECTURE.md. Not yet implemented (issue tracker: the store issue).
+//! firn-store: the Nix store on disk, compatible with Nix 2.8.
+//!
+//! - [`nar`]: NAR serialisation (dump, streaming hash, validated restore);
+//! - [`references`]: scanning content for the hash parts of store paths;
+//! - [`db`]: the SQLite database with Nix's schema;
+//! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
+//! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
+
+pub mod canonical;
+pub mod db;
+pub mod lock;
+pub mod nar;
+pub mod references;
+pub mod store;
+
+pub use db::{Database, DbError, Registration, ValidPathInfo};
+pub use store::{Store, StoreError};

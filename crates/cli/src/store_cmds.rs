@@ -1,0 +1,513 @@
+//! Store commands: add, add-fixed, dump, restore, query, path-info, verify, delete, and
+//! `derivation add`. Output formats are `nix-store`'s / `nix path-info`'s.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use clap::Args;
+use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
+use firn_store::{Store, StoreError, ValidPathInfo};
+
+use crate::error::CliError;
+use crate::settings::Settings;
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        CliError::usage(e.to_string())
+    }
+}
+
+pub fn open(settings: &Settings) -> Result<Store, CliError> {
+    Ok(Store::open(&settings.store_root())?)
+}
+
+fn w(out: &mut impl Write, s: &str) -> Result<(), CliError> {
+    out.write_all(s.as_bytes()).map_err(CliError::stdout)
+}
+
+pub fn add(settings: &Settings, paths: &[PathBuf], out: &mut impl Write) -> Result<(), CliError> {
+    let mut store = open(settings)?;
+    for p in paths {
+        let info = store.add_to_store(p, FileIngestionMethod::Recursive, HashAlgo::Sha256)?;
+        w(out, &format!("{}\n", store.store_dir().display(&info.path)))?;
+    }
+    Ok(())
+}
+
+pub fn add_fixed(
+    settings: &Settings,
+    recursive: bool,
+    algo: &str,
+    paths: &[PathBuf],
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let algo = HashAlgo::parse(algo).map_err(|e| CliError::usage(e.to_string()))?;
+    let method = if recursive {
+        FileIngestionMethod::Recursive
+    } else {
+        FileIngestionMethod::Flat
+    };
+    let mut store = open(settings)?;
+    for p in paths {
+        let info = store.add_to_store(p, method, algo)?;
+        w(out, &format!("{}\n", store.store_dir().display(&info.path)))?;
+    }
+    Ok(())
+}
+
+pub fn dump(settings: &Settings, path: &str, out: &mut impl Write) -> Result<(), CliError> {
+    let store = open(settings)?;
+    let p = store.valid_path_arg(path)?;
+    let mut buf = io::BufWriter::with_capacity(1 << 20, out);
+    firn_store::nar::dump_path(&store.real_path(&p), &mut buf).map_err(|e| match e {
+        firn_store::nar::NarError::Io { source, .. }
+            if source.kind() == io::ErrorKind::BrokenPipe =>
+        {
+            CliError::BrokenPipe
+        }
+        e => CliError::usage(e.to_string()),
+    })?;
+    buf.flush().map_err(CliError::stdout)
+}
+
+pub fn restore(path: &std::path::Path) -> Result<(), CliError> {
+    let mut input = io::BufReader::with_capacity(1 << 20, io::stdin().lock());
+    firn_store::nar::restore_path(&mut input, path)
+        .map_err(|e| CliError::usage(format!("restoring '{}': {e}", path.display())))
+}
+
+/// Which `nix-store -q` query.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct QueryKind {
+    #[arg(long)]
+    references: bool,
+    #[arg(long)]
+    referrers: bool,
+    #[arg(long, short = 'R')]
+    requisites: bool,
+    #[arg(long)]
+    referrers_closure: bool,
+    #[arg(long)]
+    outputs: bool,
+    #[arg(long)]
+    deriver: bool,
+    #[arg(long)]
+    hash: bool,
+    #[arg(long)]
+    size: bool,
+    #[arg(long)]
+    tree: bool,
+    #[arg(long)]
+    graph: bool,
+    #[arg(long)]
+    valid_derivers: bool,
+}
+
+/// `topoSortPaths`: post-order DFS over `paths` (sorted), children = references within
+/// the set; the result lists references before referrers, as `nix-store -q` prints.
+fn topo_sort(store: &Store, paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, CliError> {
+    let mut refs: HashMap<StorePath, BTreeSet<StorePath>> = HashMap::new();
+    for p in paths {
+        refs.insert(
+            p.clone(),
+            store.db().query_references(p).map_err(StoreError::from)?,
+        );
+    }
+    let mut visited = BTreeSet::new();
+    let mut out = Vec::with_capacity(paths.len());
+    fn visit(
+        p: &StorePath,
+        refs: &HashMap<StorePath, BTreeSet<StorePath>>,
+        visited: &mut BTreeSet<StorePath>,
+        out: &mut Vec<StorePath>,
+    ) {
+        if !visited.insert(p.clone()) {
+            return;
+        }
+        for r in &refs[p] {
+            if r != p && refs.contains_key(r) {
+                visit(r, refs, visited, out);
+            }
+        }
+        out.push(p.clone());
+    }
+    for p in paths {
+        visit(p, &refs, &mut visited, &mut out);
+    }
+    Ok(out)
+}
+
+/// A `.drv` stands for its outputs (read from the file), anything else for itself.
+fn use_outputs(store: &Store, p: &StorePath) -> Result<BTreeSet<StorePath>, CliError> {
+    if !p.is_derivation() {
+        return Ok([p.clone()].into());
+    }
+    let drv = store.read_derivation(p)?;
+    let outs = drv
+        .output_paths(store.store_dir())
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(outs.into_values().collect())
+}
+
+fn info(store: &Store, p: &StorePath) -> Result<ValidPathInfo, CliError> {
+    store
+        .db()
+        .query_path_info(p)
+        .map_err(StoreError::from)?
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "path '{}' is not valid",
+                store.store_dir().display(p)
+            ))
+        })
+}
+
+fn print_tree(
+    store: &Store,
+    p: &StorePath,
+    first: &str,
+    tail: &str,
+    done: &mut BTreeSet<StorePath>,
+    out: &mut String,
+) -> Result<(), CliError> {
+    let shown = store.store_dir().display(p);
+    if !done.insert(p.clone()) {
+        out.push_str(&format!("{first}{shown} [...]\n"));
+        return Ok(());
+    }
+    out.push_str(&format!("{first}{shown}\n"));
+    let refs = info(store, p)?.references;
+    // Nix reverses topoSortPaths (referrers first), giving references first: our order.
+    let sorted = topo_sort(store, &refs)?;
+    let n = sorted.len();
+    for (i, r) in sorted.iter().enumerate() {
+        let last = i + 1 == n;
+        print_tree(
+            store,
+            r,
+            &format!("{tail}{}", if last { "└───" } else { "├───" }),
+            &format!("{tail}{}", if last { "    " } else { "│   " }),
+            done,
+            out,
+        )?;
+    }
+    Ok(())
+}
+
+pub fn query(
+    settings: &Settings,
+    kind: &QueryKind,
+    args: &[String],
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let store = open(settings)?;
+    let sd = store.store_dir().clone();
+    let mut paths = Vec::with_capacity(args.len());
+    for a in args {
+        paths.push(store.valid_path_arg(a)?);
+    }
+    let mut text = String::new();
+    let db = store.db();
+    if kind.references || kind.referrers || kind.requisites || kind.referrers_closure {
+        let mut set = BTreeSet::new();
+        for p in &paths {
+            if kind.references {
+                set.extend(db.query_references(p).map_err(StoreError::from)?);
+            } else if kind.referrers {
+                set.extend(db.query_referrers(p).map_err(StoreError::from)?);
+            } else if kind.requisites {
+                set.extend(
+                    db.query_closure(std::slice::from_ref(p), false)
+                        .map_err(StoreError::from)?,
+                );
+            } else {
+                set.extend(
+                    db.query_closure(std::slice::from_ref(p), true)
+                        .map_err(StoreError::from)?,
+                );
+            }
+        }
+        for p in topo_sort(&store, &set)? {
+            text.push_str(&sd.display(&p));
+            text.push('\n');
+        }
+    } else if kind.outputs {
+        for p in &paths {
+            for o in use_outputs(&store, p)? {
+                text.push_str(&format!("{}\n", sd.display(&o)));
+            }
+        }
+    } else if kind.deriver {
+        for p in &paths {
+            match info(&store, p)?.deriver {
+                Some(d) => text.push_str(&format!("{}\n", sd.display(&d))),
+                None => text.push_str("unknown-deriver\n"),
+            }
+        }
+    } else if kind.hash || kind.size {
+        for p in &paths {
+            let i = info(&store, p)?;
+            if kind.hash {
+                text.push_str(&format!("{}\n", i.nar_hash));
+            } else {
+                text.push_str(&format!("{}\n", i.nar_size));
+            }
+        }
+    } else if kind.tree {
+        let mut done = BTreeSet::new();
+        for p in &paths {
+            print_tree(&store, p, "", "", &mut done, &mut text)?;
+        }
+    } else if kind.graph {
+        print_graph(&store, paths.iter().cloned().collect(), &mut text)?;
+    } else if kind.valid_derivers {
+        for p in &paths {
+            for d in db.query_valid_derivers(p).map_err(StoreError::from)? {
+                text.push_str(&format!("{}\n", sd.display(&d)));
+            }
+        }
+    }
+    w(out, &text)
+}
+
+/// `printDotGraph`.
+fn print_graph(
+    store: &Store,
+    roots: BTreeSet<StorePath>,
+    out: &mut String,
+) -> Result<(), CliError> {
+    const COLOURS: [&str; 6] = ["black", "red", "green", "blue", "magenta", "burlywood"];
+    let mut colour = 0;
+    let mut work = roots;
+    let mut done = BTreeSet::new();
+    out.push_str("digraph G {\n");
+    while let Some(p) = work.pop_first() {
+        if !done.insert(p.clone()) {
+            continue;
+        }
+        out.push_str(&format!(
+            "\"{}\" [label = \"{}\", shape = box, style = filled, fillcolor = \"#ff0000\"];\n",
+            p.base_name(),
+            p.name()
+        ));
+        for r in info(store, &p)?.references {
+            if r != p {
+                out.push_str(&format!(
+                    "\"{}\" -> \"{}\" [color = \"{}\"];\n",
+                    r.base_name(),
+                    p.base_name(),
+                    COLOURS[colour % COLOURS.len()]
+                ));
+                colour += 1;
+                work.insert(r);
+            }
+        }
+    }
+    out.push_str("}\n");
+    Ok(())
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = Vec::new();
+    firn_derivation::json::write_json_string(&mut out, s.as_bytes());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `nix path-info`: a `.drv` argument stands for its outputs (as an installable does in
+/// Nix 2.8). With `--json`, invalid paths are listed as `"valid": false`; without, they
+/// are an error.
+pub fn path_info(
+    settings: &Settings,
+    json: bool,
+    args: &[String],
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let store = open(settings)?;
+    let sd = store.store_dir().clone();
+    let mut paths = BTreeSet::new();
+    for a in args {
+        let p = store.parse_path_arg(a)?;
+        if p.is_derivation() {
+            paths.extend(use_outputs(&store, &p)?);
+        } else {
+            paths.insert(p);
+        }
+    }
+    let mut text = String::new();
+    if !json {
+        for p in &paths {
+            info(&store, p)?;
+            text.push_str(&format!("{}\n", sd.display(p)));
+        }
+        return w(out, &text);
+    }
+    text.push('[');
+    for (n, p) in paths.iter().enumerate() {
+        if n > 0 {
+            text.push(',');
+        }
+        let Some(i) = store.db().query_path_info(p).map_err(StoreError::from)? else {
+            text.push_str(&format!(
+                "{{\"path\":{},\"valid\":false}}",
+                json_str(&sd.display(p))
+            ));
+            continue;
+        };
+        text.push_str(&format!(
+            "{{\"path\":{},\"narHash\":{},\"narSize\":{},\"references\":[{}]",
+            json_str(&sd.display(p)),
+            json_str(&i.nar_hash.to_sri()),
+            i.nar_size,
+            i.references
+                .iter()
+                .map(|r| json_str(&sd.display(r)))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+        if let Some(ca) = &i.ca {
+            text.push_str(&format!(",\"ca\":{}", json_str(ca)));
+        }
+        if let Some(d) = &i.deriver {
+            text.push_str(&format!(",\"deriver\":{}", json_str(&sd.display(d))));
+        }
+        text.push_str(&format!(",\"registrationTime\":{}", i.registration_time));
+        if i.ultimate {
+            text.push_str(",\"ultimate\":true");
+        }
+        if !i.sigs.is_empty() {
+            let sigs: Vec<String> = i.sigs.iter().map(|s| json_str(s)).collect();
+            text.push_str(&format!(",\"signatures\":[{}]", sigs.join(",")));
+        }
+        text.push('}');
+    }
+    // `nix path-info --json` ends without a newline.
+    text.push(']');
+    w(out, &text)
+}
+
+/// `nix-store --verify [--check-contents] [--repair]`; returns whether all is well.
+pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result<bool, CliError> {
+    let mut store = open(settings)?;
+    let sd = store.store_dir().clone();
+    let mut ok = true;
+    eprintln!("reading the store...");
+    let all = store
+        .db()
+        .query_all_valid_paths()
+        .map_err(StoreError::from)?;
+    eprintln!("checking path existence...");
+    let mut missing = BTreeSet::new();
+    for p in &all {
+        if std::fs::symlink_metadata(store.real_path(p)).is_err() {
+            missing.insert(p.clone());
+        }
+    }
+    for p in &missing {
+        let referrers: BTreeSet<StorePath> = store
+            .db()
+            .query_referrers(p)
+            .map_err(StoreError::from)?
+            .into_iter()
+            .filter(|r| r != p && !missing.contains(r))
+            .collect();
+        if referrers.is_empty() {
+            eprintln!(
+                "path '{}' disappeared, removing from database...",
+                sd.display(p)
+            );
+        } else {
+            eprintln!(
+                "path '{}' disappeared, but it still has valid referrers!",
+                sd.display(p)
+            );
+            ok = false;
+        }
+    }
+    // Remove every missing path without live referrers, referrers first.
+    let removable: BTreeSet<StorePath> = missing
+        .iter()
+        .filter(|p| {
+            store
+                .db()
+                .query_referrers(p)
+                .map(|rs| rs.iter().all(|r| r == *p || missing.contains(r)))
+                .unwrap_or(false)
+        })
+        .cloned()
+        .collect();
+    if !removable.is_empty() {
+        store
+            .db_mut()
+            .invalidate_paths(&removable)
+            .map_err(StoreError::from)?;
+    }
+    if check_contents {
+        eprintln!("checking store hashes...");
+        for p in all.difference(&missing) {
+            let i = info(&store, p)?;
+            let (hash, size) = firn_store::nar::hash_path(&store.real_path(p))
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            if i.nar_size == 0 || i.nar_hash.as_bytes().iter().all(|b| *b == 0) {
+                eprintln!("fixing missing hash on '{}'", sd.display(p));
+                store
+                    .db_mut()
+                    .update_nar_hash(p, &hash, size)
+                    .map_err(StoreError::from)?;
+            } else if hash != i.nar_hash {
+                eprintln!(
+                    "path '{}' was modified! expected hash '{}', got '{}'",
+                    sd.display(p),
+                    i.nar_hash,
+                    hash
+                );
+                if repair {
+                    eprintln!(
+                        "warning: cannot repair '{}': no substituters",
+                        sd.display(p)
+                    );
+                }
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        eprintln!("warning: not all store errors were fixed");
+    }
+    Ok(ok)
+}
+
+pub fn delete(settings: &Settings, args: &[String], out: &mut impl Write) -> Result<(), CliError> {
+    let mut store = open(settings)?;
+    let mut paths = BTreeSet::new();
+    for a in args {
+        paths.insert(store.valid_path_arg(a)?);
+    }
+    store.delete_paths(&paths)?;
+    let _ = out;
+    eprintln!("{} store paths deleted", paths.len());
+    Ok(())
+}
+
+pub fn derivation_add(
+    settings: &Settings,
+    dry_run: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let mut input = Vec::new();
+    io::Read::read_to_end(&mut io::stdin(), &mut input)
+        .map_err(|e| CliError::read(std::path::Path::new("<stdin>"), e))?;
+    let mut store = open(settings)?;
+    let mut drvs = firn_derivation::parse_show_derivation(store.store_dir(), &input)
+        .map_err(|e| CliError::usage(format!("derivation JSON on stdin: {e}")))?;
+    if drvs.len() != 1 {
+        return Err(CliError::usage(format!(
+            "derivation JSON on stdin holds {} derivations; `add` takes exactly one",
+            drvs.len()
+        )));
+    }
+    let (_, drv) = drvs.remove(0);
+    let p = store.add_derivation(drv, dry_run)?;
+    w(out, &format!("{}\n", store.store_dir().display(&p)))
+}

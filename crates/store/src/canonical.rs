@@ -1,0 +1,83 @@
+//! Canonical metadata of store objects (`canonicalisePathMetaData`): every file and
+//! directory gets mtime 1 and mode 0444, or 0555 if the owner could execute it (so no
+//! write, setuid, setgid or sticky bits); symlinks keep their mode but get mtime 1 too;
+//! the owner becomes the store's owner (root when root runs firn).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix::fcntl::AtFlags;
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, Gid, Uid};
+
+/// Canonicalise `path` and everything below it. Does not follow symlinks.
+pub fn canonicalise_path_metadata(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    let ft = meta.file_type();
+    if !ft.is_symlink() {
+        let mode = meta.mode() & 0o7777;
+        if mode != 0o444 && mode != 0o555 {
+            let new = 0o444 | if mode & 0o100 != 0 { 0o111 } else { 0 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(new))?;
+        }
+    }
+    if meta.mtime() != 1 || meta.mtime_nsec() != 0 {
+        let atime = TimeSpec::new(meta.atime(), meta.atime_nsec());
+        utimensat(
+            None,
+            path,
+            &atime,
+            &TimeSpec::new(1, 0),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    let (uid, gid) = (Uid::effective(), Gid::effective());
+    if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
+        // Only root can give files away; others already own what they created.
+        if uid.is_root() {
+            fchownat(
+                None,
+                path,
+                Some(uid),
+                Some(gid),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(std::io::Error::from)?;
+        }
+    }
+    if ft.is_dir() {
+        // The directory is 0555 now: we are its owner (or root), so listing works.
+        for entry in std::fs::read_dir(path)? {
+            canonicalise_path_metadata(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Make a canonical store object writable again so it can be deleted (directories need
+/// their write bit for their entries to be removed).
+pub fn make_deletable(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        for entry in std::fs::read_dir(path)? {
+            make_deletable(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove a path and everything below, whatever its modes.
+pub fn delete_path(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => {
+            make_deletable(path)?;
+            std::fs::remove_dir_all(path)
+        }
+        Ok(_) => std::fs::remove_file(path),
+    }
+}

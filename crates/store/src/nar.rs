@@ -1,0 +1,1150 @@
+//! NAR ("Nix ARchive") serialisation, byte-compatible with Nix 2.8.
+//!
+//! A NAR is a sequence of strings. The primitive `str(bytes)` is the length as a
+//! little-endian `u64`, the bytes, then zero bytes up to the next multiple of 8 (none
+//! when the length already is one, none for the empty string). Each quoted token below
+//! is one `str`:
+//!
+//! ```text
+//! nar  = "nix-archive-1" node
+//! node = "(" "type" body ")"
+//! body = "regular" ["executable" ""] "contents" <file bytes>
+//!      | "symlink" "target" <target bytes>
+//!      | "directory" { "entry" "(" "name" <name> "node" node ")" }
+//! ```
+//!
+//! * `"executable" ""` is present iff the owner-execute bit is set; no other metadata
+//!   (other mode bits, owner, times) is represented.
+//! * Directory entries are sorted by name, compared as raw bytes.
+//! * Only regular files, directories and symlinks exist in a NAR (anything else is
+//!   `file '…' has an unsupported type`). Symlink targets are stored verbatim.
+//!
+//! [`dump_path`] writes exactly what `nix-store --dump` writes; [`hash_path`] gives the
+//! `narHash`/`narSize` pair without materialising the NAR. [`parse`] is a streaming,
+//! strict, non-recursive parser (the canonical form only: names valid and strictly
+//! increasing, padding zero, nothing after the last `)`), so every NAR it accepts dumps
+//! back to the same bytes; [`validate`] and [`restore_path`] are built on it.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::{Scope, ScopedJoinHandle};
+
+use firn_derivation::{Hash, HashAlgo, Hasher};
+
+/// The first string of every NAR.
+pub const NAR_MAGIC: &[u8] = b"nix-archive-1";
+
+/// Longest directory entry name accepted when reading a NAR (`NAME_MAX` on Linux).
+pub const MAX_NAME_LEN: u64 = 255;
+
+/// Longest symlink target accepted when reading a NAR (`PATH_MAX` on Linux).
+pub const MAX_TARGET_LEN: u64 = 4096;
+
+/// Longest token of the grammar is `nix-archive-1` (13 bytes); anything longer where a
+/// token is expected is rejected without being read.
+const MAX_TOKEN_LEN: usize = 16;
+
+/// Size of the output buffer of [`dump_path`] (framing and file contents go through it,
+/// so the sink sees few, large writes).
+const DUMP_BUF_SIZE: usize = 64 * 1024;
+
+/// Size of the input buffer of [`parse`].
+const READ_BUF_SIZE: usize = 256 * 1024;
+
+/// Errors of NAR dumping, parsing and restoring.
+#[derive(Debug, thiserror::Error)]
+pub enum NarError {
+    /// A file system operation on `path` failed.
+    #[error("'{}': {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// Writing the NAR to its sink failed.
+    #[error("writing NAR: {source}")]
+    Write { source: io::Error },
+    /// Reading the NAR from its source failed at byte `offset`.
+    #[error("reading NAR at byte {offset}: {source}")]
+    Read { offset: u64, source: io::Error },
+    /// The NAR ended before the archive was complete.
+    #[error("bad NAR: unexpected end of archive at byte {offset}")]
+    Truncated { offset: u64 },
+    /// The NAR is malformed; `offset` is the start of the offending string.
+    #[error("bad NAR at byte {offset}: {msg}")]
+    Format { offset: u64, msg: String },
+    /// A file system object that a NAR cannot represent (fifo, socket, device).
+    #[error("file '{}' has an unsupported type", path.display())]
+    UnsupportedType { path: PathBuf },
+    /// The target of a restore already exists.
+    #[error("path '{}' already exists", path.display())]
+    TargetExists { path: PathBuf },
+}
+
+impl NarError {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> NarError + '_ {
+        move |source| NarError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn format(offset: u64, msg: impl Into<String>) -> NarError {
+        NarError::Format {
+            offset,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Zero bytes after a string of `len` bytes.
+fn padding(len: u64) -> usize {
+    ((8 - len % 8) % 8) as usize
+}
+
+// ------------------------------------------------------------------------------------
+// Dumping
+// ------------------------------------------------------------------------------------
+
+/// Where [`NarWriter`] sends its full buffers.
+trait BufSink {
+    /// Consume `buf[..len]` and return a buffer (of the same size) to fill next.
+    fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError>;
+}
+
+/// Writes buffers to a [`Write`] in place.
+struct WriteSink<'w, W: Write + ?Sized>(&'w mut W);
+
+impl<W: Write + ?Sized> BufSink for WriteSink<'_, W> {
+    fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError> {
+        self.0
+            .write_all(&buf[..len])
+            .map_err(|source| NarError::Write { source })?;
+        Ok(buf)
+    }
+}
+
+/// Buffers framing and file contents (read straight into the buffer) so that the sink
+/// sees `DUMP_BUF_SIZE` writes.
+struct NarWriter<S: BufSink> {
+    sink: S,
+    buf: Box<[u8]>,
+    len: usize,
+}
+
+impl<S: BufSink> NarWriter<S> {
+    fn new(sink: S) -> Self {
+        Self {
+            sink,
+            buf: new_buffer(),
+            len: 0,
+        }
+    }
+
+    fn flush_buf(&mut self) -> Result<(), NarError> {
+        if self.len > 0 {
+            let buf = std::mem::take(&mut self.buf);
+            self.buf = self.sink.consume(buf, self.len)?;
+            self.len = 0;
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, mut data: &[u8]) -> Result<(), NarError> {
+        while !data.is_empty() {
+            if self.len == self.buf.len() {
+                self.flush_buf()?;
+            }
+            let n = data.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + n].copy_from_slice(&data[..n]);
+            self.len += n;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn pad(&mut self, len: u64) -> Result<(), NarError> {
+        self.put(&[0; 8][..padding(len)])
+    }
+
+    fn str(&mut self, s: &[u8]) -> Result<(), NarError> {
+        self.put(&(s.len() as u64).to_le_bytes())?;
+        self.put(s)?;
+        self.pad(s.len() as u64)
+    }
+
+    fn strs(&mut self, strs: &[&[u8]]) -> Result<(), NarError> {
+        strs.iter().try_for_each(|s| self.str(s))
+    }
+
+    /// `str(contents)` of a file of `size` bytes, read straight into the buffer.
+    fn contents(&mut self, file: &mut File, size: u64, path: &Path) -> Result<(), NarError> {
+        self.put(&size.to_le_bytes())?;
+        let mut left = size;
+        while left > 0 {
+            if self.len == self.buf.len() {
+                self.flush_buf()?;
+            }
+            let want = (self.buf.len() - self.len).min(usize::try_from(left).unwrap_or(usize::MAX));
+            match file.read(&mut self.buf[self.len..self.len + want]) {
+                Ok(0) => {
+                    return Err(NarError::Io {
+                        path: path.to_path_buf(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file shrank while it was being dumped",
+                        ),
+                    })
+                }
+                Ok(n) => {
+                    self.len += n;
+                    left -= n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(NarError::io(path)(e)),
+            }
+        }
+        self.pad(size)
+    }
+}
+
+fn new_buffer() -> Box<[u8]> {
+    vec![0; DUMP_BUF_SIZE].into_boxed_slice()
+}
+
+/// Serialise the file system object at `path` as a NAR into `out`, byte-identical to
+/// `nix-store --dump`. A symlink at `path` itself is dumped as a symlink (not followed).
+///
+/// File contents are streamed through a fixed buffer; `out` sees large writes only.
+/// See [`dump_path_pipelined`] to consume the NAR on a second thread.
+pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<(), NarError> {
+    dump_with(path, WriteSink(out))
+}
+
+fn dump_with<S: BufSink>(path: &Path, sink: S) -> Result<(), NarError> {
+    let mut w = NarWriter::new(sink);
+    w.str(NAR_MAGIC)?;
+    let md = fs::symlink_metadata(path).map_err(NarError::io(path))?;
+    let mut path = path.to_path_buf();
+    dump_node(&mut w, &mut path, &md)?;
+    w.flush_buf()
+}
+
+/// Dump the object at `path`, whose `lstat` is `md`.
+fn dump_node<S: BufSink>(
+    w: &mut NarWriter<S>,
+    path: &mut PathBuf,
+    md: &fs::Metadata,
+) -> Result<(), NarError> {
+    let ft = md.file_type();
+    if ft.is_file() {
+        // Open before writing anything, so that an unreadable file fails cleanly.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&*path)
+            .map_err(NarError::io(path))?;
+        if md.mode() & 0o100 != 0 {
+            w.strs(&[b"(", b"type", b"regular", b"executable", b"", b"contents"])?;
+        } else {
+            w.strs(&[b"(", b"type", b"regular", b"contents"])?;
+        }
+        w.contents(&mut file, md.len(), path)?;
+    } else if ft.is_dir() {
+        // Stat every entry relative to the directory (no path walk), and close the
+        // directory before descending so that deep trees do not pile up descriptors.
+        let mut entries: Vec<(OsString, fs::Metadata)> = fs::read_dir(&*path)
+            .and_then(|entries| {
+                entries
+                    .map(|e| e.and_then(|e| Ok((e.file_name(), e.metadata()?))))
+                    .collect()
+            })
+            .map_err(NarError::io(path))?;
+        entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        w.strs(&[b"(", b"type", b"directory"])?;
+        for (name, md) in entries {
+            w.strs(&[b"entry", b"(", b"name", name.as_bytes(), b"node"])?;
+            path.push(&name);
+            let r = dump_node(w, path, &md);
+            path.pop();
+            r?;
+            w.str(b")")?;
+        }
+    } else if ft.is_symlink() {
+        let target = fs::read_link(&*path).map_err(NarError::io(path))?;
+        w.strs(&[
+            b"(",
+            b"type",
+            b"symlink",
+            b"target",
+            target.as_os_str().as_bytes(),
+        ])?;
+    } else {
+        return Err(NarError::UnsupportedType { path: path.clone() });
+    }
+    w.str(b")")
+}
+
+/// Output written in place before [`dump_path_pipelined`] starts its helper thread.
+const PIPELINE_THRESHOLD: u64 = 1 << 20;
+
+/// Buffers in flight between the dumping and the consuming thread.
+const PIPELINE_BUFFERS: usize = 16;
+
+type Buffer = (Box<[u8]>, usize);
+
+enum PipeState<'scope, W: Write + Send> {
+    /// Writing in place; `u64` bytes so far.
+    Direct(&'scope mut W, u64),
+    Piped {
+        full: SyncSender<Buffer>,
+        free: Receiver<Box<[u8]>>,
+        consumer: ScopedJoinHandle<'scope, io::Result<()>>,
+    },
+    Done,
+}
+
+/// A [`BufSink`] that hands buffers to a consumer thread once the output is large.
+struct PipeSink<'scope, 'env, W: Write + Send> {
+    scope: &'scope Scope<'scope, 'env>,
+    state: PipeState<'scope, W>,
+}
+
+impl<'scope, W: Write + Send> PipeSink<'scope, '_, W> {
+    fn start(&mut self, out: &'scope mut W) -> Result<Box<[u8]>, NarError> {
+        let (full_tx, full_rx) = sync_channel::<Buffer>(PIPELINE_BUFFERS);
+        let (free_tx, free_rx) = sync_channel::<Box<[u8]>>(PIPELINE_BUFFERS);
+        for _ in 1..PIPELINE_BUFFERS {
+            // Cannot fail: the receiver is alive and there is room.
+            let _ = free_tx.send(new_buffer());
+        }
+        let consumer = self.scope.spawn(move || -> io::Result<()> {
+            for (buf, len) in full_rx {
+                out.write_all(&buf[..len])?;
+                // The dumper may have finished (or failed) already.
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
+        });
+        let buf = free_rx.recv().map_err(|_| consumer_gone())?;
+        self.state = PipeState::Piped {
+            full: full_tx,
+            free: free_rx,
+            consumer,
+        };
+        Ok(buf)
+    }
+
+    /// Stop the consumer and combine its result with the dumper's.
+    fn finish(&mut self, dumped: Result<(), NarError>) -> Result<(), NarError> {
+        match std::mem::replace(&mut self.state, PipeState::Done) {
+            PipeState::Piped {
+                full,
+                free,
+                consumer,
+            } => {
+                drop(full);
+                drop(free);
+                match consumer.join() {
+                    Ok(Ok(())) => dumped,
+                    // The consumer's error is the cause of any "consumer gone" error.
+                    Ok(Err(source)) => Err(NarError::Write { source }),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            _ => dumped,
+        }
+    }
+}
+
+fn consumer_gone() -> NarError {
+    NarError::Write {
+        source: io::Error::new(io::ErrorKind::BrokenPipe, "NAR consumer thread stopped"),
+    }
+}
+
+impl<'scope, W: Write + Send> BufSink for &mut PipeSink<'scope, '_, W> {
+    fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError> {
+        match std::mem::replace(&mut self.state, PipeState::Done) {
+            PipeState::Direct(out, written) => {
+                out.write_all(&buf[..len])
+                    .map_err(|source| NarError::Write { source })?;
+                let written = written + len as u64;
+                if written < PIPELINE_THRESHOLD {
+                    self.state = PipeState::Direct(out, written);
+                    Ok(buf)
+                } else {
+                    self.start(out)
+                }
+            }
+            PipeState::Piped {
+                full,
+                free,
+                consumer,
+            } => {
+                let next = full
+                    .send((buf, len))
+                    .map_err(|_| consumer_gone())
+                    .and_then(|()| free.recv().map_err(|_| consumer_gone()));
+                self.state = PipeState::Piped {
+                    full,
+                    free,
+                    consumer,
+                };
+                next
+            }
+            PipeState::Done => Err(consumer_gone()),
+        }
+    }
+}
+
+/// Like [`dump_path`], but once the NAR exceeds 1 MiB the writes to `out` happen on a
+/// helper thread, so that reading the files overlaps with consuming the NAR (hashing,
+/// reference scanning). Same bytes, same errors; an error of `out` is reported as
+/// [`NarError::Write`].
+pub fn dump_path_pipelined<W: Write + Send>(path: &Path, out: &mut W) -> Result<(), NarError> {
+    std::thread::scope(|scope| {
+        let mut sink = PipeSink {
+            scope,
+            state: PipeState::Direct(out, 0),
+        };
+        let dumped = dump_with(path, &mut sink);
+        sink.finish(dumped)
+    })
+}
+
+/// A [`Write`] sink computing the hash (sha256 unless made by [`HashSink::with_algo`])
+/// and the byte count of everything written to it.
+#[derive(Debug, Clone)]
+pub struct HashSink {
+    hasher: Hasher,
+    size: u64,
+}
+
+impl HashSink {
+    /// A sha256 sink.
+    pub fn new() -> Self {
+        Self::with_algo(HashAlgo::Sha256)
+    }
+
+    pub fn with_algo(algo: HashAlgo) -> Self {
+        Self {
+            hasher: Hasher::new(algo),
+            size: 0,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The hash and the byte count.
+    pub fn finish(self) -> (Hash, u64) {
+        (self.hasher.finish(), self.size)
+    }
+}
+
+impl Default for HashSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Write for HashSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.hasher.update(buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`Write`] combinator writing everything to both sinks (first `.0`, then `.1`), e.g.
+/// `Tee(HashSink::new(), RefScanner::new(..))` to hash and scan a NAR in one pass.
+#[derive(Debug, Clone, Default)]
+pub struct Tee<A, B>(pub A, pub B);
+
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
+/// `narHash` (sha256 of the NAR) and `narSize` of the object at `path`, streaming
+/// (hashing on a second thread for large paths, see [`dump_path_pipelined`]).
+pub fn hash_path(path: &Path) -> Result<(Hash, u64), NarError> {
+    let mut sink = HashSink::new();
+    dump_path_pipelined(path, &mut sink)?;
+    Ok(sink.finish())
+}
+
+// ------------------------------------------------------------------------------------
+// Parsing
+// ------------------------------------------------------------------------------------
+
+/// Receives the events of [`parse`]. Events describe a walk of the tree: a node event
+/// (`directory`, `symlink`, or `file_begin`/`file_data`*/`file_end`) applies to the
+/// current position, which starts at the root; `entry_begin(name)` descends into the
+/// entry `name` of the current directory and `entry_end` comes back up. Every method
+/// defaults to doing nothing; an error aborts the parse and is returned by it.
+pub trait NarVisitor {
+    /// A directory; its entries follow.
+    fn directory(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
+
+    /// A symlink (target non-empty, no NUL byte, at most [`MAX_TARGET_LEN`] bytes).
+    fn symlink(&mut self, _target: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
+
+    /// A regular file of `size` bytes; the contents follow in `file_data` chunks.
+    fn file_begin(&mut self, _executable: bool, _size: u64) -> Result<(), NarError> {
+        Ok(())
+    }
+
+    fn file_data(&mut self, _data: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
+
+    fn file_end(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
+
+    /// Descend into the (valid, strictly increasing) entry `name`.
+    fn entry_begin(&mut self, _name: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
+
+    fn entry_end(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
+}
+
+/// A visitor that does nothing: [`validate`].
+struct NoopVisitor;
+
+impl NarVisitor for NoopVisitor {}
+
+/// Buffered reading with byte offsets for error messages.
+struct NarReader<'r, R: Read + ?Sized> {
+    inner: &'r mut R,
+    buf: Box<[u8]>,
+    /// Absolute offset of `buf[0]`.
+    base: u64,
+    pos: usize,
+    end: usize,
+}
+
+impl<'r, R: Read + ?Sized> NarReader<'r, R> {
+    fn new(inner: &'r mut R) -> Self {
+        Self {
+            inner,
+            buf: vec![0; READ_BUF_SIZE].into_boxed_slice(),
+            base: 0,
+            pos: 0,
+            end: 0,
+        }
+    }
+
+    /// Offset of the next unread byte.
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    /// Make at least one byte available; `false` at the end of the input.
+    fn fill(&mut self) -> Result<bool, NarError> {
+        if self.pos < self.end {
+            return Ok(true);
+        }
+        loop {
+            match self.inner.read(&mut self.buf) {
+                Ok(n) => {
+                    self.base += self.end as u64;
+                    self.pos = 0;
+                    self.end = n;
+                    return Ok(n > 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(NarError::Read {
+                        offset: self.offset(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn read_exact(&mut self, out: &mut [u8]) -> Result<(), NarError> {
+        let mut done = 0;
+        while done < out.len() {
+            if !self.fill()? {
+                return Err(NarError::Truncated {
+                    offset: self.offset(),
+                });
+            }
+            let n = (self.end - self.pos).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            self.pos += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn u64(&mut self) -> Result<u64, NarError> {
+        let mut b = [0; 8];
+        self.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn padding(&mut self, len: u64) -> Result<(), NarError> {
+        let offset = self.offset();
+        let mut b = [0; 8];
+        let p = &mut b[..padding(len)];
+        self.read_exact(p)?;
+        if p.iter().any(|&c| c != 0) {
+            return Err(NarError::format(offset, "non-zero padding"));
+        }
+        Ok(())
+    }
+
+    /// A short string where a token is expected: its offset, bytes and length.
+    fn token(&mut self) -> Result<(u64, [u8; MAX_TOKEN_LEN], usize), NarError> {
+        let offset = self.offset();
+        let len = self.u64()?;
+        if len > MAX_TOKEN_LEN as u64 {
+            return Err(NarError::format(
+                offset,
+                format!("expected a token, found a string of {len} bytes"),
+            ));
+        }
+        let mut b = [0; MAX_TOKEN_LEN];
+        self.read_exact(&mut b[..len as usize])?;
+        self.padding(len)?;
+        Ok((offset, b, len as usize))
+    }
+
+    fn expect(&mut self, expected: &[u8]) -> Result<(), NarError> {
+        let (offset, b, len) = self.token()?;
+        if &b[..len] != expected {
+            return Err(unexpected(
+                offset,
+                &b[..len],
+                &format!("'{}'", expected.escape_ascii()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A string of at most `max` bytes (checked before anything is allocated).
+    fn bounded(&mut self, max: u64, what: &str) -> Result<(u64, Vec<u8>), NarError> {
+        let offset = self.offset();
+        let len = self.u64()?;
+        if len > max {
+            return Err(NarError::format(
+                offset,
+                format!("{what} of {len} bytes is longer than {max} bytes"),
+            ));
+        }
+        let mut v = vec![0; len as usize];
+        self.read_exact(&mut v)?;
+        self.padding(len)?;
+        Ok((offset, v))
+    }
+
+    /// Stream `len` bytes of file contents and their padding to the visitor.
+    fn contents<V: NarVisitor + ?Sized>(&mut self, len: u64, v: &mut V) -> Result<(), NarError> {
+        let mut left = len;
+        while left > 0 {
+            if !self.fill()? {
+                return Err(NarError::Truncated {
+                    offset: self.offset(),
+                });
+            }
+            let n = (self.end - self.pos).min(usize::try_from(left).unwrap_or(usize::MAX));
+            v.file_data(&self.buf[self.pos..self.pos + n])?;
+            self.pos += n;
+            left -= n as u64;
+        }
+        self.padding(len)
+    }
+}
+
+fn unexpected(offset: u64, found: &[u8], expected: &str) -> NarError {
+    NarError::format(
+        offset,
+        format!("expected {expected}, found '{}'", found.escape_ascii()),
+    )
+}
+
+/// Why `name` cannot be a directory entry, if it cannot.
+fn invalid_name(name: &[u8]) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty")
+    } else if name == b"." || name == b".." {
+        Some("not allowed")
+    } else if name.contains(&b'/') {
+        Some("contains '/'")
+    } else if name.contains(&0) {
+        Some("contains a NUL byte")
+    } else {
+        None
+    }
+}
+
+/// Parse a NAR from `input`, strictly, reporting its structure to `visitor`. Reads
+/// `input` to its end (nothing may follow the archive) and returns the NAR's size.
+///
+/// Rejected: a wrong magic, non-zero padding, unknown or misplaced tokens, non-canonical
+/// forms (a regular file without `contents`, `executable` with a non-empty argument),
+/// invalid entry names (empty, `.`, `..`, containing `/` or NUL), entries that are not
+/// strictly increasing (unsorted or duplicate), empty or NUL-containing symlink
+/// targets, over-long names/targets/tokens (rejected before allocation), truncation and
+/// trailing data. Nesting depth is limited only by the input (no recursion).
+pub fn parse<R, V>(input: &mut R, visitor: &mut V) -> Result<u64, NarError>
+where
+    R: Read + ?Sized,
+    V: NarVisitor + ?Sized,
+{
+    let mut r = NarReader::new(input);
+    {
+        let (offset, b, len) = r.token()?;
+        if &b[..len] != NAR_MAGIC {
+            return Err(NarError::format(offset, "not a NAR (bad magic)"));
+        }
+    }
+    // The last entry name of every open directory (empty: none yet; names are non-empty).
+    let mut dirs: Vec<Vec<u8>> = Vec::new();
+    'node: loop {
+        r.expect(b"(")?;
+        r.expect(b"type")?;
+        let (offset, b, len) = r.token()?;
+        let mut complete = true;
+        match &b[..len] {
+            b"regular" => {
+                let (offset, b, len) = r.token()?;
+                let executable = match &b[..len] {
+                    b"executable" => {
+                        r.expect(b"")?;
+                        r.expect(b"contents")?;
+                        true
+                    }
+                    b"contents" => false,
+                    other => return Err(unexpected(offset, other, "'executable' or 'contents'")),
+                };
+                let size = r.u64()?;
+                visitor.file_begin(executable, size)?;
+                r.contents(size, visitor)?;
+                visitor.file_end()?;
+                r.expect(b")")?;
+            }
+            b"symlink" => {
+                r.expect(b"target")?;
+                let (offset, target) = r.bounded(MAX_TARGET_LEN, "symlink target")?;
+                if target.is_empty() {
+                    return Err(NarError::format(offset, "empty symlink target"));
+                }
+                if target.contains(&0) {
+                    return Err(NarError::format(
+                        offset,
+                        "symlink target containing a NUL byte",
+                    ));
+                }
+                visitor.symlink(&target)?;
+                r.expect(b")")?;
+            }
+            b"directory" => {
+                visitor.directory()?;
+                dirs.push(Vec::new());
+                complete = false;
+            }
+            other => {
+                return Err(unexpected(
+                    offset,
+                    other,
+                    "'regular', 'symlink' or 'directory'",
+                ));
+            }
+        }
+        loop {
+            if complete {
+                if dirs.is_empty() {
+                    break 'node;
+                }
+                r.expect(b")")?; // the end of "entry" "("
+                visitor.entry_end()?;
+            }
+            let (offset, b, len) = r.token()?;
+            match &b[..len] {
+                b")" => {
+                    dirs.pop();
+                    complete = true;
+                }
+                b"entry" => {
+                    r.expect(b"(")?;
+                    r.expect(b"name")?;
+                    let (offset, name) = r.bounded(MAX_NAME_LEN, "file name")?;
+                    if let Some(why) = invalid_name(&name) {
+                        return Err(NarError::format(
+                            offset,
+                            format!("invalid file name '{}' ({why})", name.escape_ascii()),
+                        ));
+                    }
+                    let Some(prev) = dirs.last_mut() else {
+                        return Err(NarError::format(offset, "entry outside a directory"));
+                    };
+                    if name <= *prev {
+                        let msg = if name == *prev {
+                            format!("duplicate directory entry '{}'", name.escape_ascii())
+                        } else {
+                            format!(
+                                "directory entry '{}' is not sorted after '{}'",
+                                name.escape_ascii(),
+                                prev.escape_ascii()
+                            )
+                        };
+                        return Err(NarError::format(offset, msg));
+                    }
+                    r.expect(b"node")?;
+                    visitor.entry_begin(&name)?;
+                    *prev = name;
+                    continue 'node;
+                }
+                other => return Err(unexpected(offset, other, "'entry' or ')'")),
+            }
+        }
+    }
+    if r.fill()? {
+        return Err(NarError::format(
+            r.offset(),
+            "trailing data after the end of the archive",
+        ));
+    }
+    Ok(r.offset())
+}
+
+/// Check that `input` is a valid NAR (see [`parse`]), without writing anything; returns
+/// its size.
+pub fn validate(input: &mut impl Read) -> Result<u64, NarError> {
+    parse(input, &mut NoopVisitor)
+}
+
+// ------------------------------------------------------------------------------------
+// Restoring
+// ------------------------------------------------------------------------------------
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes the tree below a temporary sibling of the target; removes it when dropped
+/// unless committed.
+struct Restorer {
+    /// Directory of the target, and the name used to build temporary names.
+    parent: PathBuf,
+    name: OsString,
+    /// The temporary top-level node, once created.
+    tmp: Option<PathBuf>,
+    /// The current position (below `tmp`).
+    path: PathBuf,
+    depth: usize,
+    file: Option<File>,
+}
+
+impl Restorer {
+    /// Create the node at the current position with `create`; at the top, pick a fresh
+    /// temporary name.
+    fn create<T>(&mut self, create: impl Fn(&Path) -> io::Result<T>) -> Result<T, NarError> {
+        if self.depth > 0 || self.tmp.is_some() {
+            return create(&self.path).map_err(NarError::io(&self.path));
+        }
+        // Keep temporary names well below NAME_MAX whatever the target's name.
+        let short = &self.name.as_bytes()[..self.name.len().min(100)];
+        let pid = std::process::id();
+        let mut attempts = 0;
+        loop {
+            let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let mut tmp_name = b".".to_vec();
+            tmp_name.extend_from_slice(short);
+            tmp_name.extend_from_slice(format!(".tmp-{pid}-{n}").as_bytes());
+            let tmp = self.parent.join(OsStr::from_bytes(&tmp_name));
+            match create(&tmp) {
+                Ok(t) => {
+                    self.path.clone_from(&tmp);
+                    self.tmp = Some(tmp);
+                    return Ok(t);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(NarError::io(&tmp)(e)),
+            }
+        }
+    }
+
+    fn commit(mut self, target: &Path) -> Result<(), NarError> {
+        self.file = None;
+        let Some(tmp) = self.tmp.clone() else {
+            return Err(NarError::format(0, "empty archive"));
+        };
+        use nix::errno::Errno;
+        use nix::fcntl::{renameat2, RenameFlags};
+        match renameat2(None, &tmp, None, target, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => {
+                return Err(NarError::TargetExists {
+                    path: target.to_path_buf(),
+                })
+            }
+            // File systems without RENAME_NOREPLACE: check, then rename.
+            Err(Errno::EINVAL | Errno::ENOSYS) => {
+                if fs::symlink_metadata(target).is_ok() {
+                    return Err(NarError::TargetExists {
+                        path: target.to_path_buf(),
+                    });
+                }
+                fs::rename(&tmp, target).map_err(NarError::io(target))?;
+            }
+            Err(e) => return Err(NarError::io(target)(e.into())),
+        }
+        self.tmp = None;
+        Ok(())
+    }
+}
+
+impl Drop for Restorer {
+    fn drop(&mut self) {
+        self.file = None;
+        if let Some(tmp) = self.tmp.take() {
+            let _ = match fs::symlink_metadata(&tmp) {
+                Ok(md) if md.is_dir() => fs::remove_dir_all(&tmp),
+                Ok(_) => fs::remove_file(&tmp),
+                Err(_) => Ok(()),
+            };
+        }
+    }
+}
+
+impl NarVisitor for Restorer {
+    fn directory(&mut self) -> Result<(), NarError> {
+        self.create(|p| DirBuilder::new().mode(0o755).create(p))
+    }
+
+    fn symlink(&mut self, target: &[u8]) -> Result<(), NarError> {
+        self.create(|p| std::os::unix::fs::symlink(OsStr::from_bytes(target), p))
+    }
+
+    fn file_begin(&mut self, executable: bool, _size: u64) -> Result<(), NarError> {
+        let mode = if executable { 0o755 } else { 0o644 };
+        let file = self.create(|p| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(p)
+        })?;
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn file_data(&mut self, data: &[u8]) -> Result<(), NarError> {
+        match &mut self.file {
+            Some(f) => f.write_all(data).map_err(NarError::io(&self.path)),
+            None => Ok(()),
+        }
+    }
+
+    fn file_end(&mut self) -> Result<(), NarError> {
+        self.file = None;
+        Ok(())
+    }
+
+    fn entry_begin(&mut self, name: &[u8]) -> Result<(), NarError> {
+        self.path.push(OsStr::from_bytes(name));
+        self.depth += 1;
+        Ok(())
+    }
+
+    fn entry_end(&mut self) -> Result<(), NarError> {
+        self.path.pop();
+        self.depth -= 1;
+        Ok(())
+    }
+}
+
+/// Restore the NAR read from `input` at `target`, which must not exist.
+///
+/// The NAR is fully validated as by [`parse`]. The tree is written below a temporary
+/// sibling of `target` (`.<name>.tmp-<pid>-<n>`), which is renamed to `target` (without
+/// replacing anything) once the whole input has been read; on any error the temporary
+/// is removed, so a failed restore leaves nothing behind. Files are created with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW` and directories with `mkdir`, never through a symlink.
+/// Executable files get mode 0755, other files 0644, directories 0755 (less the umask).
+pub fn restore_path(input: &mut impl Read, target: &Path) -> Result<(), NarError> {
+    let invalid = |msg: &str| NarError::Io {
+        path: target.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()),
+    };
+    let name = target
+        .file_name()
+        .ok_or_else(|| invalid("restore target has no file name"))?;
+    if fs::symlink_metadata(target).is_ok() {
+        return Err(NarError::TargetExists {
+            path: target.to_path_buf(),
+        });
+    }
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut restorer = Restorer {
+        parent,
+        name: name.to_os_string(),
+        tmp: None,
+        path: PathBuf::new(),
+        depth: 0,
+        file: None,
+    };
+    parse(input, &mut restorer)?;
+    restorer.commit(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(data: &[u8]) -> Vec<u8> {
+        let mut v = (data.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(data);
+        v.resize(v.len() + padding(data.len() as u64), 0);
+        v
+    }
+
+    fn nar(tokens: &[&[u8]]) -> Vec<u8> {
+        tokens.iter().flat_map(|t| s(t)).collect()
+    }
+
+    #[test]
+    fn padding_sizes() {
+        assert_eq!(padding(0), 0);
+        assert_eq!(padding(1), 7);
+        assert_eq!(padding(7), 1);
+        assert_eq!(padding(8), 0);
+        assert_eq!(padding(9), 7);
+        assert_eq!(padding(u64::MAX), 1);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl NarVisitor for Recorder {
+        fn directory(&mut self) -> Result<(), NarError> {
+            self.0.push("dir".into());
+            Ok(())
+        }
+        fn symlink(&mut self, target: &[u8]) -> Result<(), NarError> {
+            self.0.push(format!("symlink {}", target.escape_ascii()));
+            Ok(())
+        }
+        fn file_begin(&mut self, executable: bool, size: u64) -> Result<(), NarError> {
+            self.0.push(format!("file {executable} {size}"));
+            Ok(())
+        }
+        fn file_data(&mut self, data: &[u8]) -> Result<(), NarError> {
+            self.0.push(format!("data {}", data.escape_ascii()));
+            Ok(())
+        }
+        fn file_end(&mut self) -> Result<(), NarError> {
+            self.0.push("end".into());
+            Ok(())
+        }
+        fn entry_begin(&mut self, name: &[u8]) -> Result<(), NarError> {
+            self.0.push(format!("enter {}", name.escape_ascii()));
+            Ok(())
+        }
+        fn entry_end(&mut self) -> Result<(), NarError> {
+            self.0.push("leave".into());
+            Ok(())
+        }
+    }
+
+    #[test]
+    #[rustfmt::skip]
+    fn visitor_events() {
+        let data = nar(&[
+            b"nix-archive-1", b"(", b"type", b"directory",
+            b"entry", b"(", b"name", b"d", b"node", b"(", b"type", b"directory",
+                b"entry", b"(", b"name", b"x", b"node",
+                    b"(", b"type", b"regular", b"executable", b"", b"contents", b"hi", b")",
+                b")",
+            b")", b")",
+            b"entry", b"(", b"name", b"l", b"node", b"(", b"type", b"symlink", b"target", b"d/x", b")", b")",
+            b")",
+        ]);
+        let mut rec = Recorder::default();
+        let size = parse(&mut &data[..], &mut rec).expect("valid");
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(
+            rec.0,
+            [
+                "dir", "enter d", "dir", "enter x", "file true 2", "data hi", "end", "leave",
+                "leave", "enter l", "symlink d/x", "leave"
+            ]
+        );
+    }
+
+    #[test]
+    fn deep_nesting_does_not_recurse() {
+        // 100k nested directories: a recursive parser would overflow the test stack.
+        let depth = 100_000;
+        let mut data = nar(&[b"nix-archive-1", b"(", b"type", b"directory"]);
+        let open = nar(&[
+            b"entry",
+            b"(",
+            b"name",
+            b"d",
+            b"node",
+            b"(",
+            b"type",
+            b"directory",
+        ]);
+        let close = nar(&[b")", b")"]);
+        for _ in 0..depth {
+            data.extend_from_slice(&open);
+        }
+        for _ in 0..depth {
+            data.extend_from_slice(&close);
+        }
+        data.extend_from_slice(&s(b")"));
+        assert_eq!(validate(&mut &data[..]).expect("valid"), data.len() as u64);
+    }
+
+    #[test]
+    fn error_offsets() {
+        let data = nar(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"]);
+        match validate(&mut &data[..]) {
+            Err(NarError::Format { offset, msg }) => {
+                assert_eq!(offset, 56);
+                assert!(msg.contains("fifo"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match validate(&mut &data[..30]) {
+            Err(NarError::Truncated { offset }) => assert_eq!(offset, 30),
+            other => panic!("{other:?}"),
+        }
+    }
+}

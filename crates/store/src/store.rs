@@ -1,0 +1,481 @@
+//! A store opened on a root directory with Nix's chroot-store layout:
+//!
+//! ```text
+//! ROOT/nix/store/                  the logical /nix/store (mode 1775)
+//! ROOT/nix/var/nix/db/db.sqlite    schema 10; ROOT/nix/var/nix/db/schema holds "10"
+//! ROOT/nix/var/nix/db/big-lock     held shared while the store is open (as Nix does)
+//! ROOT/nix/var/nix/{gcroots,temproots,profiles}/
+//! ROOT/nix/var/log/nix/drvs/
+//! ```
+//!
+//! Adding content follows one order so that a path is valid only once it is complete:
+//! compute the path, lock it, write the content under a temporary name, canonicalise,
+//! rename into place, register in one transaction, unlock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use firn_derivation::{
+    name_from_drv_base_name, parse_derivation, Derivation, FileIngestionMethod, FixedOutputHash,
+    Hash, HashAlgo, Hasher, InputDrvHash, ModuloCache, ModuloError, StoreDir, StorePath,
+    StorePathError,
+};
+use nix::fcntl::{Flock, FlockArg};
+use thiserror::Error;
+
+use crate::canonical::{canonicalise_path_metadata, delete_path};
+use crate::db::{Database, DbError, Registration, ValidPathInfo, SCHEMA_VERSION};
+use crate::lock::{LockError, PathLocks};
+use crate::nar::{self, NarError};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Nar(#[from] NarError),
+    #[error("{0}")]
+    Lock(#[from] LockError),
+    #[error("{0}")]
+    StorePath(#[from] StorePathError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("current store schema at '{path}' is version {found}, but firn only supports {SCHEMA_VERSION}")]
+    Schema { path: PathBuf, found: String },
+    #[error("path '{0}' is not valid")]
+    NotValid(String),
+    #[error("path '{0}' is not in the store")]
+    NotInStore(String),
+    #[error("'{path}' is not a regular file, so it cannot be added flat")]
+    NotRegularFile { path: PathBuf },
+    #[error("derivation '{path}': {msg}")]
+    Derivation { path: String, msg: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Content-address assertion strings as Nix writes them in the `ca` column.
+pub fn text_ca(hash: &Hash) -> String {
+    format!("text:sha256:{}", hash.to_nixbase32())
+}
+
+pub fn fixed_ca(fixed: &FixedOutputHash) -> String {
+    format!(
+        "fixed:{}{}:{}",
+        fixed.method.prefix(),
+        fixed.hash.algo(),
+        fixed.hash.to_nixbase32()
+    )
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    store_dir: StoreDir,
+    db: Database,
+    _big_lock: Flock<File>,
+}
+
+impl Store {
+    /// Open the store at `root`, creating its layout and database if needed.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let store_dir = StoreDir::default();
+        let real_store = root.join("nix/store");
+        let var = root.join("nix/var/nix");
+        for d in [
+            var.join("db"),
+            var.join("gcroots"),
+            var.join("temproots"),
+            var.join("profiles"),
+            root.join("nix/var/log/nix/drvs"),
+        ] {
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        if !real_store.is_dir() {
+            fs::create_dir_all(&real_store).map_err(io_err(&real_store))?;
+            fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
+                .map_err(io_err(&real_store))?;
+        }
+        let db_dir = var.join("db");
+        let big = db_dir.join("big-lock");
+        let big_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&big)
+            .map_err(io_err(&big))?;
+        let big_lock =
+            Flock::lock(big_file, FlockArg::LockShared).map_err(|(_, e)| StoreError::Io {
+                path: big.clone(),
+                source: e.into(),
+            })?;
+        let schema = db_dir.join("schema");
+        match fs::read_to_string(&schema) {
+            Ok(v) if v.trim() == SCHEMA_VERSION.to_string() => {}
+            Ok(v) => {
+                return Err(StoreError::Schema {
+                    path: schema,
+                    found: v.trim().to_owned(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Database first, then the schema file, as Nix does.
+                Database::open(&db_dir.join("db.sqlite"), store_dir.clone())?;
+                write_atomically(&schema, SCHEMA_VERSION.to_string().as_bytes())?;
+            }
+            Err(e) => return Err(io_err(&schema)(e)),
+        }
+        let db = Database::open(&db_dir.join("db.sqlite"), store_dir.clone())?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            store_dir,
+            db,
+            _big_lock: big_lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn db_mut(&mut self) -> &mut Database {
+        &mut self.db
+    }
+
+    /// Where the store object `p` lives on disk.
+    pub fn real_path(&self, p: &StorePath) -> PathBuf {
+        self.root.join("nix/store").join(p.base_name())
+    }
+
+    /// Parse a path given on the command line: a logical store path, a physical path
+    /// below `ROOT/nix/store`, or anything inside a store object (the object is meant).
+    pub fn parse_path_arg(&self, arg: &str) -> Result<StorePath, StoreError> {
+        let real_store = self.root.join("nix/store");
+        let arg_path = Path::new(arg);
+        let logical = if let Ok(rest) = arg_path.strip_prefix(&real_store) {
+            rest
+        } else if let Ok(rest) = arg_path.strip_prefix(self.store_dir.as_str()) {
+            rest
+        } else {
+            return Err(StoreError::NotInStore(arg.to_owned()));
+        };
+        let first = logical
+            .components()
+            .next()
+            .ok_or_else(|| StoreError::NotInStore(arg.to_owned()))?;
+        let full = format!(
+            "{}/{}",
+            self.store_dir.as_str(),
+            first.as_os_str().to_string_lossy()
+        );
+        Ok(self.store_dir.parse(&full)?)
+    }
+
+    /// Like [`Self::parse_path_arg`] but the path must be valid.
+    pub fn valid_path_arg(&self, arg: &str) -> Result<StorePath, StoreError> {
+        let p = self.parse_path_arg(arg)?;
+        if !self.db.is_valid_path(&p)? {
+            return Err(StoreError::NotValid(self.store_dir.display(&p)));
+        }
+        Ok(p)
+    }
+
+    fn lock(&self, p: &StorePath) -> Result<PathLocks, StoreError> {
+        let locks = PathLocks::lock([self.real_path(p)], true, |_| {})?;
+        Ok(locks.unwrap_or_default())
+    }
+
+    /// Put the content produced by `write(tmp)` at `path` and register it, unless the
+    /// path is valid already. `write` creates `tmp` (which does not exist).
+    fn add_content(
+        &mut self,
+        path: StorePath,
+        references: BTreeSet<StorePath>,
+        ca: Option<String>,
+        drv_outputs: BTreeMap<String, StorePath>,
+        write: impl FnOnce(&Path) -> Result<(), StoreError>,
+    ) -> Result<ValidPathInfo, StoreError> {
+        if let Some(info) = self.db.query_path_info(&path)? {
+            return Ok(info);
+        }
+        let _locks = self.lock(&path)?;
+        // Someone may have added it while we waited.
+        if let Some(info) = self.db.query_path_info(&path)? {
+            return Ok(info);
+        }
+        let real = self.real_path(&path);
+        // Leftovers of an interrupted add are not valid: remove them.
+        delete_path(&real).map_err(io_err(&real))?;
+        let tmp = self.root.join("nix/store").join(format!(
+            ".{}.tmp-{}",
+            path.base_name(),
+            std::process::id()
+        ));
+        delete_path(&tmp).map_err(io_err(&tmp))?;
+        let result = (|| {
+            write(&tmp)?;
+            canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+            let (nar_hash, nar_size) = nar::hash_path(&tmp)?;
+            sync_tree(&tmp);
+            fs::rename(&tmp, &real).map_err(io_err(&real))?;
+            Ok((nar_hash, nar_size))
+        })();
+        let (nar_hash, nar_size) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = delete_path(&tmp);
+                return Err(e);
+            }
+        };
+        let info = ValidPathInfo {
+            path,
+            nar_hash,
+            nar_size,
+            references,
+            deriver: None,
+            registration_time: now(),
+            ultimate: false,
+            sigs: Vec::new(),
+            ca,
+        };
+        if let Err(e) = self.db.register_valid_paths(&[Registration {
+            info: info.clone(),
+            drv_outputs,
+        }]) {
+            let _ = delete_path(&real);
+            return Err(e.into());
+        }
+        Ok(info)
+    }
+
+    /// `nix-store --add` / `--add-fixed`: add the file or tree at `src` content-addressed.
+    /// `--add` is recursive sha256.
+    pub fn add_to_store(
+        &mut self,
+        src: &Path,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    ) -> Result<ValidPathInfo, StoreError> {
+        let name = src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let hash = match method {
+            FileIngestionMethod::Recursive => {
+                let mut h = Hasher::new(algo);
+                nar::dump_path(src, &mut HasherWriter(&mut h))?;
+                h.finish()
+            }
+            FileIngestionMethod::Flat => {
+                let meta = fs::symlink_metadata(src).map_err(io_err(src))?;
+                if !meta.is_file() {
+                    return Err(StoreError::NotRegularFile {
+                        path: src.to_path_buf(),
+                    });
+                }
+                let mut h = Hasher::new(algo);
+                let mut f = File::open(src).map_err(io_err(src))?;
+                io::copy(&mut f, &mut HasherWriter(&mut h)).map_err(io_err(src))?;
+                h.finish()
+            }
+        };
+        let fixed = FixedOutputHash { method, hash };
+        let path = self.store_dir.make_fixed_output_path(&fixed, &name)?;
+        let src = src.to_path_buf();
+        self.add_content(
+            path,
+            BTreeSet::new(),
+            Some(fixed_ca(&fixed)),
+            BTreeMap::new(),
+            |tmp| copy_via_nar(&src, tmp),
+        )
+    }
+
+    /// `addTextToStore`: a text file with references (a `.drv`, `builtins.toFile`).
+    pub fn add_text(
+        &mut self,
+        name: &str,
+        contents: &[u8],
+        references: BTreeSet<StorePath>,
+        drv_outputs: BTreeMap<String, StorePath>,
+    ) -> Result<ValidPathInfo, StoreError> {
+        let hash = Hash::sha256(contents);
+        let path = self.store_dir.make_text_path(name, &hash, &references)?;
+        self.add_content(path, references, Some(text_ca(&hash)), drv_outputs, |tmp| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(tmp)
+                .map_err(io_err(tmp))?;
+            f.write_all(contents).map_err(io_err(tmp))?;
+            Ok(())
+        })
+    }
+
+    /// Read and parse a `.drv` from the store.
+    pub fn read_derivation(&self, drv: &StorePath) -> Result<Derivation<'static>, StoreError> {
+        let real = self.real_path(drv);
+        let text = fs::read(&real).map_err(io_err(&real))?;
+        let name = name_from_drv_base_name(drv.base_name());
+        let parsed =
+            parse_derivation(&self.store_dir, &text, name).map_err(|e| StoreError::Derivation {
+                path: self.store_dir.display(drv),
+                msg: e.to_string(),
+            })?;
+        Ok(parsed.into_owned())
+    }
+
+    /// `firn derivation add`: compute the output paths left empty (input derivations
+    /// must be valid), check the rest, write the `.drv` and register it with its
+    /// references and `DerivationOutputs` rows. With `dry_run`, only compute the path.
+    pub fn add_derivation(
+        &mut self,
+        mut drv: Derivation<'static>,
+        dry_run: bool,
+    ) -> Result<StorePath, StoreError> {
+        let sd = self.store_dir.clone();
+        for p in drv.references() {
+            if !self.db.is_valid_path(p)? {
+                return Err(StoreError::NotValid(sd.display(p)));
+            }
+        }
+        let mut cache = ModuloCache::new();
+        let this: &Store = self;
+        let mut load = |p: &StorePath| this.read_derivation(p);
+        let mut lookup = |p: &StorePath| -> Result<InputDrvHash, ModuloError<StoreError>> {
+            cache.get(&sd, p, &mut load)
+        };
+        let derr = |e: ModuloError<ModuloError<StoreError>>| StoreError::Derivation {
+            path: drv_display_name(&sd, &e),
+            msg: e.to_string(),
+        };
+        drv.fill_output_paths(&sd, &mut lookup).map_err(derr)?;
+        let text = drv.to_aterm(&sd).map_err(|e| StoreError::Derivation {
+            path: drv.name.clone(),
+            msg: e.to_string(),
+        })?;
+        let drv_path = drv
+            .drv_path_of_text(&sd, &text)
+            .map_err(|e| StoreError::Derivation {
+                path: drv.name.clone(),
+                msg: e.to_string(),
+            })?;
+        if dry_run {
+            return Ok(drv_path);
+        }
+        let outputs = drv
+            .output_paths(&sd)
+            .map_err(|e| StoreError::Derivation {
+                path: sd.display(&drv_path),
+                msg: e.to_string(),
+            })?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect();
+        let refs = drv.references().into_iter().cloned().collect();
+        let info = self.add_text(&format!("{}.drv", drv.name), &text, refs, outputs)?;
+        Ok(info.path)
+    }
+
+    /// Remove paths from the database and the disk. Refuses paths that still have
+    /// referrers outside the set.
+    pub fn delete_paths(&mut self, paths: &BTreeSet<StorePath>) -> Result<(), StoreError> {
+        let reals: Vec<PathBuf> = paths.iter().map(|p| self.real_path(p)).collect();
+        let locks = PathLocks::lock(reals.clone(), true, |_| {})?;
+        self.db.invalidate_paths(paths)?;
+        for real in &reals {
+            delete_path(real).map_err(io_err(real))?;
+        }
+        if let Some(mut l) = locks {
+            l.set_deletion(true);
+        }
+        Ok(())
+    }
+
+    /// Restore a NAR from `input` into the store as `path` (not registered: the caller
+    /// decides its metadata). The path must not be valid.
+    pub fn restore_nar(&self, input: &mut impl Read, target: &Path) -> Result<(), StoreError> {
+        nar::restore_path(input, target)?;
+        Ok(())
+    }
+}
+
+fn drv_display_name<E>(_sd: &StoreDir, _e: &E) -> String {
+    "(new derivation)".to_owned()
+}
+
+/// `io::Write` into a hasher.
+struct HasherWriter<'h>(&'h mut Hasher);
+
+impl Write for HasherWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Copy a tree by serialising it as a NAR and restoring that, so exactly what the NAR
+/// holds (and nothing else: no special files, no modes beyond the exec bit) lands.
+fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
+    let mut buf = Vec::new();
+    nar::dump_path(src, &mut buf)?;
+    nar::restore_path(&mut buf.as_slice(), dst)?;
+    Ok(())
+}
+
+/// fsync the content before it becomes valid (best effort on directories).
+fn sync_tree(path: &Path) {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if meta.is_dir() {
+            if let Ok(entries) = fs::read_dir(path) {
+                for e in entries.flatten() {
+                    sync_tree(&e.path());
+                }
+            }
+        }
+        if !meta.file_type().is_symlink() {
+            if let Ok(f) = File::open(path) {
+                let _ = f.sync_all();
+            }
+        }
+    }
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, contents).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
