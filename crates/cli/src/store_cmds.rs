@@ -1,12 +1,13 @@
 //! Store commands: add, add-fixed, dump, restore, query, path-info, verify, delete, and
 //! `derivation add`. Output formats are `nix-store`'s / `nix path-info`'s.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::path::PathBuf;
 
 use clap::Args;
 use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
+use firn_store::db::PathGraph;
 use firn_store::{Store, StoreError, ValidPathInfo};
 
 use crate::error::CliError;
@@ -105,38 +106,16 @@ pub struct QueryKind {
     valid_derivers: bool,
 }
 
-/// `topoSortPaths`: post-order DFS over `paths` (sorted), children = references within
-/// the set; the result lists references before referrers, as `nix-store -q` prints.
-fn topo_sort(store: &Store, paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, CliError> {
-    let mut refs: HashMap<StorePath, BTreeSet<StorePath>> = HashMap::new();
+/// The references of each of `paths` within the set, one query per path (small sets).
+fn graph_of(store: &Store, paths: &BTreeSet<StorePath>) -> Result<PathGraph, CliError> {
+    let mut refs = BTreeMap::new();
     for p in paths {
         refs.insert(
             p.clone(),
             store.db().query_references(p).map_err(StoreError::from)?,
         );
     }
-    let mut visited = BTreeSet::new();
-    let mut out = Vec::with_capacity(paths.len());
-    fn visit(
-        p: &StorePath,
-        refs: &HashMap<StorePath, BTreeSet<StorePath>>,
-        visited: &mut BTreeSet<StorePath>,
-        out: &mut Vec<StorePath>,
-    ) {
-        if !visited.insert(p.clone()) {
-            return;
-        }
-        for r in &refs[p] {
-            if r != p && refs.contains_key(r) {
-                visit(r, refs, visited, out);
-            }
-        }
-        out.push(p.clone());
-    }
-    for p in paths {
-        visit(p, &refs, &mut visited, &mut out);
-    }
-    Ok(out)
+    Ok(PathGraph::from_references(&refs))
 }
 
 /// A `.drv` stands for its outputs (read from the file), anything else for itself.
@@ -180,7 +159,8 @@ fn print_tree(
     out.push_str(&format!("{first}{shown}\n"));
     let refs = info(store, p)?.references;
     // Nix reverses topoSortPaths (referrers first), giving references first: our order.
-    let sorted = topo_sort(store, &refs)?;
+    let graph = graph_of(store, &refs)?;
+    let sorted = graph.topo_sorted();
     let n = sorted.len();
     for (i, r) in sorted.iter().enumerate() {
         let last = i + 1 == n;
@@ -210,27 +190,25 @@ pub fn query(
     }
     let mut text = String::new();
     let db = store.db();
-    if kind.references || kind.referrers || kind.requisites || kind.referrers_closure {
+    if kind.references || kind.referrers {
         let mut set = BTreeSet::new();
         for p in &paths {
             if kind.references {
                 set.extend(db.query_references(p).map_err(StoreError::from)?);
-            } else if kind.referrers {
-                set.extend(db.query_referrers(p).map_err(StoreError::from)?);
-            } else if kind.requisites {
-                set.extend(
-                    db.query_closure(std::slice::from_ref(p), false)
-                        .map_err(StoreError::from)?,
-                );
             } else {
-                set.extend(
-                    db.query_closure(std::slice::from_ref(p), true)
-                        .map_err(StoreError::from)?,
-                );
+                set.extend(db.query_referrers(p).map_err(StoreError::from)?);
             }
         }
-        for p in topo_sort(&store, &set)? {
-            text.push_str(&sd.display(&p));
+        for p in graph_of(&store, &set)?.topo_sorted() {
+            text.push_str(&sd.display(p));
+            text.push('\n');
+        }
+    } else if kind.requisites || kind.referrers_closure {
+        let graph = db
+            .query_closure_graph(&paths, kind.referrers_closure)
+            .map_err(StoreError::from)?;
+        for p in graph.topo_sorted() {
+            text.push_str(&sd.display(p));
             text.push('\n');
         }
     } else if kind.outputs {

@@ -105,6 +105,64 @@ pub struct ValidPathInfo {
     pub ca: Option<String>,
 }
 
+/// A set of paths (sorted) with, for each, the indices of its references within the set
+/// (sorted, without itself).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathGraph {
+    pub paths: Vec<StorePath>,
+    pub references: Vec<Vec<usize>>,
+}
+
+impl PathGraph {
+    /// From each path's references (those outside the set are dropped).
+    pub fn from_references(map: &BTreeMap<StorePath, BTreeSet<StorePath>>) -> Self {
+        let paths: Vec<StorePath> = map.keys().cloned().collect();
+        let references = map
+            .values()
+            .enumerate()
+            .map(|(i, refs)| {
+                refs.iter()
+                    .filter_map(|r| paths.binary_search(r).ok())
+                    .filter(|&j| j != i)
+                    .collect()
+            })
+            .collect();
+        Self { paths, references }
+    }
+
+    /// Nix's `topoSortPaths` order reversed, i.e. what `nix-store -q` prints: a post-order
+    /// depth-first walk over the paths in order, references before referrers.
+    pub fn topo_sorted(&self) -> Vec<&StorePath> {
+        let mut visited = vec![false; self.paths.len()];
+        let mut out = Vec::with_capacity(self.paths.len());
+        for root in 0..self.paths.len() {
+            if visited[root] {
+                continue;
+            }
+            // Iterative: deep closures must not overflow the stack.
+            visited[root] = true;
+            let mut stack = vec![(root, 0usize)];
+            while let Some((node, next)) = stack.last_mut() {
+                let node = *node;
+                let refs = &self.references[node];
+                match refs[*next..].iter().position(|&c| !visited[c]) {
+                    Some(k) => {
+                        let child = refs[*next + k];
+                        *next += k + 1;
+                        visited[child] = true;
+                        stack.push((child, 0));
+                    }
+                    None => {
+                        out.push(&self.paths[node]);
+                        stack.pop();
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// A path to register, with the outputs it declares if it is a `.drv`.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -141,7 +199,9 @@ impl Database {
         conn.execute_batch(
             "pragma foreign_keys = 1;
              pragma synchronous = normal;
-             pragma wal_autocheckpoint = 40000;",
+             pragma wal_autocheckpoint = 40000;
+             pragma cache_size = -65536;
+             pragma mmap_size = 268435456;",
         )
         .map_err(wrap)?;
         let mode: String = conn
@@ -486,6 +546,63 @@ impl Database {
             out.extend(self.paths_of(sql, &self.display(p))?);
         }
         Ok(out)
+    }
+
+    /// The closure of `paths` (see [`Self::query_closure`]) with the references of each
+    /// member within it, in one statement per root however large the closure (what
+    /// `nix-store -qR` needs to print it in order).
+    pub fn query_closure_graph(
+        &self,
+        paths: &[StorePath],
+        referrers: bool,
+    ) -> Result<PathGraph, DbError> {
+        let sql = if referrers {
+            "with recursive closure(id) as (select id from ValidPaths where path = ?1
+               union select referrer from Refs join closure on Refs.reference = closure.id)
+             select closure.id, v.path, Refs.reference from closure
+               join ValidPaths v on v.id = closure.id
+               left join Refs on Refs.referrer = closure.id"
+        } else {
+            "with recursive closure(id) as (select id from ValidPaths where path = ?1
+               union select reference from Refs join closure on Refs.referrer = closure.id)
+             select closure.id, v.path, Refs.reference from closure
+               join ValidPaths v on v.id = closure.id
+               left join Refs on Refs.referrer = closure.id"
+        };
+        let mut members: HashMap<i64, (String, Vec<i64>)> = HashMap::new();
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        for p in paths {
+            let mut rows = stmt.query([self.display(p)]).map_err(|e| self.err(e))?;
+            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+                let id: i64 = row.get(0).map_err(|e| self.err(e))?;
+                let reference: Option<i64> = row.get(2).map_err(|e| self.err(e))?;
+                let entry = match members.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let path: String = row.get(1).map_err(|e| self.err(e))?;
+                        v.insert((path, Vec::new()))
+                    }
+                };
+                entry.1.extend(reference);
+            }
+        }
+        let mut ids: Vec<(i64, String, Vec<i64>)> =
+            members.into_iter().map(|(id, (p, r))| (id, p, r)).collect();
+        ids.sort_by(|a, b| a.1.cmp(&b.1));
+        let index: HashMap<i64, usize> = ids.iter().enumerate().map(|(i, m)| (m.0, i)).collect();
+        let mut graph = PathGraph::default();
+        for (i, (_, path, refs)) in ids.iter().enumerate() {
+            graph.paths.push(self.parse_path(path)?);
+            let mut r: Vec<usize> = refs
+                .iter()
+                .filter_map(|id| index.get(id).copied())
+                .filter(|&j| j != i)
+                .collect();
+            r.sort_unstable();
+            r.dedup();
+            graph.references.push(r);
+        }
+        Ok(graph)
     }
 
     /// Every valid path.

@@ -25,6 +25,7 @@
 //! increasing, padding zero, nothing after the last `)`), so every NAR it accepts dumps
 //! back to the same bytes; [`validate`] and [`restore_path`] are built on it.
 
+use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -32,7 +33,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{Scope, ScopedJoinHandle};
 
 use firn_derivation::{Hash, HashAlgo, Hasher};
@@ -52,7 +53,7 @@ const MAX_TOKEN_LEN: usize = 16;
 
 /// Size of the output buffer of [`dump_path`] (framing and file contents go through it,
 /// so the sink sees few, large writes).
-const DUMP_BUF_SIZE: usize = 64 * 1024;
+const DUMP_BUF_SIZE: usize = 256 * 1024;
 
 /// Size of the input buffer of [`parse`].
 const READ_BUF_SIZE: usize = 256 * 1024;
@@ -290,63 +291,150 @@ fn dump_node<S: BufSink>(
 /// Output written in place before [`dump_path_pipelined`] starts its helper thread.
 const PIPELINE_THRESHOLD: u64 = 1 << 20;
 
-/// Buffers in flight between the dumping and the consuming thread.
+/// Buffers circulating between the dumping and the consuming thread.
 const PIPELINE_BUFFERS: usize = 16;
 
-type Buffer = (Box<[u8]>, usize);
+/// A sleeping side is woken only when this many buffers are ready for it: waking a
+/// thread costs tens of microseconds on some virtual machines, so hand over in bulk.
+const PIPELINE_WAKE: usize = PIPELINE_BUFFERS / 2;
+
+#[derive(Default)]
+struct PipeQueues {
+    /// Filled buffers and their lengths, in order.
+    full: VecDeque<(Box<[u8]>, usize)>,
+    free: Vec<Box<[u8]>>,
+    /// The dumper is done (or failed): no more full buffers will come.
+    closed: bool,
+    /// The consumer stopped (finished or failed): no more free buffers will come.
+    consumer_gone: bool,
+    dumper_waiting: bool,
+    consumer_waiting: bool,
+}
+
+/// Two queues of buffers between the dumper and the consumer.
+#[derive(Default)]
+struct Pipe {
+    queues: Mutex<PipeQueues>,
+    dumper: Condvar,
+    consumer: Condvar,
+}
+
+impl Pipe {
+    fn lock(&self) -> MutexGuard<'_, PipeQueues> {
+        // A panic while holding the lock leaves consistent queues; carry on.
+        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Dumper: pass a full buffer, get an empty one (`None`: the consumer is gone).
+    fn exchange(&self, buf: Box<[u8]>, len: usize) -> Option<Box<[u8]>> {
+        let mut q = self.lock();
+        if q.consumer_gone {
+            return None;
+        }
+        q.full.push_back((buf, len));
+        if q.consumer_waiting && q.full.len() >= PIPELINE_WAKE {
+            q.consumer_waiting = false;
+            self.consumer.notify_one();
+        }
+        loop {
+            if let Some(free) = q.free.pop() {
+                return Some(free);
+            }
+            if q.consumer_gone {
+                return None;
+            }
+            q.dumper_waiting = true;
+            q = self.dumper.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Dumper: no more buffers.
+    fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        self.consumer.notify_one();
+    }
+
+    /// Consumer: the next full buffer, `None` at the end.
+    fn next_full(&self) -> Option<(Box<[u8]>, usize)> {
+        let mut q = self.lock();
+        loop {
+            if let Some(full) = q.full.pop_front() {
+                return Some(full);
+            }
+            if q.closed {
+                return None;
+            }
+            q.consumer_waiting = true;
+            q = self
+                .consumer
+                .wait(q)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Consumer: give back a buffer.
+    fn recycle(&self, buf: Box<[u8]>) {
+        let mut q = self.lock();
+        q.free.push(buf);
+        if q.dumper_waiting && q.free.len() >= PIPELINE_WAKE {
+            q.dumper_waiting = false;
+            self.dumper.notify_one();
+        }
+    }
+
+    /// Consumer: stopped.
+    fn consumer_stopped(&self) {
+        let mut q = self.lock();
+        q.consumer_gone = true;
+        self.dumper.notify_one();
+    }
+}
+
+/// Marks the consumer stopped when it returns or unwinds.
+struct ConsumerGuard<'p>(&'p Pipe);
+
+impl Drop for ConsumerGuard<'_> {
+    fn drop(&mut self) {
+        self.0.consumer_stopped();
+    }
+}
 
 enum PipeState<'scope, W: Write + Send> {
     /// Writing in place; `u64` bytes so far.
     Direct(&'scope mut W, u64),
-    Piped {
-        full: SyncSender<Buffer>,
-        free: Receiver<Box<[u8]>>,
-        consumer: ScopedJoinHandle<'scope, io::Result<()>>,
-    },
+    Piped(ScopedJoinHandle<'scope, io::Result<()>>),
     Done,
 }
 
 /// A [`BufSink`] that hands buffers to a consumer thread once the output is large.
 struct PipeSink<'scope, 'env, W: Write + Send> {
     scope: &'scope Scope<'scope, 'env>,
+    pipe: &'scope Pipe,
     state: PipeState<'scope, W>,
 }
 
 impl<'scope, W: Write + Send> PipeSink<'scope, '_, W> {
-    fn start(&mut self, out: &'scope mut W) -> Result<Box<[u8]>, NarError> {
-        let (full_tx, full_rx) = sync_channel::<Buffer>(PIPELINE_BUFFERS);
-        let (free_tx, free_rx) = sync_channel::<Box<[u8]>>(PIPELINE_BUFFERS);
-        for _ in 1..PIPELINE_BUFFERS {
-            // Cannot fail: the receiver is alive and there is room.
-            let _ = free_tx.send(new_buffer());
-        }
+    fn start(&mut self, out: &'scope mut W) -> Box<[u8]> {
+        let pipe = self.pipe;
+        pipe.lock().free = (1..PIPELINE_BUFFERS).map(|_| new_buffer()).collect();
         let consumer = self.scope.spawn(move || -> io::Result<()> {
-            for (buf, len) in full_rx {
+            let _guard = ConsumerGuard(pipe);
+            while let Some((buf, len)) = pipe.next_full() {
                 out.write_all(&buf[..len])?;
-                // The dumper may have finished (or failed) already.
-                let _ = free_tx.send(buf);
+                pipe.recycle(buf);
             }
             Ok(())
         });
-        let buf = free_rx.recv().map_err(|_| consumer_gone())?;
-        self.state = PipeState::Piped {
-            full: full_tx,
-            free: free_rx,
-            consumer,
-        };
-        Ok(buf)
+        self.state = PipeState::Piped(consumer);
+        new_buffer()
     }
 
     /// Stop the consumer and combine its result with the dumper's.
     fn finish(&mut self, dumped: Result<(), NarError>) -> Result<(), NarError> {
         match std::mem::replace(&mut self.state, PipeState::Done) {
-            PipeState::Piped {
-                full,
-                free,
-                consumer,
-            } => {
-                drop(full);
-                drop(free);
+            PipeState::Piped(consumer) => {
+                self.pipe.close();
                 match consumer.join() {
                     Ok(Ok(())) => dumped,
                     // The consumer's error is the cause of any "consumer gone" error.
@@ -365,7 +453,7 @@ fn consumer_gone() -> NarError {
     }
 }
 
-impl<'scope, W: Write + Send> BufSink for &mut PipeSink<'scope, '_, W> {
+impl<W: Write + Send> BufSink for &mut PipeSink<'_, '_, W> {
     fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError> {
         match std::mem::replace(&mut self.state, PipeState::Done) {
             PipeState::Direct(out, written) => {
@@ -376,24 +464,12 @@ impl<'scope, W: Write + Send> BufSink for &mut PipeSink<'scope, '_, W> {
                     self.state = PipeState::Direct(out, written);
                     Ok(buf)
                 } else {
-                    self.start(out)
+                    Ok(self.start(out))
                 }
             }
-            PipeState::Piped {
-                full,
-                free,
-                consumer,
-            } => {
-                let next = full
-                    .send((buf, len))
-                    .map_err(|_| consumer_gone())
-                    .and_then(|()| free.recv().map_err(|_| consumer_gone()));
-                self.state = PipeState::Piped {
-                    full,
-                    free,
-                    consumer,
-                };
-                next
+            PipeState::Piped(consumer) => {
+                self.state = PipeState::Piped(consumer);
+                self.pipe.exchange(buf, len).ok_or_else(consumer_gone)
             }
             PipeState::Done => Err(consumer_gone()),
         }
@@ -405,9 +481,11 @@ impl<'scope, W: Write + Send> BufSink for &mut PipeSink<'scope, '_, W> {
 /// reference scanning). Same bytes, same errors; an error of `out` is reported as
 /// [`NarError::Write`].
 pub fn dump_path_pipelined<W: Write + Send>(path: &Path, out: &mut W) -> Result<(), NarError> {
+    let pipe = Pipe::default();
     std::thread::scope(|scope| {
         let mut sink = PipeSink {
             scope,
+            pipe: &pipe,
             state: PipeState::Direct(out, 0),
         };
         let dumped = dump_with(path, &mut sink);
