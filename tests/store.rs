@@ -480,3 +480,109 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
     assert!(String::from_utf8_lossy(&v.stderr).contains("was modified!"));
     remove(&root);
 }
+
+/// Four processes adding paths to one store at once: no "database is locked", every
+/// path registered once, and the store verifies.
+#[test]
+fn concurrent_adds_do_not_fail() {
+    let root = tempdir("concurrent");
+    let src = tempdir("concurrent-src");
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let f = src.join(format!("file-{i}"));
+        fs::write(&f, format!("content {i}\n")).unwrap();
+        files.push(f);
+    }
+    // Initialise the store first so the processes race on adds, not on creation.
+    ok(firn(&root, &["add", files[0].to_str().unwrap()]));
+    let children: Vec<_> = (0..4)
+        .map(|k| {
+            let mut args = vec![
+                "--store".to_owned(),
+                root.to_str().unwrap().to_owned(),
+                "add".to_owned(),
+            ];
+            // Overlapping sets: every file is added by two processes.
+            for (i, f) in files.iter().enumerate() {
+                if i % 4 == k || (i + 1) % 4 == k {
+                    args.push(f.to_str().unwrap().to_owned());
+                }
+            }
+            Command::new(env!("CARGO_BIN_EXE_firn"))
+                .args(&args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+    }
+    let v = firn(&root, &["verify", "--check-contents"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let db = root.join("nix/var/nix/db/db.sqlite");
+    if let Ok(o) = Command::new("sqlite3")
+        .arg(&db)
+        .arg("select count(*) from ValidPaths")
+        .output()
+    {
+        if o.status.success() {
+            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "40");
+        }
+    }
+    remove(&root);
+    remove(&src);
+}
+
+#[test]
+fn derivation_add_dry_run_writes_nothing() {
+    let root = tempdir("dryrun");
+    let json = br#"{"name":"x","outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":["-c","echo hello > $out"],"env":{"builder":"/bin/sh","name":"single","out":"","system":"x86_64-linux"}}"#;
+    // The same derivation as nix-2.8-vectors' `single`, whose name is "single".
+    let json = String::from_utf8_lossy(json).replace(r#""name":"x""#, r#""name":"single""#);
+    let dry = ok(firn_in(
+        &root,
+        &["derivation", "add", "--dry-run"],
+        json.as_bytes(),
+    ));
+    assert_eq!(
+        dry,
+        "/nix/store/b5fhw5mqajxk2lhicxn81a8fidm0l89x-single.drv\n"
+    );
+    assert!(!root
+        .join("nix/store/b5fhw5mqajxk2lhicxn81a8fidm0l89x-single.drv")
+        .exists());
+    let real = ok(firn_in(&root, &["derivation", "add"], json.as_bytes()));
+    assert_eq!(real, dry);
+    assert_eq!(
+        ok(firn(&root, &["query", "--outputs", real.trim()])),
+        "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single\n"
+    );
+    assert_eq!(
+        ok(firn(
+            &root,
+            &[
+                "query",
+                "--valid-derivers",
+                "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single"
+            ]
+        )),
+        real
+    );
+    // Bad JSON or a missing input: one error line, nothing registered.
+    let bad = json.replace(
+        r#""inputSrcs":[]"#,
+        r#""inputSrcs":["/nix/store/00000000000000000000000000000000-missing"]"#,
+    );
+    let out = firn_in(&root, &["derivation", "add"], bad.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not valid"));
+    remove(&root);
+}

@@ -184,9 +184,16 @@ pub fn query(
 ) -> Result<(), CliError> {
     let store = open(settings)?;
     let sd = store.store_dir().clone();
+    // --outputs and --valid-derivers do not need the path itself to be valid (an
+    // output that was never built), as in Nix; everything else does.
+    let need_valid = !(kind.outputs || kind.valid_derivers);
     let mut paths = Vec::with_capacity(args.len());
     for a in args {
-        paths.push(store.valid_path_arg(a)?);
+        paths.push(if need_valid {
+            store.valid_path_arg(a)?
+        } else {
+            store.parse_path_arg(a)?
+        });
     }
     let mut text = String::new();
     let db = store.db();
