@@ -586,3 +586,49 @@ fn derivation_add_dry_run_writes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not valid"));
     remove(&root);
 }
+
+/// A file named `*.drv` added as a source is checked as a derivation, as Nix does.
+#[test]
+fn added_drv_files_are_checked_like_nix() {
+    let root = tempdir("adddrv");
+    let src = tempdir("adddrv-src");
+    let single = fixtures().join("cases/single/drv/b5fhw5mqajxk2lhicxn81a8fidm0l89x-single.drv");
+    let good = src.join("single.drv");
+    fs::copy(&single, &good).unwrap();
+    let added = ok(firn(&root, &["add", good.to_str().unwrap()]));
+    assert_eq!(
+        ok(firn(
+            &root,
+            &[
+                "query",
+                "--valid-derivers",
+                "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single"
+            ]
+        )),
+        added
+    );
+    // Same text under another name: its output path is wrong for that name.
+    let bad = src.join("other.drv");
+    fs::copy(&single, &bad).unwrap();
+    let out = firn(&root, &["add", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("has incorrect output '/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single'"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+    if have_nix() {
+        let nroot = tempdir("adddrv-nix");
+        assert_eq!(
+            ok(nix(&nroot, "nix-store", &["--add", good.to_str().unwrap()])),
+            added
+        );
+        let theirs = nix(&nroot, "nix-store", &["--add", bad.to_str().unwrap()]);
+        assert!(!theirs.status.success());
+        assert!(String::from_utf8_lossy(&theirs.stderr).contains("has incorrect output"));
+        remove(&nroot);
+    }
+    remove(&root);
+    remove(&src);
+}

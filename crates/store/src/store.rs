@@ -54,6 +54,9 @@ pub enum StoreError {
     NotRegularFile { path: PathBuf },
     #[error("derivation '{path}': {msg}")]
     Derivation { path: String, msg: String },
+    /// A message that names its subject already.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -240,8 +243,13 @@ impl Store {
             std::process::id()
         ));
         delete_path(&tmp).map_err(io_err(&tmp))?;
+        let mut drv_outputs = drv_outputs;
         let result = (|| {
             write(&tmp)?;
+            // Like Nix, a `.drv` is checked and its outputs recorded however it arrives.
+            if path.is_derivation() && drv_outputs.is_empty() {
+                drv_outputs = self.checked_drv_outputs(&path, &tmp)?;
+            }
             canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
             let (nar_hash, nar_size) = nar::hash_path(&tmp)?;
             sync_tree(&tmp);
@@ -339,6 +347,34 @@ impl Store {
             f.write_all(contents).map_err(io_err(tmp))?;
             Ok(())
         })
+    }
+
+    /// Parse the `.drv` at `file` (to become `path`), check its output paths as Nix's
+    /// `checkDerivationOutputs` does and return them by output name.
+    fn checked_drv_outputs(
+        &self,
+        path: &StorePath,
+        file: &Path,
+    ) -> Result<BTreeMap<String, StorePath>, StoreError> {
+        let sd = &self.store_dir;
+        let shown = sd.display(path);
+        let derr = |msg: String| StoreError::Derivation {
+            path: shown.clone(),
+            msg,
+        };
+        let text = fs::read(file).map_err(io_err(file))?;
+        let name = name_from_drv_base_name(path.base_name());
+        let drv = parse_derivation(sd, &text, name).map_err(|e| derr(e.to_string()))?;
+        let mut cache = ModuloCache::new();
+        let mut load = |p: &StorePath| self.read_derivation(p);
+        let mut lookup = |p: &StorePath| cache.get(sd, p, &mut load);
+        drv.check_output_paths(sd, path, &mut lookup)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let outputs = drv.output_paths(sd).map_err(|e| derr(e.to_string()))?;
+        Ok(outputs
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
     }
 
     /// Read and parse a `.drv` from the store.
