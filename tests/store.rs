@@ -245,6 +245,18 @@ fn compare_queries(root: &Path) -> usize {
             );
             n += 1;
         }
+        // Nix prints roots from an unordered map: compare as sets of lines.
+        let sorted = |s: String| {
+            let mut v: Vec<String> = s.lines().map(str::to_owned).collect();
+            v.sort();
+            v
+        };
+        let theirs = sorted(ok(nix(root, "nix-store", &["-q", "--roots", p])));
+        assert_eq!(
+            sorted(ok(firn(root, &["query", "--roots", p]))),
+            theirs,
+            "--roots {p}"
+        );
         if p.ends_with(".drv") {
             let theirs = ok(nix(root, "nix-store", &["-q", "--outputs", p]));
             assert_eq!(
@@ -301,8 +313,33 @@ fn store_written_by_nix_reads_the_same_in_firn() {
         }
         ok(nix(&root, "nix-instantiate", &args));
     }
+    // Roots: direct, indirect (through a link outside the store), and one inside
+    // gcroots/auto whose target is gone (Nix removes such stale links).
+    let gcroots = root.join("nix/var/nix/gcroots");
+    let user = tempdir("nixwrote-user");
+    let drvs = ok(nix(
+        &root,
+        "nix-instantiate",
+        &[ex.join("multi.nix").to_str().unwrap()],
+    ));
+    std::os::unix::fs::symlink(drvs.trim(), gcroots.join("direct")).unwrap();
+    let src = ok(nix(
+        &root,
+        "nix-store",
+        &["--add", ex.join("input.txt").to_str().unwrap()],
+    ));
+    std::os::unix::fs::symlink(src.trim(), user.join("result")).unwrap();
+    fs::create_dir_all(gcroots.join("auto")).unwrap();
+    std::os::unix::fs::symlink(user.join("result"), gcroots.join("auto/indirect")).unwrap();
     let n = compare_queries(&root);
     assert!(n > 100, "{n} comparisons");
+    std::os::unix::fs::symlink(user.join("gone"), gcroots.join("auto/stale")).unwrap();
+    ok(firn(&root, &["query", "--roots", src.trim()]));
+    assert!(
+        fs::symlink_metadata(gcroots.join("auto/stale")).is_err(),
+        "stale root kept"
+    );
+    remove(&user);
     let v = firn(&root, &["verify", "--check-contents"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     remove(&root);

@@ -104,6 +104,8 @@ pub struct QueryKind {
     graph: bool,
     #[arg(long)]
     valid_derivers: bool,
+    #[arg(long)]
+    roots: bool,
 }
 
 /// The references of each of `paths` within the set, one query per path (small sets).
@@ -247,6 +249,16 @@ pub fn query(
         }
     } else if kind.graph {
         print_graph(&store, paths.iter().cloned().collect(), &mut text)?;
+    } else if kind.roots {
+        // Nix prints from an unordered map; firn sorts by target, then link.
+        let live = store.liveness_closure(&paths)?;
+        for (target, links) in store.find_roots()? {
+            if live.contains(&target) {
+                for link in links {
+                    text.push_str(&format!("{} -> {}\n", link.display(), sd.display(&target)));
+                }
+            }
+        }
     } else if kind.valid_derivers {
         for p in &paths {
             for d in db.query_valid_derivers(p).map_err(StoreError::from)? {

@@ -4,10 +4,12 @@
 //! - [`references`]: scanning content for the hash parts of store paths;
 //! - [`db`]: the SQLite database with Nix's schema;
 //! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
+//! - [`gc`]: garbage-collector roots;
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
 pub mod canonical;
 pub mod db;
+pub mod gc;
 pub mod lock;
 pub mod nar;
 pub mod references;
