@@ -60,6 +60,19 @@ enum Command {
     },
     /// Write the NAR serialisation of a store path to stdout (`nix-store --dump`).
     Dump { path: String },
+    /// Hash a file or tree as `nix-hash` does: the NAR serialisation (or, with --flat,
+    /// the file's contents), printed in base16 (or nixbase32 with --base32).
+    Hash {
+        /// md5, sha1, sha256 or sha512.
+        #[arg(long = "type", default_value = "sha256")]
+        algo: String,
+        #[arg(long)]
+        base32: bool,
+        #[arg(long)]
+        flat: bool,
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
     /// Read a NAR from stdin and unpack it at PATH, which must not exist (`nix-store --restore`).
     Restore { path: std::path::PathBuf },
     /// Query the store (`nix-store -q`).
@@ -109,6 +122,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
         } => store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?,
         Command::Dump { path } => store_cmds::dump(&settings, &path, &mut out)?,
         Command::Restore { path } => store_cmds::restore(&path)?,
+        Command::Hash {
+            algo,
+            base32,
+            flat,
+            paths,
+        } => store_cmds::hash(&algo, base32, flat, &paths, &mut out)?,
         Command::Query { kind, paths } => store_cmds::query(&settings, &kind, &paths, &mut out)?,
         Command::PathInfo { json, paths } => {
             store_cmds::path_info(&settings, json, &paths, &mut out)?

@@ -72,6 +72,42 @@ pub fn dump(settings: &Settings, path: &str, out: &mut impl Write) -> Result<(),
     buf.flush().map_err(CliError::stdout)
 }
 
+/// `nix-hash [--type ALGO] [--base32] [--flat] PATH…`.
+pub fn hash(
+    algo: &str,
+    base32: bool,
+    flat: bool,
+    paths: &[PathBuf],
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let algo = HashAlgo::parse(algo).map_err(|e| CliError::usage(e.to_string()))?;
+    for p in paths {
+        let mut hasher = HasherWriter(firn_derivation::Hasher::new(algo));
+        if flat {
+            let mut f = std::fs::File::open(p).map_err(|e| CliError::read(p, e))?;
+            io::copy(&mut f, &mut hasher).map_err(|e| CliError::read(p, e))?;
+        } else {
+            firn_store::nar::dump_path(p, &mut hasher).map_err(|e| CliError::usage(e.to_string()))?;
+        }
+        let h = hasher.0.finish();
+        let shown = if base32 { h.to_nixbase32() } else { h.to_base16() };
+        w(out, &format!("{shown}\n"))?;
+    }
+    Ok(())
+}
+
+struct HasherWriter(firn_derivation::Hasher);
+
+impl Write for HasherWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn restore(path: &std::path::Path) -> Result<(), CliError> {
     let mut input = io::BufReader::with_capacity(1 << 20, io::stdin().lock());
     firn_store::nar::restore_path(&mut input, path)
