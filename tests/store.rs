@@ -669,3 +669,153 @@ fn added_drv_files_are_checked_like_nix() {
     remove(&root);
     remove(&src);
 }
+
+/// NAR bytes from tokens, each framed as Nix frames strings.
+fn nar(tokens: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for t in tokens {
+        out.extend_from_slice(&(t.len() as u64).to_le_bytes());
+        out.extend_from_slice(t);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out
+}
+
+#[test]
+fn restore_rejects_escaping_nars_and_leaves_nothing() {
+    let root = tempdir("escape");
+    let dir = |entries: Vec<Vec<&'static [u8]>>| {
+        let mut t: Vec<&[u8]> = vec![b"nix-archive-1", b"(", b"type", b"directory"];
+        for e in &entries {
+            t.extend_from_slice(e);
+        }
+        t.push(b")");
+        nar(&t)
+    };
+    let file = |name: &'static [u8]| -> Vec<&'static [u8]> {
+        vec![
+            b"entry",
+            b"(",
+            b"name",
+            name,
+            b"node",
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            b"x",
+            b")",
+            b")",
+        ]
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("dotdot", dir(vec![file(b"..")])),
+        ("dot", dir(vec![file(b".")])),
+        ("slash", dir(vec![file(b"a/b")])),
+        ("empty", dir(vec![file(b"")])),
+        ("nul", dir(vec![file(b"a\0b")])),
+        ("duplicate", dir(vec![file(b"a"), file(b"a")])),
+        ("unsorted", dir(vec![file(b"b"), file(b"a")])),
+        ("symlink-then-write", {
+            let mut t: Vec<&[u8]> = vec![b"nix-archive-1", b"(", b"type", b"directory"];
+            t.extend_from_slice(&[
+                b"entry", b"(", b"name", b"a", b"node", b"(", b"type", b"symlink", b"target",
+                b"/tmp", b")", b")",
+            ]);
+            t.extend_from_slice(&file(b"a"));
+            t.push(b")");
+            nar(&t)
+        }),
+        (
+            "bad-magic",
+            nar(&[
+                b"nix-archive-2",
+                b"(",
+                b"type",
+                b"regular",
+                b"contents",
+                b"x",
+                b")",
+            ]),
+        ),
+        (
+            "trailing",
+            [
+                nar(&[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"regular",
+                    b"contents",
+                    b"x",
+                    b")",
+                ]),
+                vec![0; 8],
+            ]
+            .concat(),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let target = root.join(name);
+        let out = firn_in(&root, &["restore", target.to_str().unwrap()], &bytes);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.starts_with("error: "), "{name}: {err}");
+        let left: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{name}: left {left:?}");
+        assert!(!Path::new("/tmp/a").exists() || name != "symlink-then-write");
+    }
+    // And a good one restores.
+    let good = dir(vec![file(b"a"), file(b"b")]);
+    ok(firn_in(
+        &root,
+        &["restore", root.join("good").to_str().unwrap()],
+        &good,
+    ));
+    assert_eq!(fs::read(root.join("good/b")).unwrap(), b"x");
+    remove(&root);
+}
+
+/// A path lock held by another process (as Nix holds it: flock on `<path>.lock`) makes
+/// firn wait, then go on.
+#[test]
+fn add_waits_for_a_held_path_lock() {
+    if Command::new("flock").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("CI").ok().as_deref() != Some("true"),
+            "CI needs util-linux flock"
+        );
+        eprintln!("SKIPPED add_waits_for_a_held_path_lock: no flock(1)");
+        return;
+    }
+    let root = tempdir("lockwait");
+    let input = fixtures().join("exprs/input.txt");
+    ok(firn(
+        &root,
+        &["add", fixtures().join("exprs/srcdir").to_str().unwrap()],
+    ));
+    let lock = root.join("nix/store/53brh2sp2k9hhbc9mrj3j8ziix41jmha-input.txt.lock");
+    let holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "1.5"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    let out = firn(&root, &["add", input.to_str().unwrap()]);
+    let waited = t0.elapsed();
+    let mut holder = holder;
+    holder.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(waited.as_millis() >= 900, "did not wait: {waited:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("waiting for lock on"));
+    remove(&root);
+}

@@ -87,10 +87,15 @@ pub fn hash(
             let mut f = std::fs::File::open(p).map_err(|e| CliError::read(p, e))?;
             io::copy(&mut f, &mut hasher).map_err(|e| CliError::read(p, e))?;
         } else {
-            firn_store::nar::dump_path(p, &mut hasher).map_err(|e| CliError::usage(e.to_string()))?;
+            firn_store::nar::dump_path(p, &mut hasher)
+                .map_err(|e| CliError::usage(e.to_string()))?;
         }
         let h = hasher.0.finish();
-        let shown = if base32 { h.to_nixbase32() } else { h.to_base16() };
+        let shown = if base32 {
+            h.to_nixbase32()
+        } else {
+            h.to_base16()
+        };
         w(out, &format!("{shown}\n"))?;
     }
     Ok(())

@@ -212,7 +212,9 @@ impl Store {
     }
 
     fn lock(&self, p: &StorePath) -> Result<PathLocks, StoreError> {
-        let locks = PathLocks::lock([self.real_path(p)], true, |_| {})?;
+        let locks = PathLocks::lock([self.real_path(p)], true, |_| {
+            eprintln!("waiting for lock on '{}'...", self.store_dir.display(p));
+        })?;
         Ok(locks.unwrap_or_default())
     }
 
