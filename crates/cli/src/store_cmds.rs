@@ -62,7 +62,7 @@ pub fn dump(settings: &Settings, path: &str, out: &mut impl Write) -> Result<(),
     let p = store.valid_path_arg(path)?;
     let mut buf = io::BufWriter::with_capacity(1 << 20, out);
     firn_store::nar::dump_path(&store.real_path(&p), &mut buf).map_err(|e| match e {
-        firn_store::nar::NarError::Io { source, .. }
+        firn_store::nar::NarError::Write { source }
             if source.kind() == io::ErrorKind::BrokenPipe =>
         {
             CliError::BrokenPipe
@@ -87,7 +87,7 @@ pub fn hash(
             let mut f = std::fs::File::open(p).map_err(|e| CliError::read(p, e))?;
             io::copy(&mut f, &mut hasher).map_err(|e| CliError::read(p, e))?;
         } else {
-            firn_store::nar::dump_path(p, &mut hasher)
+            firn_store::nar::dump_path_pipelined(p, &mut hasher)
                 .map_err(|e| CliError::usage(e.to_string()))?;
         }
         let h = hasher.0.finish();

@@ -32,9 +32,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 use firn_derivation::{Hash, HashAlgo, Hasher};
 
@@ -291,32 +292,49 @@ fn dump_node<S: BufSink>(
 /// Output written in place before [`dump_path_pipelined`] starts its helper thread.
 const PIPELINE_THRESHOLD: u64 = 1 << 20;
 
-/// Buffers circulating between the dumping and the consuming thread.
+/// At most this many buffers circulate between the dumping and the consuming thread
+/// (allocated only when the dumper runs ahead of the consumer).
 const PIPELINE_BUFFERS: usize = 16;
 
-/// A sleeping side is woken only when this many buffers are ready for it: waking a
-/// thread costs tens of microseconds on some virtual machines, so hand over in bulk.
-const PIPELINE_WAKE: usize = PIPELINE_BUFFERS / 2;
+/// How long a side of the pipe keeps yielding its CPU, waiting for the other side,
+/// before it sleeps. Waits are normally short (about one buffer's worth of work), and on
+/// some virtual machines a sleeping thread takes milliseconds to wake, the scheduler then
+/// tending to put it on the CPU of the thread that woke it, so that both run at half
+/// speed. (Yielding gives the CPU to any other runnable thread.)
+const PIPELINE_SPIN: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
 struct PipeQueues {
     /// Filled buffers and their lengths, in order.
     full: VecDeque<(Box<[u8]>, usize)>,
     free: Vec<Box<[u8]>>,
+    /// Buffers allocated for the pipe so far.
+    allocated: usize,
     /// The dumper is done (or failed): no more full buffers will come.
     closed: bool,
     /// The consumer stopped (finished or failed): no more free buffers will come.
     consumer_gone: bool,
-    dumper_waiting: bool,
-    consumer_waiting: bool,
+    dumper_sleeping: bool,
+    consumer_sleeping: bool,
 }
 
-/// Two queues of buffers between the dumper and the consumer.
+/// Two queues of buffers between the dumper and the consumer. Each side has a condition
+/// variable to sleep on and an event counter, bumped (under the lock) whenever its
+/// queue changes, to spin on without taking the lock.
 #[derive(Default)]
 struct Pipe {
     queues: Mutex<PipeQueues>,
     dumper: Condvar,
     consumer: Condvar,
+    dumper_events: AtomicUsize,
+    consumer_events: AtomicUsize,
+}
+
+/// What the dumper gets back for a full buffer.
+enum Exchanged {
+    Buffer(Box<[u8]>),
+    Allocate,
+    ConsumerGone,
 }
 
 impl Pipe {
@@ -325,26 +343,80 @@ impl Pipe {
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Wait until `ready` gives a value: spin (yielding the CPU) until `events` moves,
+    /// for up to `spin`, then sleep on `cv` with `*sleeping(queues)` set.
+    fn wait_until<T>(
+        &self,
+        spin: Duration,
+        cv: &Condvar,
+        events: &AtomicUsize,
+        sleeping: fn(&mut PipeQueues) -> &mut bool,
+        mut ready: impl FnMut(&mut PipeQueues) -> Option<T>,
+    ) -> T {
+        let mut deadline = None;
+        let mut q = self.lock();
+        loop {
+            if let Some(t) = ready(&mut q) {
+                return t;
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + spin);
+            if Instant::now() < deadline {
+                let seen = events.load(Ordering::Acquire);
+                drop(q);
+                let mut spins = 0u32;
+                while events.load(Ordering::Acquire) == seen {
+                    spins += 1;
+                    if spins < 100 {
+                        std::hint::spin_loop();
+                    } else if Instant::now() < deadline {
+                        std::thread::yield_now();
+                    } else {
+                        break;
+                    }
+                }
+                q = self.lock();
+            } else {
+                *sleeping(&mut q) = true;
+                q = cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+    }
+
     /// Dumper: pass a full buffer, get an empty one (`None`: the consumer is gone).
     fn exchange(&self, buf: Box<[u8]>, len: usize) -> Option<Box<[u8]>> {
-        let mut q = self.lock();
-        if q.consumer_gone {
-            return None;
-        }
-        q.full.push_back((buf, len));
-        if q.consumer_waiting && q.full.len() >= PIPELINE_WAKE {
-            q.consumer_waiting = false;
-            self.consumer.notify_one();
-        }
-        loop {
-            if let Some(free) = q.free.pop() {
-                return Some(free);
-            }
+        {
+            let mut q = self.lock();
             if q.consumer_gone {
                 return None;
             }
-            q.dumper_waiting = true;
-            q = self.dumper.wait(q).unwrap_or_else(PoisonError::into_inner);
+            q.full.push_back((buf, len));
+            self.consumer_events.fetch_add(1, Ordering::Release);
+            if std::mem::take(&mut q.consumer_sleeping) {
+                self.consumer.notify_one();
+            }
+        }
+        let got = self.wait_until(
+            PIPELINE_SPIN,
+            &self.dumper,
+            &self.dumper_events,
+            |q| &mut q.dumper_sleeping,
+            |q| {
+                if let Some(free) = q.free.pop() {
+                    Some(Exchanged::Buffer(free))
+                } else if q.consumer_gone {
+                    Some(Exchanged::ConsumerGone)
+                } else if q.allocated < PIPELINE_BUFFERS {
+                    q.allocated += 1;
+                    Some(Exchanged::Allocate)
+                } else {
+                    None
+                }
+            },
+        );
+        match got {
+            Exchanged::Buffer(buf) => Some(buf),
+            Exchanged::Allocate => Some(new_buffer()),
+            Exchanged::ConsumerGone => None,
         }
     }
 
@@ -352,33 +424,31 @@ impl Pipe {
     fn close(&self) {
         let mut q = self.lock();
         q.closed = true;
+        self.consumer_events.fetch_add(1, Ordering::Release);
         self.consumer.notify_one();
     }
 
     /// Consumer: the next full buffer, `None` at the end.
     fn next_full(&self) -> Option<(Box<[u8]>, usize)> {
-        let mut q = self.lock();
-        loop {
-            if let Some(full) = q.full.pop_front() {
-                return Some(full);
-            }
-            if q.closed {
-                return None;
-            }
-            q.consumer_waiting = true;
-            q = self
-                .consumer
-                .wait(q)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        self.wait_until(
+            PIPELINE_SPIN,
+            &self.consumer,
+            &self.consumer_events,
+            |q| &mut q.consumer_sleeping,
+            |q| match q.full.pop_front() {
+                Some(full) => Some(Some(full)),
+                None if q.closed => Some(None),
+                None => None,
+            },
+        )
     }
 
     /// Consumer: give back a buffer.
     fn recycle(&self, buf: Box<[u8]>) {
         let mut q = self.lock();
         q.free.push(buf);
-        if q.dumper_waiting && q.free.len() >= PIPELINE_WAKE {
-            q.dumper_waiting = false;
+        self.dumper_events.fetch_add(1, Ordering::Release);
+        if std::mem::take(&mut q.dumper_sleeping) {
             self.dumper.notify_one();
         }
     }
@@ -387,6 +457,7 @@ impl Pipe {
     fn consumer_stopped(&self) {
         let mut q = self.lock();
         q.consumer_gone = true;
+        self.dumper_events.fetch_add(1, Ordering::Release);
         self.dumper.notify_one();
     }
 }
@@ -415,9 +486,10 @@ struct PipeSink<'scope, 'env, W: Write + Send> {
 }
 
 impl<'scope, W: Write + Send> PipeSink<'scope, '_, W> {
-    fn start(&mut self, out: &'scope mut W) -> Box<[u8]> {
+    /// Start the consumer thread; `buf` (already written) becomes the first buffer.
+    fn start(&mut self, out: &'scope mut W, buf: Box<[u8]>) -> Box<[u8]> {
         let pipe = self.pipe;
-        pipe.lock().free = (1..PIPELINE_BUFFERS).map(|_| new_buffer()).collect();
+        pipe.lock().allocated = 1;
         let consumer = self.scope.spawn(move || -> io::Result<()> {
             let _guard = ConsumerGuard(pipe);
             while let Some((buf, len)) = pipe.next_full() {
@@ -427,7 +499,7 @@ impl<'scope, W: Write + Send> PipeSink<'scope, '_, W> {
             Ok(())
         });
         self.state = PipeState::Piped(consumer);
-        new_buffer()
+        buf
     }
 
     /// Stop the consumer and combine its result with the dumper's.
@@ -443,6 +515,16 @@ impl<'scope, W: Write + Send> PipeSink<'scope, '_, W> {
                 }
             }
             _ => dumped,
+        }
+    }
+}
+
+impl<W: Write + Send> Drop for PipeSink<'_, '_, W> {
+    fn drop(&mut self) {
+        // Only when the dumper unwinds (`finish` leaves `Done`): let the consumer end, or
+        // the scope would wait for it forever.
+        if let PipeState::Piped(_) = self.state {
+            self.pipe.close();
         }
     }
 }
@@ -464,7 +546,7 @@ impl<W: Write + Send> BufSink for &mut PipeSink<'_, '_, W> {
                     self.state = PipeState::Direct(out, written);
                     Ok(buf)
                 } else {
-                    Ok(self.start(out))
+                    Ok(self.start(out, buf))
                 }
             }
             PipeState::Piped(consumer) => {

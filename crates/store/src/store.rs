@@ -301,7 +301,7 @@ impl Store {
         let hash = match method {
             FileIngestionMethod::Recursive => {
                 let mut h = Hasher::new(algo);
-                nar::dump_path(src, &mut HasherWriter(&mut h))?;
+                nar::dump_path_pipelined(src, &mut HasherWriter(&mut h))?;
                 h.finish()
             }
             FileIngestionMethod::Flat => {

@@ -14,7 +14,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_derivation::{Hash, StoreDir, StorePath};
-use firn_store::nar::{dump_path, hash_path, restore_path, validate, HashSink, NarError, Tee};
+use firn_store::nar::{
+    dump_path, dump_path_pipelined, hash_path, restore_path, validate, HashSink, NarError, Tee,
+};
 use firn_store::references::{scan_path, RefScanner};
 use proptest::prelude::*;
 
@@ -877,6 +879,82 @@ fn tee_and_hash_sink() {
     assert_eq!(hash, Hash::sha256(&bytes));
     assert_eq!(size, bytes.len() as u64);
     assert_eq!((hash, size), hash_path(&root).unwrap());
+}
+
+/// A sink that fails once it has taken `limit` bytes.
+struct FailAfter {
+    taken: usize,
+    limit: usize,
+}
+
+impl Write for FailAfter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.taken + buf.len() > self.limit {
+            return Err(std::io::Error::other("disk full"));
+        }
+        self.taken += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn pipelined_dump_is_identical_and_reports_sink_errors() {
+    let tmp = TempDir::new("pipelined");
+    let root = tmp.join("root");
+    make_tree(&root);
+    let want = dump(&root);
+    assert!(want.len() > 3 << 20);
+    // Large (piped) and small (written in place) outputs.
+    for p in [root.clone(), root.join("exec.sh"), root.join("deep")] {
+        let mut got = Vec::new();
+        dump_path_pipelined(&p, &mut got).unwrap();
+        assert_eq!(got, dump(&p), "{}", p.display());
+    }
+    // A failing sink, before and after the helper thread starts.
+    for limit in [0, 100, 1 << 20, 2 << 20, want.len() - 1] {
+        let mut sink = FailAfter { taken: 0, limit };
+        match dump_path_pipelined(&root, &mut sink) {
+            Err(NarError::Write { source }) => assert_eq!(source.to_string(), "disk full"),
+            other => panic!("limit {limit}: {other:?}"),
+        }
+        let mut sink = FailAfter { taken: 0, limit };
+        assert!(matches!(
+            dump_path(&root, &mut sink),
+            Err(NarError::Write { .. })
+        ));
+    }
+    let mut sink = FailAfter {
+        taken: 0,
+        limit: want.len(),
+    };
+    dump_path_pipelined(&root, &mut sink).unwrap();
+    assert_eq!(sink.taken, want.len());
+    // A panicking sink: the panic reaches the caller (no deadlock, no lost panic).
+    struct Panics(usize);
+    impl Write for Panics {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            assert!(self.0 < 2 << 20, "sink panics on purpose");
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dump_path_pipelined(&root, &mut Panics(0))
+    }));
+    assert!(r.is_err());
+    // A file system error is reported as such, whichever thread is running.
+    let mut sink = HashSink::new();
+    assert!(matches!(
+        dump_path_pipelined(&tmp.join("missing"), &mut sink),
+        Err(NarError::Io { .. })
+    ));
 }
 
 // ---------------------------------------------------------------------------------
