@@ -485,12 +485,33 @@ impl Write for HasherWriter<'_> {
 }
 
 /// Copy a tree by serialising it as a NAR and restoring that, so exactly what the NAR
-/// holds (and nothing else: no special files, no modes beyond the exec bit) lands.
+/// holds (and nothing else: no special files, no modes beyond the exec bit) lands. The
+/// NAR streams through a pipe between two threads, so a tree of any size needs no more
+/// memory than the pipe.
 fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
-    let mut buf = Vec::new();
-    nar::dump_path(src, &mut buf)?;
-    nar::restore_path(&mut buf.as_slice(), dst)?;
-    Ok(())
+    let (mut reader, mut writer) = io::pipe().map_err(io_err(src))?;
+    std::thread::scope(|scope| {
+        let dumper = scope.spawn(move || {
+            let r = nar::dump_path(src, &mut writer);
+            drop(writer);
+            r
+        });
+        let restored = nar::restore_path(&mut reader, dst);
+        drop(reader);
+        let dumped = dumper.join().unwrap_or_else(|_| {
+            Err(NarError::Format {
+                offset: 0,
+                msg: "the NAR writer thread panicked".into(),
+            })
+        });
+        match (dumped, restored) {
+            (Ok(()), Ok(())) => Ok(()),
+            // The reader stopped first: the writer only saw a closed pipe.
+            (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
+            // Reading the source failed: that explains the truncated NAR.
+            (Err(d), _) => Err(d.into()),
+        }
+    })
 }
 
 /// fsync the content before it becomes valid (best effort on directories).
