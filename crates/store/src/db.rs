@@ -212,12 +212,18 @@ impl Database {
                 "cannot enable WAL journal mode (got '{mode}')"
             ))));
         }
-        let db = Self {
+        let mut db = Self {
             conn,
             path: shown,
             store_dir,
         };
-        db.retry(|tx| tx.execute_batch(SCHEMA))?;
+        let path = db.path.clone();
+        db.write(|tx| {
+            tx.execute_batch(SCHEMA).map_err(|source| DbError::Sqlite {
+                path: path.clone(),
+                source,
+            })
+        })?;
         Ok(db)
     }
 
@@ -228,35 +234,9 @@ impl Database {
         }
     }
 
-    /// Run `f` in one `BEGIN IMMEDIATE` transaction, retrying the whole transaction
-    /// while SQLite reports the database busy (the busy timeout already waits; this
-    /// covers the cases SQLite refuses to wait for).
-    fn retry<T>(
-        &self,
-        mut f: impl FnMut(&Transaction<'_>) -> Result<T, rusqlite::Error>,
-    ) -> Result<T, DbError> {
-        let mut attempt = 0u32;
-        loop {
-            let result = (|| {
-                // `Connection::transaction_with_behavior` needs `&mut`; the unchecked
-                // variant is equivalent for a connection used by one thread.
-                let tx = self.conn.unchecked_transaction()?;
-                tx.execute_batch("")?;
-                let v = f(&tx)?;
-                tx.commit()?;
-                Ok(v)
-            })();
-            match result {
-                Err(e) if is_busy(&e) && attempt < 1000 => {
-                    attempt += 1;
-                    std::thread::sleep(Duration::from_millis(u64::from(attempt.min(50))));
-                }
-                other => return other.map_err(|e| self.err(e)),
-            }
-        }
-    }
-
-    /// Like [`Self::retry`] but taking the write lock at `BEGIN`.
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction (the write lock is taken at `BEGIN`,
+    /// so no read-to-write upgrade can deadlock), retrying the whole transaction while
+    /// SQLite reports the database busy beyond its busy timeout.
     fn write<T>(
         &mut self,
         mut f: impl FnMut(&Transaction<'_>) -> Result<T, DbError>,

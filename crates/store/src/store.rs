@@ -406,6 +406,7 @@ impl Store {
                 return Err(StoreError::NotValid(sd.display(p)));
             }
         }
+        let drv_name = drv.name.clone();
         let mut cache = ModuloCache::new();
         let this: &Store = self;
         let mut load = |p: &StorePath| this.read_derivation(p);
@@ -413,7 +414,7 @@ impl Store {
             cache.get(&sd, p, &mut load)
         };
         let derr = |e: ModuloError<ModuloError<StoreError>>| StoreError::Derivation {
-            path: drv_display_name(&sd, &e),
+            path: format!("{}.drv (new)", drv_name),
             msg: e.to_string(),
         };
         drv.fill_output_paths(&sd, &mut lookup).map_err(derr)?;
@@ -467,9 +468,6 @@ impl Store {
     }
 }
 
-fn drv_display_name<E>(_sd: &StoreDir, _e: &E) -> String {
-    "(new derivation)".to_owned()
-}
 
 /// `io::Write` into a hasher.
 struct HasherWriter<'h>(&'h mut Hasher);
