@@ -94,7 +94,11 @@ fn tempdir(tag: &str) -> PathBuf {
 }
 
 fn remove(p: &Path) {
-    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(p).status();
+    let _ = Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(p)
+        .stderr(Stdio::null())
+        .status();
     let _ = fs::remove_dir_all(p);
 }
 

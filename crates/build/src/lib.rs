@@ -1,1 +1,5 @@
-//! firn-build: see ARCHITECTURE.md. Not yet implemented (issue tracker: the build issue).
+//! firn-build: realising derivations.
+//!
+//! - [`outputs`]: `register_outputs`, what happens after a builder exits.
+
+pub mod outputs;

@@ -1,0 +1,465 @@
+//! After the builder exits: `registerOutputs`. Each output must exist and not be
+//! group- or world-writable; its metadata is canonicalised; its NAR is hashed and
+//! scanned for references (candidates: the input closure and the outputs themselves);
+//! fixed outputs are checked against their declared hash — on a mismatch the content is
+//! registered under the path of the hash it has, as Nix 2.8 does, and the build then
+//! fails; reference constraints are checked; all outputs are registered in one
+//! transaction, ordered so that referenced outputs come first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use firn_derivation::{
+    Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, Hasher, StorePath,
+};
+use firn_store::canonical::{canonicalise_path_metadata, delete_path};
+use firn_store::db::{topo_sort, Registration, ValidPathInfo};
+use firn_store::references::scan_path;
+use firn_store::store::{fixed_ca, now};
+use firn_store::{Store, StoreError};
+use thiserror::Error;
+
+/// Why the outputs of a finished build were not accepted.
+#[derive(Debug, Error)]
+pub enum OutputError {
+    #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
+    Missing {
+        drv: String,
+        output: String,
+        path: String,
+    },
+    #[error("suspicious ownership or permission on '{0}'; rejecting this build output")]
+    Suspicious(String),
+    #[error(
+        "output path '{0}' should be a non-executable regular file since recursive hashing \
+         is not enabled (outputHashMode=flat)"
+    )]
+    FlatNotRegular(String),
+    #[error("illegal path references in fixed-output derivation '{0}'")]
+    FixedOutputReferences(String),
+    #[error("hash mismatch in fixed-output derivation '{drv}': specified: {specified} got: {got}")]
+    HashMismatch {
+        drv: String,
+        specified: String,
+        got: String,
+    },
+    #[error("cycle detected in build of '{drv}' in the references of output '{output}' from output '{from}'")]
+    Cycle {
+        drv: String,
+        output: String,
+        from: String,
+    },
+    #[error("output '{path}' is not allowed to refer to the following paths: {paths}")]
+    Disallowed { path: String, paths: String },
+    #[error("derivation '{drv}' contains an illegal reference specifier '{spec}'")]
+    IllegalSpecifier { drv: String, spec: String },
+    #[error("{what} of path '{path}' is too large at {size} bytes; limit is {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        path: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl OutputError {
+    /// Nix's exit-status bit: 0x02 for a hash mismatch; other rejections are exit 1.
+    pub fn is_hash_mismatch(&self) -> bool {
+        matches!(self, Self::HashMismatch { .. })
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
+    move |source| OutputError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What `register_outputs` needs to know about the build.
+#[derive(Debug)]
+pub struct BuiltOutputs<'d> {
+    pub drv_path: &'d StorePath,
+    pub drv: &'d Derivation<'d>,
+    /// Output name → final store path.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// The closure of the inputs (reference candidates besides the outputs).
+    pub input_closure: BTreeSet<StorePath>,
+    /// The uid the builder ran as (the owner a top-level output must have), if any.
+    pub build_uid: Option<u32>,
+}
+
+/// Check, canonicalise, scan and register the outputs, which are at their final real
+/// paths. Returns the registered infos (in registration order).
+pub fn register_outputs(
+    store: &mut Store,
+    built: &BuiltOutputs<'_>,
+) -> Result<Vec<ValidPathInfo>, OutputError> {
+    let sd = store.store_dir().clone();
+    let drv_shown = sd.display(built.drv_path);
+    let time = now();
+    let mut candidates: BTreeSet<StorePath> = built.input_closure.clone();
+    candidates.extend(built.outputs.values().cloned());
+
+    let mut regs = Vec::new();
+    let mut mismatch = None;
+    for (name, path) in &built.outputs {
+        let real = store.real_path(path);
+        let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
+            drv: drv_shown.clone(),
+            output: name.clone(),
+            path: real.display().to_string(),
+        })?;
+        let owner_ok = built.build_uid.is_none_or(|uid| meta.uid() == uid);
+        if !meta.file_type().is_symlink() && (meta.mode() & 0o022 != 0 || !owner_ok) {
+            return Err(OutputError::Suspicious(real.display().to_string()));
+        }
+        canonicalise_path_metadata(&real).map_err(io_err(&real))?;
+        let scan = scan_path(&real, &candidates).map_err(StoreError::from)?;
+        let mut info = ValidPathInfo {
+            path: path.clone(),
+            nar_hash: scan.nar_hash,
+            nar_size: scan.nar_size,
+            references: scan.references,
+            deriver: Some(built.drv_path.clone()),
+            registration_time: time,
+            ultimate: true,
+            sigs: Vec::new(),
+            ca: None,
+        };
+        if let Some(DerivationOutput::CAFixed(fixed)) = built.drv.outputs.get(name.as_bytes()) {
+            if !info.references.is_empty() {
+                return Err(OutputError::FixedOutputReferences(drv_shown.clone()));
+            }
+            let got = content_hash(&real, fixed, &scan.nar_hash)?;
+            let actual = FixedOutputHash {
+                method: fixed.method,
+                hash: got,
+            };
+            info.ca = Some(fixed_ca(&actual));
+            if got != fixed.hash {
+                // Nix 2.8 keeps what was built, under the path its real hash gives.
+                let actual_path = sd
+                    .make_fixed_output_path(&actual, path.name())
+                    .map_err(StoreError::from)?;
+                let actual_real = store.real_path(&actual_path);
+                if store
+                    .db()
+                    .is_valid_path(&actual_path)
+                    .map_err(StoreError::from)?
+                {
+                    delete_path(&real).map_err(io_err(&real))?;
+                } else {
+                    delete_path(&actual_real).map_err(io_err(&actual_real))?;
+                    fs::rename(&real, &actual_real).map_err(io_err(&actual_real))?;
+                    info.path = actual_path;
+                    regs.push(Registration {
+                        info: info.clone(),
+                        drv_outputs: BTreeMap::new(),
+                    });
+                }
+                mismatch = Some(OutputError::HashMismatch {
+                    drv: drv_shown.clone(),
+                    specified: fixed.hash.to_sri(),
+                    got: got.to_sri(),
+                });
+                continue;
+            }
+        }
+        regs.push(Registration {
+            info,
+            drv_outputs: BTreeMap::new(),
+        });
+    }
+
+    if let Some(e) = mismatch {
+        store
+            .db_mut()
+            .register_valid_paths(&regs)
+            .map_err(StoreError::from)?;
+        return Err(e);
+    }
+
+    // Outputs that refer to each other in a cycle cannot be registered.
+    let by_path: BTreeMap<&StorePath, &str> =
+        built.outputs.iter().map(|(n, p)| (p, n.as_str())).collect();
+    let sorted = topo_sort(&regs, &|p| sd.display(p)).map_err(|e| match e {
+        firn_store::DbError::Cycle { path, from } => {
+            let name_of = |s: &str| {
+                sd.parse(s)
+                    .ok()
+                    .and_then(|p| by_path.get(&p).map(|n| (*n).to_owned()))
+                    .unwrap_or_else(|| s.to_owned())
+            };
+            OutputError::Cycle {
+                drv: drv_shown.clone(),
+                output: name_of(&path),
+                from: name_of(&from),
+            }
+        }
+        other => OutputError::Store(other.into()),
+    })?;
+    let sorted: Vec<Registration> = sorted.into_iter().cloned().collect();
+
+    check_constraints(store, built, &sorted)?;
+    store
+        .db_mut()
+        .register_valid_paths(&sorted)
+        .map_err(StoreError::from)?;
+    Ok(sorted.into_iter().map(|r| r.info).collect())
+}
+
+/// The hash a fixed output actually has: its contents (flat) or its NAR (recursive),
+/// with the declared algorithm.
+fn content_hash(
+    real: &Path,
+    fixed: &FixedOutputHash,
+    nar_sha256: &Hash,
+) -> Result<Hash, OutputError> {
+    match fixed.method {
+        FileIngestionMethod::Flat => {
+            let meta = fs::symlink_metadata(real).map_err(io_err(real))?;
+            if !meta.is_file() || meta.mode() & 0o100 != 0 {
+                return Err(OutputError::FlatNotRegular(real.display().to_string()));
+            }
+            let mut h = Hasher::new(fixed.hash.algo());
+            let mut f = fs::File::open(real).map_err(io_err(real))?;
+            io::copy(&mut f, &mut HashWrite(&mut h)).map_err(io_err(real))?;
+            Ok(h.finish())
+        }
+        FileIngestionMethod::Recursive
+            if fixed.hash.algo() == firn_derivation::HashAlgo::Sha256 =>
+        {
+            Ok(*nar_sha256)
+        }
+        FileIngestionMethod::Recursive => {
+            let mut h = Hasher::new(fixed.hash.algo());
+            firn_store::nar::dump_path(real, &mut HashWrite(&mut h)).map_err(StoreError::from)?;
+            Ok(h.finish())
+        }
+    }
+}
+
+struct HashWrite<'h>(&'h mut Hasher);
+
+impl io::Write for HashWrite<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One output's constraints, from the legacy env attributes or `outputChecks`.
+#[derive(Debug, Default)]
+struct Checks {
+    allowed_references: Option<Vec<String>>,
+    disallowed_references: Vec<String>,
+    allowed_requisites: Option<Vec<String>>,
+    disallowed_requisites: Vec<String>,
+    max_size: Option<u64>,
+    max_closure_size: Option<u64>,
+}
+
+fn env_list(drv: &Derivation<'_>, key: &str) -> Option<Vec<String>> {
+    drv.env.get(key.as_bytes()).map(|v| {
+        String::from_utf8_lossy(v)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
+fn checks_for(drv: &Derivation<'_>, output: &str) -> Checks {
+    if let Some(json) = drv.env.get(b"__json".as_slice()) {
+        let Ok(attrs) = serde_json::from_slice::<serde_json::Value>(json) else {
+            return Checks::default();
+        };
+        let Some(oc) = attrs
+            .get("outputChecks")
+            .and_then(|o| o.get(output))
+            .and_then(|v| v.as_object())
+        else {
+            return Checks::default();
+        };
+        let list = |k: &str| {
+            oc.get(k).and_then(|v| v.as_array()).map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+        };
+        return Checks {
+            allowed_references: list("allowedReferences"),
+            disallowed_references: list("disallowedReferences").unwrap_or_default(),
+            allowed_requisites: list("allowedRequisites"),
+            disallowed_requisites: list("disallowedRequisites").unwrap_or_default(),
+            max_size: oc.get("maxSize").and_then(|v| v.as_u64()),
+            max_closure_size: oc.get("maxClosureSize").and_then(|v| v.as_u64()),
+        };
+    }
+    Checks {
+        allowed_references: env_list(drv, "allowedReferences"),
+        disallowed_references: env_list(drv, "disallowedReferences").unwrap_or_default(),
+        allowed_requisites: env_list(drv, "allowedRequisites"),
+        disallowed_requisites: env_list(drv, "disallowedRequisites").unwrap_or_default(),
+        max_size: None,
+        max_closure_size: None,
+    }
+}
+
+fn check_constraints(
+    store: &Store,
+    built: &BuiltOutputs<'_>,
+    regs: &[Registration],
+) -> Result<(), OutputError> {
+    let sd = store.store_dir();
+    let drv_shown = sd.display(built.drv_path);
+    let infos: BTreeMap<&StorePath, &ValidPathInfo> =
+        regs.iter().map(|r| (&r.info.path, &r.info)).collect();
+    // Closure of a path among this build's outputs and the valid store.
+    let closure = |start: &StorePath| -> Result<BTreeSet<StorePath>, OutputError> {
+        let mut seen = BTreeSet::new();
+        let mut work = vec![start.clone()];
+        while let Some(p) = work.pop() {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            match infos.get(&p) {
+                Some(i) => work.extend(i.references.iter().cloned()),
+                None => {
+                    seen.extend(
+                        store
+                            .db()
+                            .query_closure(&[p], false)
+                            .map_err(StoreError::from)?,
+                    );
+                }
+            }
+        }
+        Ok(seen)
+    };
+    // A specifier is a store path or an output name.
+    let resolve = |specs: &[String]| -> Result<BTreeSet<StorePath>, OutputError> {
+        specs
+            .iter()
+            .map(|s| {
+                if let Some(p) = built.outputs.get(s) {
+                    Ok(p.clone())
+                } else {
+                    sd.parse(s).map_err(|_| OutputError::IllegalSpecifier {
+                        drv: drv_shown.clone(),
+                        spec: s.clone(),
+                    })
+                }
+            })
+            .collect()
+    };
+    for (name, path) in &built.outputs {
+        let Some(info) = infos.get(path) else {
+            continue;
+        };
+        let checks = checks_for(built.drv, name);
+        let shown = sd.display(path);
+        let reject = |bad: BTreeSet<StorePath>| -> Result<(), OutputError> {
+            if bad.is_empty() {
+                return Ok(());
+            }
+            Err(OutputError::Disallowed {
+                path: shown.clone(),
+                paths: bad
+                    .iter()
+                    .map(|p| sd.display(p))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        };
+        if let Some(max) = checks.max_size {
+            if info.nar_size > max {
+                return Err(OutputError::TooLarge {
+                    what: "size",
+                    path: shown,
+                    size: info.nar_size,
+                    limit: max,
+                });
+            }
+        }
+        let needs_closure = checks.allowed_requisites.is_some()
+            || !checks.disallowed_requisites.is_empty()
+            || checks.max_closure_size.is_some();
+        let requisites = if needs_closure {
+            closure(path)?
+        } else {
+            BTreeSet::new()
+        };
+        if let Some(max) = checks.max_closure_size {
+            let mut total = 0;
+            for p in &requisites {
+                total += match infos.get(p) {
+                    Some(i) => i.nar_size,
+                    None => store
+                        .db()
+                        .query_path_info(p)
+                        .map_err(StoreError::from)?
+                        .map(|i| i.nar_size)
+                        .unwrap_or(0),
+                };
+            }
+            if total > max {
+                return Err(OutputError::TooLarge {
+                    what: "closure size",
+                    path: shown,
+                    size: total,
+                    limit: max,
+                });
+            }
+        }
+        if let Some(allowed) = &checks.allowed_references {
+            let allowed = resolve(allowed)?;
+            reject(
+                info.references
+                    .iter()
+                    .filter(|r| !allowed.contains(*r))
+                    .cloned()
+                    .collect(),
+            )?;
+        }
+        let disallowed = resolve(&checks.disallowed_references)?;
+        reject(
+            info.references
+                .iter()
+                .filter(|r| disallowed.contains(*r))
+                .cloned()
+                .collect(),
+        )?;
+        // Requisite checks ignore the output itself.
+        if let Some(allowed) = &checks.allowed_requisites {
+            let allowed = resolve(allowed)?;
+            reject(
+                requisites
+                    .iter()
+                    .filter(|r| *r != path && !allowed.contains(*r))
+                    .cloned()
+                    .collect(),
+            )?;
+        }
+        let disallowed = resolve(&checks.disallowed_requisites)?;
+        reject(
+            requisites
+                .iter()
+                .filter(|r| *r != path && disallowed.contains(*r))
+                .cloned()
+                .collect(),
+        )?;
+    }
+    Ok(())
+}
