@@ -468,7 +468,6 @@ impl Store {
     }
 }
 
-
 /// `io::Write` into a hasher.
 struct HasherWriter<'h>(&'h mut Hasher);
 
