@@ -158,6 +158,17 @@ fn add_gives_nixs_paths_and_nix_accepts_the_store() {
         assert!(link.file_type().is_symlink());
         assert_eq!(link.mtime(), 1);
     }
+    // A symlink outside the store (like ./result) stands for its target.
+    let link = root.join("result");
+    std::os::unix::fs::symlink(
+        "/nix/store/53brh2sp2k9hhbc9mrj3j8ziix41jmha-input.txt",
+        &link,
+    )
+    .unwrap();
+    assert_eq!(
+        ok(firn(&root, &["query", "--size", link.to_str().unwrap()])),
+        "144\n"
+    );
     let info = ok(firn(
         &root,
         &[

@@ -430,7 +430,7 @@ pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut ok = true;
-    eprintln!("reading the store...");
+    eprintln!("reading the Nix store...");
     let all = store
         .db()
         .query_all_valid_paths()
@@ -482,6 +482,8 @@ pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result
             .map_err(StoreError::from)?;
     }
     if check_contents {
+        // firn does not hard-link identical files (no .links directory) yet.
+        eprintln!("checking link hashes...");
         eprintln!("checking store hashes...");
         for p in all.difference(&missing) {
             let i = info(&store, p)?;

@@ -179,27 +179,46 @@ impl Store {
     }
 
     /// Parse a path given on the command line: a logical store path, a physical path
-    /// below `ROOT/nix/store`, or anything inside a store object (the object is meant).
+    /// below `ROOT/nix/store`, anything inside a store object (the object is meant), or
+    /// a symlink outside the store that leads into it, such as `./result`
+    /// (`followLinksToStorePath`).
     pub fn parse_path_arg(&self, arg: &str) -> Result<StorePath, StoreError> {
+        let mut path = absolute(Path::new(arg));
+        // Follow symlinks (at most 40, like the kernel) until the path is in the store.
+        for _ in 0..40 {
+            if let Some(p) = self.store_path_in(&path)? {
+                return Ok(p);
+            }
+            match fs::read_link(&path) {
+                Ok(target) => {
+                    let parent = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+                    path = absolute(&parent.join(target));
+                }
+                Err(_) => break,
+            }
+        }
+        Err(StoreError::NotInStore(arg.to_owned()))
+    }
+
+    /// The store object `path` (logical or physical) is in, if any.
+    fn store_path_in(&self, path: &Path) -> Result<Option<StorePath>, StoreError> {
         let real_store = self.root.join("nix/store");
-        let arg_path = Path::new(arg);
-        let logical = if let Ok(rest) = arg_path.strip_prefix(&real_store) {
+        let logical = if let Ok(rest) = path.strip_prefix(&real_store) {
             rest
-        } else if let Ok(rest) = arg_path.strip_prefix(self.store_dir.as_str()) {
+        } else if let Ok(rest) = path.strip_prefix(self.store_dir.as_str()) {
             rest
         } else {
-            return Err(StoreError::NotInStore(arg.to_owned()));
+            return Ok(None);
         };
-        let first = logical
-            .components()
-            .next()
-            .ok_or_else(|| StoreError::NotInStore(arg.to_owned()))?;
+        let Some(first) = logical.components().next() else {
+            return Ok(None);
+        };
         let full = format!(
             "{}/{}",
             self.store_dir.as_str(),
             first.as_os_str().to_string_lossy()
         );
-        Ok(self.store_dir.parse(&full)?)
+        Ok(Some(self.store_dir.parse(&full)?))
     }
 
     /// Like [`Self::parse_path_arg`] but the path must be valid.
@@ -527,6 +546,26 @@ fn sync_tree(path: &Path) {
             }
         }
     }
+}
+
+/// Make `p` absolute and resolve `.` and `..` lexically (no symlinks followed).
+fn absolute(p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut out = PathBuf::from("/");
+    for c in joined.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
