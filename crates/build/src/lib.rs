@@ -1,5 +1,12 @@
 //! firn-build: realising derivations.
 //!
-//! - [`outputs`]: `register_outputs`, what happens after a builder exits.
+//! - [`executor`]: running a builder (unsandboxed) and reading its log;
+//! - [`outputs`]: `register_outputs`, what happens after a builder exits;
+//! - [`worker`]: the `Worker` and `DerivationGoal` state machine;
+//! - [`plan`]: the pure build plan (program, argv, environment, build-dir files) Nix 2.8
+//!   computes from a derivation before starting its builder.
 
+pub mod executor;
 pub mod outputs;
+pub mod plan;
+pub mod worker;

@@ -19,6 +19,9 @@ pub enum CliError {
     /// The command has printed its own diagnostics; exit 1 without another line.
     #[error("failed")]
     Silent,
+    /// Failures already reported; exit with this status (Nix's build exit codes).
+    #[error("failed with status {0}")]
+    Exit(u8),
 }
 
 impl CliError {

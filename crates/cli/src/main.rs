@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod derivation;
 mod error;
+mod realise;
 mod settings;
 mod store_cmds;
 
@@ -43,6 +44,10 @@ enum Command {
     /// Read and write .drv files.
     #[command(subcommand)]
     Derivation(derivation::DerivationCommand),
+    /// Build derivations and print their output paths (`nix-store -r`).
+    Realise(realise::RealiseArgs),
+    /// Print the build log of a derivation or of one of its outputs (`nix-store -l`).
+    Log { path: String },
     /// Add files or trees to the store, recursive sha256 (`nix-store --add`).
     Add {
         #[arg(required = true)]
@@ -105,7 +110,7 @@ enum Command {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
-    let settings = Settings::from_cli(cli.store, &cli.options)?;
+    let settings = Settings::from_cli(cli.store, &cli.options, cli.quiet)?;
     for w in &settings.warnings {
         if !cli.quiet {
             eprintln!("warning: {w}");
@@ -114,6 +119,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let mut out = io::stdout().lock();
     match cli.command {
         Command::Derivation(cmd) => derivation::run(cmd, &settings, &mut out)?,
+        Command::Realise(args) => {
+            let code = realise::realise(&settings, &args, &mut out)?;
+            out.flush().map_err(CliError::stdout)?;
+            if code != 0 {
+                return Err(CliError::Exit(code));
+            }
+        }
+        Command::Log { path } => store_cmds::log(&settings, &path, &mut out)?,
         Command::Add { paths } => store_cmds::add(&settings, &paths, &mut out)?,
         Command::AddFixed {
             recursive,
@@ -154,6 +167,7 @@ fn main() -> ExitCode {
         Err(CliError::BrokenPipe) => ExitCode::SUCCESS,
         // Already reported (e.g. by verify, line by line).
         Err(CliError::Silent) => ExitCode::from(1),
+        Err(CliError::Exit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())

@@ -1,5 +1,6 @@
 //! Settings: the store root and Nix-named options (`--option NAME VALUE`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use firn_derivation::StoreDir;
@@ -26,11 +27,18 @@ pub struct Settings {
     pub root: Option<PathBuf>,
     /// The logical store directory.
     pub store_dir: StoreDir,
+    pub options: BTreeMap<String, String>,
     pub warnings: Vec<String>,
+    pub quiet: bool,
 }
 
 impl Settings {
-    pub fn from_cli(root: Option<PathBuf>, options: &[String]) -> Result<Self, CliError> {
+    pub fn from_cli(
+        root: Option<PathBuf>,
+        options: &[String],
+        quiet: bool,
+    ) -> Result<Self, CliError> {
+        let mut map = BTreeMap::new();
         let mut warnings = Vec::new();
         for pair in options.chunks(2) {
             let [name, value] = pair else {
@@ -39,12 +47,12 @@ impl Settings {
             if !KNOWN.contains(&name.as_str()) {
                 warnings.push(format!("unknown setting '{name}'"));
             }
-            // The commands so far take no settings; the names are checked already so
-            // that scripts written now keep working when the build commands land.
-            let _ = value;
+            map.insert(name.clone(), value.clone());
         }
         Ok(Self {
             root,
+            options: map,
+            quiet,
             store_dir: StoreDir::default(),
             warnings,
         })
@@ -65,6 +73,11 @@ impl Settings {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
             .unwrap_or_else(|| PathBuf::from("/tmp"));
         data.join("firn/root")
+    }
+
+    /// The value of `--option NAME VALUE`, if given.
+    pub fn option(&self, name: &str) -> Option<&str> {
+        self.options.get(name).map(String::as_str)
     }
 
     /// Where a logical store path lives on disk.

@@ -551,3 +551,43 @@ pub fn derivation_add(
     let p = store.add_derivation(drv, dry_run)?;
     w(out, &format!("{}\n", store.store_dir().display(&p)))
 }
+
+/// `nix-store -l`: the bzip2 build log of a derivation, or of the derivation that
+/// produced an output.
+pub fn log(settings: &Settings, arg: &str, out: &mut impl Write) -> Result<(), CliError> {
+    let store = open(settings)?;
+    let sd = store.store_dir().clone();
+    let p = store.parse_path_arg(arg)?;
+    let mut candidates = vec![p.clone()];
+    if !p.is_derivation() {
+        if let Some(i) = store.db().query_path_info(&p).map_err(StoreError::from)? {
+            candidates.extend(i.deriver);
+        }
+        candidates.extend(
+            store
+                .db()
+                .query_valid_derivers(&p)
+                .map_err(StoreError::from)?,
+        );
+    }
+    for d in candidates.iter().filter(|d| d.is_derivation()) {
+        let base = d.base_name();
+        let file = store
+            .root()
+            .join("nix/var/log/nix/drvs")
+            .join(&base[..2])
+            .join(format!("{}.bz2", &base[2..]));
+        if let Ok(f) = std::fs::File::open(&file) {
+            let mut dec = bzip2::read::BzDecoder::new(f);
+            io::copy(&mut dec, out).map_err(|e| match e.kind() {
+                io::ErrorKind::BrokenPipe => CliError::BrokenPipe,
+                _ => CliError::usage(format!("reading log '{}': {e}", file.display())),
+            })?;
+            return Ok(());
+        }
+    }
+    Err(CliError::usage(format!(
+        "build log of '{}' is not available",
+        sd.display(&p)
+    )))
+}

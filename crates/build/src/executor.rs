@@ -1,0 +1,418 @@
+//! Running a builder with `sandbox = false`: the builder runs as a build user (when firn
+//! is root) in a private mount namespace in which the store's real directory is mounted
+//! at the logical store directory, so a store rooted elsewhere than `/` builds at the
+//! paths its derivations name. Nothing else is isolated: that is the sandbox's job.
+//!
+//! The builder's stdout and stderr go to one pipe, read by the worker and written to the
+//! bzip2 build log. The builder's exit is taken from `waitpid`, never from EOF on its
+//! output (Nix 2.8 kills a builder that closes its output, #2176).
+
+use std::collections::VecDeque;
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::libc;
+use nix::unistd::{Gid, Group, Uid, User};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ExecError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("starting builder '{program}': {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("building in a store rooted at '{0}' needs root (the store is mounted at /nix/store for the builder); run as root or use the sandbox")]
+    NeedRoot(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ExecError + '_ {
+    move |source| ExecError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What to run: the output of the build plan.
+#[derive(Debug, Clone)]
+pub struct Spawn {
+    pub program: Vec<u8>,
+    /// argv, argv[0] included.
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Files to create in the build directory before the builder starts.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// A build user taken from the `nixbld` group, locked in the user pool like Nix does
+/// (`/nix/var/nix/userpool/<uid>`), so concurrent builds — firn's or Nix's — never share
+/// a uid and cannot signal each other.
+#[derive(Debug)]
+pub struct BuildUser {
+    pub uid: u32,
+    pub gid: u32,
+    _lock: Flock<File>,
+}
+
+impl BuildUser {
+    /// A free build user, or `None` when firn is not root (builds run as the caller)
+    /// or no user is free right now.
+    pub fn acquire() -> Result<Option<Self>, ExecError> {
+        if !Uid::effective().is_root() {
+            return Ok(None);
+        }
+        let Ok(Some(group)) = Group::from_name("nixbld") else {
+            return Ok(None);
+        };
+        let pool = Path::new("/nix/var/nix/userpool");
+        fs::create_dir_all(pool).map_err(io_err(pool))?;
+        for member in &group.mem {
+            let Ok(Some(user)) = User::from_name(member) else {
+                continue;
+            };
+            if user.uid.is_root() {
+                continue;
+            }
+            let path = pool.join(user.uid.to_string());
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                return Ok(Some(Self {
+                    uid: user.uid.as_raw(),
+                    gid: group.gid.as_raw(),
+                    _lock: lock,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Kill every process of `uid` (Nix's `killUser`): a child becomes that user and kills
+/// everything it may signal. Needed because a builder's children can leave its process
+/// group.
+pub fn kill_user(uid: u32) {
+    if uid == 0 {
+        return;
+    }
+    // SAFETY: the child only makes async-signal-safe system calls and exits.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            // One kill(-1) reaches every process of the user (but this one); retry
+            // only when interrupted, as Nix's killUser does.
+            if libc::setuid(uid) == 0 {
+                while libc::kill(-1, libc::SIGKILL) != 0 && *libc::__errno_location() == libc::EINTR
+                {
+                }
+            }
+            libc::_exit(0);
+        }
+        if pid > 0 {
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+    }
+}
+
+/// The bzip2-compressed build log being written.
+struct LogSink(bzip2::write::BzEncoder<File>);
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogSink")
+    }
+}
+
+/// A running builder.
+#[derive(Debug)]
+pub struct RunningBuild {
+    pub child: Child,
+    /// Read end of the builder's stdout+stderr.
+    pub log: io::PipeReader,
+    /// The real build directory.
+    pub build_dir: PathBuf,
+    pub started: Instant,
+    pub last_output: Instant,
+    pub user: Option<BuildUser>,
+    /// Bytes of log written so far.
+    pub log_size: u64,
+    /// The last lines of output, for error messages and progress.
+    pub tail: VecDeque<String>,
+    partial: Vec<u8>,
+    log_file: Option<LogSink>,
+    log_tmp: PathBuf,
+    log_path: PathBuf,
+    /// Builder exit status, once reaped.
+    pub status: Option<std::process::ExitStatus>,
+    pub eof: bool,
+}
+
+fn cstring(b: &[u8]) -> Result<CString, ExecError> {
+    CString::new(b).map_err(|_| ExecError::Spawn {
+        program: String::from_utf8_lossy(b).into_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"),
+    })
+}
+
+/// A fresh `/tmp/nix-build-<drv name>-<n>` (0700), owned by the build user.
+pub fn create_build_dir(drv_base: &str, user: Option<&BuildUser>) -> Result<PathBuf, ExecError> {
+    let tmp = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let name = drv_base.get(33..).unwrap_or(drv_base);
+    for n in 0..100_000 {
+        let dir = tmp.join(format!("nix-build-{name}-{n}"));
+        match fs::create_dir(&dir) {
+            Ok(()) => {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                    .map_err(io_err(&dir))?;
+                if let Some(u) = user {
+                    nix::unistd::chown(
+                        &dir,
+                        Some(Uid::from_raw(u.uid)),
+                        Some(Gid::from_raw(u.gid)),
+                    )
+                    .map_err(|e| io_err(&dir)(e.into()))?;
+                }
+                return Ok(dir);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+    }
+    Err(io_err(&tmp)(io::Error::other(
+        "no free build directory name",
+    )))
+}
+
+/// Start the builder. `store_root` is the store's root (`/` for the real store);
+/// `log_path` the final `.bz2` log file.
+pub fn start_builder(
+    store_root: &Path,
+    store_dir: &str,
+    spawn: &Spawn,
+    build_dir: PathBuf,
+    user: Option<BuildUser>,
+    log_path: PathBuf,
+) -> Result<RunningBuild, ExecError> {
+    let root_is_slash = store_root == Path::new("/");
+    let is_root = Uid::effective().is_root();
+    if !root_is_slash && !is_root {
+        return Err(ExecError::NeedRoot(store_root.display().to_string()));
+    }
+    for (name, contents) in &spawn.files {
+        let p = build_dir.join(name);
+        fs::write(&p, contents).map_err(io_err(&p))?;
+        if let Some(u) = &user {
+            nix::unistd::chown(&p, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid)))
+                .map_err(|e| io_err(&p)(e.into()))?;
+        }
+    }
+    if let Some(dir) = log_path.parent() {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let log_tmp = log_path.with_extension(format!("tmp.{}", std::process::id()));
+    let log_file = File::create(&log_tmp).map_err(io_err(&log_tmp))?;
+
+    let (reader, writer) = io::pipe().map_err(io_err(&build_dir))?;
+    let writer2 = writer.try_clone().map_err(io_err(&build_dir))?;
+    let program = OsStr::from_bytes(&spawn.program);
+    let mut cmd = Command::new(program);
+    if let Some((argv0, rest)) = spawn.argv.split_first() {
+        cmd.arg0(OsStr::from_bytes(argv0));
+        cmd.args(rest.iter().map(|a| OsStr::from_bytes(a)));
+    }
+    cmd.env_clear()
+        .envs(
+            spawn
+                .env
+                .iter()
+                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+        )
+        .current_dir(&build_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::from(writer2))
+        .process_group(0);
+
+    // Everything the child needs is prepared here: after fork only system calls.
+    let real_store = cstring(store_root.join("nix/store").as_os_str().as_bytes())?;
+    let logical_store = cstring(store_dir.as_bytes())?;
+    if !root_is_slash {
+        fs::create_dir_all(store_dir).map_err(io_err(Path::new(store_dir)))?;
+    }
+    let ids = user.as_ref().map(|u| (u.uid, u.gid));
+    let none = cstring(b"none")?;
+    let slash = cstring(b"/")?;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if is_root {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::mount(
+                    none.as_ptr(),
+                    slash.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if !root_is_slash
+                    && libc::mount(
+                        real_store.as_ptr(),
+                        logical_store.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid)) = ids {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        program: String::from_utf8_lossy(&spawn.program).into_owned(),
+        source,
+    })?;
+    // Close our copies of the write end: EOF then means every writer is gone.
+    drop(cmd);
+    let now = Instant::now();
+    Ok(RunningBuild {
+        child,
+        log: reader,
+        build_dir,
+        started: now,
+        last_output: now,
+        user,
+        log_size: 0,
+        tail: VecDeque::new(),
+        partial: Vec::new(),
+        log_file: Some(LogSink(bzip2::write::BzEncoder::new(
+            log_file,
+            bzip2::Compression::default(),
+        ))),
+        log_tmp,
+        log_path,
+        status: None,
+        eof: false,
+    })
+}
+
+/// How many lines of output to keep for messages.
+const TAIL_LINES: usize = 10;
+
+impl RunningBuild {
+    /// Read what is available on the log pipe (the caller polled it readable). Returns
+    /// the bytes read (empty at EOF).
+    pub fn read_log(&mut self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        let n = match self.log.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        buf.truncate(n);
+        if n == 0 {
+            self.eof = true;
+            return Ok(buf);
+        }
+        self.last_output = Instant::now();
+        self.log_size += n as u64;
+        if let Some(f) = &mut self.log_file {
+            f.0.write_all(&buf)?;
+        }
+        for &b in &buf {
+            match b {
+                b'\n' => {
+                    let line = String::from_utf8_lossy(&self.partial).into_owned();
+                    self.partial.clear();
+                    self.tail.push_back(line);
+                    if self.tail.len() > TAIL_LINES {
+                        self.tail.pop_front();
+                    }
+                }
+                // A carriage return rewinds the line, as on a terminal.
+                b'\r' => self.partial.clear(),
+                _ => self.partial.push(b),
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Kill the builder and everything it started.
+    pub fn kill(&mut self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: plain system calls on our child's process group.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        if let Some(u) = &self.user {
+            kill_user(u.uid);
+        }
+        if let Ok(status) = self.child.wait() {
+            self.status = Some(status);
+        }
+    }
+
+    /// Finish the log file (rename into place) and, unless `keep`, remove the build dir.
+    pub fn finish(&mut self, keep_build_dir: bool) -> io::Result<()> {
+        // The builder is done: nothing it left running may outlive the build.
+        if let Some(u) = &self.user {
+            kill_user(u.uid);
+        }
+        let pid = self.child.id() as i32;
+        // SAFETY: as in `kill`.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        if let Some(LogSink(enc)) = self.log_file.take() {
+            enc.finish()?.sync_all()?;
+            fs::rename(&self.log_tmp, &self.log_path)?;
+        }
+        if !keep_build_dir {
+            firn_store::canonical::delete_path(&self.build_dir)?;
+        } else {
+            let _ = fs::set_permissions(&self.build_dir, fs::Permissions::from_mode(0o755));
+        }
+        Ok(())
+    }
+
+    pub fn log_fd(&self) -> i32 {
+        self.log.as_raw_fd()
+    }
+}

@@ -1,0 +1,894 @@
+//! The `Worker` and its `DerivationGoal`s: Nix's realisation loop.
+//!
+//! One goal per `.drv` (shared by everything that waits on it). A goal moves through
+//! [`GoalState`]: `Init` (read the `.drv`; done if every wanted output is valid; else
+//! create goals for the input derivations) → `WaitingForInputs` → `TryToBuild` (a
+//! build slot, the output locks without waiting — Nix-compatible `<out>.lock` — and a
+//! second validity check, since another process may have built it meanwhile) →
+//! `Building` (the builder runs; its log pipe is polled together with every other
+//! running build's, with the `timeout`, `max-silent-time` and log-size limits) →
+//! `Done`. Without `keep-going`, the first failure stops the rest: running builders
+//! are killed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use firn_derivation::{name_from_drv_base_name, Derivation, DerivationOutput, StorePath};
+use firn_store::lock::PathLocks;
+use firn_store::{Store, StoreError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::executor::{create_build_dir, start_builder, BuildUser, RunningBuild, Spawn};
+use crate::outputs::{register_outputs, BuiltOutputs, OutputError};
+
+/// Settings that shape a realisation (Nix's names in comments).
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// `max-jobs`: builds at once.
+    pub max_jobs: usize,
+    /// `cores`: `NIX_BUILD_CORES`.
+    pub cores: u32,
+    /// `timeout`.
+    pub timeout: Option<Duration>,
+    /// `max-silent-time`.
+    pub max_silent_time: Option<Duration>,
+    /// `max-build-log-size`.
+    pub max_log_size: Option<u64>,
+    /// `keep-going`.
+    pub keep_going: bool,
+    /// `keep-failed`.
+    pub keep_failed: bool,
+    /// Echo builder output to stderr (as `nix-store -r` does).
+    pub print_build_logs: bool,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        Self {
+            max_jobs: 1,
+            cores: 0,
+            timeout: None,
+            max_silent_time: None,
+            max_log_size: None,
+            keep_going: false,
+            keep_failed: false,
+            print_build_logs: true,
+        }
+    }
+}
+
+/// Which outputs of a derivation are wanted (`DRV^out,dev` or all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    All,
+    Some(BTreeSet<String>),
+}
+
+impl Wanted {
+    fn merge(&mut self, other: &Wanted) {
+        match (&mut *self, other) {
+            (Wanted::All, _) => {}
+            (_, Wanted::All) => *self = Wanted::All,
+            (Wanted::Some(a), Wanted::Some(b)) => a.extend(b.iter().cloned()),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Wanted::All => true,
+            Wanted::Some(s) => s.contains(name),
+        }
+    }
+}
+
+/// How a goal ended (Nix's `BuildResult::Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStatus {
+    Built,
+    AlreadyValid,
+    PermanentFailure,
+    TimedOut,
+    OutputRejected,
+    HashMismatch,
+    DependencyFailed,
+    MiscFailure,
+    LogLimitExceeded,
+}
+
+impl BuildStatus {
+    pub fn success(self) -> bool {
+        matches!(self, Self::Built | Self::AlreadyValid)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Built => "Built",
+            Self::AlreadyValid => "AlreadyValid",
+            Self::PermanentFailure => "PermanentFailure",
+            Self::TimedOut => "TimedOut",
+            Self::OutputRejected => "OutputRejected",
+            Self::HashMismatch => "HashMismatch",
+            Self::DependencyFailed => "DependencyFailed",
+            Self::MiscFailure => "MiscFailure",
+            Self::LogLimitExceeded => "LogLimitExceeded",
+        }
+    }
+}
+
+/// The result of one goal.
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    pub status: BuildStatus,
+    pub error: Option<String>,
+    /// All outputs of the derivation, by name.
+    pub outputs: BTreeMap<String, StorePath>,
+    pub start_time: u64,
+    pub stop_time: u64,
+    pub log: Option<PathBuf>,
+}
+
+/// A goal's state.
+#[derive(Debug)]
+pub enum GoalState {
+    Init,
+    WaitingForInputs,
+    TryToBuild { said_waiting: bool },
+    Building(Box<Build>),
+    Done(BuildResult),
+}
+
+/// A build in progress.
+#[derive(Debug)]
+pub struct Build {
+    running: RunningBuild,
+    locks: PathLocks,
+    input_closure: BTreeSet<StorePath>,
+    start_time: u64,
+}
+
+/// One derivation to realise.
+#[derive(Debug)]
+pub struct DerivationGoal {
+    pub drv_path: StorePath,
+    drv: Option<Derivation<'static>>,
+    outputs: BTreeMap<String, StorePath>,
+    wanted: Wanted,
+    inputs: Vec<(StorePath, Wanted)>,
+    pub state: GoalState,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Nix's exit status for a set of results: 0 if all succeeded, else 0x60 | bits
+/// (0x04 build failure, 0x01 timeout, 0x02 hash mismatch), or 1 if no bit applies.
+pub fn exit_status(results: &[&BuildResult]) -> u8 {
+    let mut mask = 0u8;
+    let mut failed = false;
+    for r in results {
+        match r.status {
+            BuildStatus::Built | BuildStatus::AlreadyValid => {}
+            BuildStatus::PermanentFailure => mask |= 0x04,
+            BuildStatus::TimedOut => mask |= 0x01,
+            BuildStatus::HashMismatch => mask |= 0x02,
+            _ => {}
+        }
+        failed |= !r.status.success();
+    }
+    match (failed, mask) {
+        (false, _) => 0,
+        (true, 0) => 1,
+        (true, m) => 0x60 | m,
+    }
+}
+
+/// Drives goals to completion.
+#[derive(Debug)]
+pub struct Worker<'s> {
+    store: &'s mut Store,
+    settings: BuildSettings,
+    goals: BTreeMap<StorePath, DerivationGoal>,
+    running: usize,
+    failed: bool,
+}
+
+impl<'s> Worker<'s> {
+    pub fn new(store: &'s mut Store, settings: BuildSettings) -> Self {
+        Self {
+            store,
+            settings,
+            goals: BTreeMap::new(),
+            running: 0,
+            failed: false,
+        }
+    }
+
+    fn add_goal(&mut self, drv_path: &StorePath, wanted: &Wanted) {
+        match self.goals.get_mut(drv_path) {
+            Some(g) => {
+                // Wanting more of a goal that already decided means deciding again.
+                let before = g.wanted.clone();
+                g.wanted.merge(wanted);
+                if g.wanted != before {
+                    if let GoalState::Done(r) = &g.state {
+                        if r.status == BuildStatus::AlreadyValid {
+                            g.state = GoalState::Init;
+                        }
+                    }
+                }
+            }
+            None => {
+                self.goals.insert(
+                    drv_path.clone(),
+                    DerivationGoal {
+                        drv_path: drv_path.clone(),
+                        drv: None,
+                        outputs: BTreeMap::new(),
+                        wanted: wanted.clone(),
+                        inputs: Vec::new(),
+                        state: GoalState::Init,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The derivations that will be built (for "these N derivations will be built:"):
+    /// goals whose wanted outputs are not all valid, found by walking the inputs.
+    pub fn plan(
+        &mut self,
+        tops: &[(StorePath, Wanted)],
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
+        let mut to_build = BTreeSet::new();
+        let mut work: Vec<(StorePath, Wanted)> = tops.to_vec();
+        let mut seen = BTreeSet::new();
+        while let Some((p, wanted)) = work.pop() {
+            if !seen.insert((p.clone(), format!("{wanted:?}"))) {
+                continue;
+            }
+            let Ok(drv) = self.store.read_derivation(&p) else {
+                continue;
+            };
+            let outputs = drv.output_paths(self.store.store_dir()).unwrap_or_default();
+            let mut missing = false;
+            for (name, out) in &outputs {
+                if wanted.contains(&String::from_utf8_lossy(name))
+                    && !self.store.db().is_valid_path(out)?
+                {
+                    missing = true;
+                }
+            }
+            if missing {
+                to_build.insert(p.clone());
+                for (input, outs) in &drv.input_drvs {
+                    let w = outs
+                        .iter()
+                        .map(|o| String::from_utf8_lossy(o).into_owned())
+                        .collect();
+                    work.push((input.clone(), Wanted::Some(w)));
+                }
+            }
+        }
+        Ok(to_build)
+    }
+
+    /// Realise `tops`; returns the result of each top-level goal, in order.
+    pub fn run(&mut self, tops: &[(StorePath, Wanted)]) -> Vec<(StorePath, BuildResult)> {
+        for (p, w) in tops {
+            self.add_goal(p, w);
+        }
+        loop {
+            let mut progressed = false;
+            let keys: Vec<StorePath> = self.goal_order();
+            for key in keys {
+                if self.failed && !self.settings.keep_going {
+                    break;
+                }
+                progressed |= self.step(&key);
+            }
+            if self.failed && !self.settings.keep_going {
+                self.cancel_running();
+            }
+            let tops_done = tops
+                .iter()
+                .all(|(p, _)| matches!(self.goals[p].state, GoalState::Done(_)));
+            if tops_done {
+                break;
+            }
+            if self.failed && !self.settings.keep_going && self.running == 0 {
+                // Everything left waits on a failure: mark it so.
+                self.fail_remaining();
+                continue;
+            }
+            if self.running > 0 {
+                self.wait_for_input();
+            } else if !progressed {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        tops.iter()
+            .map(|(p, _)| match &self.goals[p].state {
+                GoalState::Done(r) => (p.clone(), r.clone()),
+                _ => (
+                    p.clone(),
+                    failure(BuildStatus::MiscFailure, "not realised".into()),
+                ),
+            })
+            .collect()
+    }
+
+    /// Goals in Nix's order: by derivation name, then path.
+    fn goal_order(&self) -> Vec<StorePath> {
+        let mut keys: Vec<&StorePath> = self.goals.keys().collect();
+        keys.sort_by(|a, b| (a.name(), a.base_name()).cmp(&(b.name(), b.base_name())));
+        keys.into_iter().cloned().collect()
+    }
+
+    fn fail_remaining(&mut self) {
+        for g in self.goals.values_mut() {
+            if !matches!(g.state, GoalState::Done(_)) {
+                g.state = GoalState::Done(failure(
+                    BuildStatus::DependencyFailed,
+                    "cancelled because another build failed".into(),
+                ));
+            }
+        }
+    }
+
+    fn cancel_running(&mut self) {
+        let sd = self.store.store_dir().clone();
+        for g in self.goals.values_mut() {
+            if let GoalState::Building(b) = &mut g.state {
+                b.running.kill();
+                let _ = b.running.finish(false);
+                eprintln!("error: build of '{}' cancelled", sd.display(&g.drv_path));
+                g.state = GoalState::Done(failure(BuildStatus::MiscFailure, "cancelled".into()));
+                self.running -= 1;
+            }
+        }
+    }
+
+    fn done(&mut self, key: &StorePath, result: BuildResult) {
+        if !result.status.success() {
+            self.failed = true;
+            if let Some(e) = &result.error {
+                if result.status != BuildStatus::DependencyFailed || self.settings.keep_going {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+        if let Some(g) = self.goals.get_mut(key) {
+            g.state = GoalState::Done(result);
+        }
+    }
+
+    /// Advance one goal as far as it can go without waiting. Returns whether it moved.
+    fn step(&mut self, key: &StorePath) -> bool {
+        let state = match self.goals.get(key) {
+            Some(g) => match &g.state {
+                GoalState::Init => 0,
+                GoalState::WaitingForInputs => 1,
+                GoalState::TryToBuild { .. } => 2,
+                _ => return false,
+            },
+            None => return false,
+        };
+        match state {
+            0 => self.init(key),
+            1 => self.inputs_realised(key),
+            _ => self.try_to_build(key),
+        }
+    }
+
+    fn init(&mut self, key: &StorePath) -> bool {
+        let sd = self.store.store_dir().clone();
+        let drv = match self.store.read_derivation(key) {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = if self.store.db().is_valid_path(key).unwrap_or(false) {
+                    e.to_string()
+                } else {
+                    format!("cannot build missing derivation '{}'", sd.display(key))
+                };
+                self.done(key, failure(BuildStatus::MiscFailure, msg));
+                return true;
+            }
+        };
+        let outputs: BTreeMap<String, StorePath> = match drv.output_paths(&sd) {
+            Ok(o) => o
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+                .collect(),
+            Err(e) => {
+                self.done(
+                    key,
+                    failure(
+                        BuildStatus::MiscFailure,
+                        format!("derivation '{}': {e}", sd.display(key)),
+                    ),
+                );
+                return true;
+            }
+        };
+        let g = &self.goals[key];
+        if let Wanted::Some(w) = &g.wanted {
+            if let Some(bad) = w.iter().find(|o| !drv.outputs.contains_key(o.as_bytes())) {
+                let msg = format!(
+                    "derivation '{}' does not have wanted outputs '{bad}'",
+                    sd.display(key)
+                );
+                self.done(key, failure(BuildStatus::MiscFailure, msg));
+                return true;
+            }
+        }
+        let all_valid = outputs
+            .iter()
+            .filter(|(n, _)| g.wanted.contains(n))
+            .all(|(_, p)| self.store.db().is_valid_path(p).unwrap_or(false));
+        let inputs: Vec<(StorePath, Wanted)> = drv
+            .input_drvs
+            .iter()
+            .map(|(p, outs)| {
+                (
+                    p.clone(),
+                    Wanted::Some(
+                        outs.iter()
+                            .map(|o| String::from_utf8_lossy(o).into_owned())
+                            .collect(),
+                    ),
+                )
+            })
+            .collect();
+        let g = self.goals.get_mut(key).expect("goal exists");
+        g.outputs = outputs.clone();
+        g.drv = Some(drv);
+        if all_valid {
+            let r = BuildResult {
+                status: BuildStatus::AlreadyValid,
+                error: None,
+                outputs,
+                start_time: 0,
+                stop_time: 0,
+                log: None,
+            };
+            self.done(key, r);
+            return true;
+        }
+        g.inputs = inputs.clone();
+        g.state = GoalState::WaitingForInputs;
+        for (p, w) in &inputs {
+            self.add_goal(p, w);
+        }
+        true
+    }
+
+    fn inputs_realised(&mut self, key: &StorePath) -> bool {
+        let sd = self.store.store_dir().clone();
+        let inputs = self.goals[key].inputs.clone();
+        let mut failed = 0;
+        for (p, _) in &inputs {
+            match &self.goals[p].state {
+                GoalState::Done(r) if !r.status.success() => failed += 1,
+                GoalState::Done(_) => {}
+                _ => return false,
+            }
+        }
+        if failed > 0 {
+            let msg = format!(
+                "{failed} dependenc{} of derivation '{}' failed to build",
+                if failed == 1 { "y" } else { "ies" },
+                sd.display(key)
+            );
+            self.done(key, failure(BuildStatus::DependencyFailed, msg));
+            return true;
+        }
+        self.goals.get_mut(key).expect("goal exists").state = GoalState::TryToBuild {
+            said_waiting: false,
+        };
+        true
+    }
+
+    /// The closure of the wanted input outputs and the input sources.
+    fn input_closure(&self, key: &StorePath) -> Result<BTreeSet<StorePath>, StoreError> {
+        let g = &self.goals[key];
+        let mut roots: Vec<StorePath> = Vec::new();
+        for (p, wanted) in &g.inputs {
+            for (name, out) in &self.goals[p].outputs {
+                if wanted.contains(name) {
+                    roots.push(out.clone());
+                }
+            }
+        }
+        if let Some(drv) = &g.drv {
+            roots.extend(drv.input_srcs.iter().cloned());
+        }
+        Ok(self.store.db().query_closure(&roots, false)?)
+    }
+
+    fn try_to_build(&mut self, key: &StorePath) -> bool {
+        if self.running >= self.settings.max_jobs.max(1) {
+            return false;
+        }
+        let sd = self.store.store_dir().clone();
+        let outputs = self.goals[key].outputs.clone();
+        let reals: Vec<PathBuf> = outputs.values().map(|p| self.store.real_path(p)).collect();
+        let locks = match PathLocks::lock(reals.clone(), false, |_| {}) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                if let GoalState::TryToBuild { said_waiting } =
+                    &mut self.goals.get_mut(key).expect("goal").state
+                {
+                    if !*said_waiting {
+                        let shown: Vec<String> = outputs.values().map(|p| sd.display(p)).collect();
+                        eprintln!("waiting for lock on '{}'...", shown.join("', '"));
+                        *said_waiting = true;
+                    }
+                }
+                return false;
+            }
+            Err(e) => {
+                self.done(key, failure(BuildStatus::MiscFailure, e.to_string()));
+                return true;
+            }
+        };
+        // Someone else may have built it while we waited for the lock.
+        let all_valid = outputs
+            .values()
+            .all(|p| self.store.db().is_valid_path(p).unwrap_or(false));
+        if all_valid {
+            let mut locks = locks;
+            locks.set_deletion(true);
+            let r = BuildResult {
+                status: BuildStatus::AlreadyValid,
+                error: None,
+                outputs,
+                start_time: 0,
+                stop_time: 0,
+                log: None,
+            };
+            self.done(key, r);
+            return true;
+        }
+        match self.start(key, locks) {
+            Ok(build) => {
+                self.running += 1;
+                self.goals.get_mut(key).expect("goal").state = GoalState::Building(Box::new(build));
+            }
+            Err(msg) => self.done(key, failure(BuildStatus::MiscFailure, msg)),
+        }
+        true
+    }
+
+    fn start(&mut self, key: &StorePath, locks: PathLocks) -> Result<Build, String> {
+        let sd = self.store.store_dir().clone();
+        let input_closure = self.input_closure(key).map_err(|e| e.to_string())?;
+        let g = &self.goals[key];
+        let drv = g.drv.as_ref().ok_or("derivation not loaded")?;
+        // Leftovers of an interrupted build at the output paths are not valid: remove.
+        for p in g.outputs.values() {
+            let real = self.store.real_path(p);
+            firn_store::canonical::delete_path(&real)
+                .map_err(|e| format!("{}: {e}", real.display()))?;
+        }
+        let user = BuildUser::acquire().map_err(|e| e.to_string())?;
+        let build_dir = create_build_dir(key.base_name(), user.as_ref())
+            .map_err(|e| e.to_string())?;
+        let spawn = plan_spawn(drv, &sd, &g.outputs, &build_dir, self.settings.cores)
+            .map_err(|e| format!("derivation '{}': {e}", sd.display(key)))?;
+        let log_path = self.log_path(key);
+        eprintln!("building '{}'...", sd.display(key));
+        let running = start_builder(
+            self.store.root(),
+            sd.as_str(),
+            &spawn,
+            build_dir,
+            user,
+            log_path,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Build {
+            running,
+            locks,
+            input_closure,
+            start_time: unix_now(),
+        })
+    }
+
+    /// `ROOT/nix/var/log/nix/drvs/<2 chars>/<rest>.bz2`.
+    pub fn log_path(&self, drv: &StorePath) -> PathBuf {
+        let base = drv.base_name();
+        self.store
+            .root()
+            .join("nix/var/log/nix/drvs")
+            .join(&base[..2])
+            .join(format!("{}.bz2", &base[2..]))
+    }
+
+    /// Poll every running build's log pipe; handle output, exits and time limits.
+    fn wait_for_input(&mut self) {
+        let keys: Vec<StorePath> = self
+            .goals
+            .iter()
+            .filter(|(_, g)| matches!(g.state, GoalState::Building(_)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let fds: Vec<i32> = keys
+            .iter()
+            .map(|k| match &self.goals[k].state {
+                GoalState::Building(b) => b.running.log_fd(),
+                _ => -1,
+            })
+            .collect();
+        let mut pollfds: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|&fd| {
+                // SAFETY: the fds belong to running builds, open until they finish.
+                PollFd::new(
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                    PollFlags::POLLIN,
+                )
+            })
+            .collect();
+        let _ = poll(&mut pollfds, PollTimeout::from(200u16));
+        let ready: Vec<bool> = pollfds
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(pollfds);
+        for (key, ready) in keys.iter().zip(ready) {
+            self.service(key, ready);
+        }
+    }
+
+    fn service(&mut self, key: &StorePath, readable: bool) {
+        let sd = self.store.store_dir().clone();
+        let settings = self.settings.clone();
+        let Some(GoalState::Building(b)) = self.goals.get_mut(key).map(|g| &mut g.state) else {
+            return;
+        };
+        if readable && !b.running.eof {
+            match b.running.read_log() {
+                Ok(data) if settings.print_build_logs && !data.is_empty() => {
+                    let _ = std::io::stderr().write_all(&data);
+                }
+                _ => {}
+            }
+        }
+        let mut kill_reason = None;
+        if let Some(max) = settings.max_log_size {
+            if b.running.log_size > max {
+                kill_reason = Some((
+                    BuildStatus::LogLimitExceeded,
+                    format!("killed after writing more than {max} bytes of log output"),
+                ));
+            }
+        }
+        if let Some(t) = settings.timeout {
+            if b.running.started.elapsed() > t {
+                kill_reason = Some((
+                    BuildStatus::TimedOut,
+                    format!(
+                        "building '{}' timed out after {} seconds",
+                        sd.display(key),
+                        t.as_secs()
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = settings.max_silent_time {
+            if b.running.last_output.elapsed() > t {
+                kill_reason = Some((
+                    BuildStatus::TimedOut,
+                    format!(
+                        "building '{}' timed out after {} seconds of silence",
+                        sd.display(key),
+                        t.as_secs()
+                    ),
+                ));
+            }
+        }
+        if let Some((status, msg)) = kill_reason {
+            b.running.kill();
+            self.finish_build(key, Some((status, msg)));
+            return;
+        }
+        // The builder's exit comes from waitpid, not from EOF on its output.
+        if b.running.status.is_none() {
+            if let Ok(Some(status)) = b.running.child.try_wait() {
+                b.running.status = Some(status);
+            }
+        }
+        if b.running.status.is_some() {
+            // Collect what is still in the pipe, then finish.
+            while !b.running.eof {
+                let mut fds = [PollFd::new(
+                    // SAFETY: as above.
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(b.running.log_fd()) },
+                    PollFlags::POLLIN,
+                )];
+                if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+                    break;
+                }
+                match b.running.read_log() {
+                    Ok(data) if data.is_empty() => break,
+                    Ok(data) => {
+                        if settings.print_build_logs {
+                            let _ = std::io::stderr().write_all(&data);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.finish_build(key, None);
+        }
+    }
+
+    fn finish_build(&mut self, key: &StorePath, killed: Option<(BuildStatus, String)>) {
+        let sd = self.store.store_dir().clone();
+        let Some(g) = self.goals.get_mut(key) else {
+            return;
+        };
+        let GoalState::Building(build) = std::mem::replace(&mut g.state, GoalState::Init) else {
+            return;
+        };
+        let mut build = *build;
+        self.running -= 1;
+        let outputs = g.outputs.clone();
+        let drv = g.drv.take();
+        let log = Some(build.running.build_dir.clone());
+        let status = build.running.status;
+        let result: Result<(), (BuildStatus, String)> = match (killed, status) {
+            (Some(k), _) => Err(k),
+            (None, Some(s)) if !s.success() => {
+                use std::os::unix::process::ExitStatusExt;
+                let how = match (s.code(), s.signal()) {
+                    (Some(c), _) => format!("failed with exit code {c}"),
+                    (_, Some(sig)) => format!("failed due to signal {sig}"),
+                    _ => "failed".to_owned(),
+                };
+                Err((
+                    BuildStatus::PermanentFailure,
+                    format!("builder for '{}' {how}", sd.display(key)),
+                ))
+            }
+            _ => {
+                let drv_ref = drv.as_ref();
+                match drv_ref {
+                    None => Err((BuildStatus::MiscFailure, "derivation not loaded".into())),
+                    Some(d) => {
+                        let built = BuiltOutputs {
+                            drv_path: key,
+                            drv: d,
+                            outputs: outputs.clone(),
+                            input_closure: build.input_closure.clone(),
+                            build_uid: build.running.user.as_ref().map(|u| u.uid),
+                        };
+                        register_outputs(self.store, &built).map(|_| ()).map_err(
+                            |e: OutputError| {
+                                let st = if e.is_hash_mismatch() {
+                                    BuildStatus::HashMismatch
+                                } else {
+                                    BuildStatus::OutputRejected
+                                };
+                                (st, e.to_string())
+                            },
+                        )
+                    }
+                }
+            }
+        };
+        let keep = result.is_err() && self.settings.keep_failed;
+        if keep {
+            eprintln!(
+                "note: keeping build directory '{}'",
+                build.running.build_dir.display()
+            );
+        }
+        let _ = build.running.finish(keep);
+        let _ = log;
+        let log_path = Some(self.log_path(key));
+        let g = self.goals.get_mut(key).expect("goal");
+        g.drv = drv;
+        let r = match result {
+            Ok(()) => {
+                build.locks.set_deletion(true);
+                BuildResult {
+                    status: BuildStatus::Built,
+                    error: None,
+                    outputs,
+                    start_time: build.start_time,
+                    stop_time: unix_now(),
+                    log: log_path,
+                }
+            }
+            Err((status, msg)) => {
+                // Nothing of a failed build stays at the output paths.
+                for p in outputs.values() {
+                    if !self.store.db().is_valid_path(p).unwrap_or(false) {
+                        let _ = firn_store::canonical::delete_path(&self.store.real_path(p));
+                    }
+                }
+                BuildResult {
+                    status,
+                    error: Some(msg),
+                    outputs,
+                    start_time: build.start_time,
+                    stop_time: unix_now(),
+                    log: log_path,
+                }
+            }
+        };
+        drop(build.locks);
+        self.done(key, r);
+    }
+
+    /// Every goal's result so far (for `--json`).
+    pub fn results(&self) -> impl Iterator<Item = (&StorePath, &BuildResult)> {
+        self.goals.iter().filter_map(|(k, g)| match &g.state {
+            GoalState::Done(r) => Some((k, r)),
+            _ => None,
+        })
+    }
+
+    /// The derivation's name (for messages).
+    pub fn name_of(p: &StorePath) -> &str {
+        name_from_drv_base_name(p.base_name())
+    }
+}
+
+fn failure(status: BuildStatus, msg: String) -> BuildResult {
+    BuildResult {
+        status,
+        error: Some(msg),
+        outputs: BTreeMap::new(),
+        start_time: 0,
+        stop_time: 0,
+        log: None,
+    }
+}
+
+/// Whether `drv` is fixed-output (it then gets the caller's `impureEnvVars`).
+pub fn is_fixed_output(drv: &Derivation<'_>) -> bool {
+    drv.outputs
+        .values()
+        .any(|o| matches!(o, DerivationOutput::CAFixed(_)))
+}
+
+/// The plan for an unsandboxed build: the builder sees the real build directory.
+fn plan_spawn(
+    drv: &Derivation<'_>,
+    sd: &firn_derivation::StoreDir,
+    outputs: &BTreeMap<String, StorePath>,
+    build_dir: &std::path::Path,
+    cores: u32,
+) -> Result<Spawn, crate::plan::PlanError> {
+    use std::os::unix::ffi::OsStrExt;
+    let output_paths: BTreeMap<firn_derivation::ByteStr<'_>, StorePath> = outputs
+        .iter()
+        .map(|(k, v)| (std::borrow::Cow::Owned(k.as_bytes().to_vec()), v.clone()))
+        .collect();
+    let caller_env: BTreeMap<Vec<u8>, Vec<u8>> = std::env::vars_os()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    let p = crate::plan::plan(&crate::plan::PlanInput {
+        drv,
+        store_dir: sd,
+        output_paths: &output_paths,
+        build_dir,
+        cores,
+        caller_env: &caller_env,
+        sandboxed: false,
+    })?;
+    Ok(Spawn {
+        program: p.program,
+        argv: p.argv,
+        env: p.env,
+        files: p.files,
+    })
+}
