@@ -176,7 +176,8 @@ pub fn exit_status(results: &[&BuildResult]) -> u8 {
             BuildStatus::Built | BuildStatus::AlreadyValid => {}
             BuildStatus::PermanentFailure => mask |= 0x04,
             BuildStatus::TimedOut => mask |= 0x01,
-            BuildStatus::HashMismatch => mask |= 0x02,
+            // Nix 2.8 counts a mismatch as a build failure too: 102 = 0x60|0x04|0x02.
+            BuildStatus::HashMismatch => mask |= 0x04 | 0x02,
             _ => {}
         }
         failed |= !r.status.success();
@@ -577,8 +578,8 @@ impl<'s> Worker<'s> {
                 .map_err(|e| format!("{}: {e}", real.display()))?;
         }
         let user = BuildUser::acquire().map_err(|e| e.to_string())?;
-        let build_dir = create_build_dir(key.base_name(), user.as_ref())
-            .map_err(|e| e.to_string())?;
+        let build_dir =
+            create_build_dir(key.base_name(), user.as_ref()).map_err(|e| e.to_string())?;
         let spawn = plan_spawn(drv, &sd, &g.outputs, &build_dir, self.settings.cores)
             .map_err(|e| format!("derivation '{}': {e}", sd.display(key)))?;
         let log_path = self.log_path(key);

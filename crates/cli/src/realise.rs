@@ -183,7 +183,8 @@ pub fn realise(
             }
         }
     }
-    let code = exit_status(&results.iter().map(|(_, r)| r).collect::<Vec<_>>());
+    // Like Nix's worker flags: every goal's failure counts, not only the top ones'.
+    let code = exit_status(&worker.results().map(|(_, r)| r).collect::<Vec<_>>());
     if args.json {
         let mut text = String::from("[");
         for (i, (p, r)) in results.iter().enumerate() {

@@ -116,6 +116,14 @@ impl Store {
             fs::create_dir_all(&real_store).map_err(io_err(&real_store))?;
             fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
                 .map_err(io_err(&real_store))?;
+            // As Nix does with `build-users-group`: the build users may create their
+            // outputs in the store (1775: only their own entries are theirs to delete).
+            if nix::unistd::Uid::effective().is_root() {
+                if let Ok(Some(group)) = nix::unistd::Group::from_name("nixbld") {
+                    nix::unistd::chown(&real_store, None, Some(group.gid))
+                        .map_err(|e| io_err(&real_store)(e.into()))?;
+                }
+            }
         }
         let db_dir = var.join("db");
         let big = db_dir.join("big-lock");
