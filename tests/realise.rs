@@ -361,3 +361,83 @@ fn concurrent_realisers_build_once() {
     );
     remove(&root);
 }
+
+/// Ctrl-C / SIGTERM: the builder and what it started die, the build directory and the
+/// partial output are removed, one error line, non-zero exit, the store still verifies
+/// and a rerun completes.
+#[test]
+fn interrupt_cleans_up() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("interrupt");
+    let gate = root.join("slow");
+    fs::write(&gate, b"").unwrap();
+    fs::set_permissions(&gate, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let marker = format!("firn-interrupt-marker-{}", std::process::id());
+    // Slow (and leaves a background process) only while the gate file exists.
+    let script = format!(
+        "echo partial > $out; if [ -e {g} ]; then /bin/busybox sh -c 'sleep 60; true' {marker} & sleep 60; fi; echo done > $out",
+        g = gate.display()
+    );
+    let drv = busybox_drv(&root, "interrupt-me", &script, &[]);
+    for sig in ["INT", "TERM"] {
+        let child = Command::new(env!("CARGO_BIN_EXE_firn"))
+            .args([
+                "--store",
+                root.to_str().unwrap(),
+                "--option",
+                "sandbox",
+                "false",
+                "realise",
+                &drv,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // The background process is there before the interrupt (so its absence after
+        // means something).
+        let before = Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(
+            !before.stdout.is_empty(),
+            "{sig}: the test builder did not start its background process"
+        );
+        Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{sig}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{sig}: {stderr}");
+        assert!(errors[0].contains("interrupted"), "{sig}: {stderr}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let left = Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(left.stdout.is_empty(), "{sig}: a builder process survived");
+        let dirs: Vec<_> = fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("interrupt-me"))
+            .collect();
+        assert!(dirs.is_empty(), "{sig}: build directory left: {dirs:?}");
+        let v = firn(&root, &["verify", "--check-contents"], None);
+        assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    }
+    fs::remove_file(&gate).unwrap();
+    let out = firn(&root, &["realise", &drv], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    remove(&root);
+}

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use firn_derivation::{name_from_drv_base_name, Derivation, DerivationOutput, StorePath};
@@ -22,6 +23,34 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::executor::{create_build_dir, start_builder, BuildUser, RunningBuild, Spawn};
 use crate::outputs::{register_outputs, BuiltOutputs, OutputError};
+
+/// Set by SIGINT/SIGTERM (see [`install_interrupt_handlers`]); the worker stops its
+/// builds, cleans up and returns.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Make SIGINT, SIGTERM and SIGHUP stop the worker cleanly instead of killing firn
+/// mid-way (builders die with firn anyway: they have PR_SET_PDEATHSIG).
+pub fn install_interrupt_handlers() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+/// Whether an interrupt arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Settings that shape a realisation (Nix's names in comments).
 #[derive(Debug, Clone)]
@@ -285,6 +314,10 @@ impl<'s> Worker<'s> {
             self.add_goal(p, w);
         }
         loop {
+            if interrupted() {
+                self.stop_for_interrupt();
+                break;
+            }
             let mut progressed = false;
             let keys: Vec<StorePath> = self.goal_order();
             for key in keys {
@@ -329,6 +362,30 @@ impl<'s> Worker<'s> {
         let mut keys: Vec<&StorePath> = self.goals.keys().collect();
         keys.sort_by(|a, b| (a.name(), a.base_name()).cmp(&(b.name(), b.base_name())));
         keys.into_iter().cloned().collect()
+    }
+
+    /// Kill running builds, remove their build directories and partial outputs, and
+    /// mark every unfinished goal as interrupted.
+    fn stop_for_interrupt(&mut self) {
+        let keys: Vec<StorePath> = self.goals.keys().cloned().collect();
+        for key in keys {
+            let Some(g) = self.goals.get_mut(&key) else {
+                continue;
+            };
+            if let GoalState::Building(b) = &mut g.state {
+                b.running.kill();
+                let _ = b.running.finish(false);
+                for p in g.outputs.values() {
+                    if !self.store.db().is_valid_path(p).unwrap_or(false) {
+                        let _ = firn_store::canonical::delete_path(&self.store.real_path(p));
+                    }
+                }
+                self.running -= 1;
+            }
+            if !matches!(g.state, GoalState::Done(_)) {
+                g.state = GoalState::Done(failure(BuildStatus::MiscFailure, "interrupted".into()));
+            }
+        }
     }
 
     fn fail_remaining(&mut self) {

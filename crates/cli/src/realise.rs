@@ -163,7 +163,19 @@ pub fn realise(
     if args.dry_run {
         return Ok(0);
     }
+    firn_build::worker::install_interrupt_handlers();
     let results = worker.run(&drv_tops);
+    if firn_build::worker::interrupted() {
+        let stopped: Vec<String> = results
+            .iter()
+            .filter(|(_, r)| !r.status.success())
+            .map(|(p, _)| sd.display(p))
+            .collect();
+        return Err(CliError::usage(format!(
+            "interrupted by the user; stopped realising {}; build directories and partial outputs removed",
+            stopped.join(", ")
+        )));
+    }
     let mut paths: BTreeSet<StorePath> = BTreeSet::new();
     for (p, w) in &tops {
         if !p.is_derivation() {
