@@ -441,3 +441,85 @@ fn interrupt_cleans_up() {
     );
     remove(&root);
 }
+
+fn firn_opts(root: &Path, opts: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut all: Vec<String> = Vec::new();
+    for (k, v) in opts {
+        all.extend(["--option".to_owned(), (*k).to_owned(), (*v).to_owned()]);
+    }
+    all.extend(args.iter().map(|s| (*s).to_owned()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    firn(root, &refs, None)
+}
+
+#[test]
+fn time_and_log_limits_kill_the_build() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("limits");
+    let t = busybox_drv(&root, "too-slow", "sleep 30; echo x > $out", &[]);
+    let t0 = Instant::now();
+    let out = firn_opts(&root, &[("timeout", "1")], &["realise", &t]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{stderr}");
+    assert!(stderr.contains("timed out after 1 seconds"), "{stderr}");
+    assert!(t0.elapsed().as_secs() < 10);
+
+    let s = busybox_drv(
+        &root,
+        "too-quiet",
+        "echo started; sleep 30; echo x > $out",
+        &[],
+    );
+    let out = firn_opts(&root, &[("max-silent-time", "1")], &["realise", &s]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{stderr}");
+    assert!(
+        stderr.contains("timed out after 1 seconds of silence"),
+        "{stderr}"
+    );
+
+    let l = busybox_drv(
+        &root,
+        "too-chatty",
+        "i=0; while [ $i -lt 200 ]; do echo 0123456789; i=$((i+1)); done; sleep 30; echo x > $out",
+        &[],
+    );
+    let out = firn_opts(&root, &[("max-build-log-size", "100")], &["realise", &l]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("killed after writing more than 100 bytes of log output"),
+        "{stderr}"
+    );
+    let v = firn(&root, &["verify", "--check-contents"], None);
+    assert!(v.status.success());
+    remove(&root);
+}
+
+/// A builder that closes its output and goes on working is waited for (Nix 2.8 kills it
+/// on EOF, #2176).
+#[test]
+fn builder_closing_its_output_is_not_killed() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("eof");
+    let d = busybox_drv(
+        &root,
+        "closes-output",
+        "echo bye; exec >&- 2>&-; sleep 1; echo done > $out",
+        &[],
+    );
+    let out = firn(&root, &["realise", &d], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout).unwrap();
+    let dump = firn(&root, &["dump", path.trim()], None);
+    assert!(String::from_utf8_lossy(&dump.stdout).contains("done"));
+    remove(&root);
+}

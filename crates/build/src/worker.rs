@@ -196,7 +196,8 @@ fn unix_now() -> u64 {
 }
 
 /// Nix's exit status for a set of results: 0 if all succeeded, else 0x60 | bits
-/// (0x04 build failure, 0x01 timeout, 0x02 hash mismatch), or 1 if no bit applies.
+/// (0x04 build failure, 0x01 timeout, 0x02 hash mismatch — the last two come with 0x04,
+/// as observed: 101 and 102), or 1 if no bit applies.
 pub fn exit_status(results: &[&BuildResult]) -> u8 {
     let mut mask = 0u8;
     let mut failed = false;
@@ -204,7 +205,8 @@ pub fn exit_status(results: &[&BuildResult]) -> u8 {
         match r.status {
             BuildStatus::Built | BuildStatus::AlreadyValid => {}
             BuildStatus::PermanentFailure => mask |= 0x04,
-            BuildStatus::TimedOut => mask |= 0x01,
+            // Likewise a timeout: 101 = 0x60|0x04|0x01.
+            BuildStatus::TimedOut => mask |= 0x04 | 0x01,
             // Nix 2.8 counts a mismatch as a build failure too: 102 = 0x60|0x04|0x02.
             BuildStatus::HashMismatch => mask |= 0x04 | 0x02,
             _ => {}
