@@ -523,3 +523,134 @@ fn builder_closing_its_output_is_not_killed() {
     assert!(String::from_utf8_lossy(&dump.stdout).contains("done"));
     remove(&root);
 }
+
+/// Every case of nix-2.8-vectors, built in the sandbox with busybox as /bin/sh (as the
+/// vectors were made): same exit code, same output paths, and for every output Nix
+/// recorded, the same narHash, narSize and references. The probes (env-probe,
+/// fod-probe, and structured, which copies `ls -la /build` and its environment into
+/// its output) record identities, times and Nix 2.8's host-side NIX_ATTRS_* paths, so
+/// only their exit code is compared; the plan tests check their environments.
+#[test]
+fn every_vector_case_builds_in_the_sandbox_like_nix() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("sandbox-vectors");
+    let list = fs::read_to_string(fixtures().join("nix-2.8-vectors/cases.list")).unwrap();
+    let mut built = 0;
+    for line in list
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (case, file, attr) = (f[0], f[1], f[2]);
+        let mut args = vec![
+            "--store".to_owned(),
+            root.to_str().unwrap().to_owned(),
+            "--option".to_owned(),
+            "substituters".to_owned(),
+            String::new(),
+            fixtures()
+                .join("exprs")
+                .join(file)
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        ];
+        if attr != "-" {
+            args.extend(["-A".to_owned(), attr.to_owned()]);
+        }
+        let inst = Command::new("nix-instantiate")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            inst.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&inst.stderr)
+        );
+        let drv = String::from_utf8(inst.stdout)
+            .unwrap()
+            .trim()
+            .split('!')
+            .next()
+            .unwrap()
+            .to_owned();
+        let out = Command::new(env!("CARGO_BIN_EXE_firn"))
+            .args([
+                "--store",
+                root.to_str().unwrap(),
+                "--option",
+                "sandbox-paths",
+                "/bin/sh=/bin/busybox",
+                "realise",
+                &drv,
+            ])
+            .env("PROBE_IMPURE_VAR", "from-caller")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want_rc: i32 = vector(case, "realise.rc").trim().parse().unwrap();
+        assert_eq!(out.status.code(), Some(want_rc), "{case}: {stderr}");
+        if ["env-probe", "fod-probe", "structured"].contains(&case) {
+            continue;
+        }
+        if want_rc == 0 {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                vector(case, "realise.stdout"),
+                "{case}"
+            );
+        }
+        let nar_dir = fixtures()
+            .join("nix-2.8-vectors/cases")
+            .join(case)
+            .join("nar");
+        for e in fs::read_dir(&nar_dir).into_iter().flatten() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "info") {
+                continue;
+            }
+            let info = fs::read_to_string(&p).unwrap();
+            let path = info
+                .lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("path ")
+                .to_owned();
+            let q = |flag: &str| {
+                String::from_utf8(firn(&root, &["query", flag, &path], None).stdout).unwrap()
+            };
+            assert!(
+                info.contains(&format!("narHash {}", q("--hash").trim())),
+                "{case} {path}: {info}"
+            );
+            assert!(
+                info.contains(&format!("narSize {}", q("--size").trim())),
+                "{case} {path}"
+            );
+            let refs = q("--references");
+            let mut ours: Vec<&str> = refs.lines().collect();
+            ours.sort();
+            let mut theirs: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.strip_prefix("reference "))
+                .collect();
+            theirs.sort();
+            assert_eq!(ours, theirs, "{case} {path}");
+            built += 1;
+        }
+    }
+    assert!(built >= 15, "only {built} outputs compared");
+    let v = Command::new("nix-store")
+        .args([
+            "--store",
+            root.to_str().unwrap(),
+            "--verify",
+            "--check-contents",
+        ])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    remove(&root);
+}

@@ -24,6 +24,8 @@ use nix::libc;
 use nix::unistd::{Gid, Group, Uid, User};
 use thiserror::Error;
 
+use crate::sandbox::SandboxPlan;
+
 #[derive(Debug, Error)]
 pub enum ExecError {
     #[error("{path}: {source}")]
@@ -210,12 +212,17 @@ pub fn start_builder(
     build_dir: PathBuf,
     user: Option<BuildUser>,
     log_path: PathBuf,
+    sandbox: Option<&SandboxPlan>,
 ) -> Result<RunningBuild, ExecError> {
     let root_is_slash = store_root == Path::new("/");
     let is_root = Uid::effective().is_root();
-    if !root_is_slash && !is_root {
+    if (!root_is_slash || sandbox.is_some()) && !is_root {
         return Err(ExecError::NeedRoot(store_root.display().to_string()));
     }
+    let sandbox_setup = match sandbox {
+        Some(plan) => Some(prepare_root(plan, user.as_ref())?),
+        None => None,
+    };
     for (name, contents) in &spawn.files {
         let p = build_dir.join(name);
         fs::write(&p, contents).map_err(io_err(&p))?;
@@ -267,6 +274,9 @@ pub fn start_builder(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            if let Some(setup) = &sandbox_setup {
+                return enter_sandbox(setup, ids);
+            }
             if is_root {
                 if libc::unshare(libc::CLONE_NEWNS) != 0 {
                     return Err(io::Error::last_os_error());
@@ -293,16 +303,7 @@ pub fn start_builder(
                     return Err(io::Error::last_os_error());
                 }
             }
-            if let Some((uid, gid)) = ids {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            libc::umask(0o022);
-            Ok(())
+            drop_privileges(ids)
         });
     }
     let child = cmd.spawn().map_err(|source| ExecError::Spawn {
@@ -331,6 +332,270 @@ pub fn start_builder(
         status: None,
         eof: false,
     })
+}
+
+/// Become the build user (no supplementary groups).
+///
+/// # Safety
+/// Only for a freshly forked child: it changes the process's identity.
+unsafe fn drop_privileges(ids: Option<(u32, u32)>) -> io::Result<()> {
+    if let Some((uid, gid)) = ids {
+        // SAFETY: plain system calls.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::umask(0o022);
+    }
+    Ok(())
+}
+
+/// Everything `enter_sandbox` needs, as C strings made before the fork.
+#[derive(Debug)]
+struct SandboxSetup {
+    root: CString,
+    /// (source, target in the root, read-only).
+    binds: Vec<(CString, CString, bool)>,
+    proc_dir: CString,
+    shm_dir: CString,
+    pts_dir: CString,
+    private_network: bool,
+    put_old: CString,
+    put_old_inside: CString,
+    build_dir: CString,
+}
+
+/// Create the sandbox's root on the host (directories, files, mount points) as the plan
+/// says; the mounts themselves happen in the child's own mount namespace.
+fn prepare_root(plan: &SandboxPlan, user: Option<&BuildUser>) -> Result<SandboxSetup, ExecError> {
+    let root = &plan.root;
+    firn_store::canonical::delete_path(root).map_err(io_err(root))?;
+    fs::create_dir_all(root).map_err(io_err(root))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(io_err(root))?;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    for (d, mode) in &plan.dirs {
+        let p = inside(d);
+        fs::create_dir_all(&p).map_err(io_err(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err(&p))?;
+        if *mode == 0o1775 {
+            if let Some(u) = user {
+                nix::unistd::chown(&p, None, Some(Gid::from_raw(u.gid)))
+                    .map_err(|e| io_err(&p)(e.into()))?;
+            }
+        }
+    }
+    for (f, contents) in &plan.files {
+        let p = inside(f);
+        fs::write(&p, contents).map_err(io_err(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o444)).map_err(io_err(&p))?;
+    }
+    for (link, target) in &plan.symlinks {
+        let p = inside(link);
+        std::os::unix::fs::symlink(target, &p).map_err(io_err(&p))?;
+    }
+    let c = |p: &Path| cstring(p.as_os_str().as_bytes());
+    let mut binds = Vec::new();
+    for b in &plan.binds {
+        let meta = match fs::metadata(&b.source) {
+            Ok(m) => m,
+            Err(_) if b.optional => continue,
+            Err(e) => return Err(io_err(&b.source)(e)),
+        };
+        let target = inside(&b.target);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        if meta.is_dir() {
+            fs::create_dir_all(&target).map_err(io_err(&target))?;
+        } else if fs::symlink_metadata(&target).is_err() {
+            File::create(&target).map_err(io_err(&target))?;
+        }
+        binds.push((c(&b.source)?, c(&target)?, b.read_only));
+    }
+    let put_old = root.join("real-root");
+    fs::create_dir_all(&put_old).map_err(io_err(&put_old))?;
+    Ok(SandboxSetup {
+        root: c(root)?,
+        binds,
+        proc_dir: c(&inside(Path::new("/proc")))?,
+        shm_dir: c(&inside(Path::new("/dev/shm")))?,
+        pts_dir: c(&inside(Path::new("/dev/pts")))?,
+        private_network: plan.private_network,
+        put_old: c(&put_old)?,
+        put_old_inside: c(Path::new("/real-root"))?,
+        build_dir: c(&plan.build_dir)?,
+    })
+}
+
+/// In the forked child: new namespaces, the mounts, then a second fork so that the
+/// builder is PID 1 of its PID namespace (this process stays behind as a shim that
+/// waits for it and exits the same way); the builder's side pivots into the root and
+/// drops to the build user. A namespace that cannot be created is an error: there is
+/// no silent unsandboxed fallback (Nix #8165).
+///
+/// # Safety
+/// Only for a freshly forked child; async-signal-safe calls only.
+unsafe fn enter_sandbox(s: &SandboxSetup, ids: Option<(u32, u32)>) -> io::Result<()> {
+    let fail = || Err(io::Error::last_os_error());
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: system calls on C strings prepared before the fork.
+    unsafe {
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if s.private_network {
+            flags |= libc::CLONE_NEWNET;
+        }
+        if libc::unshare(flags) != 0 {
+            return fail();
+        }
+        if libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return fail();
+        }
+        // pivot_root needs the new root to be a mount point.
+        if libc::mount(
+            s.root.as_ptr(),
+            s.root.as_ptr(),
+            null,
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return fail();
+        }
+        for (src, dst, ro) in &s.binds {
+            if libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+            if *ro
+                && libc::mount(
+                    null,
+                    dst.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return fail();
+            }
+        }
+        let pid = libc::fork();
+        if pid < 0 {
+            return fail();
+        }
+        if pid > 0 {
+            // The shim: wait for the builder and leave the same way. It closes every
+            // descriptor but the standard ones first: among them is the pipe on which
+            // `Command::spawn` waits for the exec, which must not stay open for the
+            // whole build (firn would not read the log meanwhile and the builder would
+            // block on a full pipe).
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            let mut status = 0;
+            while libc::waitpid(pid, &mut status, 0) < 0 {
+                if *libc::__errno_location() != libc::EINTR {
+                    libc::_exit(1);
+                }
+            }
+            if libc::WIFEXITED(status) {
+                libc::_exit(libc::WEXITSTATUS(status));
+            }
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        // PID 1 of the new namespace: it dies with the shim, everything else with it.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return fail();
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            s.proc_dir.as_ptr(),
+            c"proc".as_ptr(),
+            0,
+            std::ptr::null(),
+        ) != 0
+        {
+            return fail();
+        }
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            s.shm_dir.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"mode=1777".as_ptr().cast(),
+        ) != 0
+        {
+            return fail();
+        }
+        // A private devpts; without one the builder simply has no ptys.
+        libc::mount(
+            c"devpts".as_ptr(),
+            s.pts_dir.as_ptr(),
+            c"devpts".as_ptr(),
+            0,
+            c"newinstance,mode=0620,ptmxmode=0666".as_ptr().cast(),
+        );
+        if s.private_network {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            if fd < 0 {
+                return fail();
+            }
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (i, b) in b"lo".iter().enumerate() {
+                ifr.ifr_name[i] = *b as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags =
+                (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) != 0 {
+                return fail();
+            }
+            libc::close(fd);
+        }
+        if libc::sethostname(c"localhost".as_ptr(), 9) != 0
+            || libc::setdomainname(c"(none)".as_ptr(), 6) != 0
+        {
+            return fail();
+        }
+        if libc::chdir(s.root.as_ptr()) != 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), s.put_old.as_ptr()) != 0
+            || libc::chroot(c".".as_ptr()) != 0
+            || libc::umount2(s.put_old_inside.as_ptr(), libc::MNT_DETACH) != 0
+        {
+            return fail();
+        }
+        libc::rmdir(s.put_old_inside.as_ptr());
+        if libc::chdir(s.build_dir.as_ptr()) != 0 {
+            return fail();
+        }
+        libc::personality(0x0040000); // ADDR_NO_RANDOMIZE, as Nix
+        let core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &core);
+        drop_privileges(ids)
+    }
 }
 
 /// How many lines of output to keep for messages.

@@ -94,6 +94,8 @@ pub struct BuiltOutputs<'d> {
     pub input_closure: BTreeSet<StorePath>,
     /// The uid the builder ran as (the owner a top-level output must have), if any.
     pub build_uid: Option<u32>,
+    /// Where a missing output should have been (inside the sandbox), for the message.
+    pub missing_at: BTreeMap<String, PathBuf>,
 }
 
 /// Check, canonicalise, scan and register the outputs, which are at their final real
@@ -115,7 +117,12 @@ pub fn register_outputs(
         let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
             drv: drv_shown.clone(),
             output: name.clone(),
-            path: real.display().to_string(),
+            path: built
+                .missing_at
+                .get(name)
+                .unwrap_or(&real)
+                .display()
+                .to_string(),
         })?;
         let owner_ok = built.build_uid.is_none_or(|uid| meta.uid() == uid);
         if !meta.file_type().is_symlink() && (meta.mode() & 0o022 != 0 || !owner_ok) {

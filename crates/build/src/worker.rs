@@ -71,6 +71,10 @@ pub struct BuildSettings {
     pub keep_failed: bool,
     /// Echo builder output to stderr (as `nix-store -r` does).
     pub print_build_logs: bool,
+    /// `sandbox`: build in namespaces and a chroot.
+    pub sandbox: bool,
+    /// `sandbox-paths`: (target, source, optional).
+    pub sandbox_paths: Vec<(PathBuf, PathBuf, bool)>,
 }
 
 impl Default for BuildSettings {
@@ -84,6 +88,8 @@ impl Default for BuildSettings {
             keep_going: false,
             keep_failed: false,
             print_build_logs: true,
+            sandbox: true,
+            sandbox_paths: Vec::new(),
         }
     }
 }
@@ -175,6 +181,8 @@ pub struct Build {
     locks: PathLocks,
     input_closure: BTreeSet<StorePath>,
     start_time: u64,
+    /// The sandbox's root on the host, if sandboxed.
+    chroot: Option<PathBuf>,
 }
 
 /// One derivation to realise.
@@ -639,8 +647,34 @@ impl<'s> Worker<'s> {
         let user = BuildUser::acquire().map_err(|e| e.to_string())?;
         let build_dir =
             create_build_dir(key.base_name(), user.as_ref()).map_err(|e| e.to_string())?;
-        let spawn = plan_spawn(drv, &sd, &g.outputs, &build_dir, self.settings.cores)
-            .map_err(|e| format!("derivation '{}': {e}", sd.display(key)))?;
+        let sandbox = self.settings.sandbox.then(|| {
+            let inputs: Vec<StorePath> = input_closure.iter().cloned().collect();
+            let (uid, gid) = user.as_ref().map(|u| (u.uid, u.gid)).unwrap_or((0, 0));
+            crate::sandbox::plan_sandbox(&crate::sandbox::SandboxInput {
+                real_store: &self.store.root().join("nix/store"),
+                store_dir: sd.as_str(),
+                drv_path: key,
+                inputs: &inputs,
+                build_dir: &build_dir,
+                sandbox_paths: &self.settings.sandbox_paths,
+                fixed_output: is_fixed_output(drv),
+                uid,
+                gid,
+            })
+        });
+        let seen_build_dir = match &sandbox {
+            Some(p) => p.build_dir.clone(),
+            None => build_dir.clone(),
+        };
+        let spawn = plan_spawn(
+            drv,
+            &sd,
+            &g.outputs,
+            &seen_build_dir,
+            self.settings.cores,
+            sandbox.is_some(),
+        )
+        .map_err(|e| format!("derivation '{}': {e}", sd.display(key)))?;
         let log_path = self.log_path(key);
         eprintln!("building '{}'...", sd.display(key));
         let running = start_builder(
@@ -650,13 +684,21 @@ impl<'s> Worker<'s> {
             build_dir,
             user,
             log_path,
+            sandbox.as_ref(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match &sandbox {
+            Some(_) => format!(
+                "cannot start the sandboxed builder for '{}': {e}",
+                sd.display(key)
+            ),
+            None => e.to_string(),
+        })?;
         Ok(Build {
             running,
             locks,
             input_closure,
             start_time: unix_now(),
+            chroot: sandbox.map(|p| p.root),
         })
     }
 
@@ -803,6 +845,25 @@ impl<'s> Worker<'s> {
         let drv = g.drv.take();
         let log = Some(build.running.build_dir.clone());
         let status = build.running.status;
+        // Sandboxed outputs were built inside the root: move them into the store (one
+        // file system: a rename), then the root goes.
+        let mut missing_at = BTreeMap::new();
+        if let Some(chroot) = &build.chroot {
+            for (name, p) in &outputs {
+                let inside = chroot
+                    .join(sd.as_str().trim_start_matches('/'))
+                    .join(p.base_name());
+                let real = self.store.real_path(p);
+                if std::fs::symlink_metadata(&inside).is_ok() {
+                    if let Err(e) = std::fs::rename(&inside, &real) {
+                        eprintln!("warning: moving '{}' into the store: {e}", inside.display());
+                    }
+                } else {
+                    missing_at.insert(name.clone(), inside);
+                }
+            }
+            let _ = firn_store::canonical::delete_path(chroot);
+        }
         let result: Result<(), (BuildStatus, String)> = match (killed, status) {
             (Some(k), _) => Err(k),
             (None, Some(s)) if !s.success() => {
@@ -828,6 +889,7 @@ impl<'s> Worker<'s> {
                             outputs: outputs.clone(),
                             input_closure: build.input_closure.clone(),
                             build_uid: build.running.user.as_ref().map(|u| u.uid),
+                            missing_at,
                         };
                         register_outputs(self.store, &built).map(|_| ()).map_err(
                             |e: OutputError| {
@@ -920,13 +982,14 @@ pub fn is_fixed_output(drv: &Derivation<'_>) -> bool {
         .any(|o| matches!(o, DerivationOutput::CAFixed(_)))
 }
 
-/// The plan for an unsandboxed build: the builder sees the real build directory.
+/// The plan for a build whose builder sees `build_dir` (`/build` in the sandbox).
 fn plan_spawn(
     drv: &Derivation<'_>,
     sd: &firn_derivation::StoreDir,
     outputs: &BTreeMap<String, StorePath>,
     build_dir: &std::path::Path,
     cores: u32,
+    sandboxed: bool,
 ) -> Result<Spawn, crate::plan::PlanError> {
     use std::os::unix::ffi::OsStrExt;
     let output_paths: BTreeMap<firn_derivation::ByteStr<'_>, StorePath> = outputs
@@ -943,7 +1006,7 @@ fn plan_spawn(
         build_dir,
         cores,
         caller_env: &caller_env,
-        sandboxed: false,
+        sandboxed,
     })?;
     Ok(Spawn {
         program: p.program,

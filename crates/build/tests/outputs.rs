@@ -69,6 +69,7 @@ fn built<'d>(drv_path: &'d StorePath, drv: &'d Derivation<'d>) -> BuiltOutputs<'
         outputs: outputs_of(drv),
         input_closure: BTreeSet::new(),
         build_uid: None,
+        missing_at: BTreeMap::new(),
     }
 }
 

@@ -79,17 +79,18 @@ pub fn realise(
     args: &RealiseArgs,
     out: &mut impl Write,
 ) -> Result<u8, CliError> {
-    if let Some(v) = settings.option("sandbox") {
-        if v != "false" {
-            return Err(CliError::usage(
-                "the sandbox is not implemented yet: pass --option sandbox false to build unsandboxed",
-            ));
+    // Nix's default on Linux is `sandbox = true`; firn never falls back silently.
+    let sandbox = match settings.option("sandbox") {
+        None | Some("true") | Some("1") | Some("relaxed") => true,
+        Some("false") | Some("0") => false,
+        Some(v) => {
+            return Err(CliError::usage(format!(
+                "invalid value '{v}' for setting 'sandbox'"
+            )))
         }
-    } else {
-        return Err(CliError::usage(
-            "the sandbox is not implemented yet: pass --option sandbox false to build unsandboxed",
-        ));
-    }
+    };
+    let sandbox_paths =
+        firn_build::sandbox::parse_sandbox_paths(settings.option("sandbox-paths").unwrap_or(""));
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut tops: Vec<(StorePath, Wanted)> = Vec::new();
@@ -140,6 +141,8 @@ pub fn realise(
         keep_going: args.keep_going || flag(settings, "keep-going")?,
         keep_failed: args.keep_failed || flag(settings, "keep-failed")?,
         print_build_logs: !settings.quiet,
+        sandbox,
+        sandbox_paths,
     };
     let drv_tops: Vec<(StorePath, Wanted)> = tops
         .iter()

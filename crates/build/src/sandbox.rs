@@ -1,0 +1,281 @@
+//! What a sandboxed build's root should look like: a pure plan, computed without I/O,
+//! that the executor carries out inside fresh mount, PID, IPC, UTS and network
+//! namespaces.
+//!
+//! The root is `ROOT/nix/store/<drv>.chroot` (Nix 2.8's place for it: on the store's
+//! file system, so outputs move into the store with a rename). It holds `/tmp` (1777),
+//! `/etc/{passwd,group,hosts}`, `/nix/store` (1775, writable by the build user) with the
+//! input closure bind-mounted **read-only** (Nix mounts inputs writable, #3633), `/build`
+//! (the build directory), `/dev` with the usual device nodes, a fresh `/proc`, a tmpfs
+//! on `/dev/shm`, a new devpts, and the `sandbox-paths`. Fixed-output derivations keep
+//! the host network and get `/etc/resolv.conf`, `/etc/services` and `/etc/hosts` from
+//! the host, as in Nix.
+
+use std::path::{Path, PathBuf};
+
+use firn_derivation::StorePath;
+
+/// One bind mount into the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// Host path.
+    pub source: PathBuf,
+    /// Path inside the root (absolute, as the builder sees it).
+    pub target: PathBuf,
+    pub read_only: bool,
+    /// Skip silently if the source does not exist (`sandbox-paths` entries ending `?`,
+    /// and the host's `/etc` files for fixed-output builds).
+    pub optional: bool,
+}
+
+/// The layout of a sandboxed build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPlan {
+    /// The root on the host.
+    pub root: PathBuf,
+    /// Directories to create inside the root, with modes.
+    pub dirs: Vec<(PathBuf, u32)>,
+    /// Files to write inside the root.
+    pub files: Vec<(PathBuf, Vec<u8>)>,
+    /// Symlinks inside the root: (link, target).
+    pub symlinks: Vec<(PathBuf, PathBuf)>,
+    pub binds: Vec<Bind>,
+    /// A private network namespace with only `lo` (all but fixed-output builds).
+    pub private_network: bool,
+    /// Where the build directory is inside.
+    pub build_dir: PathBuf,
+}
+
+/// Inputs to [`plan_sandbox`].
+#[derive(Debug)]
+pub struct SandboxInput<'a> {
+    /// `ROOT/nix/store`, the store's real directory.
+    pub real_store: &'a Path,
+    /// The logical store directory (`/nix/store`).
+    pub store_dir: &'a str,
+    pub drv_path: &'a StorePath,
+    /// The closure of the inputs.
+    pub inputs: &'a [StorePath],
+    /// The real build directory.
+    pub build_dir: &'a Path,
+    /// `sandbox-paths`: (target, source, optional).
+    pub sandbox_paths: &'a [(PathBuf, PathBuf, bool)],
+    pub fixed_output: bool,
+    /// uid and gid the builder runs as, for `/etc/passwd` and `/etc/group`.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The device nodes bound from the host.
+pub const DEVICES: [&str; 6] = ["full", "null", "random", "tty", "urandom", "zero"];
+
+/// Plan the root of a sandboxed build.
+pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
+    let root = input
+        .real_store
+        .join(format!("{}.chroot", input.drv_path.base_name()));
+    let store = PathBuf::from(input.store_dir);
+    let mut dirs = vec![
+        (PathBuf::from("/tmp"), 0o1777),
+        (PathBuf::from("/etc"), 0o755),
+        (PathBuf::from("/build"), 0o700),
+        (PathBuf::from("/dev"), 0o755),
+        (PathBuf::from("/dev/shm"), 0o1777),
+        (PathBuf::from("/dev/pts"), 0o755),
+        (PathBuf::from("/proc"), 0o555),
+    ];
+    // Every ancestor of the store dir, then the store dir itself (1775 like Nix).
+    let mut anc: Vec<PathBuf> = store
+        .ancestors()
+        .skip(1)
+        .filter(|p| *p != Path::new("/"))
+        .map(Path::to_path_buf)
+        .collect();
+    anc.reverse();
+    dirs.extend(anc.into_iter().map(|p| (p, 0o755)));
+    dirs.push((store.clone(), 0o1775));
+
+    let mut files = vec![
+        (
+            PathBuf::from("/etc/passwd"),
+            format!(
+                "root:x:0:0:Nix build user:/build:/noshell\nnixbld:x:{}:{}:Nix build user:/build:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n",
+                input.uid, input.gid
+            )
+            .into_bytes(),
+        ),
+        (
+            PathBuf::from("/etc/group"),
+            format!("root:x:0:\nnixbld:!:{}:\nnogroup:x:65534:\n", input.gid).into_bytes(),
+        ),
+    ];
+    let mut binds = Vec::new();
+    if input.fixed_output {
+        files.push((
+            PathBuf::from("/etc/nsswitch.conf"),
+            b"hosts: files dns\nservices: files\n".to_vec(),
+        ));
+        for f in ["/etc/resolv.conf", "/etc/services", "/etc/hosts"] {
+            binds.push(Bind {
+                source: PathBuf::from(f),
+                target: PathBuf::from(f),
+                read_only: true,
+                optional: true,
+            });
+        }
+    } else {
+        files.push((
+            PathBuf::from("/etc/hosts"),
+            b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+        ));
+    }
+    for d in DEVICES {
+        binds.push(Bind {
+            source: PathBuf::from("/dev").join(d),
+            target: PathBuf::from("/dev").join(d),
+            read_only: false,
+            optional: d == "tty",
+        });
+    }
+    for p in input.inputs {
+        binds.push(Bind {
+            source: input.real_store.join(p.base_name()),
+            target: store.join(p.base_name()),
+            read_only: true,
+            optional: false,
+        });
+    }
+    binds.push(Bind {
+        source: input.build_dir.to_path_buf(),
+        target: PathBuf::from("/build"),
+        read_only: false,
+        optional: false,
+    });
+    for (target, source, optional) in input.sandbox_paths {
+        binds.push(Bind {
+            source: source.clone(),
+            target: target.clone(),
+            read_only: true,
+            optional: *optional,
+        });
+    }
+    let symlinks = vec![
+        (PathBuf::from("/dev/fd"), PathBuf::from("/proc/self/fd")),
+        (
+            PathBuf::from("/dev/stdin"),
+            PathBuf::from("/proc/self/fd/0"),
+        ),
+        (
+            PathBuf::from("/dev/stdout"),
+            PathBuf::from("/proc/self/fd/1"),
+        ),
+        (
+            PathBuf::from("/dev/stderr"),
+            PathBuf::from("/proc/self/fd/2"),
+        ),
+        (PathBuf::from("/dev/ptmx"), PathBuf::from("/dev/pts/ptmx")),
+    ];
+    SandboxPlan {
+        root,
+        dirs,
+        files,
+        symlinks,
+        binds,
+        private_network: !input.fixed_output,
+        build_dir: PathBuf::from("/build"),
+    }
+}
+
+/// Parse `sandbox-paths`: space-separated `target=source` or `path`, `?` at the end
+/// making an entry optional.
+pub fn parse_sandbox_paths(s: &str) -> Vec<(PathBuf, PathBuf, bool)> {
+    s.split_whitespace()
+        .map(|e| {
+            let (e, optional) = match e.strip_suffix('?') {
+                Some(x) => (x, true),
+                None => (e, false),
+            };
+            match e.split_once('=') {
+                Some((t, s)) => (PathBuf::from(t), PathBuf::from(s), optional),
+                None => (PathBuf::from(e), PathBuf::from(e), optional),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firn_derivation::StoreDir;
+
+    #[test]
+    fn layout() {
+        let sd = StoreDir::default();
+        let drv = sd
+            .parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-x.drv")
+            .unwrap();
+        let dep = sd
+            .parse("/nix/store/0hk42s8j7kqg82l6ncz33d8xx332vz9f-dep")
+            .unwrap();
+        let paths = parse_sandbox_paths("/bin/sh=/bin/busybox /opt/x?");
+        assert_eq!(
+            paths[0],
+            (
+                PathBuf::from("/bin/sh"),
+                PathBuf::from("/bin/busybox"),
+                false
+            )
+        );
+        assert_eq!(
+            paths[1],
+            (PathBuf::from("/opt/x"), PathBuf::from("/opt/x"), true)
+        );
+        let p = plan_sandbox(&SandboxInput {
+            real_store: Path::new("/r/nix/store"),
+            store_dir: "/nix/store",
+            drv_path: &drv,
+            inputs: std::slice::from_ref(&dep),
+            build_dir: Path::new("/tmp/nix-build-x.drv-0"),
+            sandbox_paths: &paths,
+            fixed_output: false,
+            uid: 999,
+            gid: 994,
+        });
+        assert_eq!(
+            p.root,
+            PathBuf::from("/r/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-x.drv.chroot")
+        );
+        assert!(p.private_network);
+        let dep_bind = p
+            .binds
+            .iter()
+            .find(|b| b.target == Path::new("/nix/store/0hk42s8j7kqg82l6ncz33d8xx332vz9f-dep"))
+            .unwrap();
+        assert!(dep_bind.read_only, "inputs are read-only");
+        assert!(p.dirs.contains(&(PathBuf::from("/nix/store"), 0o1775)));
+        assert!(p
+            .files
+            .iter()
+            .any(|(f, c)| f == Path::new("/etc/hosts") && c.starts_with(b"127.0.0.1 localhost")));
+        // A fixed-output build keeps the network and gets the host's resolver files.
+        let f = plan_sandbox(&SandboxInput {
+            fixed_output: true,
+            ..SandboxInput {
+                real_store: Path::new("/r/nix/store"),
+                store_dir: "/nix/store",
+                drv_path: &drv,
+                inputs: &[],
+                build_dir: Path::new("/tmp/b"),
+                sandbox_paths: &[],
+                fixed_output: false,
+                uid: 999,
+                gid: 994,
+            }
+        });
+        assert!(!f.private_network);
+        assert!(f
+            .binds
+            .iter()
+            .any(|b| b.source == Path::new("/etc/resolv.conf") && b.optional));
+    }
+}
