@@ -4,30 +4,15 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+use common::*;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 fn firn(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_firn"))
-        .args(args)
-        .env_remove("FIRN_STORE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run firn");
-    let mut pipe = child.stdin.take().unwrap();
-    if let Some(input) = stdin {
-        pipe.write_all(input).unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().unwrap()
+    run(firn_bin(), args, stdin)
 }
 
 /// A failure: exit 1 and exactly one `error:` line on stderr, no panic.
@@ -200,20 +185,6 @@ fn bad_arguments_and_input() {
         None,
     );
     assert_eq!(out.status.code(), Some(2), "clap usage error: missing DRV");
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("firn-test-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&p);
-    fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn have_nix() -> bool {
-    Command::new("nix-instantiate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" 2.8."))
 }
 
 /// Instantiate the extra expressions with the real Nix into a fresh chroot store and

@@ -7,15 +7,13 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+mod common;
+use common::*;
+
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 fn can_build() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
@@ -35,44 +33,16 @@ fn can_build() -> bool {
     false
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("firn-realise-{tag}-{}", std::process::id()));
-    remove(&p);
-    fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn remove(p: &Path) {
-    let _ = Command::new("chmod")
-        .args(["-R", "u+w"])
-        .arg(p)
-        .stderr(Stdio::null())
-        .status();
-    let _ = fs::remove_dir_all(p);
-}
-
 fn firn(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_firn"))
-        .args([
-            "--store",
-            root.to_str().unwrap(),
-            "--option",
-            "sandbox",
-            "false",
-        ])
-        .args(args)
-        .env_remove("FIRN_STORE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    if let Some(input) = stdin {
-        pipe.write_all(input).unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().unwrap()
+    let mut all = vec![
+        "--store",
+        root.to_str().unwrap(),
+        "--option",
+        "sandbox",
+        "false",
+    ];
+    all.extend_from_slice(args);
+    run(firn_bin(), &all, stdin)
 }
 
 fn instantiate(root: &Path, file: &str) -> String {

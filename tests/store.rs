@@ -5,33 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+mod common;
+use common::*;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn run(cmd: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(cmd)
-        .args(args)
-        .env_remove("FIRN_STORE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    let mut pipe = child.stdin.take().unwrap();
-    if let Some(input) = stdin {
-        pipe.write_all(input).unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().unwrap()
-}
 
 fn firn(root: &Path, args: &[&str]) -> Output {
     let mut all = vec!["--store", root.to_str().unwrap()];
@@ -43,16 +24,6 @@ fn firn_in(root: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let mut all = vec!["--store", root.to_str().unwrap()];
     all.extend_from_slice(args);
     run(env!("CARGO_BIN_EXE_firn"), &all, Some(stdin))
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn nix(root: &Path, cmd: &str, args: &[&str]) -> Output {
@@ -69,37 +40,6 @@ fn nix(root: &Path, cmd: &str, args: &[&str]) -> Output {
         all.insert(1, "nix-command");
     }
     run(cmd, &all, None)
-}
-
-fn have_nix() -> bool {
-    let present = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" 2.8."));
-    if !present {
-        assert!(
-            std::env::var("CI").ok().as_deref() != Some("true"),
-            "CI must install nix-bin 2.8 (see .ci/run)"
-        );
-        eprintln!("SKIPPED: Nix 2.8 is not installed (apt-get install nix-bin)");
-    }
-    present
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("firn-store-{tag}-{}", std::process::id()));
-    remove(&p);
-    fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn remove(p: &Path) {
-    let _ = Command::new("chmod")
-        .args(["-R", "u+w"])
-        .arg(p)
-        .stderr(Stdio::null())
-        .status();
-    let _ = fs::remove_dir_all(p);
 }
 
 /// A tree with the awkward cases: executables, symlinks, empty things, odd names.
