@@ -624,3 +624,58 @@ fn every_vector_case_builds_in_the_sandbox_like_nix() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     remove(&root);
 }
+
+/// `--check` rebuilds and compares: same output → 0; different → 104, and with -K the
+/// new output is kept as `<out>.check`, as Nix does.
+#[test]
+fn check_finds_nondeterminism() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("check");
+    let sandboxed = |args: &[&str]| {
+        let mut all = vec![
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox /bin/busybox",
+        ];
+        all.extend_from_slice(args);
+        run(firn_bin(), &all, None)
+    };
+    let det = busybox_drv(&root, "deterministic", "echo same > $out", &[]);
+    let nondet = busybox_drv(
+        &root,
+        "nondet",
+        "cat /proc/sys/kernel/random/uuid > $out",
+        &[],
+    );
+    for d in [&det, &nondet] {
+        let out = sandboxed(&["realise", d]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = sandboxed(&["realise", "--check", &det]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sandboxed(&["realise", "--check", "-K", &nondet]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(104), "{stderr}");
+    assert!(stderr.contains("may not be deterministic"), "{stderr}");
+    let q = firn(&root, &["query", "--outputs", &nondet], None);
+    let outp = String::from_utf8(q.stdout).unwrap();
+    let check = root.join(format!("{}.check", outp.trim().trim_start_matches('/')));
+    assert!(check.exists(), "no {}", check.display());
+    // The registered output is untouched and still verifies.
+    let v = firn(&root, &["verify", "--check-contents"], None);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    remove(&root);
+}

@@ -71,6 +71,8 @@ pub struct BuildSettings {
     pub keep_failed: bool,
     /// Echo builder output to stderr (as `nix-store -r` does).
     pub print_build_logs: bool,
+    /// `--check`: rebuild the top-level derivations and compare with what is registered.
+    pub check: bool,
     /// `sandbox`: build in namespaces and a chroot.
     pub sandbox: bool,
     /// `sandbox-paths`: (target, source, optional).
@@ -88,6 +90,7 @@ impl Default for BuildSettings {
             keep_going: false,
             keep_failed: false,
             print_build_logs: true,
+            check: false,
             sandbox: true,
             sandbox_paths: Vec::new(),
         }
@@ -130,6 +133,8 @@ pub enum BuildStatus {
     DependencyFailed,
     MiscFailure,
     LogLimitExceeded,
+    /// `--check` found different output.
+    NotDeterministic,
 }
 
 impl BuildStatus {
@@ -148,6 +153,7 @@ impl BuildStatus {
             Self::DependencyFailed => "DependencyFailed",
             Self::MiscFailure => "MiscFailure",
             Self::LogLimitExceeded => "LogLimitExceeded",
+            Self::NotDeterministic => "NotDeterministic",
         }
     }
 }
@@ -193,6 +199,8 @@ pub struct DerivationGoal {
     outputs: BTreeMap<String, StorePath>,
     wanted: Wanted,
     inputs: Vec<(StorePath, Wanted)>,
+    /// Rebuild and compare (`--check`), for top-level goals.
+    check: bool,
     pub state: GoalState,
 }
 
@@ -215,6 +223,7 @@ pub fn exit_status(results: &[&BuildResult]) -> u8 {
             BuildStatus::PermanentFailure => mask |= 0x04,
             // Likewise a timeout: 101 = 0x60|0x04|0x01.
             BuildStatus::TimedOut => mask |= 0x04 | 0x01,
+            BuildStatus::NotDeterministic => mask |= 0x08,
             // Nix 2.8 counts a mismatch as a build failure too: 102 = 0x60|0x04|0x02.
             BuildStatus::HashMismatch => mask |= 0x04 | 0x02,
             _ => {}
@@ -272,6 +281,7 @@ impl<'s> Worker<'s> {
                         outputs: BTreeMap::new(),
                         wanted: wanted.clone(),
                         inputs: Vec::new(),
+                        check: false,
                         state: GoalState::Init,
                     },
                 );
@@ -322,6 +332,11 @@ impl<'s> Worker<'s> {
     pub fn run(&mut self, tops: &[(StorePath, Wanted)]) -> Vec<(StorePath, BuildResult)> {
         for (p, w) in tops {
             self.add_goal(p, w);
+            if self.settings.check {
+                if let Some(g) = self.goals.get_mut(p) {
+                    g.check = true;
+                }
+            }
         }
         loop {
             if interrupted() {
@@ -513,10 +528,33 @@ impl<'s> Worker<'s> {
                 )
             })
             .collect();
+        let check = g.check;
+        if check {
+            let every_valid = outputs
+                .values()
+                .all(|p| self.store.db().is_valid_path(p).unwrap_or(false));
+            let msg = if !every_valid {
+                Some(format!(
+                    "some outputs of '{}' are not valid, so checking is not possible",
+                    sd.display(key)
+                ))
+            } else if !self.settings.sandbox {
+                Some(
+                    "--check needs the sandbox: the rebuilt outputs go to its private store"
+                        .to_owned(),
+                )
+            } else {
+                None
+            };
+            if let Some(msg) = msg {
+                self.done(key, failure(BuildStatus::MiscFailure, msg));
+                return true;
+            }
+        }
         let g = self.goals.get_mut(key).expect("goal exists");
         g.outputs = outputs.clone();
         g.drv = Some(drv);
-        if all_valid {
+        if all_valid && !check {
             let r = BuildResult {
                 status: BuildStatus::AlreadyValid,
                 error: None,
@@ -609,7 +647,7 @@ impl<'s> Worker<'s> {
         let all_valid = outputs
             .values()
             .all(|p| self.store.db().is_valid_path(p).unwrap_or(false));
-        if all_valid {
+        if all_valid && !self.goals[key].check {
             let mut locks = locks;
             locks.set_deletion(true);
             let r = BuildResult {
@@ -638,8 +676,9 @@ impl<'s> Worker<'s> {
         let input_closure = self.input_closure(key).map_err(|e| e.to_string())?;
         let g = &self.goals[key];
         let drv = g.drv.as_ref().ok_or("derivation not loaded")?;
-        // Leftovers of an interrupted build at the output paths are not valid: remove.
-        for p in g.outputs.values() {
+        // Leftovers of an interrupted build at the output paths are not valid: remove
+        // (a check leaves the valid outputs alone: it builds in the sandbox's store).
+        for p in g.outputs.values().filter(|_| !g.check) {
             let real = self.store.real_path(p);
             firn_store::canonical::delete_path(&real)
                 .map_err(|e| format!("{}: {e}", real.display()))?;
@@ -845,6 +884,42 @@ impl<'s> Worker<'s> {
         let drv = g.drv.take();
         let log = Some(build.running.build_dir.clone());
         let status = build.running.status;
+        if g.check {
+            let result = match (killed, status) {
+                (Some(k), _) => Err(k),
+                (None, Some(s)) if !s.success() => Err((
+                    BuildStatus::PermanentFailure,
+                    format!(
+                        "builder for '{}' failed with exit code {}",
+                        sd.display(key),
+                        s.code().unwrap_or(-1)
+                    ),
+                )),
+                _ => self.compare_check(key, &outputs, build.chroot.as_deref()),
+            };
+            if let Some(chroot) = &build.chroot {
+                let _ = firn_store::canonical::delete_path(chroot);
+            }
+            let _ = build.running.finish(false);
+            let (status, error) = match result {
+                Ok(()) => (BuildStatus::Built, None),
+                Err((st, msg)) => (st, Some(msg)),
+            };
+            let r = BuildResult {
+                status,
+                error,
+                outputs,
+                start_time: build.start_time,
+                stop_time: unix_now(),
+                log: Some(self.log_path(key)),
+            };
+            drop(build.locks);
+            if let Some(g) = self.goals.get_mut(key) {
+                g.drv = drv;
+            }
+            self.done(key, r);
+            return;
+        }
         // Sandboxed outputs were built inside the root: move them into the store (one
         // file system: a rename), then the root goes.
         let mut missing_at = BTreeMap::new();
@@ -948,6 +1023,70 @@ impl<'s> Worker<'s> {
         };
         drop(build.locks);
         self.done(key, r);
+    }
+
+    /// `--check`: compare the rebuilt outputs (in the sandbox's store) with the
+    /// registered ones; with `keep-failed` a differing one is kept as `<out>.check`.
+    fn compare_check(
+        &mut self,
+        key: &StorePath,
+        outputs: &BTreeMap<String, StorePath>,
+        chroot: Option<&std::path::Path>,
+    ) -> Result<(), (BuildStatus, String)> {
+        let sd = self.store.store_dir().clone();
+        let chroot = chroot.ok_or((
+            BuildStatus::MiscFailure,
+            "--check needs the sandbox".to_owned(),
+        ))?;
+        for (name, p) in outputs {
+            let inside = chroot
+                .join(sd.as_str().trim_start_matches('/'))
+                .join(p.base_name());
+            if std::fs::symlink_metadata(&inside).is_err() {
+                return Err((
+                    BuildStatus::OutputRejected,
+                    format!(
+                        "builder for '{}' failed to produce output path for output '{name}' at '{}'",
+                        sd.display(key),
+                        inside.display()
+                    ),
+                ));
+            }
+            let fail = |e: String| (BuildStatus::MiscFailure, e);
+            firn_store::canonical::canonicalise_path_metadata(&inside)
+                .map_err(|e| fail(e.to_string()))?;
+            let (hash, _) = firn_store::nar::hash_path(&inside).map_err(|e| fail(e.to_string()))?;
+            let registered = self
+                .store
+                .db()
+                .query_path_info(p)
+                .map_err(|e| fail(e.to_string()))?
+                .map(|i| i.nar_hash);
+            if registered != Some(hash) {
+                let real = self.store.real_path(p);
+                if self.settings.keep_failed {
+                    let mut check = real.clone().into_os_string();
+                    check.push(".check");
+                    let check = PathBuf::from(check);
+                    let _ = firn_store::canonical::delete_path(&check);
+                    if std::fs::rename(&inside, &check).is_ok() {
+                        eprintln!(
+                            "note: keeping the differing output as '{}'",
+                            check.display()
+                        );
+                    }
+                }
+                return Err((
+                    BuildStatus::NotDeterministic,
+                    format!(
+                        "derivation '{}' may not be deterministic: output '{}' differs",
+                        sd.display(key),
+                        sd.display(p)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every goal's result so far (for `--json`).

@@ -33,9 +33,14 @@ pub struct RealiseArgs {
     /// Keep building what does not depend on a failure.
     #[arg(short = 'k', long)]
     pub keep_going: bool,
-    /// Keep the build directory of failed builds.
+    /// Keep the build directory of failed builds (and, with --check, a differing
+    /// output as `<out>.check`).
     #[arg(short = 'K', long)]
     pub keep_failed: bool,
+    /// Rebuild the given derivations and compare with their registered outputs
+    /// (exit 104 if they differ).
+    #[arg(long)]
+    pub check: bool,
 }
 
 fn parse_jobs(s: &str) -> Result<usize, CliError> {
@@ -141,6 +146,7 @@ pub fn realise(
         keep_going: args.keep_going || flag(settings, "keep-going")?,
         keep_failed: args.keep_failed || flag(settings, "keep-failed")?,
         print_build_logs: !settings.quiet,
+        check: args.check,
         sandbox,
         sandbox_paths,
     };
