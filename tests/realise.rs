@@ -679,3 +679,43 @@ fn check_finds_nondeterminism() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     remove(&root);
 }
+
+/// On a terminal a status line `[done/running/total] building NAME: last line` is
+/// redrawn under the scrolling log; without one, plain lines only.
+#[test]
+fn progress_line_on_a_terminal_only() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("progress");
+    let d = busybox_drv(
+        &root,
+        "progress-demo",
+        "for i in 1 2 3; do echo step $i; sleep 0.3; done; echo x > $out",
+        &[],
+    );
+    let cmd = format!(
+        "{} --store {} --option sandbox false realise {d}",
+        firn_bin(),
+        root.display()
+    );
+    let typescript = root.join("typescript");
+    let st = Command::new("script")
+        .args(["-qc", &cmd, typescript.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let seen = String::from_utf8_lossy(&fs::read(&typescript).unwrap()).into_owned();
+    assert!(
+        seen.contains("\x1b[K[0/1/1] building progress-demo: step"),
+        "{seen:?}"
+    );
+    assert!(seen.contains("step 3"));
+    // Not a terminal: no escape sequences at all.
+    let d2 = busybox_drv(&root, "progress-plain", "echo hi; echo x > $out", &[]);
+    let out = firn(&root, &["realise", &d2], None);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\x1b'));
+    remove(&root);
+}

@@ -10,5 +10,6 @@
 pub mod executor;
 pub mod outputs;
 pub mod plan;
+pub mod progress;
 pub mod sandbox;
 pub mod worker;

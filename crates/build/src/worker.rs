@@ -11,7 +11,6 @@
 //! are killed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -245,6 +244,7 @@ pub struct Worker<'s> {
     goals: BTreeMap<StorePath, DerivationGoal>,
     running: usize,
     failed: bool,
+    progress: crate::progress::Progress,
 }
 
 impl<'s> Worker<'s> {
@@ -255,6 +255,7 @@ impl<'s> Worker<'s> {
             goals: BTreeMap::new(),
             running: 0,
             failed: false,
+            progress: crate::progress::Progress::new(),
         }
     }
 
@@ -365,12 +366,14 @@ impl<'s> Worker<'s> {
                 self.fail_remaining();
                 continue;
             }
+            self.show_status();
             if self.running > 0 {
                 self.wait_for_input();
             } else if !progressed {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        self.progress.finish();
         tops.iter()
             .map(|(p, _)| match &self.goals[p].state {
                 GoalState::Done(r) => (p.clone(), r.clone()),
@@ -430,7 +433,7 @@ impl<'s> Worker<'s> {
             if let GoalState::Building(b) = &mut g.state {
                 b.running.kill();
                 let _ = b.running.finish(false);
-                eprintln!("error: build of '{}' cancelled", sd.display(&g.drv_path));
+                let _ = &sd;
                 g.state = GoalState::Done(failure(BuildStatus::MiscFailure, "cancelled".into()));
                 self.running -= 1;
             }
@@ -442,7 +445,7 @@ impl<'s> Worker<'s> {
             self.failed = true;
             if let Some(e) = &result.error {
                 if result.status != BuildStatus::DependencyFailed || self.settings.keep_going {
-                    eprintln!("error: {e}");
+                    self.progress.line(&format!("error: {e}"));
                 }
             }
         }
@@ -632,7 +635,8 @@ impl<'s> Worker<'s> {
                 {
                     if !*said_waiting {
                         let shown: Vec<String> = outputs.values().map(|p| sd.display(p)).collect();
-                        eprintln!("waiting for lock on '{}'...", shown.join("', '"));
+                        let msg = format!("waiting for lock on '{}'...", shown.join("', '"));
+                        self.progress.line(&msg);
                         *said_waiting = true;
                     }
                 }
@@ -715,7 +719,8 @@ impl<'s> Worker<'s> {
         )
         .map_err(|e| format!("derivation '{}': {e}", sd.display(key)))?;
         let log_path = self.log_path(key);
-        eprintln!("building '{}'...", sd.display(key));
+        self.progress
+            .line(&format!("building '{}'...", sd.display(key)));
         let running = start_builder(
             self.store.root(),
             sd.as_str(),
@@ -790,17 +795,19 @@ impl<'s> Worker<'s> {
     fn service(&mut self, key: &StorePath, readable: bool) {
         let sd = self.store.store_dir().clone();
         let settings = self.settings.clone();
+        let data = match self.goals.get_mut(key).map(|g| &mut g.state) {
+            Some(GoalState::Building(b)) if readable && !b.running.eof => {
+                b.running.read_log().unwrap_or_default()
+            }
+            Some(GoalState::Building(_)) => Vec::new(),
+            _ => return,
+        };
+        if settings.print_build_logs && !data.is_empty() {
+            self.progress.log(&data);
+        }
         let Some(GoalState::Building(b)) = self.goals.get_mut(key).map(|g| &mut g.state) else {
             return;
         };
-        if readable && !b.running.eof {
-            match b.running.read_log() {
-                Ok(data) if settings.print_build_logs && !data.is_empty() => {
-                    let _ = std::io::stderr().write_all(&data);
-                }
-                _ => {}
-            }
-        }
         let mut kill_reason = None;
         if let Some(max) = settings.max_log_size {
             if b.running.log_size > max {
@@ -846,6 +853,7 @@ impl<'s> Worker<'s> {
             }
         }
         if b.running.status.is_some() {
+            let mut drained = Vec::new();
             // Collect what is still in the pipe, then finish.
             while !b.running.eof {
                 let mut fds = [PollFd::new(
@@ -858,13 +866,12 @@ impl<'s> Worker<'s> {
                 }
                 match b.running.read_log() {
                     Ok(data) if data.is_empty() => break,
-                    Ok(data) => {
-                        if settings.print_build_logs {
-                            let _ = std::io::stderr().write_all(&data);
-                        }
-                    }
+                    Ok(data) => drained.extend_from_slice(&data),
                     Err(_) => break,
                 }
+            }
+            if settings.print_build_logs && !drained.is_empty() {
+                self.progress.log(&drained);
             }
             self.finish_build(key, None);
         }
@@ -1023,6 +1030,38 @@ impl<'s> Worker<'s> {
         };
         drop(build.locks);
         self.done(key, r);
+    }
+
+    /// `[done/running/total] building a, b: last line` on a terminal.
+    fn show_status(&mut self) {
+        let (mut done, mut running, mut total) = (0, 0, 0);
+        let mut names = Vec::new();
+        let mut last = String::new();
+        for g in self.goals.values() {
+            match &g.state {
+                GoalState::Done(r) if r.status == BuildStatus::AlreadyValid => continue,
+                GoalState::Done(_) => done += 1,
+                GoalState::Building(b) => {
+                    running += 1;
+                    names.push(name_from_drv_base_name(g.drv_path.base_name()).to_owned());
+                    if let Some(l) = b.running.tail.back() {
+                        last = l.clone();
+                    }
+                }
+                GoalState::Init => continue,
+                _ => {}
+            }
+            total += 1;
+        }
+        let text = if running == 0 {
+            String::new()
+        } else {
+            format!(
+                "[{done}/{running}/{total}] building {}: {last}",
+                names.join(", ")
+            )
+        };
+        self.progress.status(&text);
     }
 
     /// `--check`: compare the rebuilt outputs (in the sandbox's store) with the
