@@ -719,3 +719,80 @@ fn progress_line_on_a_terminal_only() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains('\x1b'));
     remove(&root);
 }
+
+/// `--dry-run` builds nothing; `--json` gives one object per derivation; `--add-root`
+/// makes an indirect GC root that `query --roots` sees; `-K` keeps a failed build's
+/// directory and says where.
+#[test]
+fn dry_run_json_add_root_keep_failed() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("flags");
+    let d = busybox_drv(&root, "flags-ok", "echo hi; echo x > $out", &[]);
+    let out = firn(&root, &["realise", "--dry-run", &d], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("this derivation will be built:") && !stderr.contains("building '"),
+        "{stderr}"
+    );
+    let outp = String::from_utf8(firn(&root, &["query", "--outputs", &d], None).stdout).unwrap();
+    assert!(!root.join(outp.trim().trim_start_matches('/')).exists());
+
+    let link = root.join("result");
+    let out = firn(
+        &root,
+        &[
+            "realise",
+            "--json",
+            "--add-root",
+            link.to_str().unwrap(),
+            &d,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.starts_with("[{\"drvPath\":"), "{json}");
+    assert!(
+        json.contains("\"status\":\"Built\"") && json.contains("\"success\":true"),
+        "{json}"
+    );
+    assert!(
+        json.contains(&format!("\"out\":\"{}\"", outp.trim())),
+        "{json}"
+    );
+    assert_eq!(fs::read_link(&link).unwrap().to_str().unwrap(), outp.trim());
+    let roots =
+        String::from_utf8(firn(&root, &["query", "--roots", outp.trim()], None).stdout).unwrap();
+    assert!(
+        roots.contains(&format!("{} -> {}", link.display(), outp.trim())),
+        "{roots}"
+    );
+
+    let bad = busybox_drv(
+        &root,
+        "flags-bad",
+        "echo partial > $NIX_BUILD_TOP/left; exit 2",
+        &[],
+    );
+    let out = firn(&root, &["realise", "-K", &bad], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(100), "{stderr}");
+    let kept = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("note: keeping build directory '"))
+        .map(|l| l.trim_end_matches('\'').to_owned())
+        .unwrap_or_else(|| panic!("no keep note: {stderr}"));
+    assert_eq!(
+        fs::read_to_string(Path::new(&kept).join("left")).unwrap(),
+        "partial\n"
+    );
+    remove(Path::new(&kept));
+    remove(&root);
+}
