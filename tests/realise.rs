@@ -796,3 +796,40 @@ fn dry_run_json_add_root_keep_failed() {
     remove(Path::new(&kept));
     remove(&root);
 }
+
+/// `DRV^dev` realises the derivation and prints only the wanted output.
+#[test]
+fn wanted_outputs_are_honoured() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("wanted");
+    let drv = instantiate(&root, "multi.nix");
+    let out = run(
+        firn_bin(),
+        &[
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "realise",
+            &format!("{drv}^dev,lib"),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // nix-2.8-vectors/cases/multi: lib, dev (sorted by path), not out.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/nix/store/b2p59gds04g42svlsw89viqi8iz6avm1-multi-lib\n/nix/store/bz1rwqj4qhmnwmgw77m4761mh0f58w4m-multi-dev\n"
+    );
+    let out = firn(&root, &["realise", &format!("{drv}^nope")], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not have wanted outputs 'nope'"));
+    remove(&root);
+}

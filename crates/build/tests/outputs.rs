@@ -231,3 +231,114 @@ fn allowed_references_are_enforced() {
     register_outputs(&mut store, &b2).unwrap();
     cleanup(&root);
 }
+
+/// The other constraints: disallowedReferences, allowed/disallowedRequisites (closure,
+/// output names resolved), and structured `outputChecks` with maxSize/maxClosureSize.
+#[test]
+fn other_reference_constraints() {
+    let root = tempdir("constraints");
+    let mut store = Store::open(&root).unwrap();
+    let sd = StoreDir::default();
+    // A valid dependency chain in the store: top -> mid -> base.
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("base"), b"base\n").unwrap();
+    let base = store
+        .add_to_store(
+            &src.join("base"),
+            firn_derivation::FileIngestionMethod::Recursive,
+            firn_derivation::HashAlgo::Sha256,
+        )
+        .unwrap()
+        .path;
+    let mid = store
+        .add_text(
+            "mid",
+            sd.display(&base).as_bytes(),
+            [base.clone()].into(),
+            BTreeMap::new(),
+        )
+        .unwrap()
+        .path;
+    let (drv_path, text) = fixture_drv("single");
+    let check = |env: &[(&str, &str)]| {
+        let mut drv = parse(&drv_path, &text);
+        for (k, v) in env {
+            drv.env
+                .insert(k.as_bytes().to_vec().into(), v.as_bytes().to_vec().into());
+        }
+        let root2 = tempdir(&format!(
+            "c-{}",
+            env.iter().map(|(k, _)| *k).collect::<Vec<_>>().join("-")
+        ));
+        // Each case in its own store, with the same valid inputs.
+        let mut s2 = Store::open(&root2).unwrap();
+        let b2 = s2
+            .add_to_store(
+                &src.join("base"),
+                firn_derivation::FileIngestionMethod::Recursive,
+                firn_derivation::HashAlgo::Sha256,
+            )
+            .unwrap()
+            .path;
+        let m2 = s2
+            .add_text(
+                "mid",
+                sd.display(&b2).as_bytes(),
+                [b2.clone()].into(),
+                BTreeMap::new(),
+            )
+            .unwrap()
+            .path;
+        let mut b = built(&drv_path, &drv);
+        b.input_closure = [b2.clone(), m2.clone()].into();
+        fs::write(
+            s2.real_path(&b.outputs["out"]),
+            format!("uses {}\n", sd.display(&m2)),
+        )
+        .unwrap();
+        let r = register_outputs(&mut s2, &b).map(|_| ());
+        cleanup(&root2);
+        r
+    };
+    let mid_s = sd.display(&mid);
+    let base_s = sd.display(&base);
+    assert!(check(&[]).is_ok());
+    assert!(matches!(
+        check(&[("disallowedReferences", &mid_s)]),
+        Err(OutputError::Disallowed { .. })
+    ));
+    assert!(
+        check(&[("disallowedReferences", &base_s)]).is_ok(),
+        "base is not a direct reference"
+    );
+    assert!(matches!(
+        check(&[("disallowedRequisites", &base_s)]),
+        Err(OutputError::Disallowed { .. })
+    ));
+    assert!(matches!(
+        check(&[("allowedRequisites", &mid_s)]),
+        Err(OutputError::Disallowed { .. })
+    ));
+    let both = format!("{mid_s} {base_s}");
+    assert!(check(&[("allowedRequisites", &both)]).is_ok());
+    assert!(matches!(
+        check(&[("allowedReferences", "bogus")]),
+        Err(OutputError::IllegalSpecifier { .. })
+    ));
+    let json = |oc: &str| format!(r#"{{"outputChecks":{{"out":{oc}}}}}"#);
+    assert!(matches!(
+        check(&[("__json", &json(r#"{"maxSize":10}"#))]),
+        Err(OutputError::TooLarge { .. })
+    ));
+    assert!(check(&[("__json", &json(r#"{"maxSize":100000}"#))]).is_ok());
+    assert!(matches!(
+        check(&[("__json", &json(r#"{"maxClosureSize":200}"#))]),
+        Err(OutputError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        check(&[("__json", &json(&format!(r#"{{"allowedReferences":[]}}"#)))]),
+        Err(OutputError::Disallowed { .. })
+    ));
+    cleanup(&root);
+}
