@@ -337,7 +337,7 @@ fn other_reference_constraints() {
         Err(OutputError::TooLarge { .. })
     ));
     assert!(matches!(
-        check(&[("__json", &json(&format!(r#"{{"allowedReferences":[]}}"#)))]),
+        check(&[("__json", &json(r#"{"allowedReferences":[]}"#))]),
         Err(OutputError::Disallowed { .. })
     ));
     cleanup(&root);
