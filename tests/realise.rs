@@ -834,3 +834,153 @@ fn wanted_outputs_are_honoured() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not have wanted outputs 'nope'"));
     remove(&root);
 }
+
+/// The isolation battery, for what the sandbox does so far (the user namespace and
+/// seccomp are still to come): each line of the probe's output states one property,
+/// and each is asserted here.
+#[test]
+fn sandbox_isolation_battery() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("isolation");
+    // Host-side things the builder must not see or reach.
+    let shm = Command::new("ipcmk").args(["-M", "4096"]).output().unwrap();
+    let sem = Command::new("ipcmk").args(["-S", "1"]).output().unwrap();
+    let msg = Command::new("ipcmk").args(["-Q"]).output().unwrap();
+    let ids: Vec<String> = [&shm, &sem, &msg]
+        .iter()
+        .filter_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .last()
+                .map(str::to_owned)
+        })
+        .collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let marker = format!("firn-host-marker-{}", std::process::id());
+    let mut host_proc = Command::new("/bin/busybox")
+        .args(["sh", "-c", "sleep 60; true", &marker])
+        .spawn()
+        .unwrap();
+    let src_dir = root.join("src");
+    fs::create_dir_all(&src_dir).unwrap();
+    fs::write(src_dir.join("input.txt"), b"input\n").unwrap();
+    fs::write(src_dir.join("unrelated.txt"), b"unrelated\n").unwrap();
+    let input = String::from_utf8(
+        firn(
+            &root,
+            &["add", src_dir.join("input.txt").to_str().unwrap()],
+            None,
+        )
+        .stdout,
+    )
+    .unwrap();
+    let unrelated = String::from_utf8(
+        firn(
+            &root,
+            &["add", src_dir.join("unrelated.txt").to_str().unwrap()],
+            None,
+        )
+        .stdout,
+    )
+    .unwrap();
+    let (input, unrelated) = (input.trim().to_owned(), unrelated.trim().to_owned());
+    let bg = format!("firn-bg-marker-{}", std::process::id());
+    let script = format!(
+        r#"
+r() {{ echo "$1=$2" >> $out; }}
+r hostname "$(hostname)"
+r domainname "$(cat /proc/sys/kernel/domainname)"
+r pid "$$"
+r netdevs "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
+r lo_up "$(ip link show lo | grep -c UP)"
+r shm "$(tail -n +2 /proc/sysvipc/shm | wc -l)"
+r sem "$(tail -n +2 /proc/sysvipc/sem | wc -l)"
+r msg "$(tail -n +2 /proc/sysvipc/msg | wc -l)"
+r nprocs "$(ls -d /proc/[0-9]* | wc -l)"
+if nc -w 1 127.0.0.1 {port} < /dev/null; then r tcp reached; else r tcp refused; fi
+if [ -e {unrelated} ]; then r unrelated present; else r unrelated absent; fi
+if [ -e {input} ]; then r input present; else r input absent; fi
+if echo x >> {input} 2>/dev/null; then r input_write ok; else r input_write denied; fi
+r dev "$(ls /dev | tr '\n' ' ')"
+r etc "$(ls /etc | tr '\n' ' ')"
+r root "$(ls / | tr '\n' ' ')"
+/bin/busybox sh -c 'sleep 60; true' {bg} &
+"#
+    );
+    let json = format!(
+        r#"{{"name":"isolation","outputs":{{"out":{{}}}},"inputSrcs":["{input}"],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"name":"isolation","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
+        serde_json_string(&script)
+    );
+    let drv = String::from_utf8(firn(&root, &["derivation", "add"], Some(json.as_bytes())).stdout)
+        .unwrap();
+    let out = run(
+        firn_bin(),
+        &[
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "sandbox-paths",
+            "/bin/busybox",
+            "realise",
+            drv.trim(),
+        ],
+        None,
+    );
+    let _ = host_proc.kill();
+    for (id, flag) in ids.iter().zip(["-m", "-s", "-q"]) {
+        let _ = Command::new("ipcrm").args([flag, id]).output();
+    }
+    drop(listener);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout).unwrap();
+    let probe = fs::read_to_string(root.join(path.trim().trim_start_matches('/'))).unwrap();
+    let get = |k: &str| {
+        probe
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing in {probe}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(get("hostname"), "localhost");
+    assert_eq!(get("domainname"), "(none)");
+    assert_eq!(get("pid"), "1", "the builder is PID 1");
+    assert_eq!(get("netdevs"), "lo", "only lo");
+    assert_eq!(get("lo_up"), "1");
+    assert_eq!(
+        (get("shm"), get("sem"), get("msg")),
+        ("0".into(), "0".into(), "0".into()),
+        "host SysV IPC visible"
+    );
+    // The host runs hundreds of processes (one of them `marker`); the builder's PID
+    // namespace holds only its own few.
+    let nprocs: usize = get("nprocs").parse().unwrap();
+    assert!(
+        nprocs < 8,
+        "{nprocs} processes visible: host processes leak in"
+    );
+    assert_eq!(get("tcp"), "refused", "host loopback reachable");
+    assert_eq!(get("unrelated"), "absent");
+    assert_eq!(get("input"), "present");
+    assert_eq!(get("input_write"), "denied", "inputs must be read-only");
+    assert_eq!(
+        get("dev"),
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    );
+    assert_eq!(get("etc"), "group hosts passwd");
+    assert_eq!(get("root"), "bin build dev etc nix proc tmp");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let left = Command::new("pgrep").args(["-f", &bg]).output().unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "a background process of the builder survived"
+    );
+    remove(&root);
+}
