@@ -930,6 +930,7 @@ r root "$(ls / | tr '\n' ' ')"
         None,
     );
     let _ = host_proc.kill();
+    let _ = host_proc.wait();
     for (id, flag) in ids.iter().zip(["-m", "-s", "-q"]) {
         let _ = Command::new("ipcrm").args([flag, id]).output();
     }
