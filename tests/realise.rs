@@ -907,6 +907,11 @@ if echo x >> {input} 2>/dev/null; then r input_write ok; else r input_write deni
 r dev "$(ls /dev | tr '\n' ' ')"
 r etc "$(ls /etc | tr '\n' ' ')"
 r root "$(ls / | tr '\n' ' ')"
+touch /build/suid
+if chmod 4755 /build/suid 2>/dev/null; then r suid allowed; else r suid denied; fi
+if chmod 0755 /build/suid; then r chmod ok; else r chmod denied; fi
+r nnp "$(grep NoNewPrivs /proc/self/status | tr -d ' \t' | cut -d: -f2)"
+r seccomp "$(grep '^Seccomp:' /proc/self/status | tr -d ' \t' | cut -d: -f2)"
 /bin/busybox sh -c 'sleep 60; true' {bg} &
 "#
     );
@@ -977,6 +982,10 @@ r root "$(ls / | tr '\n' ' ')"
     );
     assert_eq!(get("etc"), "group hosts passwd");
     assert_eq!(get("root"), "bin build dev etc nix proc tmp");
+    assert_eq!(get("suid"), "denied", "chmod 4755 must fail (seccomp)");
+    assert_eq!(get("chmod"), "ok", "ordinary chmod still works");
+    assert_eq!(get("nnp"), "1");
+    assert_eq!(get("seccomp"), "2");
     std::thread::sleep(std::time::Duration::from_millis(200));
     let left = Command::new("pgrep").args(["-f", &bg]).output().unwrap();
     assert!(
