@@ -428,12 +428,10 @@ impl<'s> Worker<'s> {
     }
 
     fn cancel_running(&mut self) {
-        let sd = self.store.store_dir().clone();
         for g in self.goals.values_mut() {
             if let GoalState::Building(b) = &mut g.state {
                 b.running.kill();
                 let _ = b.running.finish(false);
-                let _ = &sd;
                 g.state = GoalState::Done(failure(BuildStatus::MiscFailure, "cancelled".into()));
                 self.running -= 1;
             }
