@@ -13,10 +13,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use firn_derivation::{
-    Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, Hasher, StorePath,
+    Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, StorePath,
 };
 use firn_store::canonical::{canonicalise_path_metadata, delete_path};
 use firn_store::db::{topo_sort, Registration, ValidPathInfo};
+use firn_store::nar::HashSink;
 use firn_store::references::scan_path;
 use firn_store::store::{fixed_ca, now};
 use firn_store::{Store, StoreError};
@@ -236,10 +237,10 @@ fn content_hash(
             if !meta.is_file() || meta.mode() & 0o100 != 0 {
                 return Err(OutputError::FlatNotRegular(real.display().to_string()));
             }
-            let mut h = Hasher::new(fixed.hash.algo());
+            let mut h = HashSink::with_algo(fixed.hash.algo());
             let mut f = fs::File::open(real).map_err(io_err(real))?;
-            io::copy(&mut f, &mut HashWrite(&mut h)).map_err(io_err(real))?;
-            Ok(h.finish())
+            io::copy(&mut f, &mut h).map_err(io_err(real))?;
+            Ok(h.finish().0)
         }
         FileIngestionMethod::Recursive
             if fixed.hash.algo() == firn_derivation::HashAlgo::Sha256 =>
@@ -247,22 +248,10 @@ fn content_hash(
             Ok(*nar_sha256)
         }
         FileIngestionMethod::Recursive => {
-            let mut h = Hasher::new(fixed.hash.algo());
-            firn_store::nar::dump_path(real, &mut HashWrite(&mut h)).map_err(StoreError::from)?;
-            Ok(h.finish())
+            let mut h = HashSink::with_algo(fixed.hash.algo());
+            firn_store::nar::dump_path(real, &mut h).map_err(StoreError::from)?;
+            Ok(h.finish().0)
         }
-    }
-}
-
-struct HashWrite<'h>(&'h mut Hasher);
-
-impl io::Write for HashWrite<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -1133,11 +1133,6 @@ impl<'s> Worker<'s> {
             _ => None,
         })
     }
-
-    /// The derivation's name (for messages).
-    pub fn name_of(p: &StorePath) -> &str {
-        name_from_drv_base_name(p.base_name())
-    }
 }
 
 fn failure(status: BuildStatus, msg: String) -> BuildResult {

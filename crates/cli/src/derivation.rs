@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use firn_derivation::{
@@ -47,30 +47,10 @@ pub fn run(
     }
 }
 
-/// Lexically normalise an absolute or relative path (no symlinks resolved).
-fn absolute(path: &Path) -> PathBuf {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(path)
-    };
-    let mut out = PathBuf::from("/");
-    for c in joined.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(n) => out.push(n),
-            _ => {}
-        }
-    }
-    out
-}
-
 /// The key `nix show-derivation` would use and where to read the file from.
 fn locate(arg: &Path, settings: &Settings) -> (String, PathBuf) {
     let store = settings.store_dir.as_str();
-    let abs = absolute(arg);
+    let abs = firn_store::store::absolute(arg);
     let abs_str = abs.to_string_lossy();
     let base = abs
         .file_name()

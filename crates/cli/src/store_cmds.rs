@@ -82,7 +82,7 @@ pub fn hash(
 ) -> Result<(), CliError> {
     let algo = HashAlgo::parse(algo).map_err(|e| CliError::usage(e.to_string()))?;
     for p in paths {
-        let mut hasher = HasherWriter(firn_derivation::Hasher::new(algo));
+        let mut hasher = firn_store::nar::HashSink::with_algo(algo);
         if flat {
             let mut f = std::fs::File::open(p).map_err(|e| CliError::read(p, e))?;
             io::copy(&mut f, &mut hasher).map_err(|e| CliError::read(p, e))?;
@@ -90,7 +90,7 @@ pub fn hash(
             firn_store::nar::dump_path_pipelined(p, &mut hasher)
                 .map_err(|e| CliError::usage(e.to_string()))?;
         }
-        let h = hasher.0.finish();
+        let (h, _) = hasher.finish();
         let shown = if base32 {
             h.to_nixbase32()
         } else {
@@ -99,18 +99,6 @@ pub fn hash(
         w(out, &format!("{shown}\n"))?;
     }
     Ok(())
-}
-
-struct HasherWriter(firn_derivation::Hasher);
-
-impl Write for HasherWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 pub fn restore(path: &std::path::Path) -> Result<(), CliError> {

@@ -14,15 +14,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use firn_derivation::{
     name_from_drv_base_name, parse_derivation, Derivation, FileIngestionMethod, FixedOutputHash,
-    Hash, HashAlgo, Hasher, InputDrvHash, ModuloCache, ModuloError, StoreDir, StorePath,
-    StorePathError,
+    Hash, HashAlgo, InputDrvHash, ModuloCache, ModuloError, StoreDir, StorePath, StorePathError,
 };
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
@@ -327,9 +326,9 @@ impl Store {
             .unwrap_or_default();
         let hash = match method {
             FileIngestionMethod::Recursive => {
-                let mut h = Hasher::new(algo);
-                nar::dump_path_pipelined(src, &mut HasherWriter(&mut h))?;
-                h.finish()
+                let mut h = nar::HashSink::with_algo(algo);
+                nar::dump_path_pipelined(src, &mut h)?;
+                h.finish().0
             }
             FileIngestionMethod::Flat => {
                 let meta = fs::symlink_metadata(src).map_err(io_err(src))?;
@@ -338,10 +337,10 @@ impl Store {
                         path: src.to_path_buf(),
                     });
                 }
-                let mut h = Hasher::new(algo);
+                let mut h = nar::HashSink::with_algo(algo);
                 let mut f = File::open(src).map_err(io_err(src))?;
-                io::copy(&mut f, &mut HasherWriter(&mut h)).map_err(io_err(src))?;
-                h.finish()
+                io::copy(&mut f, &mut h).map_err(io_err(src))?;
+                h.finish().0
             }
         };
         let fixed = FixedOutputHash { method, hash };
@@ -486,26 +485,6 @@ impl Store {
         }
         Ok(())
     }
-
-    /// Restore a NAR from `input` into the store as `path` (not registered: the caller
-    /// decides its metadata). The path must not be valid.
-    pub fn restore_nar(&self, input: &mut impl Read, target: &Path) -> Result<(), StoreError> {
-        nar::restore_path(input, target)?;
-        Ok(())
-    }
-}
-
-/// `io::Write` into a hasher.
-struct HasherWriter<'h>(&'h mut Hasher);
-
-impl Write for HasherWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Copy a tree by serialising it as a NAR and restoring that, so exactly what the NAR
@@ -557,7 +536,7 @@ fn sync_tree(path: &Path) {
 }
 
 /// Make `p` absolute and resolve `.` and `..` lexically (no symlinks followed).
-fn absolute(p: &Path) -> PathBuf {
+pub fn absolute(p: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
