@@ -257,7 +257,7 @@ impl Store {
         if let Some(info) = self.db.query_path_info(&path)? {
             return Ok(info);
         }
-        let _locks = self.lock(&path)?;
+        let mut locks = self.lock(&path)?;
         // Someone may have added it while we waited.
         if let Some(info) = self.db.query_path_info(&path)? {
             return Ok(info);
@@ -309,6 +309,8 @@ impl Store {
             let _ = delete_path(&real);
             return Err(e.into());
         }
+        // Valid now: the lock file has done its job (Nix's `setDeletion(true)`).
+        locks.set_deletion(true);
         Ok(info)
     }
 
