@@ -888,6 +888,15 @@ if chmod 4755 /build/suid 2>/dev/null; then r suid allowed; else r suid denied; 
 if chmod 0755 /build/suid; then r chmod ok; else r chmod denied; fi
 r nnp "$(grep NoNewPrivs /proc/self/status | tr -d ' \t' | cut -d: -f2)"
 r seccomp "$(grep '^Seccomp:' /proc/self/status | tr -d ' \t' | cut -d: -f2)"
+r uid_map "$(cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //')"
+r gid_map "$(cat /proc/self/gid_map | tr -s ' ' | sed 's/^ //')"
+r setgroups "$(cat /proc/self/setgroups)"
+r ids "$(id -u):$(id -g):$(id -G)"
+r caps "$(grep '^CapEff:' /proc/self/status | tr -d ' \t' | cut -d: -f2)"
+r proc_sys "$(grep ' /proc/sys ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1)"
+r kallsyms "$(wc -c < /proc/kallsyms)"
+r acpi "$(ls /proc/acpi 2>/dev/null | wc -l)"
+if echo 1 > /proc/sysrq-trigger 2>/dev/null; then r sysrq writable; else r sysrq denied; fi
 /bin/busybox sh -c 'sleep 60; true' {bg} &
 "#
     );
@@ -952,10 +961,42 @@ r seccomp "$(grep '^Seccomp:' /proc/self/status | tr -d ' \t' | cut -d: -f2)"
     assert_eq!(get("unrelated"), "absent");
     assert_eq!(get("input"), "present");
     assert_eq!(get("input_write"), "denied", "inputs must be read-only");
+    // /dev/kvm comes along where the host has it, as in Nix.
+    let kvm = if Path::new("/dev/kvm").exists() {
+        "kvm "
+    } else {
+        ""
+    };
     assert_eq!(
         get("dev"),
-        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+        format!("fd full {kvm}null ptmx pts random shm stderr stdin stdout tty urandom zero")
     );
+    // The user namespace: Nix's 1000:100 inside, the build user outside, no groups,
+    // no capabilities.
+    let (uid_map, gid_map) = (get("uid_map"), get("gid_map"));
+    let umap: Vec<&str> = uid_map.split(' ').collect();
+    let gmap: Vec<&str> = gid_map.split(' ').collect();
+    assert_eq!((umap[0], umap[2]), ("1000", "1"), "uid_map {uid_map}");
+    assert_eq!((gmap[0], gmap[2]), ("100", "1"), "gid_map {gid_map}");
+    assert_ne!(umap[1], "0", "the builder must not be root outside");
+    let nixbld = Command::new("getent")
+        .args(["group", "nixbld"])
+        .output()
+        .unwrap();
+    let nixbld_gid = String::from_utf8_lossy(&nixbld.stdout)
+        .split(':')
+        .nth(2)
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(gmap[1], nixbld_gid, "mapped to the nixbld group");
+    assert_eq!(get("setgroups"), "deny");
+    assert_eq!(get("ids"), "1000:100:100");
+    assert_eq!(get("caps"), "0000000000000000");
+    // /proc is masked (beyond Nix, #4327).
+    assert_eq!(get("proc_sys"), "ro", "/proc/sys must be read-only");
+    assert_eq!(get("kallsyms"), "0", "/proc/kallsyms must be masked");
+    assert_eq!(get("acpi"), "0", "/proc/acpi must be empty");
+    assert_eq!(get("sysrq"), "denied");
     assert_eq!(get("etc"), "group hosts passwd");
     assert_eq!(get("root"), "bin build dev etc nix proc tmp");
     assert_eq!(get("suid"), "denied", "chmod 4755 must fail (seccomp)");

@@ -216,11 +216,16 @@ pub fn start_builder(
 ) -> Result<RunningBuild, ExecError> {
     let root_is_slash = store_root == Path::new("/");
     let is_root = Uid::effective().is_root();
-    if (!root_is_slash || sandbox.is_some()) && !is_root {
+    if !root_is_slash && sandbox.is_none() && !is_root {
         return Err(ExecError::NeedRoot(store_root.display().to_string()));
     }
+    // The builder's host identity: the build user, else the caller.
+    let host_ids = user
+        .as_ref()
+        .map(|u| (u.uid, u.gid))
+        .unwrap_or_else(|| (Uid::effective().as_raw(), Gid::effective().as_raw()));
     let sandbox_setup = match sandbox {
-        Some(plan) => Some(prepare_root(plan, user.as_ref())?),
+        Some(plan) => Some(prepare_root(plan, user.as_ref(), host_ids)?),
         None => None,
     };
     for (name, contents) in &spawn.files {
@@ -237,6 +242,12 @@ pub fn start_builder(
     let log_tmp = log_path.with_extension(format!("tmp.{}", std::process::id()));
     let log_file = File::create(&log_tmp).map_err(io_err(&log_tmp))?;
 
+    // Read-write, as Nix opens it.
+    let dev_null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err(Path::new("/dev/null")))?;
     let (reader, writer) = io::pipe().map_err(io_err(&build_dir))?;
     let writer2 = writer.try_clone().map_err(io_err(&build_dir))?;
     let program = OsStr::from_bytes(&spawn.program);
@@ -253,7 +264,7 @@ pub fn start_builder(
                 .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
         )
         .current_dir(&build_dir)
-        .stdin(Stdio::null())
+        .stdin(dev_null)
         .stdout(Stdio::from(writer))
         .stderr(Stdio::from(writer2))
         .process_group(0);
@@ -274,8 +285,9 @@ pub fn start_builder(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            close_inherited_fds();
             if let Some(setup) = &sandbox_setup {
-                return enter_sandbox(setup, ids);
+                return enter_sandbox(setup);
             }
             if is_root {
                 if libc::unshare(libc::CLONE_NEWNS) != 0 {
@@ -332,6 +344,23 @@ pub fn start_builder(
         status: None,
         eof: false,
     })
+}
+
+/// Descriptors firn inherited from its own caller must not reach the builder (Nix's
+/// `closeMostFDs`): mark everything above stderr close-on-exec. Closing them outright
+/// is not possible here: `Command` reports a failed exec through one of them.
+fn close_inherited_fds() {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: plain system calls on descriptor numbers.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+            // Kernels before 5.11: one fcntl per possible descriptor.
+            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 65536) as i32;
+            for fd in 3..max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// Become the build user (no supplementary groups).
@@ -411,6 +440,14 @@ fn seccomp_filter() -> Vec<libc::sock_filter> {
     f
 }
 
+/// How one `/proc` entry is masked, for the child (see [`crate::sandbox::ProcMask`]).
+#[derive(Debug, Clone, Copy)]
+enum MaskKind {
+    File,
+    Dir,
+    ReadOnly,
+}
+
 /// Everything `enter_sandbox` needs, as C strings made before the fork.
 #[derive(Debug)]
 struct SandboxSetup {
@@ -420,37 +457,54 @@ struct SandboxSetup {
     /// (source, target in the root, read-only).
     binds: Vec<(CString, CString, bool)>,
     proc_dir: CString,
+    proc_masks: Vec<(CString, MaskKind)>,
     shm_dir: CString,
     pts_dir: CString,
     private_network: bool,
     put_old: CString,
     put_old_inside: CString,
     build_dir: CString,
+    /// `1000 <uid> 1` and `100 <gid> 1`: the builder's ids mapped to the build user's
+    /// (or the caller's).
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
 }
 
 /// Create the sandbox's root on the host (directories, files, mount points) as the plan
-/// says; the mounts themselves happen in the child's own mount namespace.
-fn prepare_root(plan: &SandboxPlan, user: Option<&BuildUser>) -> Result<SandboxSetup, ExecError> {
+/// says; the mounts themselves happen in the child's own mount namespace. `ids` are the
+/// host uid and gid the builder runs as.
+fn prepare_root(
+    plan: &SandboxPlan,
+    user: Option<&BuildUser>,
+    ids: (u32, u32),
+) -> Result<SandboxSetup, ExecError> {
     let root = &plan.root;
     firn_store::canonical::delete_path(root).map_err(io_err(root))?;
     fs::create_dir_all(root).map_err(io_err(root))?;
-    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(io_err(root))?;
+    // As Nix: 0750 and group-owned by the build group, so the builder can enter it
+    // and nobody else on the host can.
+    fs::set_permissions(root, fs::Permissions::from_mode(0o750)).map_err(io_err(root))?;
+    let chgrp = |p: &Path| -> Result<(), ExecError> {
+        if let Some(u) = user {
+            nix::unistd::chown(p, None, Some(Gid::from_raw(u.gid)))
+                .map_err(|e| io_err(p)(e.into()))?;
+        }
+        Ok(())
+    };
+    chgrp(root)?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     for (d, mode) in &plan.dirs {
         let p = inside(d);
         fs::create_dir_all(&p).map_err(io_err(&p))?;
         fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err(&p))?;
         if *mode == 0o1775 {
-            if let Some(u) = user {
-                nix::unistd::chown(&p, None, Some(Gid::from_raw(u.gid)))
-                    .map_err(|e| io_err(&p)(e.into()))?;
-            }
+            chgrp(&p)?;
         }
     }
     for (f, contents) in &plan.files {
         let p = inside(f);
         fs::write(&p, contents).map_err(io_err(&p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o444)).map_err(io_err(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).map_err(io_err(&p))?;
     }
     for (link, target) in &plan.symlinks {
         let p = inside(link);
@@ -475,6 +529,18 @@ fn prepare_root(plan: &SandboxPlan, user: Option<&BuildUser>) -> Result<SandboxS
         }
         binds.push((c(&b.source)?, c(&target)?, b.read_only));
     }
+    let mut proc_masks = Vec::new();
+    for m in &plan.proc_masks {
+        let (p, kind) = match m {
+            crate::sandbox::ProcMask::File(p) => (p, MaskKind::File),
+            crate::sandbox::ProcMask::Dir(p) => (p, MaskKind::Dir),
+            crate::sandbox::ProcMask::ReadOnly(p) => (p, MaskKind::ReadOnly),
+        };
+        // The kernel that serves the sandbox's /proc is this one: skip what it lacks.
+        if fs::symlink_metadata(p).is_ok() {
+            proc_masks.push((c(&inside(p))?, kind));
+        }
+    }
     let put_old = root.join("real-root");
     fs::create_dir_all(&put_old).map_err(io_err(&put_old))?;
     Ok(SandboxSetup {
@@ -482,36 +548,196 @@ fn prepare_root(plan: &SandboxPlan, user: Option<&BuildUser>) -> Result<SandboxS
         root: c(root)?,
         binds,
         proc_dir: c(&inside(Path::new("/proc")))?,
+        proc_masks,
         shm_dir: c(&inside(Path::new("/dev/shm")))?,
         pts_dir: c(&inside(Path::new("/dev/pts")))?,
         private_network: plan.private_network,
         put_old: c(&put_old)?,
         put_old_inside: c(Path::new("/real-root"))?,
         build_dir: c(&plan.build_dir)?,
+        uid_map: format!("{} {} 1\n", crate::sandbox::SANDBOX_UID, ids.0).into_bytes(),
+        gid_map: format!("{} {} 1\n", crate::sandbox::SANDBOX_GID, ids.1).into_bytes(),
     })
 }
 
-/// In the forked child: new namespaces, the mounts, then a second fork so that the
-/// builder is PID 1 of its PID namespace (this process stays behind as a shim that
-/// waits for it and exits the same way); the builder's side pivots into the root and
-/// drops to the build user. A namespace that cannot be created is an error: there is
-/// no silent unsandboxed fallback (Nix #8165).
+/// `/proc/<pid>/<name>` as a C string in `buf`, without allocating (after fork).
+fn proc_file<'b>(buf: &'b mut [u8; 64], pid: i32, name: &[u8]) -> &'b libc::c_char {
+    let mut digits = [0u8; 12];
+    let mut n = pid.unsigned_abs();
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut len = 0;
+    for part in [b"/proc/".as_slice(), &digits[i..], b"/", name] {
+        for &b in part {
+            if len < buf.len() - 1 {
+                buf[len] = b;
+                len += 1;
+            }
+        }
+    }
+    buf[len] = 0;
+    // SAFETY: reinterpreting a u8 as a c_char.
+    unsafe { &*(buf.as_ptr().cast::<libc::c_char>()) }
+}
+
+/// Write `data` to `/proc/<pid>/<name>` (the user namespace's id maps).
+///
+/// # Safety
+/// After fork: system calls only.
+unsafe fn write_proc_file(pid: i32, name: &[u8], data: &[u8]) -> io::Result<()> {
+    let mut buf = [0u8; 64];
+    let path = proc_file(&mut buf, pid, name);
+    // SAFETY: a NUL-terminated path and a live buffer.
+    unsafe {
+        let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::write(fd, data.as_ptr().cast(), data.len());
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n != data.len() as isize {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Bind-remount `dst` read-only, keeping the flags its mount already has: in a user
+/// namespace the flags inherited from the host (nosuid, nodev, noexec, atime) are locked
+/// and a remount that would clear them fails.
+///
+/// # Safety
+/// After fork: system calls only.
+unsafe fn remount_read_only(dst: &CString) -> io::Result<()> {
+    // SAFETY: plain system calls on a C string and a local struct.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(dst.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+        for (st_flag, ms) in [
+            (libc::ST_NOSUID, libc::MS_NOSUID),
+            (libc::ST_NODEV, libc::MS_NODEV),
+            (libc::ST_NOEXEC, libc::MS_NOEXEC),
+            (libc::ST_NOATIME, libc::MS_NOATIME),
+            (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+            (libc::ST_RELATIME, libc::MS_RELATIME),
+        ] {
+            if st.f_flag & st_flag != 0 {
+                flags |= ms;
+            }
+        }
+        if libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// In the forked child (the "shim"): `clone` the builder into new user, mount, PID,
+/// IPC, UTS and (unless fixed-output) network namespaces, so that it is PID 1 of its
+/// PID namespace; write its uid/gid maps from outside (`1000 → uid`, `100 → gid`,
+/// `setgroups deny`, as Nix), release it, then wait for it and exit the same way. The
+/// builder's side does the mounts with the capabilities it has in its own user
+/// namespace, pivots into the root, becomes 1000:100 and returns to exec. Because the
+/// namespaces belong to the new user namespace, the same code serves root (mapping to a
+/// build user) and ordinary users (mapping to themselves). A namespace that cannot be
+/// created is an error: there is no silent unsandboxed fallback (Nix #8165).
 ///
 /// # Safety
 /// Only for a freshly forked child; async-signal-safe calls only.
-unsafe fn enter_sandbox(s: &SandboxSetup, ids: Option<(u32, u32)>) -> io::Result<()> {
+unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
     let fail = || Err(io::Error::last_os_error());
     let null = std::ptr::null::<libc::c_char>();
     // SAFETY: system calls on C strings prepared before the fork.
     unsafe {
-        let mut flags =
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        // No supplementary groups leak into the sandbox (only root may drop them; for
+        // anyone else `setgroups deny` hides them).
+        libc::setgroups(0, std::ptr::null());
+        let mut sync = [0i32; 2];
+        if libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return fail();
+        }
+        let mut flags = libc::CLONE_NEWUSER
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS;
         if s.private_network {
             flags |= libc::CLONE_NEWNET;
         }
-        if libc::unshare(flags) != 0 {
+        // Like fork (no new stack, copy-on-write memory) but into the new namespaces.
+        let pid = libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        ) as i32;
+        if pid < 0 {
             return fail();
         }
+        if pid > 0 {
+            libc::close(sync[0]);
+            let maps = write_proc_file(pid, b"setgroups", b"deny")
+                .and_then(|()| write_proc_file(pid, b"uid_map", &s.uid_map))
+                .and_then(|()| write_proc_file(pid, b"gid_map", &s.gid_map));
+            if let Err(e) = maps {
+                libc::kill(pid, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, 0);
+                return Err(e);
+            }
+            libc::write(sync[1], b"1".as_ptr().cast(), 1);
+            libc::close(sync[1]);
+            // The shim: wait for the builder and leave the same way. It closes every
+            // descriptor but the standard ones first: among them is the pipe on which
+            // `Command::spawn` waits for the exec, which must not stay open for the
+            // whole build (firn would not read the log meanwhile and the builder would
+            // block on a full pipe).
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            let mut status = 0;
+            while libc::waitpid(pid, &mut status, 0) < 0 {
+                if *libc::__errno_location() != libc::EINTR {
+                    libc::_exit(1);
+                }
+            }
+            if libc::WIFEXITED(status) {
+                libc::_exit(libc::WEXITSTATUS(status));
+            }
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        // PID 1 of the new namespaces: it dies with the shim, everything else with it.
+        libc::close(sync[1]);
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return fail();
+        }
+        // Wait for the id maps; EOF means the shim failed (and said why) or died.
+        let mut byte = 0u8;
+        if libc::read(sync[0], (&mut byte as *mut u8).cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        libc::close(sync[0]);
         if libc::mount(
             null,
             c"/".as_ptr(),
@@ -544,62 +770,60 @@ unsafe fn enter_sandbox(s: &SandboxSetup, ids: Option<(u32, u32)>) -> io::Result
             {
                 return fail();
             }
-            if *ro
-                && libc::mount(
-                    null,
-                    dst.as_ptr(),
-                    null,
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-                    std::ptr::null(),
-                ) != 0
-            {
-                return fail();
+            if *ro {
+                remount_read_only(dst)?;
             }
-        }
-        let pid = libc::fork();
-        if pid < 0 {
-            return fail();
-        }
-        if pid > 0 {
-            // The shim: wait for the builder and leave the same way. It closes every
-            // descriptor but the standard ones first: among them is the pipe on which
-            // `Command::spawn` waits for the exec, which must not stay open for the
-            // whole build (firn would not read the log meanwhile and the builder would
-            // block on a full pipe).
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            let mut status = 0;
-            while libc::waitpid(pid, &mut status, 0) < 0 {
-                if *libc::__errno_location() != libc::EINTR {
-                    libc::_exit(1);
-                }
-            }
-            if libc::WIFEXITED(status) {
-                libc::_exit(libc::WEXITSTATUS(status));
-            }
-            let sig = libc::WTERMSIG(status);
-            libc::signal(sig, libc::SIG_DFL);
-            libc::kill(libc::getpid(), sig);
-            libc::_exit(128 + sig);
-        }
-        // PID 1 of the new namespace: it dies with the shim, everything else with it.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return fail();
         }
         if libc::mount(
             c"proc".as_ptr(),
             s.proc_dir.as_ptr(),
             c"proc".as_ptr(),
-            0,
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             std::ptr::null(),
         ) != 0
         {
             return fail();
         }
+        for (path, kind) in &s.proc_masks {
+            let ok = match kind {
+                MaskKind::File => {
+                    libc::mount(
+                        c"/dev/null".as_ptr(),
+                        path.as_ptr(),
+                        null,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) == 0
+                }
+                MaskKind::Dir => {
+                    libc::mount(
+                        c"tmpfs".as_ptr(),
+                        path.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        c"size=0".as_ptr().cast(),
+                    ) == 0
+                }
+                MaskKind::ReadOnly => {
+                    libc::mount(
+                        path.as_ptr(),
+                        path.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ) == 0
+                        && remount_read_only(path).is_ok()
+                }
+            };
+            if !ok {
+                return fail();
+            }
+        }
         if libc::mount(
             c"tmpfs".as_ptr(),
             s.shm_dir.as_ptr(),
             c"tmpfs".as_ptr(),
-            0,
+            libc::MS_NOSUID | libc::MS_NODEV,
             c"mode=1777".as_ptr().cast(),
         ) != 0
         {
@@ -610,11 +834,11 @@ unsafe fn enter_sandbox(s: &SandboxSetup, ids: Option<(u32, u32)>) -> io::Result
             c"devpts".as_ptr(),
             s.pts_dir.as_ptr(),
             c"devpts".as_ptr(),
-            0,
+            libc::MS_NOSUID | libc::MS_NOEXEC,
             c"newinstance,mode=0620,ptmxmode=0666".as_ptr().cast(),
         );
         if s.private_network {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
             if fd < 0 {
                 return fail();
             }
@@ -651,7 +875,13 @@ unsafe fn enter_sandbox(s: &SandboxSetup, ids: Option<(u32, u32)>) -> io::Result
             rlim_max: libc::RLIM_INFINITY,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &core);
-        drop_privileges(ids)?;
+        // Nix's sandbox identity; supplementary groups cannot be set (setgroups deny).
+        if libc::setgid(crate::sandbox::SANDBOX_GID) != 0
+            || libc::setuid(crate::sandbox::SANDBOX_UID) != 0
+        {
+            return fail();
+        }
+        libc::umask(0o022);
         // No privilege can be gained back through exec (setuid binaries, file caps),
         // and the filter holds for everything the builder starts.
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {

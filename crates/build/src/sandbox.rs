@@ -1,6 +1,10 @@
 //! What a sandboxed build's root should look like: a pure plan, computed without I/O,
-//! that the executor carries out inside fresh mount, PID, IPC, UTS and network
+//! that the executor carries out inside fresh user, mount, PID, IPC, UTS and network
 //! namespaces.
+//!
+//! Inside, the builder is uid [`SANDBOX_UID`] (1000) and gid [`SANDBOX_GID`] (100), as in
+//! Nix 2.8; the user namespace maps them to the build user (or, for a non-root caller, to
+//! the caller).
 //!
 //! The root is `ROOT/nix/store/<drv>.chroot` (Nix 2.8's place for it: on the store's
 //! file system, so outputs move into the store with a rename). It holds `/tmp` (1777),
@@ -28,6 +32,54 @@ pub struct Bind {
     pub optional: bool,
 }
 
+/// The builder's uid inside the sandbox (Nix's `sandboxUid`).
+pub const SANDBOX_UID: u32 = 1000;
+/// The builder's gid inside the sandbox (Nix's `sandboxGid`).
+pub const SANDBOX_GID: u32 = 100;
+
+/// How a sensitive `/proc` entry is hidden from the builder (as OCI runtimes do; Nix
+/// 2.8 shows the whole of `/proc`, #4327). Paths are inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcMask {
+    /// A file replaced by `/dev/null` (reads as empty).
+    File(PathBuf),
+    /// A directory covered by an empty read-only tmpfs.
+    Dir(PathBuf),
+    /// A directory or file made read-only.
+    ReadOnly(PathBuf),
+}
+
+/// The `/proc` entries masked: kernel memory, keys, timers and scheduler internals,
+/// hardware trees; and the knobs under `/proc/sys`, `/proc/sysrq-trigger`, `/proc/irq`,
+/// `/proc/bus`, `/proc/fs` read-only. Entries the kernel lacks are skipped.
+pub fn proc_masks() -> Vec<ProcMask> {
+    let p = |s: &str| PathBuf::from("/proc").join(s);
+    let mut m: Vec<ProcMask> = [
+        "kcore",
+        "keys",
+        "key-users",
+        "kallsyms",
+        "latency_stats",
+        "timer_list",
+        "timer_stats",
+        "sched_debug",
+    ]
+    .iter()
+    .map(|f| ProcMask::File(p(f)))
+    .collect();
+    m.extend(
+        ["acpi", "asound", "scsi"]
+            .iter()
+            .map(|d| ProcMask::Dir(p(d))),
+    );
+    m.extend(
+        ["sys", "sysrq-trigger", "irq", "bus", "fs"]
+            .iter()
+            .map(|d| ProcMask::ReadOnly(p(d))),
+    );
+    m
+}
+
 /// The layout of a sandboxed build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPlan {
@@ -44,6 +96,8 @@ pub struct SandboxPlan {
     pub private_network: bool,
     /// Where the build directory is inside.
     pub build_dir: PathBuf,
+    /// `/proc` entries hidden or made read-only after `/proc` is mounted.
+    pub proc_masks: Vec<ProcMask>,
 }
 
 /// Inputs to [`plan_sandbox`].
@@ -61,9 +115,9 @@ pub struct SandboxInput<'a> {
     /// `sandbox-paths`: (target, source, optional).
     pub sandbox_paths: &'a [(PathBuf, PathBuf, bool)],
     pub fixed_output: bool,
-    /// uid and gid the builder runs as, for `/etc/passwd` and `/etc/group`.
-    pub uid: u32,
-    pub gid: u32,
+    /// Whether the host has `/dev/kvm` (Nix binds it when the `kvm` system feature is
+    /// on, which it is by default where `/dev/kvm` exists).
+    pub kvm: bool,
 }
 
 /// The device nodes bound from the host.
@@ -100,13 +154,13 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
             PathBuf::from("/etc/passwd"),
             format!(
                 "root:x:0:0:Nix build user:/build:/noshell\nnixbld:x:{}:{}:Nix build user:/build:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n",
-                input.uid, input.gid
+                SANDBOX_UID, SANDBOX_GID
             )
             .into_bytes(),
         ),
         (
             PathBuf::from("/etc/group"),
-            format!("root:x:0:\nnixbld:!:{}:\nnogroup:x:65534:\n", input.gid).into_bytes(),
+            format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n").into_bytes(),
         ),
     ];
     let mut binds = Vec::new();
@@ -129,12 +183,13 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
             b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
         ));
     }
-    for d in DEVICES {
+    let kvm = input.kvm.then_some("kvm");
+    for d in DEVICES.into_iter().chain(kvm) {
         binds.push(Bind {
             source: PathBuf::from("/dev").join(d),
             target: PathBuf::from("/dev").join(d),
             read_only: false,
-            optional: d == "tty",
+            optional: d == "tty" || d == "kvm",
         });
     }
     for p in input.inputs {
@@ -183,6 +238,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
         binds,
         private_network: !input.fixed_output,
         build_dir: PathBuf::from("/build"),
+        proc_masks: proc_masks(),
     }
 }
 
@@ -238,8 +294,7 @@ mod tests {
             build_dir: Path::new("/tmp/nix-build-x.drv-0"),
             sandbox_paths: &paths,
             fixed_output: false,
-            uid: 999,
-            gid: 994,
+            kvm: true,
         });
         assert_eq!(
             p.root,
@@ -268,11 +323,29 @@ mod tests {
                 build_dir: Path::new("/tmp/b"),
                 sandbox_paths: &[],
                 fixed_output: false,
-                uid: 999,
-                gid: 994,
+                kvm: false,
             }
         });
         assert!(!f.private_network);
+        assert!(!f.binds.iter().any(|b| b.target == Path::new("/dev/kvm")));
+        assert!(p
+            .binds
+            .iter()
+            .any(|b| b.target == Path::new("/dev/kvm") && b.optional));
+        // The builder's identity is Nix's, whatever the build user's uid outside.
+        let passwd = &p
+            .files
+            .iter()
+            .find(|(f, _)| f == Path::new("/etc/passwd"))
+            .unwrap()
+            .1;
+        assert!(String::from_utf8_lossy(passwd).contains("nixbld:x:1000:100:"));
+        assert!(p
+            .proc_masks
+            .contains(&ProcMask::ReadOnly(PathBuf::from("/proc/sys"))));
+        assert!(p
+            .proc_masks
+            .contains(&ProcMask::File(PathBuf::from("/proc/kcore"))));
         assert!(f
             .binds
             .iter()

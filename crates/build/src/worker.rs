@@ -11,7 +11,8 @@
 //! are killed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -618,6 +619,58 @@ impl<'s> Worker<'s> {
         Ok(self.store.db().query_closure(&roots, false)?)
     }
 
+    /// `sandbox-paths` whose source is in the store bring their closure along, as in
+    /// Nix; they are mounted from the store's real directory (so a store rooted
+    /// elsewhere than `/` works). Returns the remaining entries and the store paths.
+    #[allow(clippy::type_complexity)]
+    fn sandbox_paths_in_store(
+        &self,
+    ) -> Result<(Vec<(PathBuf, PathBuf, bool)>, BTreeSet<StorePath>), String> {
+        let sd = self.store.store_dir();
+        let mut rest = Vec::new();
+        let mut roots = Vec::new();
+        for (target, source, optional) in &self.settings.sandbox_paths {
+            // The store path a source lies in (`/nix/store/<hash>-<name>[/...]`).
+            let in_store = source
+                .strip_prefix(sd.as_str())
+                .ok()
+                .and_then(|rel| rel.components().next())
+                .and_then(|c| StorePath::from_base_name(c.as_os_str().as_bytes()).ok());
+            match in_store {
+                // The whole store path, at its own place: the closure covers it.
+                Some(p) if target == source && source.parent() == Some(Path::new(sd.as_str())) => {
+                    roots.push(p)
+                }
+                Some(p) => {
+                    roots.push(p);
+                    let rel = source.strip_prefix(sd.as_str()).unwrap_or(source);
+                    let real = self.store.root().join("nix/store").join(rel);
+                    rest.push((target.clone(), real, *optional));
+                }
+                None => rest.push((target.clone(), source.clone(), *optional)),
+            }
+        }
+        let mut valid = Vec::new();
+        for p in roots {
+            match self.store.db().is_valid_path(&p) {
+                Ok(true) => valid.push(p),
+                Ok(false) => {
+                    return Err(format!(
+                        "sandbox-paths: '{}' is not a valid store path",
+                        sd.display(&p)
+                    ))
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let closure = self
+            .store
+            .db()
+            .query_closure(&valid, false)
+            .map_err(|e| e.to_string())?;
+        Ok((rest, closure))
+    }
+
     fn try_to_build(&mut self, key: &StorePath) -> bool {
         if self.running >= self.settings.max_jobs.max(1) {
             return false;
@@ -688,21 +741,25 @@ impl<'s> Worker<'s> {
         let user = BuildUser::acquire().map_err(|e| e.to_string())?;
         let build_dir =
             create_build_dir(key.base_name(), user.as_ref()).map_err(|e| e.to_string())?;
-        let sandbox = self.settings.sandbox.then(|| {
-            let inputs: Vec<StorePath> = input_closure.iter().cloned().collect();
-            let (uid, gid) = user.as_ref().map(|u| (u.uid, u.gid)).unwrap_or((0, 0));
-            crate::sandbox::plan_sandbox(&crate::sandbox::SandboxInput {
-                real_store: &self.store.root().join("nix/store"),
-                store_dir: sd.as_str(),
-                drv_path: key,
-                inputs: &inputs,
-                build_dir: &build_dir,
-                sandbox_paths: &self.settings.sandbox_paths,
-                fixed_output: is_fixed_output(drv),
-                uid,
-                gid,
-            })
-        });
+        let sandbox = match self.settings.sandbox {
+            true => {
+                let (sandbox_paths, extra) = self.sandbox_paths_in_store()?;
+                let inputs: Vec<StorePath> = input_closure.union(&extra).cloned().collect();
+                Some(crate::sandbox::plan_sandbox(
+                    &crate::sandbox::SandboxInput {
+                        real_store: &self.store.root().join("nix/store"),
+                        store_dir: sd.as_str(),
+                        drv_path: key,
+                        inputs: &inputs,
+                        build_dir: &build_dir,
+                        sandbox_paths: &sandbox_paths,
+                        fixed_output: is_fixed_output(drv),
+                        kvm: Path::new("/dev/kvm").exists(),
+                    },
+                ))
+            }
+            false => None,
+        };
         let seen_build_dir = match &sandbox {
             Some(p) => p.build_dir.clone(),
             None => build_dir.clone(),

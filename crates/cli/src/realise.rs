@@ -133,10 +133,12 @@ pub fn realise(
     };
     let build = BuildSettings {
         max_jobs: jobs.max(1),
+        // Nix 2.8's default is the number of CPUs (the env-probe vector shows 2 on a
+        // 2-core machine).
         cores: settings
             .option("cores")
             .and_then(|c| c.parse().ok())
-            .unwrap_or(0),
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)),
         timeout: secs(settings, "timeout")?,
         max_silent_time: secs(settings, "max-silent-time")?,
         max_log_size: settings

@@ -1,0 +1,515 @@
+//! The sandbox compared with Nix 2.8's: the probe derivations of nix-2.8-vectors built
+//! by firn must see what they saw under Nix (identity, id maps, capabilities, `/`,
+//! `/dev`, `/etc`, network, file modes and owners); a fixed-output builder shares the
+//! host's network; `sandbox-paths` bring their store closure; an ordinary user builds in
+//! the sandbox through user namespaces, into the per-user store. Needs root (to be an
+//! ordinary user as well), nix-instantiate and /bin/busybox: in CI these tests run.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn can_build() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let nix = Command::new("nix-instantiate")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let busybox = Path::new("/bin/busybox").exists();
+    if root && nix && busybox {
+        return true;
+    }
+    assert!(
+        !is_ci(),
+        "CI must run the sandbox tests: root={root} nix={nix} busybox={busybox}"
+    );
+    eprintln!("SKIPPED: sandbox tests need root, nix-instantiate and /bin/busybox (root={root} nix={nix} busybox={busybox})");
+    false
+}
+
+fn instantiate(root: &Path, file: &str) -> String {
+    let out = Command::new("nix-instantiate")
+        .args(["--store", root.to_str().unwrap()])
+        .args(["--option", "substituters", ""])
+        .arg(fixtures().join("exprs").join(file))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `firn realise` in the sandbox with busybox as /bin/sh, as the vectors were made.
+fn realise(root: &Path, extra: &[&str], drv: &str) -> Output {
+    let mut args = vec![
+        "--store",
+        root.to_str().unwrap(),
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["realise", drv]);
+    let out = Command::new(firn_bin())
+        .args(&args)
+        .env("PROBE_IMPURE_VAR", "from-caller")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// An `ls -la` line without what differs from run to run (link count, size or device
+/// numbers' spacing, date): `perms owner group name[ -> target]`; other lines as
+/// they are; `total` lines dropped.
+fn normalise(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        if t.first() == Some(&"total") {
+            continue;
+        }
+        let is_ls = t.len() >= 8
+            && t[0].len() == 10
+            && "-dlcbps".contains(&t[0][..1])
+            && t[1].chars().all(|c| c.is_ascii_digit());
+        if !is_ls {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        // perms links owner group (size | major, minor) month day time|year name…
+        let size_tokens = if t[4].ends_with(',') { 2 } else { 1 };
+        let name = t[4 + size_tokens + 3..].join(" ");
+        out.push_str(&format!("{} {} {} {}\n", t[0], t[2], t[3], name));
+    }
+    out
+}
+
+/// The probe's files that must be the same under firn as under Nix, and how to compare
+/// them. Left out: `mounts` (order and host file systems), `ulimit` (inherited from the
+/// caller), `ip-addr`/`proc-net-dev` for fixed-output builds (the host's interfaces).
+const SAME: [&str; 25] = [
+    "args",
+    "domainname",
+    "group",
+    "home-test",
+    "hostname",
+    "hosts",
+    "id",
+    "ls-bin",
+    "ls-build",
+    "ls-dev",
+    "ls-dev-shm",
+    "ls-etc",
+    "ls-fd",
+    "ls-nix",
+    "ls-proc-sysvipc",
+    "ls-root",
+    "ls-tmp",
+    "passwd",
+    "pwd",
+    "setgroups",
+    "status",
+    "stdin-stat",
+    "umask",
+    "write-test",
+    "env",
+];
+
+/// Compare one probe file; `host` adjusts what depends on the machine: the outside
+/// ids in the maps, `/dev/kvm` (bound only where the host has it), the CPU count.
+fn compare(name: &str, nix: &str, firn: &str, case: &str) {
+    let fix = |s: &str| {
+        let s = normalise(s);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        s.lines()
+            .filter(|l| !l.ends_with(" kvm"))
+            .map(|l| {
+                if l.starts_with("NIX_BUILD_CORES=") {
+                    format!("NIX_BUILD_CORES={cores}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        fix(firn),
+        fix(nix),
+        "{case}: probe '{name}' differs from Nix 2.8's"
+    );
+}
+
+fn check_maps(nix: &str, firn: &str, case: &str) {
+    // `1000 <build uid> 1`: the inside and the count as Nix, the outside a build user.
+    let cols = |s: &str| -> Vec<String> {
+        s.lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let (n, f) = (cols(nix), cols(firn));
+    assert_eq!((&f[0], &f[2]), (&n[0], &n[2]), "{case}: id map {firn}");
+    assert_ne!(f[1], "0", "{case}: mapped to root outside");
+}
+
+#[test]
+fn env_probe_sees_what_it_saw_under_nix() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("probe-env");
+    let drv = instantiate(&root, "env-probe.nix");
+    let out = realise(&root, &[], &drv);
+    let path = String::from_utf8(out.stdout).unwrap();
+    let dir = root.join(path.trim().trim_start_matches('/'));
+    let nix_dir = fixtures().join("nix-2.8-vectors/cases/env-probe/probe-output");
+    let mut compared = 0;
+    for name in SAME.iter().chain(&["ip-addr", "proc-net-dev", "resolv"]) {
+        let nix = fs::read_to_string(nix_dir.join(name)).unwrap();
+        let firn = fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        compare(name, &nix, &firn, "env-probe");
+        compared += 1;
+    }
+    for name in ["uid_map", "gid_map"] {
+        check_maps(
+            &fs::read_to_string(nix_dir.join(name)).unwrap(),
+            &fs::read_to_string(dir.join(name)).unwrap(),
+            "env-probe",
+        );
+    }
+    assert_eq!(compared, SAME.len() + 3);
+    remove(&root);
+}
+
+/// Split fod-probe's log (`=== /build/probe/<name>` sections) into files.
+fn sections(log: &str) -> BTreeMap<String, String> {
+    let mut map = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in log.lines() {
+        if let Some(name) = line.strip_prefix("=== /build/probe/") {
+            if let Some((n, t)) = current.take() {
+                map.insert(n, t);
+            }
+            current = Some((name.to_owned(), String::new()));
+        } else if let Some((_, t)) = &mut current {
+            t.push_str(line);
+            t.push('\n');
+        }
+    }
+    if let Some((n, t)) = current {
+        map.insert(n, t);
+    }
+    map
+}
+
+#[test]
+fn fod_probe_sees_what_it_saw_under_nix() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("probe-fod");
+    let drv = instantiate(&root, "fod-probe.nix");
+    realise(&root, &[], &drv);
+    let log = run(
+        firn_bin(),
+        &["--store", root.to_str().unwrap(), "log", &drv],
+        None,
+    );
+    let firn = sections(&String::from_utf8_lossy(&log.stdout));
+    let nix = sections(
+        &fs::read_to_string(fixtures().join("nix-2.8-vectors/cases/fod-probe/build.log")).unwrap(),
+    );
+    assert!(nix.len() > 20, "the vector's log has the probe sections");
+    // /etc has the host's resolver files: their sizes and dates are the host's, the
+    // names and modes differ by host too (Nix's hosts file was 0755 there): compare
+    // names only.
+    let names = |s: &str| -> Vec<String> {
+        normalise(s)
+            .lines()
+            .filter_map(|l| l.split(' ').nth(3).map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names(&firn["ls-etc"]), names(&nix["ls-etc"]), "fod /etc");
+    for name in SAME
+        .iter()
+        .filter(|n| !["ls-etc", "ls-build", "hosts", "env", "ls-fd"].contains(n))
+    {
+        compare(name, &nix[*name], &firn[*name], "fod-probe");
+    }
+    check_maps(&nix["uid_map"], &firn["uid_map"], "fod-probe");
+    // The impure variable passed through, as Nix does for fixed-output derivations.
+    assert!(firn["env"].contains("PROBE_IMPURE_VAR=from-caller"));
+    remove(&root);
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = Vec::new();
+    firn_derivation::json::write_json_string(&mut out, s.as_bytes());
+    String::from_utf8(out).unwrap()
+}
+
+/// A derivation running `script` under busybox.
+fn busybox_drv(root: &Path, name: &str, script: &str) -> String {
+    let json = format!(
+        r#"{{"name":"{name}","outputs":{{"out":{{}}}},"inputSrcs":[],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"name":"{name}","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
+        json_string(script)
+    );
+    let out = run(
+        firn_bin(),
+        &["--store", root.to_str().unwrap(), "derivation", "add"],
+        Some(json.as_bytes()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn fixed_output_builder_reaches_the_host_network_and_others_do_not() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("fod-net");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Answer every connection with a line: the builder records what it got.
+    let server = std::thread::spawn(move || {
+        for s in listener.incoming().take(2) {
+            use std::io::Write;
+            let _ = s.map(|mut s| s.write_all(b"hello from the host\n"));
+        }
+    });
+    let script = format!(
+        "r=$(nc -w 2 127.0.0.1 {port} </dev/null) || r=refused; echo \"$r\" >&2; \
+         test \"$r\" = 'hello from the host' && echo ok > $out"
+    );
+    // The fixed-output builder must reach it...
+    let ok_hash = {
+        let f = root.join("ok.txt");
+        fs::write(&f, b"ok\n").unwrap();
+        let out = run(
+            firn_bin(),
+            &["hash", "--type", "sha256", "--flat", f.to_str().unwrap()],
+            None,
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let json = format!(
+        r#"{{"name":"fod-net","outputs":{{"out":{{"hashAlgo":"sha256","hash":"{ok_hash}"}}}},"inputSrcs":[],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"outputHashMode":"flat","outputHashAlgo":"sha256","outputHash":"{ok_hash}","name":"fod-net","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
+        json_string(&script)
+    );
+    let fod = String::from_utf8(
+        run(
+            firn_bin(),
+            &["--store", root.to_str().unwrap(), "derivation", "add"],
+            Some(json.as_bytes()),
+        )
+        .stdout,
+    )
+    .unwrap();
+    let out = run(
+        firn_bin(),
+        &[
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "sandbox-paths",
+            "/bin/busybox",
+            "realise",
+            fod.trim(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "a fixed-output builder must reach the host network: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...and the same script as an ordinary derivation must not.
+    let plain = busybox_drv(&root, "plain-net", &script);
+    let out = run(
+        firn_bin(),
+        &[
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "sandbox-paths",
+            "/bin/busybox",
+            "realise",
+            &plain,
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(100));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused"));
+    // Unblock the server thread if the second connection never came.
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    server.join().unwrap();
+    remove(&root);
+}
+
+#[test]
+fn sandbox_paths_in_the_store_bring_their_closure() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("sandbox-closure");
+    let store = ["--store", root.to_str().unwrap()];
+    let src = root.join("dep.txt");
+    fs::write(&src, b"dep\n").unwrap();
+    let dep = ok(run(
+        firn_bin(),
+        &[&store[..], &["add", src.to_str().unwrap()]].concat(),
+        None,
+    ));
+    let dep = dep.trim().to_owned();
+    // `tool`'s output refers to `dep`: it is the closure's second member.
+    let json = format!(
+        r#"{{"name":"tool","outputs":{{"out":{{}}}},"inputSrcs":["{dep}"],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c","echo {dep} > $out"],"env":{{"name":"tool","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#
+    );
+    let tool_drv = ok(run(
+        firn_bin(),
+        &[&store[..], &["derivation", "add"]].concat(),
+        Some(json.as_bytes()),
+    ));
+    let sp = ["--option", "sandbox-paths", "/bin/busybox"];
+    let tool = ok(run(
+        firn_bin(),
+        &[&store[..], &sp[..], &["realise", tool_drv.trim()]].concat(),
+        None,
+    ));
+    let tool = tool.trim().to_owned();
+    let user = busybox_drv(
+        &root,
+        "user",
+        &format!("test -e {tool} && test -e $(cat {tool}) && cat $(cat {tool}) > $out"),
+    );
+    let paths = format!("/bin/busybox {tool}");
+    let out = run(
+        firn_bin(),
+        &[
+            &store[..],
+            &["--option", "sandbox-paths", &paths, "realise", &user],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "the sandbox path and its references must be there: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8(out.stdout).unwrap();
+    let content = fs::read_to_string(root.join(built.trim().trim_start_matches('/'))).unwrap();
+    assert_eq!(content, "dep\n");
+    // A path that is not valid is refused, not silently skipped.
+    let bogus = "/nix/store/00000000000000000000000000000000-bogus";
+    let again = busybox_drv(&root, "user2", "echo > $out");
+    let out = run(
+        firn_bin(),
+        &[
+            &store[..],
+            &[
+                "--option",
+                "sandbox-paths",
+                &format!("/bin/busybox {bogus}"),
+                "realise",
+                &again,
+            ],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a valid store path"), "{err}");
+    remove(&root);
+}
+
+/// An ordinary user, no daemon: `firn realise` builds in the sandbox (user namespaces)
+/// into `~/.local/share/firn/root`, and the builder is 1000:100 mapped to the caller.
+#[test]
+fn ordinary_user_builds_in_the_sandbox() {
+    if !can_build() {
+        return;
+    }
+    let home = tempdir("nonroot-home");
+    // The binary must be reachable by the unprivileged user.
+    let bin: PathBuf = home.join("firn");
+    fs::copy(firn_bin(), &bin).unwrap();
+    Command::new("chown")
+        .args(["-R", "65534:65534", home.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let mut p = home.clone();
+    while let Some(parent) = p.parent() {
+        // tempdir's parents must be traversable.
+        let _ = Command::new("chmod")
+            .args(["o+x", parent.to_str().unwrap()])
+            .status();
+        p = parent.to_path_buf();
+    }
+    let json = r#"{"name":"nonroot","outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":["-c","{ id; cat /proc/self/uid_map; hostname; ls /; } > $out"],"env":{"name":"nonroot","out":"","builder":"/bin/sh","system":"x86_64-linux"}}"#;
+    fs::write(home.join("d.json"), json).unwrap();
+    let script = format!(
+        "set -e; cd {h}; d=$(./firn derivation add < d.json); ./firn --option sandbox-paths /bin/sh=/bin/busybox realise \"$d\"",
+        h = home.display()
+    );
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([
+            "env",
+            "-i",
+            &format!("HOME={}", home.display()),
+            "PATH=/usr/bin:/bin",
+        ])
+        .args(["sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout).unwrap();
+    let real = home
+        .join(".local/share/firn/root")
+        .join(path.trim().trim_start_matches('/'));
+    let seen = fs::read_to_string(&real).unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[0], "uid=1000(nixbld) gid=100(nixbld)");
+    let map: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(map, ["1000", "65534", "1"], "mapped to the caller");
+    assert_eq!(lines[2], "localhost");
+    assert_eq!(lines[3..].join(" "), "bin build dev etc nix proc tmp");
+    // The store the user wrote is one firn (and Nix) accept.
+    let v = Command::new(firn_bin())
+        .args(["--store"])
+        .arg(home.join(".local/share/firn/root"))
+        .args(["verify", "--check-contents"])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    remove(&home);
+}
