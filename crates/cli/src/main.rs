@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod derivation;
 mod error;
+mod gc;
 mod realise;
 mod settings;
 mod store_cmds;
@@ -102,7 +103,9 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Delete store paths that nothing references (`nix-store --delete`).
+    /// Delete the paths that no root keeps alive (`nix-store --gc`).
+    Gc(gc::GcArgs),
+    /// Delete store paths that nothing keeps alive (`nix-store --delete`).
     Delete {
         #[arg(required = true)]
         paths: Vec<String>,
@@ -153,7 +156,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Silent);
             }
         }
-        Command::Delete { paths } => store_cmds::delete(&settings, &paths, &mut out)?,
+        Command::Gc(args) => gc::gc(&settings, &args, &mut out)?,
+        Command::Delete { paths } => gc::delete(&settings, &paths, &mut out)?,
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())

@@ -19,6 +19,10 @@ const KNOWN: &[&str] = &[
     "keep-going",
     "keep-failed",
     "substituters",
+    "keep-outputs",
+    "keep-derivations",
+    "gc-keep-outputs",
+    "gc-keep-derivations",
 ];
 
 #[derive(Debug)]

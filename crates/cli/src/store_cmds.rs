@@ -1,4 +1,4 @@
-//! Store commands: add, add-fixed, dump, restore, query, path-info, verify, delete, and
+//! Store commands: add, add-fixed, dump, restore, query, path-info, verify, and
 //! `derivation add`. Output formats are `nix-store`'s / `nix path-info`'s.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -418,6 +418,8 @@ pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut ok = true;
+    // As Nix: no collection runs meanwhile (it would make paths disappear under us).
+    let _gc = store.lock_gc(false)?;
     eprintln!("reading the Nix store...");
     let all = store
         .db()
@@ -504,18 +506,6 @@ pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result
         eprintln!("warning: not all store errors were fixed");
     }
     Ok(ok)
-}
-
-pub fn delete(settings: &Settings, args: &[String], out: &mut impl Write) -> Result<(), CliError> {
-    let mut store = open(settings)?;
-    let mut paths = BTreeSet::new();
-    for a in args {
-        paths.insert(store.valid_path_arg(a)?);
-    }
-    store.delete_paths(&paths)?;
-    let _ = out;
-    eprintln!("{} store paths deleted", paths.len());
-    Ok(())
 }
 
 pub fn derivation_add(

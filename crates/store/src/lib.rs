@@ -4,7 +4,8 @@
 //! - [`references`]: scanning content for the hash parts of store paths;
 //! - [`db`]: the SQLite database with Nix's schema;
 //! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
-//! - [`gc`]: garbage-collector roots;
+//! - [`gc`]: garbage collection: roots, liveness, deletion; [`temproots`]: temporary
+//!   roots and the GC lock;
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
 pub mod canonical;
@@ -14,6 +15,8 @@ pub mod lock;
 pub mod nar;
 pub mod references;
 pub mod store;
+pub mod temproots;
 
 pub use db::{Database, DbError, Registration, ValidPathInfo};
+pub use gc::{GcAction, GcOptions, GcResults};
 pub use store::{Store, StoreError};

@@ -30,6 +30,7 @@ use crate::canonical::{canonicalise_path_metadata, delete_path};
 use crate::db::{Database, DbError, Registration, ValidPathInfo, SCHEMA_VERSION};
 use crate::lock::{LockError, PathLocks};
 use crate::nar::{self, NarError};
+use crate::temproots::{self, GcLock, TempRootsHandle};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -93,6 +94,8 @@ pub struct Store {
     root: PathBuf,
     store_dir: StoreDir,
     db: Database,
+    /// This process's temporary-roots file, opened on the first root added.
+    temp_roots: std::sync::Mutex<Option<TempRootsHandle>>,
     _big_lock: Flock<File>,
 }
 
@@ -157,11 +160,49 @@ impl Store {
         }
         let db = Database::open(&db_dir.join("db.sqlite"), store_dir.clone())?;
         Ok(Self {
-            root: root.to_path_buf(),
+            // Absolute, so that roots and messages name the same files from anywhere.
+            root: absolute(root),
             store_dir,
             db,
+            temp_roots: std::sync::Mutex::new(None),
             _big_lock: big_lock,
         })
+    }
+
+    /// `ROOT/nix/var/nix`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("nix/var/nix")
+    }
+
+    /// Protect `path` from the garbage collector for as long as this process keeps a
+    /// [`Store`] on this root open (Nix's `addTempRoot`): the path is appended to
+    /// `temproots/<pid>` while `gc.lock` is held shared, so if a collection is running
+    /// this waits until it is done, and any later collection sees the root. Call it
+    /// *before* checking that a path is valid or creating it; then a concurrent
+    /// `firn gc` (or Nix's) either finished before (the path is gone or was never
+    /// there, and the check says so) or keeps it. The path need not be valid. Cheap
+    /// when repeated: one file per process and root, one `write` per new path, nothing
+    /// for a path already added.
+    pub fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
+        let handle = {
+            let mut slot = self.temp_roots.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(h) => h.clone(),
+                None => {
+                    let h = temproots::temp_roots_handle(&self.state_dir())?;
+                    *slot = Some(h.clone());
+                    h
+                }
+            }
+        };
+        let mut file = handle.lock().unwrap_or_else(|p| p.into_inner());
+        file.add(path, &self.store_dir.display(path))
+    }
+
+    /// Take the global GC lock: exclusive for a collection (no temporary root can be
+    /// added meanwhile), shared to keep collections out (as `verify` does).
+    pub fn lock_gc(&self, exclusive: bool) -> Result<GcLock, StoreError> {
+        temproots::lock_gc(&self.state_dir(), exclusive)
     }
 
     pub fn root(&self) -> &Path {
@@ -254,6 +295,12 @@ impl Store {
         drv_outputs: BTreeMap<String, StorePath>,
         write: impl FnOnce(&Path) -> Result<(), StoreError>,
     ) -> Result<ValidPathInfo, StoreError> {
+        // Before the validity check: from here on no collector deletes the path, so
+        // "valid" stays true, and a path we create is never collected half-made.
+        self.add_temp_root(&path)?;
+        for r in &references {
+            self.add_temp_root(r)?;
+        }
         if let Some(info) = self.db.query_path_info(&path)? {
             return Ok(info);
         }
@@ -430,6 +477,9 @@ impl Store {
     ) -> Result<StorePath, StoreError> {
         let sd = self.store_dir.clone();
         for p in drv.references() {
+            // Keep the inputs from being collected between this check and the
+            // registration that refers to them.
+            self.add_temp_root(p)?;
             if !self.db.is_valid_path(p)? {
                 return Err(StoreError::NotValid(sd.display(p)));
             }
@@ -471,21 +521,6 @@ impl Store {
         let refs = drv.references().into_iter().cloned().collect();
         let info = self.add_text(&format!("{}.drv", drv.name), &text, refs, outputs)?;
         Ok(info.path)
-    }
-
-    /// Remove paths from the database and the disk. Refuses paths that still have
-    /// referrers outside the set.
-    pub fn delete_paths(&mut self, paths: &BTreeSet<StorePath>) -> Result<(), StoreError> {
-        let reals: Vec<PathBuf> = paths.iter().map(|p| self.real_path(p)).collect();
-        let locks = PathLocks::lock(reals.clone(), true, |_| {})?;
-        self.db.invalidate_paths(paths)?;
-        for real in &reals {
-            delete_path(real).map_err(io_err(real))?;
-        }
-        if let Some(mut l) = locks {
-            l.set_deletion(true);
-        }
-        Ok(())
     }
 }
 
