@@ -38,7 +38,7 @@ use firn_derivation::StorePath;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::db::PathGraph;
+use crate::db::{DbError, PathGraph};
 use crate::store::{Store, StoreError};
 use crate::temproots::{self, RootsServer, TempRoots};
 
@@ -714,7 +714,10 @@ impl Store {
             }
             let done = self.invalidate_and_delete(&p, &mut results, log);
             server.release();
-            done?;
+            if !done? {
+                late_live.extend(self.gc_closure([p.clone()], opts)?);
+                continue;
+            }
             if over(&results) {
                 stopped = true;
                 break;
@@ -767,25 +770,27 @@ impl Store {
         Ok(graph.topo_sorted().into_iter().rev().cloned().collect())
     }
 
-    /// Invalidate one valid path (it must have no valid referrers left), then delete it
-    /// from the disk.
+    /// Invalidate one valid path, then delete it from the disk. `false` (and nothing
+    /// done) if a valid path refers to it: one registered since the collection looked.
     fn invalidate_and_delete(
         &mut self,
         p: &StorePath,
         results: &mut GcResults,
         log: &mut dyn FnMut(&str),
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let shown = self.store_dir().display(p);
+        match self.db_mut().invalidate_paths(&BTreeSet::from([p.clone()])) {
+            Err(DbError::StillReferenced { .. }) => return Ok(false),
+            r => r?,
+        }
         log(&format!("deleting '{shown}'"));
-        self.db_mut()
-            .invalidate_paths(&BTreeSet::from([p.clone()]))?;
         let real = self.real_path(p);
         results.bytes_freed += delete_counting(&real).map_err(|source| StoreError::Io {
             path: real.clone(),
             source,
         })?;
         results.paths.insert(shown);
-        Ok(())
+        Ok(true)
     }
 
     /// Why `p` cannot be deleted together with `set` (`None`: it can): a root or a
@@ -947,9 +952,17 @@ impl Store {
                 self.invalidate_and_delete(&p, &mut results, log)
             } else {
                 self.delete_entry(p.base_name(), &mut results, log)
+                    .map(|()| true)
             };
             server.release();
-            done?;
+            if !done? {
+                return Err(StoreError::Invalid(format!(
+                    "cannot delete path '{}' since it is still alive: a path referring to \
+                     it was registered while {} other paths were deleted",
+                    sd.display(&p),
+                    results.paths.len()
+                )));
+            }
         }
         Ok(results)
     }
