@@ -442,6 +442,43 @@ fn temp_roots_of_live_processes_protect_and_dead_ones_are_removed() {
 }
 
 #[test]
+fn runtime_roots_keep_what_running_processes_use() {
+    let root = tempdir("gc-runtime");
+    let scratch = tempdir("gc-runtime-scratch");
+    let r = root.as_path();
+    let used = add_file(r, &scratch, "used", b"in a running process's environment\n");
+    let unused = add_file(r, &scratch, "unused", b"garbage\n");
+    // A process that mentions `used` (inside it, as a PATH entry would) in its
+    // environment; the logical store path, as for a store at /.
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .env("FIRN_TEST_RUNTIME_ROOT", format!("x:{used}/bin:y"))
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let want = format!("/proc/{pid}/environ -> {used}\n");
+    let roots = ok(firn(r, &["gc", "--print-roots"]));
+    assert_eq!(roots, want);
+    if have_nix() {
+        assert_eq!(ok(nix(r, &["--gc", "--print-roots"])), want);
+        assert_eq!(ok(nix(r, &["--gc", "--print-dead"])), format!("{unused}\n"));
+    }
+    assert_eq!(ok(firn(r, &["gc", "--print-dead"])), format!("{unused}\n"));
+    refused(
+        &firn(r, &["delete", &used]),
+        &format!("it is a GC root ('/proc/{pid}/environ')"),
+    );
+    ok(firn(r, &["gc"]));
+    assert!(real(r, &used).exists());
+    assert!(!real(r, &unused).exists());
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(ok(firn(r, &["gc", "--print-dead"])), format!("{used}\n"));
+    remove(&root);
+    remove(&scratch);
+}
+
+#[test]
 fn adds_wait_for_a_running_collection_which_never_deletes_what_they_produce() {
     let root = tempdir("gc-concurrent");
     let scratch = tempdir("gc-concurrent-scratch");

@@ -967,3 +967,36 @@ impl Store {
         Ok(results)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_paths_in_text_as_nixs_regex_finds_them() {
+        let mut found = Vec::new();
+        let env = b"PATH=/nix/store/abc-foo-1.0/bin:/nix/store/Xno\0A=/nix/store/\0B=x/nix/store/9z+=?._-y\xff";
+        store_paths_in(env, "/nix/store", &mut found);
+        assert_eq!(found, ["/nix/store/abc-foo-1.0", "/nix/store/9z+=?._-y"]);
+    }
+
+    #[test]
+    fn entries_are_named_after_their_hash_part() {
+        let h = "0123456789abcdfghijklmnpqrsvwxyz";
+        assert_eq!(entry_hash(&format!("{h}-x.drv.chroot")), Some(h));
+        assert_eq!(entry_hash(&format!(".{h}-x.tmp-12")), Some(h));
+        assert_eq!(entry_hash(&format!("{h}x")), None);
+        assert_eq!(entry_hash("junk"), None);
+        assert_eq!(entry_hash(".links"), None);
+    }
+
+    #[test]
+    fn runtime_targets_name_the_store_object() {
+        assert_eq!(
+            runtime_target("/nix/store", "/nix/store/abc-x/bin/sh").as_deref(),
+            Some("/nix/store/abc-x")
+        );
+        assert_eq!(runtime_target("/nix/store", "/nix/storex/abc"), None);
+        assert_eq!(runtime_target("/nix/store", "/usr/bin/sh"), None);
+    }
+}

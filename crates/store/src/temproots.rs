@@ -130,6 +130,8 @@ pub(crate) fn lock_gc(state: &Path, exclusive: bool) -> Result<GcLock, StoreErro
 pub(crate) struct TempRootsFile {
     state: PathBuf,
     path: PathBuf,
+    /// The process the file is named after (a forked child must not remove it).
+    pid: u32,
     file: Flock<File>,
     /// `gc.lock`, opened once; taken shared around each append.
     gc_lock: Option<File>,
@@ -141,7 +143,9 @@ impl Drop for TempRootsFile {
     fn drop(&mut self) {
         // Unlink while still holding the lock: a collector that opened the file before
         // cannot lock it and keeps our roots, one that opens it after finds nothing.
-        let _ = fs::remove_file(&self.path);
+        if std::process::id() == self.pid {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -167,7 +171,8 @@ impl TempRootsFile {
     fn create(state: &Path) -> Result<Self, StoreError> {
         let dir = state.join("temproots");
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        let path = dir.join(std::process::id().to_string());
+        let pid = std::process::id();
+        let path = dir.join(pid.to_string());
         loop {
             // A file with our pid is stale: no two live processes share a pid.
             match fs::remove_file(&path) {
@@ -191,6 +196,7 @@ impl TempRootsFile {
                 return Ok(Self {
                     state: state.to_path_buf(),
                     path,
+                    pid,
                     file,
                     gc_lock: None,
                     added: HashSet::new(),
