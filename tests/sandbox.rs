@@ -513,3 +513,96 @@ fn ordinary_user_builds_in_the_sandbox() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     remove(&home);
 }
+
+/// `firn gc` running over and over while a sandboxed chain builds deletes nothing the
+/// build needs or has produced (temp roots), and the spare sandbox roots firn keeps
+/// between builds are left alone while it runs; once the realise is over, a collection
+/// takes everything (nothing is rooted) and the store verifies.
+#[test]
+fn collections_during_a_build_spare_what_it_uses() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("gc-during-build");
+    let store = ["--store", root.to_str().unwrap()];
+    let a = busybox_drv(&root, "step-a", "echo a > $out; sleep 1");
+    let json = |name: &str, dep: &str, script: &str| {
+        format!(
+            r#"{{"name":"{name}","outputs":{{"out":{{}}}},"inputSrcs":[],"inputDrvs":{{"{dep}":["out"]}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"name":"{name}","dep":"","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
+            json_string(script)
+        )
+    };
+    let add = |j: String| {
+        ok(run(
+            firn_bin(),
+            &[&store[..], &["derivation", "add"]].concat(),
+            Some(j.as_bytes()),
+        ))
+        .trim()
+        .to_owned()
+    };
+    let b = add(json("step-b", &a, "sleep 1; echo b > $out"));
+    let c = add(json("step-c", &b, "sleep 1; echo c > $out"));
+    // The derivations are rooted (as a user's would be); the outputs are not: only the
+    // temp roots of the running realise protect them.
+    let gcroot = root.join("nix/var/nix/gcroots/test-drv");
+    std::os::unix::fs::symlink(&c, &gcroot).unwrap();
+    let realise = Command::new(firn_bin())
+        .args(store)
+        .args(["--option", "sandbox-paths", "/bin/busybox", "realise", &c])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut collections = 0;
+    let started = std::time::Instant::now();
+    let mut realise = realise;
+    while realise.try_wait().unwrap().is_none() {
+        let gc = run(firn_bin(), &[&store[..], &["gc"]].concat(), None);
+        assert!(
+            gc.status.success(),
+            "{}",
+            String::from_utf8_lossy(&gc.stderr)
+        );
+        collections += 1;
+        assert!(started.elapsed().as_secs() < 60, "realise hangs");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = realise.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "a collection broke the build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(collections >= 5, "only {collections} collections ran");
+    let built = String::from_utf8(out.stdout).unwrap();
+    let real = root.join(built.trim().trim_start_matches('/'));
+    assert_eq!(fs::read_to_string(&real).unwrap(), "c\n");
+    let v = run(
+        firn_bin(),
+        &[&store[..], &["verify", "--check-contents"]].concat(),
+        None,
+    );
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    // The outputs are not rooted: a collection deletes them; without the root, the
+    // derivations go too, and no spare root or chroot is left in the store directory.
+    fs::remove_file(&gcroot).unwrap();
+    let gc = run(firn_bin(), &[&store[..], &["gc"]].concat(), None);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&gc.stdout),
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert!(
+        gc.status.success() && !said.contains("\n0 store paths"),
+        "{said}"
+    );
+    assert!(!real.exists());
+    let leftovers: Vec<String> = fs::read_dir(root.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("chroot") || n.contains("spare") || n.ends_with(".lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    remove(&root);
+}

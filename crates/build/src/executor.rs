@@ -13,7 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -161,6 +161,8 @@ pub struct RunningBuild {
     log_path: PathBuf,
     /// Builder exit status, once reaped.
     pub status: Option<std::process::ExitStatus>,
+    /// Run in the sandbox (in its own PID namespace).
+    pub sandboxed: bool,
     pub eof: bool,
 }
 
@@ -342,6 +344,7 @@ pub fn start_builder(
         log_tmp,
         log_path,
         status: None,
+        sandboxed: sandbox.is_some(),
         eof: false,
     })
 }
@@ -499,16 +502,119 @@ struct SandboxSetup {
     gid_map: Vec<u8>,
 }
 
+/// A sandbox root whose build is over, emptied, kept for the next build of the same
+/// layout: making a root's skeleton (`/dev`, `/etc`, links, mount points) takes some 30
+/// new inodes, which is most of a trivial build's cost on a slow disk.
+#[derive(Debug)]
+struct SpareRoot {
+    layout: String,
+    path: PathBuf,
+}
+
+/// Roots of this process: (spare ones, roots in use with their layout and their store
+/// dir inside).
+type RootRegistry = (Vec<SpareRoot>, Vec<(PathBuf, String, PathBuf)>);
+static ROOTS: std::sync::Mutex<RootRegistry> = std::sync::Mutex::new((Vec::new(), Vec::new()));
+
+/// What makes two roots interchangeable: everything but the store inputs.
+fn layout_key(plan: &SandboxPlan, user: Option<&BuildUser>) -> String {
+    let host_binds: Vec<_> = plan
+        .binds
+        .iter()
+        .filter(|b| !b.store_input)
+        .map(|b| &b.target)
+        .collect();
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}",
+        plan.dirs,
+        plan.files,
+        plan.symlinks,
+        host_binds,
+        user.map(|u| u.gid)
+    )
+}
+
+/// The build that used `root` is over (its outputs moved out): empty its store dir and
+/// `/tmp` and keep it for the next build of the same layout, or delete it.
+pub fn recycle_root(root: &Path) {
+    let Ok(mut reg) = ROOTS.lock() else {
+        let _ = firn_store::canonical::delete_path(root);
+        return;
+    };
+    let Some(i) = reg.1.iter().position(|(p, _, _)| p == root) else {
+        drop(reg);
+        let _ = firn_store::canonical::delete_path(root);
+        return;
+    };
+    let (_, layout, store_inside) = reg.1.swap_remove(i);
+    let empty = |dir: &Path| -> io::Result<()> {
+        for e in fs::read_dir(dir)? {
+            firn_store::canonical::delete_path(&e?.path())?;
+        }
+        Ok(())
+    };
+    // Named like a firn temporary (`.<name>.tmp-<pid>`) so that `firn gc` leaves it
+    // alone while this process lives and removes it once it is gone.
+    let spare = root.with_file_name(format!(
+        ".firn-spare-root-{}.tmp-{}",
+        reg.0.len() + reg.1.len(),
+        std::process::id()
+    ));
+    let kept = empty(&store_inside)
+        .and_then(|()| empty(&root.join("tmp")))
+        .and_then(|()| fs::rename(root, &spare));
+    match kept {
+        Ok(()) => reg.0.push(SpareRoot {
+            layout,
+            path: spare,
+        }),
+        Err(_) => {
+            let _ = firn_store::canonical::delete_path(root);
+        }
+    }
+}
+
+/// Delete the spare roots (at the end of a run).
+pub fn drop_spare_roots() {
+    if let Ok(mut reg) = ROOTS.lock() {
+        for s in reg.0.drain(..) {
+            let _ = firn_store::canonical::delete_path(&s.path);
+        }
+    }
+}
+
 /// Create the sandbox's root on the host (directories, files, mount points) as the plan
-/// says; the mounts themselves happen in the child's own mount namespace. `ids` are the
-/// host uid and gid the builder runs as.
+/// says, or take a spare one of the same layout; the mounts themselves happen in the
+/// child's own mount namespace. `ids` are the host uid and gid the builder runs as.
 fn prepare_root(
     plan: &SandboxPlan,
     user: Option<&BuildUser>,
     ids: (u32, u32),
 ) -> Result<SandboxSetup, ExecError> {
     let root = &plan.root;
+    let layout = layout_key(plan, user);
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let store_inside = plan
+        .dirs
+        .iter()
+        .find(|(_, mode)| *mode == 0o1775)
+        .map(|(d, _)| inside(d))
+        .unwrap_or_else(|| inside(Path::new("/nix/store")));
     firn_store::canonical::delete_path(root).map_err(io_err(root))?;
+    let spare = ROOTS.lock().ok().and_then(|mut reg| {
+        let i = reg.0.iter().position(|s| s.layout == layout)?;
+        Some(reg.0.swap_remove(i))
+    });
+    let reused = match spare {
+        Some(s) => fs::rename(&s.path, root).is_ok(),
+        None => false,
+    };
+    if let Ok(mut reg) = ROOTS.lock() {
+        reg.1.push((root.clone(), layout, store_inside));
+    }
+    if reused {
+        return finish_root(plan, ids, true);
+    }
     fs::create_dir_all(root).map_err(io_err(root))?;
     // As Nix: 0750 and group-owned by the build group, so the builder can enter it
     // and nobody else on the host can.
@@ -521,7 +627,6 @@ fn prepare_root(
         Ok(())
     };
     chgrp(root)?;
-    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     for (d, mode) in &plan.dirs {
         let p = inside(d);
         fs::create_dir_all(&p).map_err(io_err(&p))?;
@@ -539,15 +644,43 @@ fn prepare_root(
         let p = inside(link);
         std::os::unix::fs::symlink(target, &p).map_err(io_err(&p))?;
     }
+    finish_root(plan, ids, false)
+}
+
+/// The per-build part of a root: inputs linked or given mount points (host mount
+/// points too unless `reused`), and the C strings the child needs.
+fn finish_root(
+    plan: &SandboxPlan,
+    ids: (u32, u32),
+    reused: bool,
+) -> Result<SandboxSetup, ExecError> {
+    let root = &plan.root;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     let c = |p: &Path| cstring(p.as_os_str().as_bytes());
     let mut binds = Vec::new();
     for b in &plan.binds {
+        let target = inside(&b.target);
+        if b.store_input {
+            let meta = fs::symlink_metadata(&b.source).map_err(io_err(&b.source))?;
+            // A file or symlink of the store is linked, not mounted (Nix's linkOrCopy):
+            // a link is ~40x cheaper than creating a mount point here. It stays
+            // read-only for the builder: store files are 0444 and owned by someone the
+            // builder is not, and it has no capabilities. If the builder's host uid
+            // owns it (a per-user store), it could chmod it: mount it read-only instead.
+            if !meta.is_dir() && meta.uid() != ids.0 {
+                fs::hard_link(&b.source, &target).map_err(io_err(&target))?;
+                continue;
+            }
+        }
         let meta = match fs::metadata(&b.source) {
             Ok(m) => m,
             Err(_) if b.optional => continue,
             Err(e) => return Err(io_err(&b.source)(e)),
         };
-        let target = inside(&b.target);
+        if reused && !b.store_input && fs::symlink_metadata(&target).is_ok() {
+            binds.push((c(&b.source)?, c(&target)?, b.read_only));
+            continue;
+        }
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
@@ -990,8 +1123,9 @@ impl RunningBuild {
 
     /// Finish the log file (rename into place) and, unless `keep`, remove the build dir.
     pub fn finish(&mut self, keep_build_dir: bool) -> io::Result<()> {
-        // The builder is done: nothing it left running may outlive the build.
-        if let Some(u) = &self.user {
+        // The builder is done: nothing it left running may outlive the build. In the
+        // sandbox the PID namespace saw to that when its PID 1 exited.
+        if let Some(u) = self.user.as_ref().filter(|_| !self.sandboxed) {
             kill_user(u.uid);
         }
         let pid = self.child.id() as i32;

@@ -30,6 +30,10 @@ pub struct Bind {
     /// Skip silently if the source does not exist (`sandbox-paths` entries ending `?`,
     /// and the host's `/etc` files for fixed-output builds).
     pub optional: bool,
+    /// A store input: if it is not a directory it may be hard-linked into the root
+    /// instead of mounted, as Nix 2.8 does (`linkOrCopy`); a link costs no new inode
+    /// and no mount.
+    pub store_input: bool,
 }
 
 /// The builder's uid inside the sandbox (Nix's `sandboxUid`).
@@ -175,6 +179,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
                 target: PathBuf::from(f),
                 read_only: true,
                 optional: true,
+                store_input: false,
             });
         }
     } else {
@@ -190,6 +195,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
             target: PathBuf::from("/dev").join(d),
             read_only: false,
             optional: d == "tty" || d == "kvm",
+            store_input: false,
         });
     }
     for p in input.inputs {
@@ -198,6 +204,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
             target: store.join(p.base_name()),
             read_only: true,
             optional: false,
+            store_input: true,
         });
     }
     binds.push(Bind {
@@ -205,6 +212,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
         target: PathBuf::from("/build"),
         read_only: false,
         optional: false,
+        store_input: false,
     });
     for (target, source, optional) in input.sandbox_paths {
         binds.push(Bind {
@@ -212,6 +220,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
             target: target.clone(),
             read_only: true,
             optional: *optional,
+            store_input: false,
         });
     }
     let symlinks = vec![

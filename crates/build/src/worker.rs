@@ -374,6 +374,7 @@ impl<'s> Worker<'s> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        crate::executor::drop_spare_roots();
         self.progress.finish();
         tops.iter()
             .map(|(p, _)| match &self.goals[p].state {
@@ -473,6 +474,13 @@ impl<'s> Worker<'s> {
 
     fn init(&mut self, key: &StorePath) -> bool {
         let sd = self.store.store_dir().clone();
+        // Everything this goal reads or makes is a temporary GC root from here on (the
+        // derivation before it is read, its outputs before their validity is checked),
+        // so a concurrent `firn gc` cannot delete it under us (Nix's addTempRoot).
+        if let Err(e) = self.store.add_temp_root(key) {
+            self.done(key, failure(BuildStatus::MiscFailure, e.to_string()));
+            return true;
+        }
         let drv = match self.store.read_derivation(key) {
             Ok(d) => d,
             Err(e) => {
@@ -501,6 +509,14 @@ impl<'s> Worker<'s> {
                 return true;
             }
         };
+        let rooted = outputs
+            .values()
+            .chain(drv.input_srcs.iter())
+            .try_for_each(|p| self.store.add_temp_root(p));
+        if let Err(e) = rooted {
+            self.done(key, failure(BuildStatus::MiscFailure, e.to_string()));
+            return true;
+        }
         let g = &self.goals[key];
         if let Wanted::Some(w) = &g.wanted {
             if let Some(bad) = w.iter().find(|o| !drv.outputs.contains_key(o.as_bytes())) {
@@ -960,7 +976,7 @@ impl<'s> Worker<'s> {
                 _ => self.compare_check(key, &outputs, build.chroot.as_deref()),
             };
             if let Some(chroot) = &build.chroot {
-                let _ = firn_store::canonical::delete_path(chroot);
+                crate::executor::recycle_root(chroot);
             }
             let _ = build.running.finish(false);
             let (status, error) = match result {
@@ -999,7 +1015,7 @@ impl<'s> Worker<'s> {
                     missing_at.insert(name.clone(), inside);
                 }
             }
-            let _ = firn_store::canonical::delete_path(chroot);
+            crate::executor::recycle_root(chroot);
         }
         let result: Result<(), (BuildStatus, String)> = match (killed, status) {
             (Some(k), _) => Err(k),
