@@ -776,3 +776,36 @@ fn add_waits_for_a_held_path_lock() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("waiting for lock on"));
     remove(&root);
 }
+
+/// A process killed between creating the store directory and giving it its group and
+/// mode leaves it `0755 root:root`: the next open repairs it as Nix's does (1775, group
+/// `nixbld`, when run as root), or build users could not create their outputs.
+#[test]
+fn store_dir_mode_is_repaired_on_open_as_nix_does() {
+    if !have_nix() {
+        return;
+    }
+    let mode_after = |use_nix: bool| {
+        let root = tempdir(if use_nix { "mode-nix" } else { "mode-firn" });
+        let store = root.join("nix/store");
+        fs::create_dir_all(&store).unwrap();
+        fs::set_permissions(&store, fs::Permissions::from_mode(0o755)).unwrap();
+        let f = root.join("f");
+        fs::write(&f, b"x").unwrap();
+        let out = if use_nix {
+            nix(&root, "nix-store", &["--add", f.to_str().unwrap()])
+        } else {
+            firn(&root, &["add", f.to_str().unwrap()])
+        };
+        ok(out);
+        let meta = fs::metadata(&store).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        remove(&root);
+        (meta.mode() & 0o7777, meta.uid(), meta.gid())
+    };
+    let nix_made = mode_after(true);
+    if ::nix::unistd::Uid::effective().is_root() {
+        assert_eq!(nix_made.0, 0o1775, "Nix 2.8 repairs the mode as root");
+    }
+    assert_eq!(mode_after(false), nix_made);
+}

@@ -118,12 +118,21 @@ impl Store {
             fs::create_dir_all(&real_store).map_err(io_err(&real_store))?;
             fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
                 .map_err(io_err(&real_store))?;
-            // As Nix does with `build-users-group`: the build users may create their
-            // outputs in the store (1775: only their own entries are theirs to delete).
-            if nix::unistd::Uid::effective().is_root() {
-                if let Ok(Some(group)) = nix::unistd::Group::from_name("nixbld") {
+        }
+        // As Nix does with `build-users-group`, on every open (so that a process killed
+        // between the mkdir and the chown leaves nothing wrong): the build users may
+        // create their outputs in the store (1775: only their own entries are theirs to
+        // delete). A store owned by someone else (a user's own store) is left alone.
+        if nix::unistd::Uid::effective().is_root() {
+            if let Ok(Some(group)) = nix::unistd::Group::from_name("nixbld") {
+                use std::os::unix::fs::MetadataExt;
+                let meta = fs::metadata(&real_store).map_err(io_err(&real_store))?;
+                let wrong = meta.gid() != group.gid.as_raw() || meta.mode() & 0o7777 != 0o1775;
+                if meta.uid() == 0 && wrong {
                     nix::unistd::chown(&real_store, None, Some(group.gid))
                         .map_err(|e| io_err(&real_store)(e.into()))?;
+                    fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
+                        .map_err(io_err(&real_store))?;
                 }
             }
         }
