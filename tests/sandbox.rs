@@ -606,3 +606,64 @@ fn collections_during_a_build_spare_what_it_uses() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     remove(&root);
 }
+
+/// When the namespaces cannot be made (here: no user namespace may be created), the
+/// build fails with one clear error naming the step and what to do — it is never run
+/// unsandboxed (Nix #8165) — and leaves no root, build directory or output behind.
+#[test]
+fn namespace_failure_is_an_error_not_an_unsandboxed_build() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("ns-fail");
+    let tmp = root.join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let json = r#"{"name":"nsfail","outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":["-c","echo built > $out"],"env":{"name":"nsfail","out":"","builder":"/bin/sh","system":"x86_64-linux"}}"#;
+    fs::write(root.join("d.json"), json).unwrap();
+    // A user namespace of our own in which the limit on user namespaces is 0; firn is
+    // root there, without build users (their ids are not mapped).
+    let script = format!(
+        "echo 0 > /proc/sys/user/max_user_namespaces || exit 99; \
+         d=$({firn} --store {r} derivation add < {r}/d.json) || exit 98; \
+         TMPDIR={t} {firn} --store {r} --option build-users-group '' \
+           --option sandbox-paths /bin/sh=/bin/busybox realise \"$d\"",
+        firn = firn_bin(),
+        r = root.display(),
+        t = tmp.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("creating the user, mount, PID, IPC, UTS and network namespaces")
+            && errors[0].contains("max_user_namespaces")
+            && errors[0].contains("--option sandbox false"),
+        "{}",
+        errors[0]
+    );
+    assert!(out.stdout.is_empty(), "nothing was built");
+    let left: Vec<String> = fs::read_dir(root.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".drv") && !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "build dir left");
+    let v = run(
+        firn_bin(),
+        &[
+            "--store",
+            root.to_str().unwrap(),
+            "verify",
+            "--check-contents",
+        ],
+        None,
+    );
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    remove(&root);
+}

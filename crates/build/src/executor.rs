@@ -32,8 +32,25 @@ pub enum ExecError {
     Io { path: PathBuf, source: io::Error },
     #[error("starting builder '{program}': {source}")]
     Spawn { program: String, source: io::Error },
+    /// A step of the sandbox's set-up failed; firn never falls back to an unsandboxed
+    /// build (`--option sandbox false` is the explicit way).
+    #[error("{step}: {source}{}", hint(source))]
+    SandboxSetup { step: String, source: io::Error },
     #[error("building in a store rooted at '{0}' needs root (the store is mounted at /nix/store for the builder); run as root or use the sandbox")]
     NeedRoot(String),
+}
+
+/// What to do about a set-up error that has a usual cause.
+fn hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EUSERS) => {
+            " (the limit on user namespaces is reached: see /proc/sys/user/max_user_namespaces; --option sandbox false builds without the sandbox)"
+        }
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (user namespaces are not allowed here; --option sandbox false builds without the sandbox)"
+        }
+        _ => "",
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ExecError + '_ {
@@ -65,13 +82,13 @@ pub struct BuildUser {
 }
 
 impl BuildUser {
-    /// A free build user, or `None` when firn is not root (builds run as the caller)
-    /// or no user is free right now.
-    pub fn acquire() -> Result<Option<Self>, ExecError> {
-        if !Uid::effective().is_root() {
+    /// A free member of `group` (`build-users-group`), or `None` when firn is not root
+    /// or `group` is empty (builds run as the caller) or no user is free right now.
+    pub fn acquire(group: &str) -> Result<Option<Self>, ExecError> {
+        if !Uid::effective().is_root() || group.is_empty() {
             return Ok(None);
         }
-        let Ok(Some(group)) = Group::from_name("nixbld") else {
+        let Ok(Some(group)) = Group::from_name(group) else {
             return Ok(None);
         };
         let pool = Path::new("/nix/var/nix/userpool");
@@ -226,8 +243,13 @@ pub fn start_builder(
         .as_ref()
         .map(|u| (u.uid, u.gid))
         .unwrap_or_else(|| (Uid::effective().as_raw(), Gid::effective().as_raw()));
+    let (step_reader, step_writer) = io::pipe().map_err(io_err(&build_dir))?;
     let sandbox_setup = match sandbox {
-        Some(plan) => Some(prepare_root(plan, user.as_ref(), host_ids)?),
+        Some(plan) => {
+            let mut setup = prepare_root(plan, user.as_ref(), host_ids)?;
+            setup.step_fd = step_writer.as_raw_fd();
+            Some(setup)
+        }
         None => None,
     };
     for (name, contents) in &spawn.files {
@@ -320,9 +342,28 @@ pub fn start_builder(
             drop_privileges(ids)
         });
     }
-    let child = cmd.spawn().map_err(|source| ExecError::Spawn {
-        program: String::from_utf8_lossy(&spawn.program).into_owned(),
-        source,
+    let spawned = cmd.spawn();
+    drop(step_writer);
+    if spawned.is_err() {
+        // Nothing of a build that never started stays behind.
+        if let Some(plan) = sandbox {
+            recycle_root(&plan.root);
+        }
+        let _ = firn_store::canonical::delete_path(&build_dir);
+        let _ = fs::remove_file(&log_tmp);
+    }
+    let child = spawned.map_err(|source| {
+        // The sandbox's set-up names the step that failed.
+        let mut step = String::new();
+        let _ = (&step_reader).take(256).read_to_string(&mut step);
+        if step.is_empty() {
+            ExecError::Spawn {
+                program: String::from_utf8_lossy(&spawn.program).into_owned(),
+                source,
+            }
+        } else {
+            ExecError::SandboxSetup { step, source }
+        }
     })?;
     // Close our copies of the write end: EOF then means every writer is gone.
     drop(cmd);
@@ -500,6 +541,8 @@ struct SandboxSetup {
     /// (or the caller's).
     uid_map: Vec<u8>,
     gid_map: Vec<u8>,
+    /// Write end of the pipe on which a failing set-up step names itself.
+    step_fd: i32,
 }
 
 /// A sandbox root whose build is over, emptied, kept for the next build of the same
@@ -720,6 +763,7 @@ fn finish_root(
         build_dir: c(&plan.build_dir)?,
         uid_map: format!("{} {} 1\n", crate::sandbox::SANDBOX_UID, ids.0).into_bytes(),
         gid_map: format!("{} {} 1\n", crate::sandbox::SANDBOX_GID, ids.1).into_bytes(),
+        step_fd: -1,
     })
 }
 
@@ -826,7 +870,14 @@ unsafe fn remount_read_only(dst: &CString) -> io::Result<()> {
 /// # Safety
 /// Only for a freshly forked child; async-signal-safe calls only.
 unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
-    let fail = || Err(io::Error::last_os_error());
+    // Say which step failed on the step pipe (the parent turns it into the message),
+    // then fail with the step's errno.
+    let fail = |step: &'static [u8]| {
+        let e = io::Error::last_os_error();
+        // SAFETY: writing a static buffer to our pipe.
+        unsafe { libc::write(s.step_fd, step.as_ptr().cast(), step.len()) };
+        Err(e)
+    };
     let null = std::ptr::null::<libc::c_char>();
     // SAFETY: system calls on C strings prepared before the fork.
     unsafe {
@@ -835,7 +886,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
         libc::setgroups(0, std::ptr::null());
         let mut sync = [0i32; 2];
         if libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return fail();
+            return fail(b"making a pipe");
         }
         let mut flags = libc::CLONE_NEWUSER
             | libc::CLONE_NEWNS
@@ -855,7 +906,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             0usize,
         ) as i32;
         if pid < 0 {
-            return fail();
+            return fail(b"creating the user, mount, PID, IPC, UTS and network namespaces");
         }
         if pid > 0 {
             libc::close(sync[0]);
@@ -863,6 +914,8 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
                 .and_then(|()| write_proc_file(pid, b"uid_map", &s.uid_map))
                 .and_then(|()| write_proc_file(pid, b"gid_map", &s.gid_map));
             if let Err(e) = maps {
+                let step = b"writing the user namespace's id maps";
+                libc::write(s.step_fd, step.as_ptr().cast(), step.len());
                 libc::kill(pid, libc::SIGKILL);
                 let mut status = 0;
                 libc::waitpid(pid, &mut status, 0);
@@ -893,7 +946,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
         // PID 1 of the new namespaces: it dies with the shim, everything else with it.
         libc::close(sync[1]);
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return fail();
+            return fail(b"setting the parent-death signal");
         }
         // Wait for the id maps; EOF means the shim failed (and said why) or died.
         let mut byte = 0u8;
@@ -909,7 +962,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             std::ptr::null(),
         ) != 0
         {
-            return fail();
+            return fail(b"making the mounts private");
         }
         // pivot_root needs the new root to be a mount point.
         if libc::mount(
@@ -920,7 +973,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             std::ptr::null(),
         ) != 0
         {
-            return fail();
+            return fail(b"bind-mounting the root onto itself");
         }
         for (src, dst, ro) in &s.binds {
             if libc::mount(
@@ -931,10 +984,10 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
                 std::ptr::null(),
             ) != 0
             {
-                return fail();
+                return fail(b"bind-mounting an input or sandbox path");
             }
-            if *ro {
-                remount_read_only(dst)?;
+            if *ro && remount_read_only(dst).is_err() {
+                return fail(b"making an input or sandbox path read-only");
             }
         }
         if libc::mount(
@@ -945,7 +998,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             std::ptr::null(),
         ) != 0
         {
-            return fail();
+            return fail(b"mounting /proc");
         }
         for (path, kind) in &s.proc_masks {
             let ok = match kind {
@@ -979,7 +1032,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
                 }
             };
             if !ok {
-                return fail();
+                return fail(b"masking /proc");
             }
         }
         if libc::mount(
@@ -990,7 +1043,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             c"mode=1777".as_ptr().cast(),
         ) != 0
         {
-            return fail();
+            return fail(b"mounting /dev/shm");
         }
         // A private devpts; without one the builder simply has no ptys.
         libc::mount(
@@ -1003,7 +1056,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
         if s.private_network {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
             if fd < 0 {
-                return fail();
+                return fail(b"opening a socket to bring up lo");
             }
             let mut ifr: libc::ifreq = std::mem::zeroed();
             for (i, b) in b"lo".iter().enumerate() {
@@ -1012,24 +1065,24 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             ifr.ifr_ifru.ifru_flags =
                 (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
             if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) != 0 {
-                return fail();
+                return fail(b"bringing up lo");
             }
             libc::close(fd);
         }
         if libc::sethostname(c"localhost".as_ptr(), 9) != 0
             || libc::setdomainname(c"(none)".as_ptr(), 6) != 0
         {
-            return fail();
+            return fail(b"setting the host and domain names");
         }
         if libc::chdir(s.root.as_ptr()) != 0
             || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), s.put_old.as_ptr()) != 0
             || libc::chroot(c".".as_ptr()) != 0
             || libc::umount2(s.put_old_inside.as_ptr(), libc::MNT_DETACH) != 0
         {
-            return fail();
+            return fail(b"pivoting into the root");
         }
         if libc::chdir(s.build_dir.as_ptr()) != 0 {
-            return fail();
+            return fail(b"entering /build");
         }
         libc::personality(0x0040000); // ADDR_NO_RANDOMIZE, as Nix
         let core = libc::rlimit {
@@ -1041,13 +1094,13 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
         if libc::setgid(crate::sandbox::SANDBOX_GID) != 0
             || libc::setuid(crate::sandbox::SANDBOX_UID) != 0
         {
-            return fail();
+            return fail(b"becoming uid 1000, gid 100");
         }
         libc::umask(0o022);
         // No privilege can be gained back through exec (setuid binaries, file caps),
         // and the filter holds for everything the builder starts.
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return fail();
+            return fail(b"setting no_new_privs");
         }
         let prog = libc::sock_fprog {
             len: s.seccomp.len() as u16,
@@ -1059,7 +1112,7 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
             &prog as *const libc::sock_fprog,
         ) != 0
         {
-            return fail();
+            return fail(b"installing the seccomp filter");
         }
         Ok(())
     }

@@ -77,6 +77,9 @@ pub struct BuildSettings {
     pub sandbox: bool,
     /// `sandbox-paths`: (target, source, optional).
     pub sandbox_paths: Vec<(PathBuf, PathBuf, bool)>,
+    /// `build-users-group`: the group whose members builds run as (when root); empty
+    /// means builds run as the caller.
+    pub build_users_group: String,
 }
 
 impl Default for BuildSettings {
@@ -93,6 +96,7 @@ impl Default for BuildSettings {
             check: false,
             sandbox: true,
             sandbox_paths: Vec::new(),
+            build_users_group: "nixbld".to_owned(),
         }
     }
 }
@@ -405,6 +409,9 @@ impl<'s> Worker<'s> {
             if let GoalState::Building(b) = &mut g.state {
                 b.running.kill();
                 let _ = b.running.finish(false);
+                if let Some(chroot) = &b.chroot {
+                    crate::executor::recycle_root(chroot);
+                }
                 for p in g.outputs.values() {
                     if !self.store.db().is_valid_path(p).unwrap_or(false) {
                         let _ = firn_store::canonical::delete_path(&self.store.real_path(p));
@@ -434,6 +441,9 @@ impl<'s> Worker<'s> {
             if let GoalState::Building(b) = &mut g.state {
                 b.running.kill();
                 let _ = b.running.finish(false);
+                if let Some(chroot) = &b.chroot {
+                    crate::executor::recycle_root(chroot);
+                }
                 g.state = GoalState::Done(failure(BuildStatus::MiscFailure, "cancelled".into()));
                 self.running -= 1;
             }
@@ -754,7 +764,8 @@ impl<'s> Worker<'s> {
             firn_store::canonical::delete_path(&real)
                 .map_err(|e| format!("{}: {e}", real.display()))?;
         }
-        let user = BuildUser::acquire().map_err(|e| e.to_string())?;
+        let user =
+            BuildUser::acquire(&self.settings.build_users_group).map_err(|e| e.to_string())?;
         let build_dir =
             create_build_dir(key.base_name(), user.as_ref()).map_err(|e| e.to_string())?;
         let sandbox = match self.settings.sandbox {

@@ -151,6 +151,10 @@ pub fn realise(
         check: args.check,
         sandbox,
         sandbox_paths,
+        build_users_group: settings
+            .option("build-users-group")
+            .unwrap_or("nixbld")
+            .to_owned(),
     };
     let drv_tops: Vec<(StorePath, Wanted)> = tops
         .iter()

@@ -11,6 +11,7 @@ use crate::error::CliError;
 const KNOWN: &[&str] = &[
     "sandbox",
     "sandbox-paths",
+    "build-users-group",
     "max-jobs",
     "cores",
     "timeout",

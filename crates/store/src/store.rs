@@ -129,8 +129,12 @@ impl Store {
                 let meta = fs::metadata(&real_store).map_err(io_err(&real_store))?;
                 let wrong = meta.gid() != group.gid.as_raw() || meta.mode() & 0o7777 != 0o1775;
                 if meta.uid() == 0 && wrong {
-                    nix::unistd::chown(&real_store, None, Some(group.gid))
-                        .map_err(|e| io_err(&real_store)(e.into()))?;
+                    match nix::unistd::chown(&real_store, None, Some(group.gid)) {
+                        // In a user namespace that does not map the group there is no
+                        // way to hand it the store (nor a build user to use it).
+                        Err(nix::errno::Errno::EINVAL) => {}
+                        r => r.map_err(|e| io_err(&real_store)(e.into()))?,
+                    }
                     fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
                         .map_err(io_err(&real_store))?;
                 }
