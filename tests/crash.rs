@@ -8,6 +8,11 @@
 //!   killed run is left, no lock is held, and a rerun of the same command completes,
 //!   without waiting for any lock, with the result of an uninterrupted run (same paths,
 //!   same NAR hashes); what the kill left behind is garbage the next `firn gc` deletes.
+//! - SIGINT (to the process group, as Ctrl-C sends it) and SIGTERM (to firn alone)
+//!   during a sandboxed realise: exit 1 with one `error:` line naming what was
+//!   interrupted, builders gone, build directories (in a private `TMPDIR`) and
+//!   `<drv>.chroot` roots removed, no partial output, the store verifies, a rerun builds.
+//!   (`tests/realise.rs` covers the same without the sandbox.)
 //! - Three concurrent realisers of one 30-node DAG: all succeed with the same output,
 //!   and every derivation is built exactly once.
 //!
@@ -21,10 +26,13 @@ use common::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
 
 /// Kills per command, at `duration * i / OFFSETS` for `i` in `0..OFFSETS`.
 const OFFSETS: u32 = 12;
@@ -676,6 +684,160 @@ fn sigkill_during_gc() {
     remove(&template);
 }
 
+/// Run `cmd`, giving up (and failing) after `limit`; stdout and stderr go to files.
+fn wait_limited(mut child: Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn interrupt_stops_a_sandboxed_realise_and_cleans_up() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let base = tempdir("crash-interrupt");
+    let root = base.join("root");
+    let tmp = base.join("tmp");
+    let gate = base.join("gate");
+    fs::create_dir_all(&tmp).unwrap();
+    fs::create_dir_all(&gate).unwrap();
+    let marker = format!("firn-crash-interrupt-{}", std::process::id());
+    // `slow` waits for a minute (with a background process) while the gate is bound
+    // into the sandbox, and is quick once it is gone.
+    let fast = busybox_node(&root, "int-fast", &[], &marker, "0");
+    let slow_script = format!(
+        ": {marker}; mkdir $out; echo partial > $out/p; \
+         if [ -e /gate ]; then /bin/busybox sh -c 'sleep 60; true' {marker}-bg & sleep 60; fi; \
+         echo done > $out/d"
+    );
+    let slow = add_drv(
+        &root,
+        &drv_json(
+            "int-slow",
+            "/bin/busybox",
+            &["sh", "-c", &slow_script],
+            &[],
+            &[],
+            &[&fast],
+        ),
+    );
+    let top = busybox_node(&root, "int-top", &[&slow], &marker, "0");
+    let slow_out = output_of(&root, &slow);
+    let sandbox_paths = format!("/bin/busybox /gate={}?", gate.display());
+    let realise = |log: &Path| -> Child {
+        Command::new(firn_bin())
+            .args(["--store", root.to_str().unwrap()])
+            .args(["--option", "sandbox-paths", &sandbox_paths])
+            .args(["realise", &top])
+            .env_remove("FIRN_STORE")
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stdout(File::create(log.with_extension("out")).unwrap())
+            .stderr(File::create(log).unwrap())
+            // Its own process group, as a shell's foreground job.
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let chroots = || -> Vec<String> {
+        entries(&root)
+            .into_iter()
+            .filter(|n| n.ends_with(".chroot") || n.contains(".tmp-"))
+            .collect()
+    };
+    for (sig, group) in [(Signal::SIGINT, true), (Signal::SIGTERM, false)] {
+        let ctx = format!("{sig} to the {}", if group { "group" } else { "process" });
+        let log = base.join(format!("{sig}.log"));
+        let child = realise(&log);
+        let pid = Pid::from_raw(child.id() as i32);
+        // Wait until the slow build runs (its background process is up).
+        let t0 = Instant::now();
+        while processes_with(&format!("{marker}-bg")).is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{ctx}: the slow build did not start: {}",
+                fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // There is something to clean up (so its absence afterwards means something).
+        assert!(
+            fs::read_dir(&tmp).unwrap().next().is_some(),
+            "{ctx}: no build dir"
+        );
+        assert!(!chroots().is_empty(), "{ctx}: no sandbox root");
+        if group {
+            killpg(pid, sig).unwrap();
+        } else {
+            kill(pid, sig).unwrap();
+        }
+        let status = wait_limited(child, Duration::from_secs(20), &ctx);
+        let err = fs::read_to_string(&log).unwrap();
+        assert_eq!(status.code(), Some(1), "{ctx}: {status}: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{ctx}: {err}");
+        assert!(
+            errors[0].contains("interrupted") && errors[0].contains(&top),
+            "{ctx}: the message does not say what was interrupted: {err}"
+        );
+        assert_no_process_with(&marker, &ctx);
+        assert_no_process_with(root.to_str().unwrap(), &ctx);
+        let left: Vec<_> = fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{ctx}: build directories left: {left:?}");
+        assert!(
+            chroots().is_empty(),
+            "{ctx}: left in the store: {:?}",
+            chroots()
+        );
+        // No partial output: the slow build's output is neither valid nor on disk.
+        let q = firn(&root, &["query", "--hash", &slow_out], None);
+        assert!(
+            !q.status.success(),
+            "{ctx}: the interrupted output is valid"
+        );
+        assert!(
+            fs::symlink_metadata(root.join(slow_out.trim_start_matches('/'))).is_err(),
+            "{ctx}: the partial output is still there"
+        );
+        assert_no_lock_held(&root, &ctx);
+        assert_verifies(&root, &ctx);
+    }
+    // The fast input was built before the interrupt and stays.
+    ok(firn(
+        &root,
+        &["query", "--hash", &output_of(&root, &fast)],
+        None,
+    ));
+    fs::remove_dir(&gate).unwrap();
+    let log = base.join("rerun.log");
+    let status = wait_limited(realise(&log), Duration::from_secs(30), "rerun");
+    let err = fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "rerun: {err}");
+    let printed = fs::read_to_string(log.with_extension("out")).unwrap();
+    assert_eq!(printed.trim(), output_of(&root, &top));
+    assert!(
+        fs::read_dir(&tmp).unwrap().next().is_none(),
+        "rerun left a build dir"
+    );
+    assert!(chroots().is_empty(), "rerun left {:?}", chroots());
+    assert_verifies(&root, "after the rerun");
+    remove(&base);
+}
+
 #[test]
 fn concurrent_realisers_build_each_derivation_once() {
     if !can_build() || !have_nix() {
@@ -761,4 +923,70 @@ fn concurrent_realisers_build_each_derivation_once() {
     assert_verifies(&root, "after the realisers");
     eprintln!("3 realisers of a 30-node DAG: {took:?}");
     remove(&root);
+}
+
+/// Without keep-going, a failure stops the builds still running: they are killed and
+/// their build directories and sandbox roots removed too.
+#[test]
+fn builds_cancelled_by_a_failure_are_cleaned_up() {
+    if !can_build() {
+        return;
+    }
+    let base = tempdir("crash-cancel");
+    let root = base.join("root");
+    let tmp = base.join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let marker = format!("firn-crash-cancel-{}", std::process::id());
+    let slow = add_drv(
+        &root,
+        &drv_json(
+            "cancel-slow",
+            "/bin/busybox",
+            &["sh", "-c", &format!(": {marker}; mkdir $out; sleep 60")],
+            &[],
+            &[],
+            &[],
+        ),
+    );
+    let failing = add_drv(
+        &root,
+        &drv_json(
+            "cancel-fail",
+            "/bin/busybox",
+            &["sh", "-c", "sleep 0.5; exit 1"],
+            &[],
+            &[],
+            &[],
+        ),
+    );
+    let log = base.join("log");
+    let child = Command::new(firn_bin())
+        .args(["--store", root.to_str().unwrap()])
+        .args(["--option", "sandbox-paths", "/bin/busybox"])
+        .args(["realise", "-j2", &slow, &failing])
+        .env_remove("FIRN_STORE")
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_limited(child, Duration::from_secs(20), "realise");
+    let err = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(100), "{err}");
+    assert!(err.contains(&format!("building '{slow}'")), "{err}");
+    assert_no_process_with(&marker, "cancelled");
+    let left: Vec<_> = fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "build directories left: {left:?}");
+    let left: Vec<String> = entries(&root)
+        .into_iter()
+        .filter(|n| n.ends_with(".chroot") || n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+    assert_verifies(&root, "cancelled");
+    remove(&base);
 }
