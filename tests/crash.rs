@@ -319,14 +319,25 @@ fn run_job(root: &Path, job: &Job<'_>) -> Output {
 fn kill_at_offsets(template: &Path, job: &Job<'_>) {
     let tag = job.tag;
     let base = tempdir(&format!("crash-{tag}-runs"));
-    let reference = base.join("reference");
-    copy_tree(template, &reference);
-    let t0 = Instant::now();
-    let out = run_job(&reference, job);
-    let duration = t0.elapsed();
-    assert!(out.status.success(), "{tag}: {}", stderr(&out));
-    let expected = (job.result)(&reference, &out);
-    remove(&reference);
+    // Timed twice, the shorter run counts: a load spike during the timing run would
+    // put most offsets past the end of the later runs.
+    let mut duration = Duration::MAX;
+    let mut expected = String::new();
+    for _ in 0..2 {
+        let reference = base.join("reference");
+        copy_tree(template, &reference);
+        let t0 = Instant::now();
+        let out = run_job(&reference, job);
+        duration = duration.min(t0.elapsed());
+        assert!(out.status.success(), "{tag}: {}", stderr(&out));
+        let result = (job.result)(&reference, &out);
+        assert!(
+            expected.is_empty() || expected == result,
+            "{tag}: not reproducible"
+        );
+        expected = result;
+        remove(&reference);
+    }
     let mut killed = 0;
     let mut during_builds = 0;
     for i in 0..OFFSETS {
@@ -387,10 +398,10 @@ fn kill_at_offsets(template: &Path, job: &Job<'_>) {
         }
         remove(&root);
     }
-    // Most offsets must have hit the command while it ran (the last ones may miss it
-    // on a machine faster than the timing run).
+    // Offsets must have hit the command while it ran (the last ones miss it when a run
+    // is faster than the timing run: allow for a loaded machine).
     assert!(
-        killed >= OFFSETS / 2,
+        killed >= OFFSETS / 3,
         "{tag}: only {killed} of {OFFSETS} kills hit a running command ({duration:?})"
     );
     if job.marker.is_some() {
@@ -399,9 +410,10 @@ fn kill_at_offsets(template: &Path, job: &Job<'_>) {
             "{tag}: only {during_builds} kills hit a running build"
         );
     }
-    eprintln!(
-        "{tag}: {killed} of {OFFSETS} kills landed in a {duration:?} run ({during_builds} during a build)"
-    );
+    eprintln!("{tag}: {killed} of {OFFSETS} kills landed in a {duration:?} run");
+    if job.marker.is_some() {
+        eprintln!("{tag}: {during_builds} of them during a build");
+    }
     remove(&base);
 }
 
