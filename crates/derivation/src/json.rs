@@ -13,8 +13,9 @@
 //!
 //! Reading accepts that shape (or a single derivation object without the key) with any
 //! JSON whitespace; strings may hold raw non-UTF-8 bytes, as Nix writes them. It is
-//! stricter than needed on purpose: unknown fields, missing fields, duplicate keys and
-//! a fixed output whose `path` disagrees with its hash are errors.
+//! stricter than needed on purpose: unknown fields, missing fields, duplicate keys, a
+//! fixed output whose `path` disagrees with its hash and a `name` field that disagrees
+//! with the `.drv` path it is keyed by are errors.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -615,7 +616,19 @@ fn read_derivation(
             .insert(Cow::Owned(k.clone()), Cow::Owned(value.to_vec()));
     }
     drv.name = match (opt[0], name) {
-        (Some(n), _) => as_str(n, &at.push(b"name"))?.to_owned(),
+        (Some(n), None) => as_str(n, &at.push(b"name"))?.to_owned(),
+        // The key names the derivation (and is what is written back): a `name` field
+        // may only repeat it.
+        (Some(n), Some(key_name)) => {
+            let name_at = at.push(b"name");
+            let n = as_str(n, &name_at)?;
+            if n != key_name {
+                return name_at.fail(format!(
+                    "'{n}' disagrees with the name '{key_name}' given by the .drv path"
+                ));
+            }
+            n.to_owned()
+        }
         (None, Some(n)) => n.to_owned(),
         (None, None) => match drv.env.get(b"name".as_slice()) {
             Some(n) => String::from_utf8_lossy(n).into_owned(),
@@ -755,6 +768,22 @@ mod tests {
         assert_eq!(
             e(bad_hash),
             "outputs.out.hash: hash 'abc' has wrong length for hash type 'sha256'"
+        );
+        // Keyed by its .drv path, a derivation's name is the key's: a `name` field may
+        // repeat it but not contradict it (it would not survive being written back).
+        let body = r#""outputs":{},"inputSrcs":[],"inputDrvs":{},"system":"","builder":"","args":[],"env":{}"#;
+        assert_eq!(
+            e(&format!(
+                r#"{{"/nix/store/x-a.drv":{{"name":"b",{body}}}}}"#
+            )),
+            r#""/nix/store/x-a.drv".name: 'b' disagrees with the name 'x-a' given by the .drv path"#
+        );
+        let same = format!(r#"{{"/x/a.drv":{{"name":"a",{body}}}}}"#);
+        assert_eq!(
+            parse_show_derivation(&sd, same.as_bytes()).unwrap()[0]
+                .1
+                .name,
+            "a"
         );
         let deep = "[".repeat(100);
         assert!(e(&deep).contains("nested too deeply"));
