@@ -667,3 +667,97 @@ fn namespace_failure_is_an_error_not_an_unsandboxed_build() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     remove(&root);
 }
+
+/// Many directory inputs get their mount points on a tmpfs under an overlay (the
+/// root's store dir is the upper layer): the builder sees each input, read-only, and
+/// nothing else in the store; its output lands in the store as usual; nothing is left
+/// in /dev/shm or the store directory. A few inputs take the plain path: same result.
+#[test]
+fn many_directory_inputs_are_mounted_through_an_overlay() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("overlay-inputs");
+    let store = ["--store", root.to_str().unwrap()];
+    for count in [40, 3] {
+        let src = root.join(format!("src-{count}"));
+        let mut inputs = Vec::new();
+        for i in 0..count {
+            let d = src.join(format!("dir-{count}-{i}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("f"), format!("{i}\n")).unwrap();
+            let p = ok(run(
+                firn_bin(),
+                &[&store[..], &["add", d.to_str().unwrap()]].concat(),
+                None,
+            ));
+            inputs.push(p.trim().to_owned());
+        }
+        let script = format!(
+            "set -e; for d in {all}; do cat $d/f >> $out; done; \
+             if echo x > {first}/f 2>/dev/null; then echo WRITABLE >> $out; fi; \
+             if mkdir {first}/new 2>/dev/null; then echo WRITABLE >> $out; fi; \
+             ls /nix/store | wc -l > /build/n; echo \"entries $(cat /build/n)\" >> $out; \
+             stat -c '%A %U %G' /nix/store >> $out",
+            all = inputs.join(" "),
+            first = inputs[0]
+        );
+        let srcs: Vec<String> = inputs.iter().map(|p| format!("\"{p}\"")).collect();
+        let json = format!(
+            r#"{{"name":"many-{count}","outputs":{{"out":{{}}}},"inputSrcs":[{}],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"name":"many-{count}","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
+            srcs.join(","),
+            json_string(&script)
+        );
+        let drv = ok(run(
+            firn_bin(),
+            &[&store[..], &["derivation", "add"]].concat(),
+            Some(json.as_bytes()),
+        ));
+        let out = run(
+            firn_bin(),
+            &[
+                &store[..],
+                &[
+                    "--option",
+                    "sandbox-paths",
+                    "/bin/busybox",
+                    "realise",
+                    drv.trim(),
+                ],
+            ]
+            .concat(),
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{count}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = String::from_utf8(out.stdout).unwrap();
+        let got = fs::read_to_string(root.join(path.trim().trim_start_matches('/'))).unwrap();
+        let mut want: String = (0..count).map(|i| format!("{i}\n")).collect();
+        // The inputs and the output being built, nothing else.
+        want.push_str(&format!("entries {}\n", count + 1));
+        want.push_str("drwxrwxr-t nobody nixbld\n");
+        assert_eq!(got, want, "{count} inputs");
+    }
+    let shm: Vec<String> = fs::read_dir("/dev/shm")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".firn-lower"))
+        .collect();
+    assert!(shm.is_empty(), "left in /dev/shm: {shm:?}");
+    let left: Vec<String> = fs::read_dir(root.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("chroot") || n.contains("spare"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let v = run(
+        firn_bin(),
+        &[&store[..], &["verify", "--check-contents"]].concat(),
+        None,
+    );
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    remove(&root);
+}

@@ -529,6 +529,11 @@ struct SandboxSetup {
     root: CString,
     /// (source, target in the root, read-only).
     binds: Vec<(CString, CString, bool)>,
+    /// The overlay for the store dir (target, options), when directory inputs have
+    /// their mount points on a tmpfs; if it cannot be mounted, they are made on disk.
+    overlay: Option<(CString, CString)>,
+    /// Directory inputs: (source, target, read-only), mounted after the overlay.
+    input_binds: Vec<(CString, CString, bool)>,
     proc_dir: CString,
     proc_masks: Vec<(CString, MaskKind)>,
     shm_dir: CString,
@@ -543,6 +548,22 @@ struct SandboxSetup {
     gid_map: Vec<u8>,
     /// Write end of the pipe on which a failing set-up step names itself.
     step_fd: i32,
+}
+
+/// From how many directory inputs on their mount points go on a tmpfs under an overlay.
+const OVERLAY_MIN_INPUTS: usize = 16;
+
+/// The tmpfs directory holding a root's mount points for directory inputs (the host's
+/// `/dev/shm`, so that making them costs no disk inodes).
+fn lower_dir(root: &Path) -> PathBuf {
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    PathBuf::from(format!(
+        "/dev/shm/.firn-lower-{}-{name}",
+        std::process::id()
+    ))
 }
 
 /// A sandbox root whose build is over, emptied, kept for the next build of the same
@@ -580,6 +601,7 @@ fn layout_key(plan: &SandboxPlan, user: Option<&BuildUser>) -> String {
 /// The build that used `root` is over (its outputs moved out): empty its store dir and
 /// `/tmp` and keep it for the next build of the same layout, or delete it.
 pub fn recycle_root(root: &Path) {
+    let _ = firn_store::canonical::delete_path(&lower_dir(root));
     let Ok(mut reg) = ROOTS.lock() else {
         let _ = firn_store::canonical::delete_path(root);
         return;
@@ -701,6 +723,7 @@ fn finish_root(
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     let c = |p: &Path| cstring(p.as_os_str().as_bytes());
     let mut binds = Vec::new();
+    let mut dir_inputs: Vec<&crate::sandbox::Bind> = Vec::new();
     for b in &plan.binds {
         let target = inside(&b.target);
         if b.store_input {
@@ -712,6 +735,10 @@ fn finish_root(
             // owns it (a per-user store), it could chmod it: mount it read-only instead.
             if !meta.is_dir() && meta.uid() != ids.0 {
                 fs::hard_link(&b.source, &target).map_err(io_err(&target))?;
+                continue;
+            }
+            if meta.is_dir() {
+                dir_inputs.push(b);
                 continue;
             }
         }
@@ -734,6 +761,53 @@ fn finish_root(
         }
         binds.push((c(&b.source)?, c(&target)?, b.read_only));
     }
+    // Directory inputs need mount points in the store dir. Many of them: on a tmpfs
+    // (an overlay's lower layer, the root's store dir its upper layer, where the
+    // outputs land as before), since a directory on the store's disk costs far more
+    // than the mount itself; a few: on the disk directly.
+    let store_inside = inside(Path::new(&plan.store_dir));
+    let lower = lower_dir(root);
+    let mut overlay = None;
+    if dir_inputs.len() >= OVERLAY_MIN_INPUTS {
+        let made = (|| -> io::Result<()> {
+            firn_store::canonical::delete_path(&lower)?;
+            fs::create_dir(&lower)?;
+            for b in &dir_inputs {
+                if let Some(name) = b.target.file_name() {
+                    fs::create_dir(lower.join(name))?;
+                }
+            }
+            Ok(())
+        })();
+        let work = root.join("proc/.overlay-work");
+        let paths = [&lower, &store_inside, &work].map(|p| p.display().to_string());
+        // Overlay options cannot carry these characters in paths.
+        let plain = paths.iter().all(|p| !p.contains([',', ':', '\\']));
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            paths[0], paths[1], paths[2]
+        );
+        let work_ready = fs::create_dir_all(&work).is_ok()
+            && nix::unistd::chown(
+                &work,
+                Some(Uid::from_raw(ids.0)),
+                Some(Gid::from_raw(ids.1)),
+            )
+            .is_ok();
+        if made.is_ok() && plain && work_ready {
+            overlay = Some((c(&store_inside)?, cstring(opts.as_bytes())?));
+        } else {
+            let _ = firn_store::canonical::delete_path(&lower);
+        }
+    }
+    let mut input_binds = Vec::new();
+    for b in dir_inputs {
+        let target = inside(&b.target);
+        if overlay.is_none() {
+            fs::create_dir(&target).map_err(io_err(&target))?;
+        }
+        input_binds.push((c(&b.source)?, c(&target)?, b.read_only));
+    }
     let mut proc_masks = Vec::new();
     for m in &plan.proc_masks {
         let (p, kind) = match m {
@@ -753,6 +827,8 @@ fn finish_root(
         seccomp: seccomp_filter(),
         root: c(root)?,
         binds,
+        overlay,
+        input_binds,
         proc_dir: c(&inside(Path::new("/proc")))?,
         proc_masks,
         shm_dir: c(&inside(Path::new("/dev/shm")))?,
@@ -975,7 +1051,47 @@ unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
         {
             return fail(b"bind-mounting the root onto itself");
         }
-        for (src, dst, ro) in &s.binds {
+        if let Some((target, opts)) = &s.overlay {
+            // The kernel refuses an overlay to a mounter whose uid the user namespace
+            // does not map (this process is host root, unmapped): a short-lived child
+            // in the same namespaces mounts it as the builder's (mapped) ids, leaving
+            // this process's credentials alone. Raw clone, like fork without glibc's
+            // atfork handlers.
+            let helper = libc::syscall(
+                libc::SYS_clone,
+                libc::SIGCHLD as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as i32;
+            if helper == 0 {
+                libc::setfsgid(crate::sandbox::SANDBOX_GID);
+                libc::setfsuid(crate::sandbox::SANDBOX_UID);
+                let rc = libc::mount(
+                    c"overlay".as_ptr(),
+                    target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    0,
+                    opts.as_ptr().cast(),
+                );
+                libc::_exit(if rc == 0 { 0 } else { 1 });
+            }
+            let mut status = 0;
+            let mounted = helper > 0
+                && libc::waitpid(helper, &mut status, 0) == helper
+                && libc::WIFEXITED(status)
+                && libc::WEXITSTATUS(status) == 0;
+            if !mounted {
+                // No overlay here: the mount points go on the disk after all.
+                for (_, dst, _) in &s.input_binds {
+                    if libc::mkdir(dst.as_ptr(), 0o555) != 0 {
+                        return fail(b"making a mount point for an input");
+                    }
+                }
+            }
+        }
+        for (src, dst, ro) in s.input_binds.iter().chain(&s.binds) {
             if libc::mount(
                 src.as_ptr(),
                 dst.as_ptr(),

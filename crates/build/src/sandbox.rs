@@ -102,6 +102,8 @@ pub struct SandboxPlan {
     pub build_dir: PathBuf,
     /// `/proc` entries hidden or made read-only after `/proc` is mounted.
     pub proc_masks: Vec<ProcMask>,
+    /// The store directory inside (the logical one, `/nix/store`).
+    pub store_dir: PathBuf,
 }
 
 /// Inputs to [`plan_sandbox`].
@@ -248,6 +250,7 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
         private_network: !input.fixed_output,
         build_dir: PathBuf::from("/build"),
         proc_masks: proc_masks(),
+        store_dir: store,
     }
 }
 
