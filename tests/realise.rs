@@ -389,7 +389,11 @@ fn interrupt_cleans_up() {
         assert_eq!(out.status.code(), Some(1), "{sig}: {stderr}");
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "{sig}: {stderr}");
-        assert!(errors[0].contains("interrupted"), "{sig}: {stderr}");
+        // It says by what and what was stopped mid-build.
+        assert!(
+            errors[0].contains(&format!("interrupted by SIG{sig} while building '{drv}'")),
+            "{sig}: {stderr}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
         let left = Command::new("pgrep")
             .args(["-f", &marker])

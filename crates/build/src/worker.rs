@@ -28,8 +28,22 @@ use crate::outputs::{register_outputs, BuiltOutputs, OutputError};
 /// builds, cleans up and returns.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_interrupt(_: nix::libc::c_int) {
+/// The signal that interrupted us (0: none yet).
+static INTERRUPT_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_interrupt(sig: nix::libc::c_int) {
+    INTERRUPT_SIGNAL.store(sig, Ordering::SeqCst);
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// The name of the signal that interrupted the run (`SIGINT`, `SIGTERM`, `SIGHUP`).
+pub fn interrupt_signal() -> Option<&'static str> {
+    match INTERRUPT_SIGNAL.load(Ordering::SeqCst) {
+        nix::libc::SIGINT => Some("SIGINT"),
+        nix::libc::SIGTERM => Some("SIGTERM"),
+        nix::libc::SIGHUP => Some("SIGHUP"),
+        _ => None,
+    }
 }
 
 /// Make SIGINT, SIGTERM and SIGHUP stop the worker cleanly instead of killing firn
@@ -250,9 +264,16 @@ pub struct Worker<'s> {
     running: usize,
     failed: bool,
     progress: crate::progress::Progress,
+    /// The builds that were running when an interrupt stopped the run.
+    interrupted_builds: Vec<StorePath>,
 }
 
 impl<'s> Worker<'s> {
+    /// The derivations whose builds an interrupt stopped.
+    pub fn interrupted_builds(&self) -> &[StorePath] {
+        &self.interrupted_builds
+    }
+
     pub fn new(store: &'s mut Store, settings: BuildSettings) -> Self {
         Self {
             store,
@@ -261,6 +282,7 @@ impl<'s> Worker<'s> {
             running: 0,
             failed: false,
             progress: crate::progress::Progress::new(),
+            interrupted_builds: Vec::new(),
         }
     }
 
@@ -407,6 +429,7 @@ impl<'s> Worker<'s> {
                 continue;
             };
             if let GoalState::Building(b) = &mut g.state {
+                self.interrupted_builds.push(key.clone());
                 b.running.kill();
                 let _ = b.running.finish(false);
                 if let Some(chroot) = &b.chroot {

@@ -186,8 +186,18 @@ pub fn realise(
             .filter(|(_, r)| !r.status.success())
             .map(|(p, _)| sd.display(p))
             .collect();
+        let by = firn_build::worker::interrupt_signal().unwrap_or("a signal");
+        let killed: Vec<String> = worker
+            .interrupted_builds()
+            .iter()
+            .map(|p| format!("'{}'", sd.display(p)))
+            .collect();
+        let during = match killed.is_empty() {
+            true => String::new(),
+            false => format!(" while building {}", killed.join(", ")),
+        };
         return Err(CliError::usage(format!(
-            "interrupted by the user; stopped realising {}; build directories and partial outputs removed",
+            "interrupted by {by}{during}; stopped realising {}; build directories and partial outputs removed",
             stopped.join(", ")
         )));
     }
