@@ -566,6 +566,32 @@ fn lower_dir(root: &Path) -> PathBuf {
     ))
 }
 
+/// Remove the mount-point trees that firn processes killed before they could clean up
+/// left in `/dev/shm` (once per process).
+fn clean_stale_lowers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = fs::read_dir("/dev/shm") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(".firn-lower-")
+                .and_then(|r| r.split('-').next())
+            else {
+                continue;
+            };
+            if !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = firn_store::canonical::delete_path(&e.path());
+            }
+        }
+    });
+}
+
 /// A sandbox root whose build is over, emptied, kept for the next build of the same
 /// layout: making a root's skeleton (`/dev`, `/etc`, links, mount points) takes some 30
 /// new inodes, which is most of a trivial build's cost on a slow disk.
@@ -769,6 +795,7 @@ fn finish_root(
     let lower = lower_dir(root);
     let mut overlay = None;
     if dir_inputs.len() >= OVERLAY_MIN_INPUTS {
+        clean_stale_lowers();
         let made = (|| -> io::Result<()> {
             firn_store::canonical::delete_path(&lower)?;
             fs::create_dir(&lower)?;
