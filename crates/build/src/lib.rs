@@ -12,4 +12,5 @@ pub mod outputs;
 pub mod plan;
 pub mod progress;
 pub mod sandbox;
+pub mod sandbox_exec;
 pub mod worker;

@@ -400,7 +400,7 @@ impl<'s> Worker<'s> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        crate::executor::drop_spare_roots();
+        crate::sandbox_exec::drop_spare_roots();
         self.progress.finish();
         tops.iter()
             .map(|(p, _)| match &self.goals[p].state {
@@ -433,7 +433,7 @@ impl<'s> Worker<'s> {
                 b.running.kill();
                 let _ = b.running.finish(false);
                 if let Some(chroot) = &b.chroot {
-                    crate::executor::recycle_root(chroot);
+                    crate::sandbox_exec::recycle_root(chroot);
                 }
                 for p in g.outputs.values() {
                     if !self.store.db().is_valid_path(p).unwrap_or(false) {
@@ -465,7 +465,7 @@ impl<'s> Worker<'s> {
                 b.running.kill();
                 let _ = b.running.finish(false);
                 if let Some(chroot) = &b.chroot {
-                    crate::executor::recycle_root(chroot);
+                    crate::sandbox_exec::recycle_root(chroot);
                 }
                 g.state = GoalState::Done(failure(BuildStatus::MiscFailure, "cancelled".into()));
                 self.running -= 1;
@@ -1010,7 +1010,7 @@ impl<'s> Worker<'s> {
                 _ => self.compare_check(key, &outputs, build.chroot.as_deref()),
             };
             if let Some(chroot) = &build.chroot {
-                crate::executor::recycle_root(chroot);
+                crate::sandbox_exec::recycle_root(chroot);
             }
             let _ = build.running.finish(false);
             let (status, error) = match result {
@@ -1049,7 +1049,7 @@ impl<'s> Worker<'s> {
                     missing_at.insert(name.clone(), inside);
                 }
             }
-            crate::executor::recycle_root(chroot);
+            crate::sandbox_exec::recycle_root(chroot);
         }
         let result: Result<(), (BuildStatus, String)> = match (killed, status) {
             (Some(k), _) => Err(k),
