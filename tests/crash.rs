@@ -37,24 +37,6 @@ use nix::unistd::Pid;
 /// Kills per command, at `duration * i / OFFSETS` for `i` in `0..OFFSETS`.
 const OFFSETS: u32 = 12;
 
-fn can_build() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let nix = Command::new("nix-instantiate")
-        .arg("--version")
-        .output()
-        .is_ok();
-    let busybox = Path::new("/bin/busybox").exists();
-    if root && nix && busybox {
-        return true;
-    }
-    assert!(
-        !is_ci(),
-        "CI must run the crash tests: root={root} nix={nix} busybox={busybox}"
-    );
-    eprintln!("SKIPPED: building needs root, nix-instantiate and /bin/busybox (root={root} nix={nix} busybox={busybox})");
-    false
-}
-
 fn firn(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut all = vec!["--store", root.to_str().unwrap()];
     all.extend_from_slice(args);

@@ -15,24 +15,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-fn can_build() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let nix = Command::new("nix-instantiate")
-        .arg("--version")
-        .output()
-        .is_ok();
-    let busybox = Path::new("/bin/busybox").exists();
-    if root && nix && busybox {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").ok().as_deref() != Some("true"),
-        "CI must run the build tests: root={root} nix={nix} busybox={busybox}"
-    );
-    eprintln!("SKIPPED: building needs root, nix-instantiate and /bin/busybox (root={root} nix={nix} busybox={busybox})");
-    false
-}
-
 fn firn(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut all = vec![
         "--store",

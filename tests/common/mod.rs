@@ -81,3 +81,24 @@ pub fn remove(p: &Path) {
         .status();
     let _ = fs::remove_dir_all(p);
 }
+
+/// Whether this machine can run the build tests (root, nix-instantiate, /bin/busybox).
+/// In CI they must run: a missing piece fails the test there; elsewhere the test says
+/// SKIPPED and why.
+pub fn can_build() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let nix = Command::new("nix-instantiate")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let busybox = Path::new("/bin/busybox").exists();
+    if root && nix && busybox {
+        return true;
+    }
+    assert!(
+        !is_ci(),
+        "CI must run the build tests: root={root} nix={nix} busybox={busybox}"
+    );
+    eprintln!("SKIPPED: building needs root, nix-instantiate and /bin/busybox (root={root} nix={nix} busybox={busybox})");
+    false
+}
