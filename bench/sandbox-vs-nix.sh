@@ -13,7 +13,6 @@ FIRN=$PWD/target/release/firn
 WORK=$(mktemp -d /tmp/firn-sbench.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 SP="/bin/sh=/bin/busybox"
-ms() { echo $(( ($2 - $1) / 1000000 )); }
 
 printf '| run | case | builds | nix | firn | nix/build | firn/build | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n'
 for run in $(seq 1 "$RUNS"); do
@@ -32,16 +31,24 @@ for run in $(seq 1 "$RUNS"); do
     drv=$(nix-instantiate --store "$NS" --option substituters '' --argstr salt "$salt" --arg n "$N" "${extra[@]}" -A "$attr" bench/trivial.nix 2>"$WORK/inst.err") || { cat "$WORK/inst.err"; exit 1; }
     nix-instantiate --store "$FS" --option substituters '' --argstr salt "$salt" --arg n "$N" "${extra[@]}" -A "$attr" bench/trivial.nix >/dev/null 2>&1
     builds=$(nix-store --store "$NS" -qR "$drv" | grep -c '\.drv$')
-    t0=$(date +%s%N)
-    nix-store --store "$NS" --option substituters '' --option sandbox true \
-      --option sandbox-paths "$SP" -j2 -r "$drv" >/dev/null 2>"$WORK/nix.err" || { cat "$WORK/nix.err"; exit 1; }
-    t1=$(date +%s%N)
-    "$FIRN" --quiet --store "$FS" --option sandbox-paths "$SP" realise -j2 "$drv" >/dev/null 2>"$WORK/firn.err" || { cat "$WORK/firn.err"; exit 1; }
-    t2=$(date +%s%N)
+    run_nix() {
+      local a; a=$(date +%s%N)
+      nix-store --store "$NS" --option substituters '' --option sandbox true \
+        --option sandbox-paths "$SP" -j2 -r "$drv" >/dev/null 2>"$WORK/nix.err" || { cat "$WORK/nix.err"; exit 1; }
+      n_ns=$(( $(date +%s%N) - a ))
+    }
+    run_firn() {
+      local a; a=$(date +%s%N)
+      "$FIRN" --quiet --store "$FS" --option sandbox-paths "$SP" realise -j2 "$drv" >/dev/null 2>"$WORK/firn.err" || { cat "$WORK/firn.err"; exit 1; }
+      f_ns=$(( $(date +%s%N) - a ))
+    }
+    # The kernel finishes tearing down a run's namespaces after it exits, which slows
+    # whatever runs next: alternate who goes first, and let things settle in between.
+    if [ $((run % 2)) = 1 ]; then run_nix; sleep 1; run_firn; else run_firn; sleep 1; run_nix; fi
     # Same outputs, same hashes.
     out=$(nix-store --store "$NS" -q --outputs "$drv")
     [ "$(nix-store --store "$NS" -q --hash "$out")" = "$(nix-store --store "$FS" -q --hash "$out")" ] || { echo "outputs differ for $attr" >&2; exit 1; }
-    n_ms=$(ms "$t0" "$t1"); f_ms=$(ms "$t1" "$t2")
+    n_ms=$((n_ns / 1000000)); f_ms=$((f_ns / 1000000))
     python3 - "$run" "$attr" "$builds" "$n_ms" "$f_ms" <<'PY'
 import sys
 run, attr, builds, n, f = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
