@@ -880,7 +880,7 @@ r setgroups "$(cat /proc/self/setgroups)"
 r ids "$(id -u):$(id -g):$(id -G)"
 r caps "$(grep '^CapEff:' /proc/self/status | tr -d ' \t' | cut -d: -f2)"
 r proc_sys "$(grep ' /proc/sys ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1)"
-r kallsyms "$(wc -c < /proc/kallsyms)"
+r kallsyms "$(cat /proc/kallsyms 2>/dev/null | wc -c)"
 r acpi "$(ls /proc/acpi 2>/dev/null | wc -l)"
 if echo 1 > /proc/sysrq-trigger 2>/dev/null; then r sysrq writable; else r sysrq denied; fi
 /bin/busybox sh -c 'sleep 60; true' {bg} &
