@@ -22,6 +22,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 mod common;
+use common::firn_at as firn;
 use common::*;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,20 +38,8 @@ use nix::unistd::Pid;
 /// Kills per command, at `duration * i / OFFSETS` for `i` in `0..OFFSETS`.
 const OFFSETS: u32 = 12;
 
-fn firn(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut all = vec!["--store", root.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run(firn_bin(), &all, stdin)
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = Vec::new();
-    firn_derivation::json::write_json_string(&mut out, s.as_bytes());
-    String::from_utf8(out).unwrap()
 }
 
 fn output_of(root: &Path, drv: &str) -> String {
@@ -184,41 +173,6 @@ fn assert_no_lock_held(root: &Path, ctx: &str) {
     }
 }
 
-/// Both verifiers accept the store.
-fn assert_verifies(root: &Path, ctx: &str) {
-    let v = firn(root, &["verify", "--check-contents"], None);
-    assert!(v.status.success(), "{ctx}: firn verify: {}", stderr(&v));
-    let v = run(
-        "nix-store",
-        &[
-            "--store",
-            root.to_str().unwrap(),
-            "--option",
-            "substituters",
-            "",
-            "--verify",
-            "--check-contents",
-        ],
-        None,
-    );
-    assert!(
-        v.status.success(),
-        "{ctx}: nix-store --verify: {}",
-        stderr(&v)
-    );
-}
-
-/// The store directory's entries (without Nix's `.links`).
-fn entries(root: &Path) -> BTreeSet<String> {
-    match fs::read_dir(root.join("nix/store")) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n != ".links")
-            .collect(),
-        Err(_) => BTreeSet::new(),
-    }
-}
-
 /// Output paths printed by a command, each with its NAR hash in the store.
 fn paths_and_hashes(root: &Path, out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -333,7 +287,7 @@ fn kill_at_offsets(template: &Path, job: &Job<'_>) {
         if child.try_wait().unwrap().is_none() {
             // A sandbox root in the store: a build is being set up, runs or is being
             // registered (a readdir, so the kill is not delayed).
-            if job.marker.is_some() && entries(&root).iter().any(|n| n.ends_with(".chroot")) {
+            if job.marker.is_some() && store_entries(&root).iter().any(|n| n.ends_with(".chroot")) {
                 during_builds += 1;
             }
             child.kill().unwrap();
@@ -359,7 +313,7 @@ fn kill_at_offsets(template: &Path, job: &Job<'_>) {
         assert_verifies(&root, &ctx);
         (job.after_kill)(&root, &ctx);
         if std::env::var_os("CRASH_DEBUG").is_some() {
-            eprintln!("{ctx}: {status}; left {:?}", entries(&root));
+            eprintln!("{ctx}: {status}; left {:?}", store_entries(&root));
         }
 
         let again = run_job(&root, job);
@@ -375,7 +329,7 @@ fn kill_at_offsets(template: &Path, job: &Job<'_>) {
         if job.collect_after {
             let gc = firn(&root, &["gc"], None);
             assert!(gc.status.success(), "{ctx}: gc: {}", stderr(&gc));
-            let left = entries(&root);
+            let left = store_entries(&root);
             assert!(left.is_empty(), "{ctx}: gc left {left:?}");
         }
         remove(&root);
@@ -660,7 +614,7 @@ fn sigkill_during_gc() {
     // What is left once a collection completed: the rooted chain and its sources.
     let result = |root: &Path, _: &Output| {
         let live = ok(firn(root, &["gc", "--print-live"], None));
-        let left: Vec<String> = entries(root).into_iter().collect();
+        let left: Vec<String> = store_entries(root).into_iter().collect();
         format!("live:\n{live}entries:\n{}", left.join("\n"))
     };
     kill_at_offsets(
@@ -744,7 +698,7 @@ fn interrupt_stops_a_sandboxed_realise_and_cleans_up() {
             .unwrap()
     };
     let chroots = || -> Vec<String> {
-        entries(&root)
+        store_entries(&root)
             .into_iter()
             .filter(|n| n.ends_with(".chroot") || n.contains(".tmp-"))
             .collect()
@@ -976,7 +930,7 @@ fn builds_cancelled_by_a_failure_are_cleaned_up() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "build directories left: {left:?}");
-    let left: Vec<String> = entries(&root)
+    let left: Vec<String> = store_entries(&root)
         .into_iter()
         .filter(|n| n.ends_with(".chroot") || n.contains(".tmp-"))
         .collect();

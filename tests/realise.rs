@@ -116,16 +116,7 @@ fn vector_cases_build_like_nix() {
             "{case}: rebuilt"
         );
     }
-    let v = Command::new("nix-store")
-        .args([
-            "--store",
-            root.to_str().unwrap(),
-            "--verify",
-            "--check-contents",
-        ])
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&root, "after the builds");
     remove(&root);
 }
 
@@ -191,7 +182,7 @@ fn busybox_drv(root: &Path, name: &str, script: &str, inputs: &[&str]) -> String
     let json = format!(
         r#"{{"name":"{name}","outputs":{{"out":{{}}}},"inputSrcs":[],"inputDrvs":{{{}}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"name":"{name}","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
         input_drvs.join(","),
-        serde_json_string(script)
+        json_string(script)
     );
     let out = firn(root, &["derivation", "add"], Some(json.as_bytes()));
     assert!(
@@ -200,12 +191,6 @@ fn busybox_drv(root: &Path, name: &str, script: &str, inputs: &[&str]) -> String
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn serde_json_string(s: &str) -> String {
-    let mut out = Vec::new();
-    firn_derivation::json::write_json_string(&mut out, s.as_bytes());
-    String::from_utf8(out).unwrap()
 }
 
 #[test]
@@ -575,16 +560,7 @@ fn every_vector_case_builds_in_the_sandbox_like_nix() {
         }
     }
     assert!(built >= 15, "only {built} outputs compared");
-    let v = Command::new("nix-store")
-        .args([
-            "--store",
-            root.to_str().unwrap(),
-            "--verify",
-            "--check-contents",
-        ])
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&root, "after the builds");
     remove(&root);
 }
 
@@ -888,7 +864,7 @@ if echo 1 > /proc/sysrq-trigger 2>/dev/null; then r sysrq writable; else r sysrq
     );
     let json = format!(
         r#"{{"name":"isolation","outputs":{{"out":{{}}}},"inputSrcs":["{input}"],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c",{}],"env":{{"name":"isolation","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#,
-        serde_json_string(&script)
+        json_string(&script)
     );
     let drv = String::from_utf8(firn(&root, &["derivation", "add"], Some(json.as_bytes())).stdout)
         .unwrap();

@@ -102,3 +102,57 @@ pub fn can_build() -> bool {
     eprintln!("SKIPPED: building needs root, nix-instantiate and /bin/busybox (root={root} nix={nix} busybox={busybox})");
     false
 }
+
+/// `firn --store ROOT ARGS…`.
+pub fn firn_at(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut all = vec!["--store", root.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run(firn_bin(), &all, stdin)
+}
+
+/// `s` as a JSON string literal (quotes and escapes), for derivations written by hand.
+pub fn json_string(s: &str) -> String {
+    let mut out = Vec::new();
+    firn_derivation::json::write_json_string(&mut out, s.as_bytes());
+    String::from_utf8(out).unwrap()
+}
+
+/// Both verifiers accept the store at `root`: `firn verify --check-contents` and Nix
+/// 2.8's `nix-store --verify --check-contents`.
+pub fn assert_verifies(root: &Path, ctx: &str) {
+    let v = firn_at(root, &["verify", "--check-contents"], None);
+    assert!(
+        v.status.success(),
+        "{ctx}: firn verify: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let v = run(
+        "nix-store",
+        &[
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "substituters",
+            "",
+            "--verify",
+            "--check-contents",
+        ],
+        None,
+    );
+    assert!(
+        v.status.success(),
+        "{ctx}: nix-store --verify: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+/// The entries of the store directory at `root` (without Nix's `.links`).
+pub fn store_entries(root: &Path) -> std::collections::BTreeSet<String> {
+    match fs::read_dir(root.join("nix/store")) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".links")
+            .collect(),
+        Err(_) => std::collections::BTreeSet::new(),
+    }
+}

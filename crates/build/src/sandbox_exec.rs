@@ -191,10 +191,29 @@ struct SpareRoot {
     path: PathBuf,
 }
 
-/// Roots of this process: (spare ones, roots in use with their layout and their store
-/// dir inside).
-type RootRegistry = (Vec<SpareRoot>, Vec<(PathBuf, String, PathBuf)>);
-static ROOTS: std::sync::Mutex<RootRegistry> = std::sync::Mutex::new((Vec::new(), Vec::new()));
+/// A root a build is using: what `recycle_root` needs to empty and file it.
+#[derive(Debug)]
+struct RootInUse {
+    path: PathBuf,
+    layout: String,
+    /// The store dir inside it (where the inputs' links and mount points are).
+    store_inside: PathBuf,
+}
+
+/// The roots of this process.
+#[derive(Debug)]
+struct Roots {
+    spare: Vec<SpareRoot>,
+    in_use: Vec<RootInUse>,
+}
+
+static ROOTS: std::sync::Mutex<Roots> = std::sync::Mutex::new(Roots {
+    spare: Vec::new(),
+    in_use: Vec::new(),
+});
+
+/// Numbers the spare roots' names (unique within the process).
+static SPARE_SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// What makes two roots interchangeable: everything but the store inputs.
 fn layout_key(plan: &SandboxPlan, user: Option<&BuildUser>) -> String {
@@ -222,12 +241,16 @@ pub fn recycle_root(root: &Path) {
         let _ = firn_store::canonical::delete_path(root);
         return;
     };
-    let Some(i) = reg.1.iter().position(|(p, _, _)| p == root) else {
+    let Some(i) = reg.in_use.iter().position(|r| r.path == root) else {
         drop(reg);
         let _ = firn_store::canonical::delete_path(root);
         return;
     };
-    let (_, layout, store_inside) = reg.1.swap_remove(i);
+    let RootInUse {
+        layout,
+        store_inside,
+        ..
+    } = reg.in_use.swap_remove(i);
     let empty = |dir: &Path| -> io::Result<()> {
         for e in fs::read_dir(dir)? {
             firn_store::canonical::delete_path(&e?.path())?;
@@ -238,14 +261,14 @@ pub fn recycle_root(root: &Path) {
     // alone while this process lives and removes it once it is gone.
     let spare = root.with_file_name(format!(
         ".firn-spare-root-{}.tmp-{}",
-        reg.0.len() + reg.1.len(),
+        SPARE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         std::process::id()
     ));
     let kept = empty(&store_inside)
         .and_then(|()| empty(&root.join("tmp")))
         .and_then(|()| fs::rename(root, &spare));
     match kept {
-        Ok(()) => reg.0.push(SpareRoot {
+        Ok(()) => reg.spare.push(SpareRoot {
             layout,
             path: spare,
         }),
@@ -258,7 +281,7 @@ pub fn recycle_root(root: &Path) {
 /// Delete the spare roots (at the end of a run).
 pub fn drop_spare_roots() {
     if let Ok(mut reg) = ROOTS.lock() {
-        for s in reg.0.drain(..) {
+        for s in reg.spare.drain(..) {
             let _ = firn_store::canonical::delete_path(&s.path);
         }
     }
@@ -275,23 +298,22 @@ pub(crate) fn prepare_root(
     let root = &plan.root;
     let layout = layout_key(plan, user);
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    let store_inside = plan
-        .dirs
-        .iter()
-        .find(|(_, mode)| *mode == 0o1775)
-        .map(|(d, _)| inside(d))
-        .unwrap_or_else(|| inside(Path::new("/nix/store")));
+    let store_inside = inside(&plan.store_dir);
     firn_store::canonical::delete_path(root).map_err(io_err(root))?;
     let spare = ROOTS.lock().ok().and_then(|mut reg| {
-        let i = reg.0.iter().position(|s| s.layout == layout)?;
-        Some(reg.0.swap_remove(i))
+        let i = reg.spare.iter().position(|s| s.layout == layout)?;
+        Some(reg.spare.swap_remove(i))
     });
     let reused = match spare {
         Some(s) => fs::rename(&s.path, root).is_ok(),
         None => false,
     };
     if let Ok(mut reg) = ROOTS.lock() {
-        reg.1.push((root.clone(), layout, store_inside));
+        reg.in_use.push(RootInUse {
+            path: root.clone(),
+            layout,
+            store_inside,
+        });
     }
     if reused {
         return finish_root(plan, ids, true);

@@ -606,15 +606,7 @@ impl<'s> Worker<'s> {
         g.outputs = outputs.clone();
         g.drv = Some(drv);
         if all_valid && !check {
-            let r = BuildResult {
-                status: BuildStatus::AlreadyValid,
-                error: None,
-                outputs,
-                start_time: 0,
-                stop_time: 0,
-                log: None,
-            };
-            self.done(key, r);
+            self.done(key, already_valid(outputs));
             return true;
         }
         g.inputs = inputs.clone();
@@ -754,15 +746,7 @@ impl<'s> Worker<'s> {
         if all_valid && !self.goals[key].check {
             let mut locks = locks;
             locks.set_deletion(true);
-            let r = BuildResult {
-                status: BuildStatus::AlreadyValid,
-                error: None,
-                outputs,
-                start_time: 0,
-                stop_time: 0,
-                log: None,
-            };
-            self.done(key, r);
+            self.done(key, already_valid(outputs));
             return true;
         }
         match self.start(key, locks) {
@@ -1258,6 +1242,18 @@ pub fn is_fixed_output(drv: &Derivation<'_>) -> bool {
     drv.outputs
         .values()
         .any(|o| matches!(o, DerivationOutput::CAFixed(_)))
+}
+
+/// The result of a goal whose outputs were all valid: nothing was built.
+fn already_valid(outputs: BTreeMap<String, StorePath>) -> BuildResult {
+    BuildResult {
+        status: BuildStatus::AlreadyValid,
+        error: None,
+        outputs,
+        start_time: 0,
+        stop_time: 0,
+        log: None,
+    }
 }
 
 /// The plan for a build whose builder sees `build_dir` (`/build` in the sandbox).
