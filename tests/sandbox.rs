@@ -447,16 +447,36 @@ fn collections_during_a_build_spare_what_it_uses() {
         return;
     }
     let root = tempdir("gc-during-build");
-    let a = busybox_drv(&root, "step-a", "echo a > $out; sleep 1", &[], &[]);
-    let b = busybox_drv(&root, "step-b", "sleep 1; echo b > $out", &[], &[&a]);
-    let c = busybox_drv(&root, "step-c", "sleep 1; echo c > $out", &[], &[&b]);
-    // The derivations are rooted (as a user's would be); the outputs are not: only the
-    // temp roots of the running realise protect them.
+    // Directory outputs, read by the next step only after a while: they are mounted
+    // into its sandbox, so a collection that deleted one would be seen (a file input
+    // is a hard link, which a deletion in the store would not disturb).
+    let a = busybox_drv(&root, "step-a", "mkdir $out; echo a > $out/f", &[], &[]);
+    let b = busybox_drv(
+        &root,
+        "step-b",
+        "sleep 1; mkdir $out; cat /nix/store/*-step-a/f > $out/f; echo b >> $out/f",
+        &[],
+        &[&a],
+    );
+    let c = busybox_drv(
+        &root,
+        "step-c",
+        "sleep 1; cat /nix/store/*-step-b/f > $out; echo c >> $out",
+        &[],
+        &[&b],
+    );
+    // The derivations are rooted (as a user's would be); the outputs are not, while
+    // they are being built: only the temp roots of the running realise protect them.
+    // The final one becomes rooted by `--add-root` once built (otherwise a collection
+    // started just before the realise exits may rightly take it).
     let gcroot = root.join("nix/var/nix/gcroots/test-drv");
     std::os::unix::fs::symlink(&c, &gcroot).unwrap();
+    let result = root.join("result");
     let mut realise = Command::new(firn_bin())
         .args(["--store", root.to_str().unwrap()])
         .args(["--option", "sandbox-paths", "/bin/busybox", "realise", &c])
+        .arg("--add-root")
+        .arg(&result)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -477,11 +497,11 @@ fn collections_during_a_build_spare_what_it_uses() {
     );
     assert!(collections >= 5, "only {collections} collections ran");
     let built = real(&root, &out.stdout);
-    assert_eq!(fs::read_to_string(&built).unwrap(), "c\n");
+    assert_eq!(fs::read_to_string(&built).unwrap(), "a\nb\nc\n");
     assert_verifies(&root, "after the build");
-    // The outputs are not rooted: a collection deletes them; without the root, the
-    // derivations go too, and no spare root or chroot is left in the store directory.
+    // Without the roots, a collection deletes the outputs and the derivations, and no spare root or chroot is left in the store directory.
     fs::remove_file(&gcroot).unwrap();
+    fs::remove_file(&result).unwrap();
     let gc = firn_at(&root, &["gc"], None);
     let said = format!(
         "{}{}",
