@@ -39,6 +39,12 @@ pub enum ExecError {
     /// build (`--option sandbox false` is the explicit way).
     #[error("{step}: {source}{}", hint(source))]
     SandboxSetup { step: String, source: io::Error },
+    #[error("the group '{0}' specified in 'build-users-group' does not exist")]
+    NoSuchGroup(String),
+    #[error("the build users group '{0}' has no members")]
+    NoMembers(String),
+    #[error("looking up the group '{group}' of 'build-users-group': {source}")]
+    GroupLookup { group: String, source: io::Error },
     #[error("building in a store rooted at '{0}' needs root (the store is mounted at /nix/store for the builder); run as root or use the sandbox")]
     NeedRoot(String),
 }
@@ -84,25 +90,45 @@ pub struct BuildUser {
     _lock: Flock<File>,
 }
 
+/// What asking for a build user gave.
+#[derive(Debug)]
+pub enum AcquiredUser {
+    /// A free member of the group, locked until dropped.
+    Got(BuildUser),
+    /// Every member is building: wait and ask again (Nix: "waiting for UID to build").
+    Busy,
+    /// No build users here: firn is not root, or `build-users-group` is empty. Builds
+    /// run as the caller.
+    NotConfigured,
+}
+
 impl BuildUser {
-    /// A free member of `group` (`build-users-group`), or `None` when firn is not root
-    /// or `group` is empty (builds run as the caller) or no user is free right now.
-    pub fn acquire(group: &str) -> Result<Option<Self>, ExecError> {
+    /// A free member of `group` (`build-users-group`). Only root uses build users (as
+    /// Nix); an empty `group` means builds run as the caller. A group that does not
+    /// exist or has no members is an error, never a build as root.
+    pub fn acquire(group: &str) -> Result<AcquiredUser, ExecError> {
         if !Uid::effective().is_root() || group.is_empty() {
-            return Ok(None);
+            return Ok(AcquiredUser::NotConfigured);
         }
-        let Ok(Some(group)) = Group::from_name(group) else {
-            return Ok(None);
+        let found = Group::from_name(group).map_err(|e| ExecError::GroupLookup {
+            group: group.to_owned(),
+            source: e.into(),
+        })?;
+        let Some(group_entry) = found else {
+            return Err(ExecError::NoSuchGroup(group.to_owned()));
         };
+        let members: Vec<User> = group_entry
+            .mem
+            .iter()
+            .filter_map(|m| User::from_name(m).ok().flatten())
+            .filter(|u| !u.uid.is_root())
+            .collect();
+        if members.is_empty() {
+            return Err(ExecError::NoMembers(group.to_owned()));
+        }
         let pool = Path::new("/nix/var/nix/userpool");
         fs::create_dir_all(pool).map_err(io_err(pool))?;
-        for member in &group.mem {
-            let Ok(Some(user)) = User::from_name(member) else {
-                continue;
-            };
-            if user.uid.is_root() {
-                continue;
-            }
+        for user in members {
             let path = pool.join(user.uid.to_string());
             let file = OpenOptions::new()
                 .read(true)
@@ -113,14 +139,14 @@ impl BuildUser {
                 .open(&path)
                 .map_err(io_err(&path))?;
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                return Ok(Some(Self {
+                return Ok(AcquiredUser::Got(Self {
                     uid: user.uid.as_raw(),
-                    gid: group.gid.as_raw(),
+                    gid: group_entry.gid.as_raw(),
                     _lock: lock,
                 }));
             }
         }
-        Ok(None)
+        Ok(AcquiredUser::Busy)
     }
 }
 

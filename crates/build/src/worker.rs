@@ -21,7 +21,9 @@ use firn_store::lock::PathLocks;
 use firn_store::{Store, StoreError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::executor::{create_build_dir, start_builder, BuildUser, RunningBuild, Spawn};
+use crate::executor::{
+    create_build_dir, start_builder, AcquiredUser, BuildUser, RunningBuild, Spawn,
+};
 use crate::outputs::{register_outputs, BuiltOutputs, OutputError};
 
 /// Set by SIGINT/SIGTERM (see [`install_interrupt_handlers`]); the worker stops its
@@ -193,7 +195,10 @@ pub struct BuildResult {
 pub enum GoalState {
     Init,
     WaitingForInputs,
-    TryToBuild { said_waiting: bool },
+    TryToBuild {
+        said_waiting_lock: bool,
+        said_waiting_uid: bool,
+    },
     Building(Box<Build>),
     Done(BuildResult),
 }
@@ -207,6 +212,13 @@ pub struct Build {
     start_time: u64,
     /// The sandbox's root on the host, if sandboxed.
     chroot: Option<PathBuf>,
+    /// Outputs that were valid when the build started: never deleted or replaced, the
+    /// builder's copies of them are discarded (Nix's `initialOutputs … isValid`).
+    valid: BTreeSet<String>,
+    /// Without the sandbox, valid outputs are built at a fallback path whose hash part
+    /// is rewritten to the real one in the other outputs afterwards (Nix's hash
+    /// rewriting): output name → fallback path.
+    redirected: BTreeMap<String, StorePath>,
 }
 
 /// One derivation to realise.
@@ -435,10 +447,16 @@ impl<'s> Worker<'s> {
                 if let Some(chroot) = &b.chroot {
                     crate::sandbox_exec::recycle_root(chroot);
                 }
-                for p in g.outputs.values() {
-                    if !self.store.db().is_valid_path(p).unwrap_or(false) {
+                for (name, p) in &g.outputs {
+                    if b.valid.contains(name) {
+                        continue;
+                    }
+                    if let Ok(false) = self.store.db().is_valid_path(p) {
                         let _ = firn_store::canonical::delete_path(&self.store.real_path(p));
                     }
+                }
+                for p in b.redirected.values() {
+                    let _ = firn_store::canonical::delete_path(&self.store.real_path(p));
                 }
                 self.running -= 1;
             }
@@ -638,7 +656,8 @@ impl<'s> Worker<'s> {
             return true;
         }
         self.goals.get_mut(key).expect("goal exists").state = GoalState::TryToBuild {
-            said_waiting: false,
+            said_waiting_lock: false,
+            said_waiting_uid: false,
         };
         true
     }
@@ -722,14 +741,15 @@ impl<'s> Worker<'s> {
         let locks = match PathLocks::lock(reals.clone(), false, |_| {}) {
             Ok(Some(l)) => l,
             Ok(None) => {
-                if let GoalState::TryToBuild { said_waiting } =
-                    &mut self.goals.get_mut(key).expect("goal").state
+                if let GoalState::TryToBuild {
+                    said_waiting_lock, ..
+                } = &mut self.goals.get_mut(key).expect("goal").state
                 {
-                    if !*said_waiting {
+                    if !*said_waiting_lock {
                         let shown: Vec<String> = outputs.values().map(|p| sd.display(p)).collect();
                         let msg = format!("waiting for lock on '{}'...", shown.join("', '"));
                         self.progress.line(&msg);
-                        *said_waiting = true;
+                        *said_waiting_lock = true;
                     }
                 }
                 return false;
@@ -739,17 +759,55 @@ impl<'s> Worker<'s> {
                 return true;
             }
         };
-        // Someone else may have built it while we waited for the lock.
-        let all_valid = outputs
-            .values()
-            .all(|p| self.store.db().is_valid_path(p).unwrap_or(false));
-        if all_valid && !self.goals[key].check {
+        // Someone else may have built it while we waited for the lock. Which outputs
+        // are valid decides what the build may touch: a database error is not "not
+        // valid" (that could delete a valid output), it fails the goal.
+        let mut valid = BTreeSet::new();
+        for (name, p) in &outputs {
+            match self.store.db().is_valid_path(p) {
+                Ok(true) => {
+                    valid.insert(name.clone());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.done(key, failure(BuildStatus::MiscFailure, e.to_string()));
+                    return true;
+                }
+            }
+        }
+        if valid.len() == outputs.len() && !self.goals[key].check {
             let mut locks = locks;
             locks.set_deletion(true);
             self.done(key, already_valid(outputs));
             return true;
         }
-        match self.start(key, locks) {
+        // A build user, or wait for one: never build as the caller instead.
+        let user = match BuildUser::acquire(&self.settings.build_users_group) {
+            Ok(AcquiredUser::Got(u)) => Some(u),
+            Ok(AcquiredUser::NotConfigured) => None,
+            Ok(AcquiredUser::Busy) => {
+                drop(locks);
+                if let GoalState::TryToBuild {
+                    said_waiting_uid, ..
+                } = &mut self.goals.get_mut(key).expect("goal").state
+                {
+                    if !*said_waiting_uid {
+                        let msg = format!("waiting for UID to build '{}'", sd.display(key));
+                        self.progress.line(&msg);
+                        *said_waiting_uid = true;
+                    }
+                }
+                return false;
+            }
+            Err(e) => {
+                // Nothing was started: the lock files go too.
+                let mut locks = locks;
+                locks.set_deletion(true);
+                self.done(key, failure(BuildStatus::MiscFailure, e.to_string()));
+                return true;
+            }
+        };
+        match self.start(key, locks, user, valid) {
             Ok(build) => {
                 self.running += 1;
                 self.goals.get_mut(key).expect("goal").state = GoalState::Building(Box::new(build));
@@ -759,20 +817,43 @@ impl<'s> Worker<'s> {
         true
     }
 
-    fn start(&mut self, key: &StorePath, locks: PathLocks) -> Result<Build, String> {
+    fn start(
+        &mut self,
+        key: &StorePath,
+        locks: PathLocks,
+        user: Option<BuildUser>,
+        valid: BTreeSet<String>,
+    ) -> Result<Build, String> {
         let sd = self.store.store_dir().clone();
         let input_closure = self.input_closure(key).map_err(|e| e.to_string())?;
         let g = &self.goals[key];
         let drv = g.drv.as_ref().ok_or("derivation not loaded")?;
-        // Leftovers of an interrupted build at the output paths are not valid: remove
-        // (a check leaves the valid outputs alone: it builds in the sandbox's store).
-        for p in g.outputs.values().filter(|_| !g.check) {
+        // Leftovers of an interrupted build at the invalid output paths are removed; a
+        // valid output is never touched (a check builds in the sandbox's store).
+        for (_, p) in g
+            .outputs
+            .iter()
+            .filter(|(n, _)| !g.check && !valid.contains(*n))
+        {
             let real = self.store.real_path(p);
             firn_store::canonical::delete_path(&real)
                 .map_err(|e| format!("{}: {e}", real.display()))?;
         }
-        let user =
-            BuildUser::acquire(&self.settings.build_users_group).map_err(|e| e.to_string())?;
+        // Without the sandbox the builder writes into the real store: valid outputs go
+        // to a fallback path instead (removed after the build).
+        let mut redirected = BTreeMap::new();
+        if !self.settings.sandbox && !g.check {
+            for name in &valid {
+                let p = &g.outputs[name];
+                let fallback = fallback_path(&sd, key, p)?;
+                let real = self.store.real_path(&fallback);
+                firn_store::canonical::delete_path(&real)
+                    .map_err(|e| format!("{}: {e}", real.display()))?;
+                redirected.insert(name.clone(), fallback);
+            }
+        }
+        let mut builder_outputs = g.outputs.clone();
+        builder_outputs.extend(redirected.clone());
         let build_dir =
             create_build_dir(key.base_name(), user.as_ref()).map_err(|e| e.to_string())?;
         let sandbox = match self.settings.sandbox {
@@ -801,7 +882,7 @@ impl<'s> Worker<'s> {
         let spawn = plan_spawn(
             drv,
             &sd,
-            &g.outputs,
+            &builder_outputs,
             &seen_build_dir,
             self.settings.cores,
             sandbox.is_some(),
@@ -832,6 +913,8 @@ impl<'s> Worker<'s> {
             input_closure,
             start_time: unix_now(),
             chroot: sandbox.map(|p| p.root),
+            valid,
+            redirected,
         })
     }
 
@@ -1020,14 +1103,19 @@ impl<'s> Worker<'s> {
         // file system: a rename), then the root goes.
         let mut missing_at = BTreeMap::new();
         if let Some(chroot) = &build.chroot {
-            for (name, p) in &outputs {
+            // Only the outputs that were not valid leave the root; the builder's copies
+            // of valid ones go with it.
+            for (name, p) in outputs.iter().filter(|(n, _)| !build.valid.contains(*n)) {
                 let inside = chroot
                     .join(sd.as_str().trim_start_matches('/'))
                     .join(p.base_name());
                 let real = self.store.real_path(p);
                 if std::fs::symlink_metadata(&inside).is_ok() {
                     if let Err(e) = std::fs::rename(&inside, &real) {
-                        eprintln!("warning: moving '{}' into the store: {e}", inside.display());
+                        self.progress.line(&format!(
+                            "warning: moving '{}' into the store: {e}",
+                            inside.display()
+                        ));
                     }
                 } else {
                     missing_at.insert(name.clone(), inside);
@@ -1035,6 +1123,24 @@ impl<'s> Worker<'s> {
             }
             crate::sandbox_exec::recycle_root(chroot);
         }
+        // The builder's copies of valid outputs (at their fallback paths) are discarded.
+        let rewrites: Vec<(String, String)> = build
+            .redirected
+            .iter()
+            .map(|(name, fallback)| {
+                let real = self.store.real_path(fallback);
+                let _ = firn_store::canonical::delete_path(&real);
+                (
+                    fallback.hash_part().to_owned(),
+                    outputs[name].hash_part().to_owned(),
+                )
+            })
+            .collect();
+        let to_register: BTreeMap<String, StorePath> = outputs
+            .iter()
+            .filter(|(n, _)| !build.valid.contains(*n))
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
         let result: Result<(), (BuildStatus, String)> = match (killed, status) {
             (Some(k), _) => Err(k),
             (None, Some(s)) if !s.success() => {
@@ -1054,34 +1160,43 @@ impl<'s> Worker<'s> {
                 match drv_ref {
                     None => Err((BuildStatus::MiscFailure, "derivation not loaded".into())),
                     Some(d) => {
+                        let rewritten = to_register.values().try_for_each(|p| {
+                            crate::outputs::rewrite_hashes(&self.store.real_path(p), &rewrites)
+                        });
+                        let mut candidates = build.input_closure.clone();
+                        candidates.extend(outputs.values().cloned());
                         let built = BuiltOutputs {
                             drv_path: key,
                             drv: d,
-                            outputs: outputs.clone(),
-                            input_closure: build.input_closure.clone(),
+                            outputs: to_register.clone(),
+                            input_closure: candidates,
                             build_uid: build.running.user.as_ref().map(|u| u.uid),
                             missing_at,
                         };
-                        register_outputs(self.store, &built).map(|_| ()).map_err(
-                            |e: OutputError| {
-                                let st = if e.is_hash_mismatch() {
-                                    BuildStatus::HashMismatch
-                                } else {
-                                    BuildStatus::OutputRejected
-                                };
-                                (st, e.to_string())
-                            },
-                        )
+                        rewritten
+                            .map_err(|e| (BuildStatus::MiscFailure, e.to_string()))
+                            .and_then(|()| {
+                                register_outputs(self.store, &built).map(|_| ()).map_err(
+                                    |e: OutputError| {
+                                        let st = if e.is_hash_mismatch() {
+                                            BuildStatus::HashMismatch
+                                        } else {
+                                            BuildStatus::OutputRejected
+                                        };
+                                        (st, e.to_string())
+                                    },
+                                )
+                            })
                     }
                 }
             }
         };
         let keep = result.is_err() && self.settings.keep_failed;
         if keep {
-            eprintln!(
+            self.progress.line(&format!(
                 "note: keeping build directory '{}'",
                 build.running.build_dir.display()
-            );
+            ));
         }
         let _ = build.running.finish(keep);
         let _ = log;
@@ -1101,9 +1216,10 @@ impl<'s> Worker<'s> {
                 }
             }
             Err((status, msg)) => {
-                // Nothing of a failed build stays at the output paths.
-                for p in outputs.values() {
-                    if !self.store.db().is_valid_path(p).unwrap_or(false) {
+                // Nothing of a failed build stays at the output paths it may touch
+                // (a fixed output's mismatching content was registered elsewhere).
+                for p in to_register.values() {
+                    if let Ok(false) = self.store.db().is_valid_path(p) {
                         let _ = firn_store::canonical::delete_path(&self.store.real_path(p));
                     }
                 }
@@ -1235,6 +1351,23 @@ fn failure(status: BuildStatus, msg: String) -> BuildResult {
         stop_time: 0,
         log: None,
     }
+}
+
+/// Nix's `makeFallbackPath` for a valid output that an unsandboxed build must not
+/// overwrite: `rewrite:<drv>:<output>` with a zero hash, the output's name.
+fn fallback_path(
+    sd: &firn_derivation::StoreDir,
+    drv: &StorePath,
+    output: &StorePath,
+) -> Result<StorePath, String> {
+    let zero = firn_derivation::Hash::from_slice(firn_derivation::HashAlgo::Sha256, &[0; 32])
+        .ok_or("no zero sha256")?;
+    sd.make_store_path(
+        &format!("rewrite:{}:{}", drv.base_name(), output.base_name()),
+        &zero,
+        output.name(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Whether `drv` is fixed-output (it then gets the caller's `impureEnvVars`).
