@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 fn two_output_drv(root: &Path, name: &str, marker: &str) -> String {
     let script = format!(
         "mkdir $out $dev; echo built > $out/file; echo $out > $dev/ref; \
+         cat /proc/sys/kernel/random/uuid > $out/stamp; \
          if [ -e {marker} ]; then echo failing on purpose; exit 1; fi"
     );
     let json = format!(
@@ -74,6 +75,10 @@ fn partially_valid_rebuild(sandboxed: bool) {
     let out_file = real(&root, out).join("file");
     assert_eq!(fs::read_to_string(&out_file).unwrap(), "built\n");
     let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&out_file).unwrap());
+    // Each build writes a new stamp: a valid output written over in place (same inode)
+    // shows up here.
+    let stamp = real(&root, out).join("stamp");
+    let stamp_before = fs::read_to_string(&stamp).unwrap();
     ok(firn_at(&root, &["delete", dev], None));
     assert!(!real(&root, dev).exists());
 
@@ -122,6 +127,11 @@ fn partially_valid_rebuild(sandboxed: bool) {
         std::os::unix::fs::MetadataExt::ino(&fs::metadata(&out_file).unwrap()),
         inode,
         "the valid output 'out' was replaced"
+    );
+    assert_eq!(
+        fs::read_to_string(&stamp).unwrap(),
+        stamp_before,
+        "the valid output 'out' was written over"
     );
     assert_eq!(
         fs::read_to_string(real(&root, dev).join("ref")).unwrap(),

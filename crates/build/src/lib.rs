@@ -1,16 +1,32 @@
 //! firn-build: realising derivations.
 //!
-//! - [`executor`]: running a builder (unsandboxed) and reading its log;
-//! - [`outputs`]: `register_outputs`, what happens after a builder exits;
-//! - [`worker`]: the `Worker` and `DerivationGoal` state machine;
-//! - [`sandbox`]: the pure plan of a sandboxed build's root;
+//! - [`goal`]: `DerivationGoal`, whose states carry their data; [`result`]: how a goal
+//!   ended and Nix's exit status;
+//! - [`worker`]: the `Worker` loop that drives goals (waiters, build slots, polling);
+//! - [`missing`]: what a realisation would build (the dry run); [`check`]: `--check`;
+//! - [`builder`]: the `Builder` trait, the local builder, build users and the sandbox;
 //! - [`plan`]: the pure build plan (program, argv, environment, build-dir files) Nix 2.8
-//!   computes from a derivation before starting its builder.
+//!   computes from a derivation before starting its builder;
+//! - [`outputs`]: `register_outputs`, what happens after a builder exits;
+//! - [`log`]: a build's log file; [`events`]: what the worker reports;
+//! - [`settings`]: the typed settings; [`error`]: why a goal failed.
 
-pub mod executor;
+pub mod builder;
+pub mod check;
+pub mod error;
+pub mod events;
+pub mod goal;
+pub mod log;
+pub mod missing;
 pub mod outputs;
 pub mod plan;
-pub mod progress;
-pub mod sandbox;
-pub mod sandbox_exec;
+pub mod result;
+pub mod settings;
 pub mod worker;
+
+pub use error::BuildError;
+pub use events::{BuildEvents, Message, NoEvents, Progress};
+pub use goal::{BuildMode, Wanted};
+pub use result::{exit_status, BuildResult, BuildStatus};
+pub use settings::{SandboxMode, SettingError, Settings};
+pub use worker::Worker;

@@ -129,6 +129,25 @@ impl BuildPlan {
             .collect()
     }
 
+    /// Replace hash parts (`from` → `to`, same length) in the arguments, the
+    /// environment's values and the build-dir files: an unsandboxed build of a
+    /// derivation with valid outputs writes them at fallback paths (Nix's
+    /// `inputRewrites`, applied by `initEnv` and to the arguments).
+    pub fn rewrite_hashes(&mut self, rewrites: &[(String, String)]) {
+        let rewrite = |s: &mut Vec<u8>| {
+            for (from, to) in rewrites {
+                let finder = memchr::memmem::Finder::new(from.as_bytes());
+                let hits: Vec<usize> = finder.find_iter(s).collect();
+                for at in hits {
+                    s[at..at + to.len()].copy_from_slice(to.as_bytes());
+                }
+            }
+        };
+        self.argv.iter_mut().skip(1).for_each(rewrite);
+        self.env.iter_mut().for_each(|(_, v)| rewrite(v));
+        self.files.iter_mut().for_each(|(_, c)| rewrite(c));
+    }
+
     /// For a `builtin:<name>` builder (`builtin:fetchurl`, `builtin:buildenv`,
     /// `builtin:unpack-channel`), `<name>`: Nix runs those inside its own process, with
     /// the derivation's `env` (placeholders rewritten) instead of this plan's environment.
@@ -294,15 +313,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<BuildPlan, PlanError> {
     })
 }
 
-/// `hashPlaceholder(name)`: `/` + nixbase32 of sha256(`nix-output:<name>`), what
-/// `builtins.placeholder` returns and what the builder sees replaced by the output path.
-pub fn hash_placeholder(output_name: &[u8]) -> Vec<u8> {
-    let mut data = b"nix-output:".to_vec();
-    data.extend_from_slice(output_name);
-    let mut s = b"/".to_vec();
-    s.extend_from_slice(Hash::sha256(&data).to_nixbase32().as_bytes());
-    s
-}
+pub use firn_derivation::hash_placeholder;
 
 /// The file a `passAsFile` attribute is written to: `.attr-<nixbase32(sha256(name))>`.
 pub fn pass_as_file_name(attr: &[u8]) -> String {

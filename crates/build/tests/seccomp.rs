@@ -56,7 +56,7 @@ fn filter_covers_x86_64_x32_and_i386() {
     if !ia32 {
         eprintln!("SKIPPED (i386 part only): this kernel runs no i386 system calls");
     }
-    let filter = firn_build::sandbox_exec::seccomp_filter();
+    let filter = firn_build::builder::sandbox::seccomp::seccomp_filter();
     // Each check sets one bit of the exit status when it fails.
     // SAFETY: the child makes system calls and exits.
     let status = unsafe {

@@ -10,6 +10,8 @@ pub enum CliError {
     /// Anything the user can fix: bad input, unknown path, bad setting.
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Setting(#[from] firn_build::SettingError),
     #[error("reading '{path}': {source}")]
     Read { path: String, source: io::Error },
     #[error("writing to standard output: {0}")]

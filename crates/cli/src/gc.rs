@@ -51,31 +51,11 @@ fn parse_max_freed(s: &str) -> Result<u64, CliError> {
         .saturating_mul(multiplier))
 }
 
-fn bool_option(settings: &Settings, names: &[&str], default: bool) -> Result<bool, CliError> {
-    for name in names {
-        match settings.option(name) {
-            None => continue,
-            Some("true") => return Ok(true),
-            Some("false") => return Ok(false),
-            Some(v) => {
-                return Err(CliError::usage(format!(
-                    "option '{name}' has invalid value '{v}' (expected true or false)"
-                )))
-            }
-        }
-    }
-    Ok(default)
-}
-
 fn options(settings: &Settings, action: GcAction) -> Result<GcOptions, CliError> {
     Ok(GcOptions {
         action,
-        keep_outputs: bool_option(settings, &["keep-outputs", "gc-keep-outputs"], false)?,
-        keep_derivations: bool_option(
-            settings,
-            &["keep-derivations", "gc-keep-derivations"],
-            true,
-        )?,
+        keep_outputs: settings.build.keep_outputs,
+        keep_derivations: settings.build.keep_derivations,
         ..GcOptions::default()
     })
 }

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 mod derivation;
 mod error;
 mod gc;
+mod interrupt;
+mod progress;
 mod realise;
 mod settings;
 mod store_cmds;

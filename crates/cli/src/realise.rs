@@ -1,15 +1,16 @@
 //! `firn realise DRV[^outputs]…`: build what is missing and print the output paths, as
 //! `nix-store -r` does, with Nix's exit codes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use firn_build::worker::{exit_status, BuildSettings, BuildStatus, Wanted, Worker};
-use firn_derivation::StorePath;
+use firn_build::builder::local::{LocalBuilder, LocalOptions};
+use firn_build::{exit_status, BuildMode, BuildResult, SandboxMode, Wanted, Worker};
+use firn_derivation::{OutputName, StorePath};
 
 use crate::error::CliError;
+use crate::progress::TerminalEvents;
 use crate::settings::Settings;
 use crate::store_cmds::open;
 
@@ -43,40 +44,34 @@ pub struct RealiseArgs {
     pub check: bool,
 }
 
-fn parse_jobs(s: &str) -> Result<usize, CliError> {
-    if s == "auto" {
-        return Ok(std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1));
-    }
-    s.parse().map_err(|_| {
-        CliError::usage(format!(
-            "invalid value '{s}' for max-jobs: expected a number or 'auto'"
-        ))
-    })
-}
-
-fn secs(settings: &Settings, name: &str) -> Result<Option<Duration>, CliError> {
-    match settings.option(name) {
-        None => Ok(None),
-        Some(v) => {
-            let n: u64 = v.parse().map_err(|_| {
-                CliError::usage(format!("invalid value '{v}' for setting '{name}'"))
-            })?;
-            Ok((n > 0).then(|| Duration::from_secs(n)))
-        }
+/// `DRV`, `DRV^*`, `DRV^out,dev`.
+fn parse_target(arg: &str) -> (&str, Wanted) {
+    match arg.split_once('^') {
+        Some((p, "*")) => (p, Wanted::All),
+        Some((p, outs)) => (
+            p,
+            Wanted::Some(outs.split(',').map(OutputName::from).collect()),
+        ),
+        None => (arg, Wanted::All),
     }
 }
 
-fn flag(settings: &Settings, name: &str) -> Result<bool, CliError> {
-    match settings.option(name) {
-        None => Ok(false),
-        Some("true") | Some("1") => Ok(true),
-        Some("false") | Some("0") => Ok(false),
-        Some(v) => Err(CliError::usage(format!(
-            "invalid value '{v}' for setting '{name}'"
-        ))),
-    }
+/// One `--json` result, in the order Nix's fields come.
+#[derive(serde::Serialize)]
+struct JsonResult<'a> {
+    #[serde(rename = "drvPath")]
+    drv_path: String,
+    status: &'static str,
+    success: bool,
+    outputs: BTreeMap<&'a str, String>,
+    #[serde(rename = "startTime")]
+    start_time: u64,
+    #[serde(rename = "stopTime")]
+    stop_time: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<String>,
 }
 
 pub fn realise(
@@ -84,30 +79,17 @@ pub fn realise(
     args: &RealiseArgs,
     out: &mut impl Write,
 ) -> Result<u8, CliError> {
-    // Nix's default on Linux is `sandbox = true`; firn never falls back silently.
-    let sandbox = match settings.option("sandbox") {
-        None | Some("true") | Some("1") | Some("relaxed") => true,
-        Some("false") | Some("0") => false,
-        Some(v) => {
-            return Err(CliError::usage(format!(
-                "invalid value '{v}' for setting 'sandbox'"
-            )))
-        }
-    };
-    let sandbox_paths =
-        firn_build::sandbox::parse_sandbox_paths(settings.option("sandbox-paths").unwrap_or(""));
+    let mut build = settings.build.clone();
+    if let Some(j) = &args.max_jobs {
+        build.set("max-jobs", j)?;
+    }
+    build.keep_going |= args.keep_going;
+    build.keep_failed |= args.keep_failed;
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut tops: Vec<(StorePath, Wanted)> = Vec::new();
     for arg in &args.drvs {
-        let (path, wanted) = match arg.split_once('^') {
-            Some((p, "*")) => (p, Wanted::All),
-            Some((p, outs)) => (
-                p,
-                Wanted::Some(outs.split(',').map(str::to_owned).collect()),
-            ),
-            None => (arg.as_str(), Wanted::All),
-        };
+        let (path, wanted) = parse_target(arg);
         let p = store.parse_path_arg(path)?;
         if !p.is_derivation() {
             // A non-derivation path is realised if it is valid.
@@ -124,46 +106,12 @@ pub fn realise(
         }
         tops.push((p, wanted));
     }
-    let jobs = match &args.max_jobs {
-        Some(j) => parse_jobs(j)?,
-        None => match settings.option("max-jobs") {
-            Some(j) => parse_jobs(j)?,
-            None => 1,
-        },
-    };
-    let build = BuildSettings {
-        max_jobs: jobs.max(1),
-        // Nix 2.8's default is the number of CPUs (the env-probe vector shows 2 on a
-        // 2-core machine).
-        cores: settings
-            .option("cores")
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)),
-        timeout: secs(settings, "timeout")?,
-        max_silent_time: secs(settings, "max-silent-time")?,
-        max_log_size: settings
-            .option("max-build-log-size")
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n > 0),
-        keep_going: args.keep_going || flag(settings, "keep-going")?,
-        keep_failed: args.keep_failed || flag(settings, "keep-failed")?,
-        print_build_logs: !settings.quiet,
-        check: args.check,
-        sandbox,
-        sandbox_paths,
-        build_users_group: settings
-            .option("build-users-group")
-            .unwrap_or("nixbld")
-            .to_owned(),
-    };
     let drv_tops: Vec<(StorePath, Wanted)> = tops
         .iter()
         .filter(|(p, _)| p.is_derivation())
         .cloned()
         .collect();
-    let mut worker = Worker::new(&mut store, build);
-    let to_build = worker
-        .plan(&drv_tops)
+    let to_build = firn_build::missing::derivations_to_build(&store, &drv_tops)
         .map_err(|e| CliError::usage(e.to_string()))?;
     if !to_build.is_empty() {
         if to_build.len() == 1 {
@@ -178,15 +126,33 @@ pub fn realise(
     if args.dry_run {
         return Ok(0);
     }
-    firn_build::worker::install_interrupt_handlers();
-    let results = worker.run(&drv_tops);
-    if firn_build::worker::interrupted() {
+    crate::interrupt::install_handlers();
+    let builder = LocalBuilder::new(LocalOptions {
+        store_root: store.root().to_path_buf(),
+        store_dir: sd.clone(),
+        sandbox: build.sandbox != SandboxMode::Off,
+        build_users_group: build.build_users_group.clone(),
+    });
+    let mut events = TerminalEvents::new(sd.clone(), !settings.quiet, build.keep_going);
+    let mode = match args.check {
+        true => BuildMode::Check,
+        false => BuildMode::Normal,
+    };
+    let mut worker = Worker::new(
+        &mut store,
+        build,
+        builder,
+        &mut events,
+        crate::interrupt::interrupted,
+    );
+    let results = worker.run(&drv_tops, mode);
+    if crate::interrupt::interrupted() {
         let stopped: Vec<String> = results
             .iter()
             .filter(|(_, r)| !r.status.success())
             .map(|(p, _)| sd.display(p))
             .collect();
-        let by = firn_build::worker::interrupt_signal().unwrap_or("a signal");
+        let by = crate::interrupt::signal_name().unwrap_or("a signal");
         let killed: Vec<String> = worker
             .interrupted_builds()
             .iter()
@@ -210,10 +176,7 @@ pub fn realise(
         if let Some((_, r)) = results.iter().find(|(k, _)| k == p) {
             if r.status.success() {
                 for (name, out) in &r.outputs {
-                    if match w {
-                        Wanted::All => true,
-                        Wanted::Some(s) => s.contains(name),
-                    } {
+                    if w.contains(name.as_str()) {
                         paths.insert(out.clone());
                     }
                 }
@@ -221,40 +184,34 @@ pub fn realise(
         }
     }
     // Like Nix's worker flags: every goal's failure counts, not only the top ones'.
-    let code = exit_status(&worker.results().map(|(_, r)| r).collect::<Vec<_>>());
+    let all: Vec<&BuildResult> = worker.results().map(|(_, r)| r).collect();
+    let code = exit_status(&all);
+    drop(worker);
     if args.json {
-        let mut text = String::from("[");
-        for (i, (p, r)) in results.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            let outs: Vec<String> = r
-                .outputs
-                .iter()
-                .map(|(n, o)| format!("\"{n}\":\"{}\"", sd.display(o)))
-                .collect();
-            text.push_str(&format!(
-                "{{\"drvPath\":\"{}\",\"status\":\"{}\",\"success\":{},\"outputs\":{{{}}},\"startTime\":{},\"stopTime\":{}",
-                sd.display(p),
-                r.status.as_str(),
-                r.status.success(),
-                outs.join(","),
-                r.start_time,
-                r.stop_time
-            ));
-            if let Some(e) = &r.error {
-                let mut buf = Vec::new();
-                firn_derivation::json::write_json_string(&mut buf, e.as_bytes());
-                text.push_str(&format!(",\"error\":{}", String::from_utf8_lossy(&buf)));
-            }
-            if let Some(l) = &r.log {
-                if l.exists() {
-                    text.push_str(&format!(",\"log\":\"{}\"", l.display()));
-                }
-            }
-            text.push('}');
-        }
-        text.push_str("]\n");
+        let json: Vec<JsonResult<'_>> = results
+            .iter()
+            .map(|(p, r)| JsonResult {
+                drv_path: sd.display(p),
+                status: r.status.as_str(),
+                success: r.status.success(),
+                outputs: r
+                    .outputs
+                    .iter()
+                    .map(|(n, o)| (n.as_str(), sd.display(o)))
+                    .collect(),
+                start_time: r.start_time,
+                stop_time: r.stop_time,
+                error: r.error.as_ref().map(|e| e.to_string()),
+                log: r
+                    .log
+                    .as_ref()
+                    .filter(|l| l.exists())
+                    .map(|l| l.display().to_string()),
+            })
+            .collect();
+        let mut text = serde_json::to_string(&json)
+            .map_err(|e| CliError::usage(format!("writing JSON: {e}")))?;
+        text.push('\n');
         out.write_all(text.as_bytes()).map_err(CliError::stdout)?;
     } else if code == 0 {
         for p in &paths {
@@ -274,7 +231,6 @@ pub fn realise(
             }
         }
     }
-    let _ = BuildStatus::Built;
     Ok(code)
 }
 

@@ -1,30 +1,12 @@
-//! Settings: the store root and Nix-named options (`--option NAME VALUE`).
+//! The CLI's settings: the store root, `--quiet`, and the build settings parsed from
+//! `--option NAME VALUE` into firn-build's typed [`firn_build::Settings`] (the only
+//! place setting text is parsed).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use firn_derivation::StoreDir;
 
 use crate::error::CliError;
-
-/// Settings firn knows, by their Nix names.
-const KNOWN: &[&str] = &[
-    "sandbox",
-    "sandbox-paths",
-    "build-users-group",
-    "max-jobs",
-    "cores",
-    "timeout",
-    "max-silent-time",
-    "max-build-log-size",
-    "keep-going",
-    "keep-failed",
-    "substituters",
-    "keep-outputs",
-    "keep-derivations",
-    "gc-keep-outputs",
-    "gc-keep-derivations",
-];
 
 #[derive(Debug)]
 pub struct Settings {
@@ -32,7 +14,9 @@ pub struct Settings {
     pub root: Option<PathBuf>,
     /// The logical store directory.
     pub store_dir: StoreDir,
-    pub options: BTreeMap<String, String>,
+    /// Every Nix setting, typed.
+    pub build: firn_build::Settings,
+    /// Settings given that firn does not know (Nix warns about them).
     pub warnings: Vec<String>,
     pub quiet: bool,
 }
@@ -43,20 +27,21 @@ impl Settings {
         options: &[String],
         quiet: bool,
     ) -> Result<Self, CliError> {
-        let mut map = BTreeMap::new();
+        let mut build = firn_build::Settings::default();
         let mut warnings = Vec::new();
         for pair in options.chunks(2) {
             let [name, value] = pair else {
                 return Err(CliError::usage("--option needs a NAME and a VALUE"));
             };
-            if !KNOWN.contains(&name.as_str()) {
-                warnings.push(format!("unknown setting '{name}'"));
+            match build.set(name, value) {
+                Ok(()) => {}
+                Err(e @ firn_build::SettingError::Unknown(_)) => warnings.push(e.to_string()),
+                Err(e) => return Err(CliError::Setting(e)),
             }
-            map.insert(name.clone(), value.clone());
         }
         Ok(Self {
             root,
-            options: map,
+            build,
             quiet,
             store_dir: StoreDir::default(),
             warnings,
@@ -69,7 +54,7 @@ impl Settings {
         if let Some(r) = &self.root {
             return r.clone();
         }
-        if nix_is_root() {
+        if nix::unistd::Uid::effective().is_root() {
             return PathBuf::from("/");
         }
         let data = std::env::var_os("XDG_DATA_HOME")
@@ -80,11 +65,6 @@ impl Settings {
         data.join("firn/root")
     }
 
-    /// The value of `--option NAME VALUE`, if given.
-    pub fn option(&self, name: &str) -> Option<&str> {
-        self.options.get(name).map(String::as_str)
-    }
-
     /// Where a logical store path lives on disk.
     pub fn physical(&self, logical: &str) -> PathBuf {
         match &self.root {
@@ -92,11 +72,4 @@ impl Settings {
             _ => PathBuf::from(logical),
         }
     }
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY-free: reading the effective uid through std's metadata of /proc/self.
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
 }

@@ -549,12 +549,7 @@ pub fn log(settings: &Settings, arg: &str, out: &mut impl Write) -> Result<(), C
         );
     }
     for d in candidates.iter().filter(|d| d.is_derivation()) {
-        let base = d.base_name();
-        let file = store
-            .root()
-            .join("nix/var/log/nix/drvs")
-            .join(&base[..2])
-            .join(format!("{}.bz2", &base[2..]));
+        let file = firn_build::log::log_path(store.root(), d);
         if let Ok(f) = std::fs::File::open(&file) {
             let mut dec = bzip2::read::BzDecoder::new(f);
             io::copy(&mut dec, out).map_err(|e| match e.kind() {

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 use crate::ca::FixedOutputHash;
+use crate::output_name::OutputName;
 use crate::store_path::{StoreDir, StorePath, StorePathError};
 
 /// A byte string that borrows from the parsed input where it can.
@@ -77,6 +78,16 @@ pub struct Derivation<'a> {
 
 fn own<'b>(s: &ByteStr<'_>) -> ByteStr<'b> {
     Cow::Owned(s.to_vec())
+}
+
+/// `hashPlaceholder(name)`: `/` + nixbase32 of sha256(`nix-output:<name>`), what
+/// `builtins.placeholder` returns and what the builder sees replaced by the output path.
+pub fn hash_placeholder(output_name: &[u8]) -> Vec<u8> {
+    let mut data = b"nix-output:".to_vec();
+    data.extend_from_slice(output_name);
+    let mut s = b"/".to_vec();
+    s.extend_from_slice(crate::Hash::sha256(&data).to_nixbase32().as_bytes());
+    s
 }
 
 impl Derivation<'_> {
@@ -158,6 +169,33 @@ impl Derivation<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// The paths of all outputs whose path is known, by [`OutputName`].
+    pub fn output_paths_by_name(
+        &self,
+        store_dir: &StoreDir,
+    ) -> Result<BTreeMap<OutputName, StorePath>, DerivationError> {
+        self.output_paths(store_dir)?
+            .into_iter()
+            .map(|(name, path)| Ok((OutputName::from_bytes(&name)?, path)))
+            .collect()
+    }
+
+    /// The names of the outputs.
+    pub fn output_names(&self) -> Result<Vec<OutputName>, DerivationError> {
+        self.outputs
+            .keys()
+            .map(|n| OutputName::from_bytes(n))
+            .collect()
+    }
+
+    /// Whether an output is fixed-output (the derivation then gets the caller's
+    /// `impureEnvVars` and the host's network).
+    pub fn is_fixed_output(&self) -> bool {
+        self.outputs
+            .values()
+            .any(|o| matches!(o, DerivationOutput::CAFixed(_)))
     }
 
     /// Whether the derivation uses `__structuredAttrs` (its env has `__json`).

@@ -18,12 +18,14 @@ pub mod hash;
 pub mod json;
 pub mod modulo;
 pub mod nixbase32;
+pub mod output_name;
 pub mod store_path;
 
 pub use aterm::{parse_derivation, ParseError, ParseErrorKind};
 pub use ca::{FileIngestionMethod, FixedOutputHash};
 pub use derivation::{
-    name_from_drv_base_name, ByteStr, Derivation, DerivationError, DerivationOutput, DerivationType,
+    hash_placeholder, name_from_drv_base_name, ByteStr, Derivation, DerivationError,
+    DerivationOutput, DerivationType,
 };
 pub use hash::{Encoding, Hash, HashAlgo, HashError, Hasher};
 pub use json::{parse_show_derivation, write_show_derivation, JsonError};
@@ -31,4 +33,5 @@ pub use modulo::{
     compute_output_paths, hash_derivation_modulo, DrvHashModulo, InputDrvHash, ModuloCache,
     ModuloError,
 };
+pub use output_name::OutputName;
 pub use store_path::{StoreDir, StorePath, StorePathError};

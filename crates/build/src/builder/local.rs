@@ -1,0 +1,457 @@
+//! Builds on this machine. In the sandbox (the default) the forked child hands over to
+//! `sandbox::child::enter_sandbox`. With `sandbox = false` the builder runs as a build
+//! user (when firn is root) in a private mount namespace in which the store's real
+//! directory is mounted at the logical store directory, so a store rooted elsewhere than
+//! `/` builds at the paths its derivations name; nothing else is isolated.
+//!
+//! The builder's stdout and stderr go to one pipe, which the worker polls and reads.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use firn_derivation::{OutputName, StoreDir, StorePath};
+use nix::libc;
+use nix::unistd::{Gid, Uid};
+
+use super::build_user::{kill_user, AcquiredUser, BuildUser};
+use super::error::{cstring, io_err, ExecError};
+use super::sandbox::{plan_sandbox, RootPool, SandboxInput, SandboxRoot};
+use super::{BuildDir, BuildJob, Builder, Collected, RunningBuild};
+use crate::plan::{BuildPlan, SANDBOX_BUILD_DIR};
+
+/// How the local builder runs builds.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// The store's root (`/` for the real store).
+    pub store_root: PathBuf,
+    pub store_dir: StoreDir,
+    /// `sandbox`.
+    pub sandbox: bool,
+    /// `build-users-group` ('' = build as the caller).
+    pub build_users_group: String,
+}
+
+/// Builds on this machine; owns the spare sandbox roots of its builds.
+#[derive(Debug)]
+pub struct LocalBuilder {
+    options: LocalOptions,
+    pool: RootPool,
+    /// Whether the host has `/dev/kvm` (bound into the sandbox, as Nix does).
+    kvm: bool,
+}
+
+impl LocalBuilder {
+    pub fn new(options: LocalOptions) -> Self {
+        Self {
+            options,
+            pool: RootPool::new(),
+            kvm: Path::new("/dev/kvm").exists(),
+        }
+    }
+
+    fn real_store(&self) -> PathBuf {
+        self.options.store_root.join("nix/store")
+    }
+}
+
+/// A builder running on this machine.
+#[derive(Debug)]
+pub struct LocalBuild {
+    child: Child,
+    /// Read end of the builder's stdout+stderr.
+    log: io::PipeReader,
+    /// The real build directory.
+    build_dir: PathBuf,
+    user: Option<BuildUser>,
+    /// The sandbox's root, if sandboxed.
+    root: Option<SandboxRoot>,
+    real_store: PathBuf,
+}
+
+impl RunningBuild for LocalBuild {
+    fn log_fd(&self) -> BorrowedFd<'_> {
+        self.log.as_fd()
+    }
+
+    fn read_log(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.log.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            other => other,
+        }
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    fn kill(&mut self) -> Option<ExitStatus> {
+        kill_group(self.child.id());
+        if let Some(u) = &self.user {
+            kill_user(u.uid);
+        }
+        self.child.wait().ok()
+    }
+
+    fn built_path(&self, output: &StorePath) -> PathBuf {
+        match &self.root {
+            Some(root) => root.store_inside().join(output.base_name()),
+            None => self.real_store.join(output.base_name()),
+        }
+    }
+
+    fn build_uid(&self) -> Option<u32> {
+        self.user.as_ref().map(|u| u.uid)
+    }
+
+    fn build_dir(&self) -> &Path {
+        &self.build_dir
+    }
+}
+
+/// SIGKILL to the builder's process group.
+fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// A fresh `$TMPDIR/nix-build-<drv name>-<n>` (0700), owned by the build user.
+pub fn create_build_dir(drv_base: &str, user: Option<&BuildUser>) -> Result<PathBuf, ExecError> {
+    let tmp = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let name = drv_base.get(33..).unwrap_or(drv_base);
+    for n in 0..100_000 {
+        let dir = tmp.join(format!("nix-build-{name}-{n}"));
+        match fs::create_dir(&dir) {
+            Ok(()) => {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                    .map_err(io_err(&dir))?;
+                if let Some(u) = user {
+                    nix::unistd::chown(
+                        &dir,
+                        Some(Uid::from_raw(u.uid)),
+                        Some(Gid::from_raw(u.gid)),
+                    )
+                    .map_err(|e| io_err(&dir)(e.into()))?;
+                }
+                return Ok(dir);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+    }
+    Err(io_err(&tmp)(io::Error::other(
+        "no free build directory name",
+    )))
+}
+
+impl Builder for LocalBuilder {
+    type Build = LocalBuild;
+
+    fn acquire_user(&mut self) -> Result<AcquiredUser, ExecError> {
+        BuildUser::acquire(&self.options.build_users_group)
+    }
+
+    fn build_dir(
+        &mut self,
+        drv_path: &StorePath,
+        user: Option<&BuildUser>,
+    ) -> Result<BuildDir, ExecError> {
+        let real = create_build_dir(drv_path.base_name(), user)?;
+        let seen = match self.options.sandbox {
+            true => PathBuf::from(SANDBOX_BUILD_DIR),
+            false => real.clone(),
+        };
+        Ok(BuildDir::new(real, seen))
+    }
+
+    fn start(&mut self, job: BuildJob<'_>) -> Result<LocalBuild, ExecError> {
+        let opts = &self.options;
+        let root_is_slash = opts.store_root == Path::new("/");
+        let is_root = Uid::effective().is_root();
+        if !root_is_slash && !opts.sandbox && !is_root {
+            return Err(ExecError::NeedRoot(opts.store_root.display().to_string()));
+        }
+        let user = job.user;
+        let plan = job.plan;
+        let real_build_dir = job.build_dir.real().to_path_buf();
+        // The builder's host identity: the build user, else the caller.
+        let host_ids = user
+            .as_ref()
+            .map(|u| (u.uid, u.gid))
+            .unwrap_or_else(|| (Uid::effective().as_raw(), Gid::effective().as_raw()));
+        let (step_reader, step_writer) = io::pipe().map_err(io_err(&real_build_dir))?;
+        let real_store = self.real_store();
+        let mut sandbox = None;
+        let mut sandbox_setup = None;
+        if opts.sandbox {
+            let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
+            let sandbox_paths: Vec<(PathBuf, PathBuf, bool)> = job
+                .sandbox_paths
+                .iter()
+                .map(|p| (p.target.clone(), p.source.clone(), p.optional))
+                .collect();
+            let sandbox_plan = plan_sandbox(&SandboxInput {
+                real_store: &real_store,
+                store_dir: opts.store_dir.as_str(),
+                drv_path: job.drv_path,
+                inputs: &inputs,
+                build_dir: &real_build_dir,
+                sandbox_paths: &sandbox_paths,
+                fixed_output: job.drv.is_fixed_output(),
+                kvm: self.kvm,
+            });
+            let (root, mut setup) = self.pool.prepare(&sandbox_plan, user.as_ref(), host_ids)?;
+            setup.step_fd = step_writer.as_raw_fd();
+            sandbox = Some(root);
+            sandbox_setup = Some(setup);
+        }
+        write_build_files(plan, &real_build_dir, user.as_ref())?;
+        let spawned = spawn(
+            plan,
+            &real_build_dir,
+            &opts.store_root,
+            opts.store_dir.as_str(),
+            user.as_ref(),
+            sandbox_setup,
+            is_root,
+        );
+        drop(step_writer);
+        let (child, reader) = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                // The sandbox's set-up names the step that failed; the root and the
+                // build directory go with their owners.
+                let mut step = String::new();
+                let _ = (&step_reader).take(256).read_to_string(&mut step);
+                return Err(match e {
+                    ExecError::Spawn { source, .. } if !step.is_empty() => {
+                        ExecError::SandboxSetup { step, source }
+                    }
+                    other => other,
+                });
+            }
+        };
+        Ok(LocalBuild {
+            child,
+            log: reader,
+            build_dir: job.build_dir.into_real(),
+            user,
+            root: sandbox,
+            real_store,
+        })
+    }
+
+    fn collect_outputs(
+        &mut self,
+        build: &mut LocalBuild,
+        outputs: &BTreeMap<OutputName, (StorePath, PathBuf)>,
+    ) -> Result<Collected, ExecError> {
+        let mut collected = Collected::default();
+        if build.root.is_none() {
+            // Unsandboxed, the builder wrote them in place.
+            return Ok(collected);
+        }
+        // Sandboxed outputs were built inside the root, on the store's file system:
+        // a rename moves them into the store.
+        for (name, (path, real)) in outputs {
+            let inside = build.built_path(path);
+            if fs::symlink_metadata(&inside).is_ok() {
+                fs::rename(&inside, real).map_err(io_err(real))?;
+            } else {
+                collected.missing_at.insert(name.clone(), inside);
+            }
+        }
+        Ok(collected)
+    }
+
+    fn release(
+        &mut self,
+        mut build: LocalBuild,
+        keep_build_dir: bool,
+    ) -> Result<Option<PathBuf>, ExecError> {
+        // The builder is done: nothing it left running may outlive the build. In the
+        // sandbox the PID namespace saw to that when its PID 1 exited.
+        if let Some(u) = build.user.as_ref().filter(|_| build.root.is_none()) {
+            kill_user(u.uid);
+        }
+        kill_group(build.child.id());
+        let _ = build.child.try_wait();
+        if let Some(root) = build.root.take() {
+            self.pool.recycle(root);
+        }
+        if keep_build_dir {
+            let _ = fs::set_permissions(&build.build_dir, fs::Permissions::from_mode(0o755));
+            return Ok(Some(build.build_dir));
+        }
+        firn_store::canonical::delete_path(&build.build_dir).map_err(io_err(&build.build_dir))?;
+        Ok(None)
+    }
+}
+
+/// The plan's files in the build directory, owned by the build user.
+fn write_build_files(
+    plan: &BuildPlan,
+    build_dir: &Path,
+    user: Option<&BuildUser>,
+) -> Result<(), ExecError> {
+    for (name, contents) in &plan.files {
+        let p = build_dir.join(name);
+        fs::write(&p, contents).map_err(io_err(&p))?;
+        if let Some(u) = user {
+            nix::unistd::chown(&p, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid)))
+                .map_err(|e| io_err(&p)(e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fork and exec the builder: sandboxed through `setup`, else in a private mount
+/// namespace (as root) as the build user.
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    plan: &BuildPlan,
+    build_dir: &Path,
+    store_root: &Path,
+    store_dir: &str,
+    user: Option<&BuildUser>,
+    setup: Option<super::sandbox::child::SandboxSetup>,
+    is_root: bool,
+) -> Result<(Child, io::PipeReader), ExecError> {
+    let root_is_slash = store_root == Path::new("/");
+    // Read-write, as Nix opens it.
+    let dev_null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err(Path::new("/dev/null")))?;
+    let (reader, writer) = io::pipe().map_err(io_err(build_dir))?;
+    let writer2 = writer.try_clone().map_err(io_err(build_dir))?;
+    let program = OsStr::from_bytes(&plan.program);
+    let mut cmd = Command::new(program);
+    if let Some((argv0, rest)) = plan.argv.split_first() {
+        cmd.arg0(OsStr::from_bytes(argv0));
+        cmd.args(rest.iter().map(|a| OsStr::from_bytes(a)));
+    }
+    cmd.env_clear()
+        .envs(
+            plan.env
+                .iter()
+                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+        )
+        .current_dir(build_dir)
+        .stdin(dev_null)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::from(writer2))
+        .process_group(0);
+
+    // Everything the child needs is prepared here: after fork only system calls.
+    let real_store = cstring(store_root.join("nix/store").as_os_str().as_bytes())?;
+    let logical_store = cstring(store_dir.as_bytes())?;
+    if !root_is_slash && setup.is_none() {
+        fs::create_dir_all(store_dir).map_err(io_err(Path::new(store_dir)))?;
+    }
+    let ids = user.map(|u| (u.uid, u.gid));
+    let none = cstring(b"none")?;
+    let slash = cstring(b"/")?;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            close_inherited_fds();
+            if let Some(setup) = &setup {
+                return super::sandbox::child::enter_sandbox(setup);
+            }
+            if is_root {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::mount(
+                    none.as_ptr(),
+                    slash.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if !root_is_slash
+                    && libc::mount(
+                        real_store.as_ptr(),
+                        logical_store.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            drop_privileges(ids)
+        });
+    }
+    let child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        program: String::from_utf8_lossy(&plan.program).into_owned(),
+        source,
+    })?;
+    // `cmd` holds our copies of the write end: EOF then means every writer is gone.
+    drop(cmd);
+    Ok((child, reader))
+}
+
+/// Descriptors firn inherited from its own caller must not reach the builder (Nix's
+/// `closeMostFDs`): mark everything above stderr close-on-exec. Closing them outright
+/// is not possible here: `Command` reports a failed exec through one of them.
+fn close_inherited_fds() {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: plain system calls on descriptor numbers.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+            // Kernels before 5.11: one fcntl per possible descriptor.
+            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 65536) as i32;
+            for fd in 3..max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Become the build user (no supplementary groups).
+///
+/// # Safety
+/// Only for a freshly forked child: it changes the process's identity.
+unsafe fn drop_privileges(ids: Option<(u32, u32)>) -> io::Result<()> {
+    if let Some((uid, gid)) = ids {
+        // SAFETY: plain system calls.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::umask(0o022);
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Why a goal failed: [`BuildError`], carried in its [`crate::result::BuildResult`] up to
+//! the CLI (or a daemon client), which alone turns it into a line and an exit code.
+//! Each variant knows its Nix `BuildResult::Status` (`BuildError::status`, in
+//! `result.rs`). Paths are
+//! carried as the store shows them (`/nix/store/…`), since the store directory is the
+//! store's, not the error's.
+
+use std::io;
+use std::path::PathBuf;
+
+use firn_store::StoreError;
+use thiserror::Error;
+
+use crate::builder::ExecError;
+use crate::outputs::OutputError;
+
+/// How a builder process ended badly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuilderExit {
+    Code(i32),
+    Signal(i32),
+    Unknown,
+}
+
+impl std::fmt::Display for BuilderExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Code(c) => write!(f, "failed with exit code {c}"),
+            Self::Signal(s) => write!(f, "failed due to signal {s}"),
+            Self::Unknown => f.write_str("failed"),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// The `.drv` is neither valid nor readable.
+    #[error("cannot build missing derivation '{drv}'")]
+    MissingDerivation { drv: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The derivation's output paths cannot be computed.
+    #[error("derivation '{drv}': {source}")]
+    Derivation {
+        drv: String,
+        source: firn_derivation::DerivationError,
+    },
+    #[error("derivation '{drv}' does not have wanted outputs '{output}'")]
+    NoSuchOutput { drv: String, output: String },
+    #[error("some outputs of '{drv}' are not valid, so checking is not possible")]
+    CheckNotPossible { drv: String },
+    #[error("--check needs the sandbox: the rebuilt outputs go to its private store")]
+    CheckNeedsSandbox,
+    #[error("{count} dependenc{} of derivation '{drv}' failed to build", if *count == 1 { "y" } else { "ies" })]
+    DependenciesFailed { drv: String, count: usize },
+    /// Without `keep-going`, a goal that had not finished when another failed.
+    #[error("cancelled because another build failed")]
+    CancelledByFailure,
+    /// A build that was running when another failed.
+    #[error("cancelled")]
+    Cancelled,
+    #[error("interrupted")]
+    Interrupted,
+    #[error("sandbox-paths: '{path}' is not a valid store path")]
+    SandboxPathNotValid { path: String },
+    /// The plan could not be made.
+    #[error("derivation '{drv}': {source}")]
+    Plan {
+        drv: String,
+        source: crate::plan::PlanError,
+    },
+    /// The sandboxed builder could not be started (set-up steps name themselves).
+    #[error("cannot start the sandboxed builder for '{drv}': {source}")]
+    SandboxStart { drv: String, source: ExecError },
+    /// Starting an unsandboxed builder, or a build user.
+    #[error(transparent)]
+    Exec(ExecError),
+    #[error("killed after writing more than {max} bytes of log output")]
+    LogLimit { drv: String, max: u64 },
+    #[error("building '{drv}' timed out after {secs} seconds")]
+    TimedOut { drv: String, secs: u64 },
+    #[error("building '{drv}' timed out after {secs} seconds of silence")]
+    Silent { drv: String, secs: u64 },
+    #[error("builder for '{drv}' {exit}")]
+    BuilderFailed { drv: String, exit: BuilderExit },
+    #[error(transparent)]
+    Outputs(#[from] OutputError),
+    /// Reading or writing the build's log or outputs.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("derivation '{drv}' may not be deterministic: output '{output}' differs")]
+    NotDeterministic { drv: String, output: String },
+    /// A top-level goal the worker never finished (a bug, reported, not a panic).
+    #[error("not realised")]
+    NotRealised,
+}

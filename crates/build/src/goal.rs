@@ -1,0 +1,910 @@
+//! `DerivationGoal`: realising one `.drv`, as Nix's goal of that name does.
+//!
+//! A goal moves through [`GoalState`], each state carrying what the goal knows by then:
+//!
+//! ```text
+//! Init ──load──▶ WaitingForInputs(loaded) ──inputs done──▶ TryToBuild(loaded)
+//!   │                    │ a dependency failed                │ slot, output locks,
+//!   │ all wanted valid   ▼                                    │ build user, started
+//!   └──────────────▶ Done(result) ◀── builder exited, ── Building(loaded, build)
+//!                                     outputs registered
+//! ```
+//!
+//! Each transition returns a [`Next`]: what the goal now waits for (its inputs' goals,
+//! a build slot, a while — for output locks or a build user someone else holds —, its
+//! running builder) or that it is done. The [`crate::worker::Worker`] keeps the waiters
+//! and calls the goal again when what it waits for happened; only the goal decides
+//! which outputs to build: the wanted ones that are not valid. A valid output is never
+//! deleted or overwritten — in the sandbox the builder's copy stays in the root, and
+//! without it the builder writes it at Nix's fallback path, whose hash part is rewritten
+//! to the real one in the other outputs afterwards.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use firn_derivation::{Derivation, OutputName, StorePath};
+use firn_store::lock::PathLocks;
+use firn_store::{Store, StoreError};
+
+use crate::builder::{AcquiredUser, BuildJob, Builder, RunningBuild, SandboxPath};
+use crate::error::{BuildError, BuilderExit};
+use crate::events::{BuildEvents, Message};
+use crate::log::BuildLog;
+use crate::outputs::{register_outputs, rewrite_hashes, BuiltOutputs};
+use crate::plan::{plan, PlanInput};
+use crate::result::{BuildResult, BuildStatus};
+use crate::settings::{SandboxMode, Settings};
+
+/// Which outputs of a derivation are wanted (`DRV^out,dev`, or all: `DRV` / `DRV^*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    All,
+    Some(BTreeSet<OutputName>),
+}
+
+impl Wanted {
+    /// Want what `other` wants too; returns whether that is more than before.
+    pub fn merge(&mut self, other: &Wanted) -> bool {
+        let before = self.clone();
+        match (&mut *self, other) {
+            (Wanted::All, _) => {}
+            (_, Wanted::All) => *self = Wanted::All,
+            (Wanted::Some(a), Wanted::Some(b)) => a.extend(b.iter().cloned()),
+        }
+        *self != before
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Wanted::All => true,
+            Wanted::Some(s) => s.contains(name),
+        }
+    }
+}
+
+/// Build what is missing, or rebuild and compare (`--check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    Normal,
+    Check,
+}
+
+/// A derivation read from the store, with what follows from it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub drv: Derivation<'static>,
+    /// Every output's path.
+    pub outputs: BTreeMap<OutputName, StorePath>,
+    /// The input derivations and the outputs wanted of each.
+    pub inputs: Vec<(StorePath, Wanted)>,
+}
+
+/// Read `drv_path` and compute its outputs and inputs (shared by the goal and the dry
+/// run).
+pub fn load(store: &Store, drv_path: &StorePath) -> Result<Loaded, BuildError> {
+    let sd = store.store_dir();
+    let drv = match store.read_derivation(drv_path) {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(match store.db().is_valid_path(drv_path) {
+                Ok(true) => BuildError::Store(e),
+                Ok(false) => BuildError::MissingDerivation {
+                    drv: sd.display(drv_path),
+                },
+                Err(db) => BuildError::Store(db.into()),
+            })
+        }
+    };
+    let outputs = drv
+        .output_paths_by_name(sd)
+        .map_err(|source| BuildError::Derivation {
+            drv: sd.display(drv_path),
+            source,
+        })?;
+    let mut inputs = Vec::new();
+    for (p, outs) in &drv.input_drvs {
+        let names = outs
+            .iter()
+            .map(|o| OutputName::from_bytes(o))
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map_err(|source| BuildError::Derivation {
+                drv: sd.display(drv_path),
+                source,
+            })?;
+        inputs.push((p.clone(), Wanted::Some(names)));
+    }
+    Ok(Loaded {
+        drv,
+        outputs,
+        inputs,
+    })
+}
+
+/// A running build and what it holds.
+#[derive(Debug)]
+pub struct Build<R> {
+    pub running: R,
+    pub log: BuildLog,
+    /// The output locks, held until the build is over.
+    locks: PathLocks,
+    input_closure: BTreeSet<StorePath>,
+    start_time: u64,
+    /// Outputs that were valid when the build started: never deleted or replaced.
+    valid: BTreeSet<OutputName>,
+    /// Unsandboxed, valid outputs are built at a fallback path: output → that path.
+    redirected: BTreeMap<OutputName, StorePath>,
+    /// End of file on the builder's output.
+    eof: bool,
+}
+
+/// A goal's state, with the data the goal has in it.
+#[derive(Debug)]
+pub enum GoalState<R> {
+    Init,
+    WaitingForInputs(Box<Loaded>),
+    TryToBuild {
+        loaded: Box<Loaded>,
+        said_waiting_lock: bool,
+        said_waiting_user: bool,
+    },
+    Building {
+        loaded: Box<Loaded>,
+        build: Box<Build<R>>,
+    },
+    Done(BuildResult),
+}
+
+/// What a goal waits for after a transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// The goals of these input derivations (with the outputs wanted of each).
+    Inputs(Vec<(StorePath, Wanted)>),
+    /// A build slot (`max-jobs`).
+    Slot,
+    /// A while: the output locks or every build user are held by someone else.
+    AWhile,
+    /// Its builder, which is running: poll its log.
+    Running,
+    /// Nothing: it is [`GoalState::Done`].
+    Done,
+}
+
+/// What a goal works with: the store, the settings, the builder and the event sink.
+pub struct Context<'a, B: Builder> {
+    pub store: &'a mut Store,
+    pub settings: &'a Settings,
+    pub builder: &'a mut B,
+    pub events: &'a mut dyn BuildEvents,
+}
+
+impl<B: Builder> std::fmt::Debug for Context<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// One derivation to realise.
+#[derive(Debug)]
+pub struct DerivationGoal<R> {
+    pub drv_path: StorePath,
+    pub wanted: Wanted,
+    /// Rebuild and compare (`--check`), for top-level goals.
+    pub check: bool,
+    pub state: GoalState<R>,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn builder_exit(s: ExitStatus) -> BuilderExit {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => BuilderExit::Code(c),
+        (_, Some(sig)) => BuilderExit::Signal(sig),
+        _ => BuilderExit::Unknown,
+    }
+}
+
+impl<R: RunningBuild> DerivationGoal<R> {
+    pub fn new(drv_path: StorePath, wanted: Wanted) -> Self {
+        Self {
+            drv_path,
+            wanted,
+            check: false,
+            state: GoalState::Init,
+        }
+    }
+
+    pub fn result(&self) -> Option<&BuildResult> {
+        match &self.state {
+            GoalState::Done(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn is_building(&self) -> bool {
+        matches!(self.state, GoalState::Building { .. })
+    }
+
+    /// Want more outputs of this goal. A goal that found what it was asked for valid
+    /// must decide again (returns true: it is back in `Init`).
+    pub fn want(&mut self, wanted: &Wanted) -> bool {
+        let more = self.wanted.merge(wanted);
+        let revisit = more
+            && matches!(&self.state, GoalState::Done(r) if r.status == BuildStatus::AlreadyValid);
+        if revisit {
+            self.state = GoalState::Init;
+        }
+        revisit
+    }
+
+    fn done(&mut self, result: BuildResult) -> Next {
+        self.state = GoalState::Done(result);
+        Next::Done
+    }
+
+    fn fail(&mut self, error: BuildError) -> Next {
+        self.done(BuildResult::failure(error))
+    }
+
+    /// `Init`: read the derivation, root what it names, and find out whether anything
+    /// must be built.
+    pub fn init<B: Builder<Build = R>>(&mut self, cx: &mut Context<'_, B>) -> Next {
+        let sd = cx.store.store_dir().clone();
+        let shown = sd.display(&self.drv_path);
+        // Everything this goal reads or makes is a temporary GC root from here on (the
+        // derivation before it is read, its outputs before their validity is checked),
+        // so a concurrent `firn gc` cannot delete it under us (Nix's addTempRoot).
+        if let Err(e) = cx.store.add_temp_root(&self.drv_path) {
+            return self.fail(e.into());
+        }
+        let loaded = match load(cx.store, &self.drv_path) {
+            Ok(l) => l,
+            Err(e) => return self.fail(e),
+        };
+        let rooted = loaded
+            .outputs
+            .values()
+            .chain(loaded.drv.input_srcs.iter())
+            .try_for_each(|p| cx.store.add_temp_root(p));
+        if let Err(e) = rooted {
+            return self.fail(e.into());
+        }
+        if let Wanted::Some(w) = &self.wanted {
+            if let Some(bad) = w.iter().find(|o| !loaded.outputs.contains_key(*o)) {
+                return self.fail(BuildError::NoSuchOutput {
+                    drv: shown,
+                    output: bad.to_string(),
+                });
+            }
+        }
+        let mut all_wanted_valid = true;
+        let mut every_valid = true;
+        for (name, p) in &loaded.outputs {
+            match cx.store.db().is_valid_path(p) {
+                Ok(valid) => {
+                    every_valid &= valid;
+                    if self.wanted.contains(name.as_str()) {
+                        all_wanted_valid &= valid;
+                    }
+                }
+                Err(e) => return self.fail(StoreError::from(e).into()),
+            }
+        }
+        if self.check {
+            if !every_valid {
+                return self.fail(BuildError::CheckNotPossible { drv: shown });
+            }
+            if cx.settings.sandbox == SandboxMode::Off {
+                return self.fail(BuildError::CheckNeedsSandbox);
+            }
+        } else if all_wanted_valid {
+            return self.done(BuildResult::already_valid(loaded.outputs));
+        }
+        let inputs = loaded.inputs.clone();
+        self.state = GoalState::WaitingForInputs(Box::new(loaded));
+        Next::Inputs(inputs)
+    }
+
+    /// `WaitingForInputs`, once every input goal is done (`result` gives their
+    /// results): fail if one failed, else wait for a build slot.
+    pub fn inputs_done<'r>(
+        &mut self,
+        store_dir: &firn_derivation::StoreDir,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Next {
+        let GoalState::WaitingForInputs(loaded) =
+            std::mem::replace(&mut self.state, GoalState::Init)
+        else {
+            return Next::Done;
+        };
+        let failed = loaded
+            .inputs
+            .iter()
+            .filter(|(p, _)| !result(p).is_some_and(|r| r.status.success()))
+            .count();
+        if failed > 0 {
+            return self.fail(BuildError::DependenciesFailed {
+                drv: store_dir.display(&self.drv_path),
+                count: failed,
+            });
+        }
+        self.state = GoalState::TryToBuild {
+            loaded,
+            said_waiting_lock: false,
+            said_waiting_user: false,
+        };
+        Next::Slot
+    }
+
+    /// `TryToBuild`, with a build slot: take the output locks and a build user without
+    /// waiting, check validity again (another process may have built it meanwhile) and
+    /// start the builder. `result` gives the input goals' results.
+    pub fn try_to_build<'r, B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Next {
+        let GoalState::TryToBuild {
+            loaded,
+            mut said_waiting_lock,
+            mut said_waiting_user,
+        } = std::mem::replace(&mut self.state, GoalState::Init)
+        else {
+            return Next::Done;
+        };
+        let reals: Vec<PathBuf> = loaded
+            .outputs
+            .values()
+            .map(|p| cx.store.real_path(p))
+            .collect();
+        let mut locks = match PathLocks::lock(reals, false, |_| {}) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                if !said_waiting_lock {
+                    let outputs: Vec<StorePath> = loaded.outputs.values().cloned().collect();
+                    cx.events
+                        .message(Message::WaitingForLocks { outputs: &outputs });
+                    said_waiting_lock = true;
+                }
+                self.state = GoalState::TryToBuild {
+                    loaded,
+                    said_waiting_lock,
+                    said_waiting_user,
+                };
+                return Next::AWhile;
+            }
+            Err(e) => return self.fail(StoreError::from(e).into()),
+        };
+        // Which outputs are valid decides what the build may touch: a database error is
+        // not "not valid" (that could delete a valid output), it fails the goal.
+        let mut valid = BTreeSet::new();
+        for (name, p) in &loaded.outputs {
+            match cx.store.db().is_valid_path(p) {
+                Ok(true) => {
+                    valid.insert(name.clone());
+                }
+                Ok(false) => {}
+                Err(e) => return self.fail(StoreError::from(e).into()),
+            }
+        }
+        if valid.len() == loaded.outputs.len() && !self.check {
+            locks.set_deletion(true);
+            return self.done(BuildResult::already_valid(loaded.outputs));
+        }
+        // A build user, or wait for one: never build as the caller instead.
+        let user = match cx.builder.acquire_user() {
+            Ok(AcquiredUser::Got(u)) => Some(u),
+            Ok(AcquiredUser::NotConfigured) => None,
+            Ok(AcquiredUser::Busy) => {
+                drop(locks);
+                if !said_waiting_user {
+                    cx.events.message(Message::WaitingForBuildUser {
+                        drv: &self.drv_path,
+                    });
+                    said_waiting_user = true;
+                }
+                self.state = GoalState::TryToBuild {
+                    loaded,
+                    said_waiting_lock,
+                    said_waiting_user,
+                };
+                return Next::AWhile;
+            }
+            Err(e) => {
+                // Nothing was started: the lock files go too.
+                locks.set_deletion(true);
+                return self.fail(BuildError::Exec(e));
+            }
+        };
+        match self.start(cx, &loaded, locks, user, valid, result) {
+            Ok(build) => {
+                self.state = GoalState::Building {
+                    loaded,
+                    build: Box::new(build),
+                };
+                Next::Running
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// The closure of the wanted input outputs and the input sources.
+    fn input_closure<'r>(
+        &self,
+        store: &Store,
+        loaded: &Loaded,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Result<BTreeSet<StorePath>, BuildError> {
+        let mut roots: Vec<StorePath> = Vec::new();
+        for (p, wanted) in &loaded.inputs {
+            if let Some(r) = result(p) {
+                for (name, out) in &r.outputs {
+                    if wanted.contains(name.as_str()) {
+                        roots.push(out.clone());
+                    }
+                }
+            }
+        }
+        roots.extend(loaded.drv.input_srcs.iter().cloned());
+        Ok(store
+            .db()
+            .query_closure(&roots, false)
+            .map_err(StoreError::from)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start<'r, B: Builder<Build = R>>(
+        &self,
+        cx: &mut Context<'_, B>,
+        loaded: &Loaded,
+        locks: PathLocks,
+        user: Option<crate::builder::BuildUser>,
+        valid: BTreeSet<OutputName>,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Result<Build<R>, BuildError> {
+        let sd = cx.store.store_dir().clone();
+        let shown = sd.display(&self.drv_path);
+        let io = |path: PathBuf| move |source| BuildError::Io { path, source };
+        let mut input_closure = self.input_closure(cx.store, loaded, result)?;
+        // Leftovers of an interrupted build at the invalid output paths are removed; a
+        // valid output is never touched (a check builds in the sandbox's store).
+        if !self.check {
+            for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
+                let real = cx.store.real_path(p);
+                firn_store::canonical::delete_path(&real).map_err(io(real.clone()))?;
+            }
+        }
+        // Without the sandbox the builder writes into the real store: valid outputs go
+        // to a fallback path instead (removed after the build).
+        let sandboxed = cx.settings.sandbox != SandboxMode::Off;
+        let mut redirected = BTreeMap::new();
+        if !sandboxed && !self.check {
+            for name in &valid {
+                let p = &loaded.outputs[name];
+                let fallback = fallback_path(&sd, &self.drv_path, p);
+                let real = cx.store.real_path(&fallback);
+                firn_store::canonical::delete_path(&real).map_err(io(real.clone()))?;
+                redirected.insert(name.clone(), fallback);
+            }
+        }
+        let sandbox_paths = match sandboxed {
+            true => {
+                let (rest, extra) = sandbox_paths_in_store(cx.store, &cx.settings.sandbox_paths)?;
+                input_closure.extend(extra);
+                rest
+            }
+            false => Vec::new(),
+        };
+        let build_dir = cx
+            .builder
+            .build_dir(&self.drv_path, user.as_ref())
+            .map_err(BuildError::Exec)?;
+        let output_paths: BTreeMap<firn_derivation::ByteStr<'_>, StorePath> = loaded
+            .outputs
+            .iter()
+            .map(|(k, v)| (std::borrow::Cow::Owned(k.as_bytes().to_vec()), v.clone()))
+            .collect();
+        let caller_env: BTreeMap<Vec<u8>, Vec<u8>> = std::env::vars_os()
+            .map(|(k, v)| {
+                use std::os::unix::ffi::OsStrExt;
+                (k.as_bytes().to_vec(), v.as_bytes().to_vec())
+            })
+            .collect();
+        let build_plan = plan(&PlanInput {
+            drv: &loaded.drv,
+            store_dir: &sd,
+            output_paths: &output_paths,
+            build_dir: build_dir.seen(),
+            cores: cx.settings.cores,
+            caller_env: &caller_env,
+            sandboxed,
+        })
+        .map_err(|source| BuildError::Plan {
+            drv: shown.clone(),
+            source,
+        })?;
+        // The builder writes valid outputs at their fallback paths: every mention of
+        // their hash parts is redirected (and rewritten back in the other outputs).
+        let input_rewrites: Vec<(String, String)> = redirected
+            .iter()
+            .map(|(name, fallback)| {
+                (
+                    loaded.outputs[name].hash_part().to_owned(),
+                    fallback.hash_part().to_owned(),
+                )
+            })
+            .collect();
+        let mut build_plan = build_plan;
+        build_plan.rewrite_hashes(&input_rewrites);
+        let log_path = crate::log::log_path(cx.store.root(), &self.drv_path);
+        let log = BuildLog::create(log_path.clone()).map_err(io(log_path))?;
+        cx.events.build_started(&self.drv_path);
+        let running = cx
+            .builder
+            .start(BuildJob {
+                drv_path: &self.drv_path,
+                drv: &loaded.drv,
+                plan: &build_plan,
+                build_dir,
+                inputs: &input_closure,
+                sandbox_paths: &sandbox_paths,
+                user,
+            })
+            .map_err(|source| match sandboxed {
+                true => BuildError::SandboxStart { drv: shown, source },
+                false => BuildError::Exec(source),
+            })?;
+        Ok(Build {
+            running,
+            log,
+            locks,
+            input_closure,
+            start_time: unix_now(),
+            valid,
+            redirected,
+            eof: false,
+        })
+    }
+
+    /// `Building`: read the builder's output (`readable`: its descriptor polled
+    /// readable), enforce the time and log limits, and finish once it has exited.
+    pub fn service<B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        readable: bool,
+    ) -> Next {
+        let sd = cx.store.store_dir().clone();
+        let GoalState::Building { build, .. } = &mut self.state else {
+            return Next::Done;
+        };
+        let mut buf = vec![0u8; 65536];
+        if readable && !build.eof {
+            match build.running.read_log(&mut buf) {
+                Ok(0) => build.eof = true,
+                Ok(n) => {
+                    let data = &buf[..n];
+                    let _ = build.log.write(data);
+                    cx.events.build_log(&self.drv_path, data);
+                }
+                Err(_) => build.eof = true,
+            }
+        }
+        let shown = || sd.display(&self.drv_path);
+        let mut killed = None;
+        if let Some(max) = cx.settings.max_build_log_size.0 {
+            if build.log.size > max {
+                killed = Some(BuildError::LogLimit { drv: shown(), max });
+            }
+        }
+        if let Some(t) = cx.settings.timeout.0 {
+            if build.log.started.elapsed() > t {
+                killed = Some(BuildError::TimedOut {
+                    drv: shown(),
+                    secs: t.as_secs(),
+                });
+            }
+        }
+        if let Some(t) = cx.settings.max_silent_time.0 {
+            if build.log.last_output.elapsed() > t {
+                killed = Some(BuildError::Silent {
+                    drv: shown(),
+                    secs: t.as_secs(),
+                });
+            }
+        }
+        if let Some(e) = killed {
+            let status = build.running.kill();
+            return self.finish(cx, status, Some(e));
+        }
+        // The builder's exit comes from waitpid, not from EOF on its output.
+        let status = match build.running.try_wait() {
+            Ok(Some(s)) => s,
+            Ok(None) => return Next::Running,
+            Err(_) => return Next::Running,
+        };
+        // Collect what is still in the pipe, then finish.
+        while !build.eof {
+            let ready = {
+                let fd = build.running.log_fd();
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+            };
+            if !ready {
+                break;
+            }
+            match build.running.read_log(&mut buf) {
+                Ok(0) | Err(_) => build.eof = true,
+                Ok(n) => {
+                    let _ = build.log.write(&buf[..n]);
+                    cx.events.build_log(&self.drv_path, &buf[..n]);
+                }
+            }
+        }
+        self.finish(cx, Some(status), None)
+    }
+
+    /// The builder exited (or was killed for `killed`): check and register the outputs,
+    /// release the build.
+    fn finish<B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        status: Option<ExitStatus>,
+        killed: Option<BuildError>,
+    ) -> Next {
+        let GoalState::Building { loaded, build } =
+            std::mem::replace(&mut self.state, GoalState::Init)
+        else {
+            return Next::Done;
+        };
+        let mut build = *build;
+        let sd = cx.store.store_dir().clone();
+        let shown = sd.display(&self.drv_path);
+        let failed_exit = status.filter(|s| !s.success()).map(builder_exit);
+        let outcome: Result<(), BuildError> = match (killed, failed_exit) {
+            (Some(e), _) => Err(e),
+            (None, Some(exit)) => Err(BuildError::BuilderFailed {
+                drv: shown.clone(),
+                exit,
+            }),
+            (None, None) if self.check => crate::check::compare_outputs(
+                cx.store,
+                &self.drv_path,
+                &loaded.outputs,
+                &build.running,
+                cx.settings.keep_failed,
+                cx.events,
+            ),
+            (None, None) => self.collect_and_register(cx, &loaded, &mut build),
+        };
+        let keep = outcome.is_err() && cx.settings.keep_failed && !self.check;
+        let Build {
+            running,
+            mut log,
+            mut locks,
+            start_time,
+            valid,
+            redirected,
+            ..
+        } = build;
+        match cx.builder.release(running, keep) {
+            Ok(Some(dir)) => cx.events.message(Message::KeepingBuildDir { path: &dir }),
+            Ok(None) => {}
+            Err(e) => {
+                let text = e.to_string();
+                cx.events.message(Message::Warning { text: &text });
+            }
+        }
+        let _ = log.finish();
+        // The builder's copies of valid outputs (at their fallback paths) are discarded.
+        for fallback in redirected.values() {
+            let _ = firn_store::canonical::delete_path(&cx.store.real_path(fallback));
+        }
+        if outcome.is_err() && !self.check {
+            // Nothing of a failed build stays at the output paths it may touch (a fixed
+            // output's mismatching content was registered under its own path).
+            for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
+                if let Ok(false) = cx.store.db().is_valid_path(p) {
+                    let _ = firn_store::canonical::delete_path(&cx.store.real_path(p));
+                }
+            }
+        }
+        if outcome.is_ok() && !self.check {
+            locks.set_deletion(true);
+        }
+        drop(locks);
+        let outputs = loaded.outputs;
+        let (status, error) = match outcome {
+            Ok(()) => (BuildStatus::Built, None),
+            Err(e) => (e.status(), Some(Arc::new(e))),
+        };
+        self.done(BuildResult {
+            status,
+            error,
+            outputs,
+            start_time,
+            stop_time: unix_now(),
+            log: Some(log.path().to_path_buf()),
+        })
+    }
+
+    /// Move the outputs that were not valid into the store, rewrite fallback hashes,
+    /// and register them.
+    fn collect_and_register<B: Builder<Build = R>>(
+        &self,
+        cx: &mut Context<'_, B>,
+        loaded: &Loaded,
+        build: &mut Build<R>,
+    ) -> Result<(), BuildError> {
+        let to_register: BTreeMap<OutputName, StorePath> = loaded
+            .outputs
+            .iter()
+            .filter(|(n, _)| !build.valid.contains(*n))
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
+        let targets = to_register
+            .iter()
+            .map(|(n, p)| (n.clone(), (p.clone(), cx.store.real_path(p))))
+            .collect();
+        let collected = cx
+            .builder
+            .collect_outputs(&mut build.running, &targets)
+            .map_err(BuildError::Exec)?;
+        let rewrites: Vec<(String, String)> = build
+            .redirected
+            .iter()
+            .map(|(name, fallback)| {
+                (
+                    fallback.hash_part().to_owned(),
+                    loaded.outputs[name].hash_part().to_owned(),
+                )
+            })
+            .collect();
+        for p in to_register.values() {
+            rewrite_hashes(&cx.store.real_path(p), &rewrites)?;
+        }
+        let mut candidates = build.input_closure.clone();
+        candidates.extend(loaded.outputs.values().cloned());
+        let built = BuiltOutputs {
+            drv_path: &self.drv_path,
+            drv: &loaded.drv,
+            outputs: to_register
+                .into_iter()
+                .map(|(n, p)| (n.to_string(), p))
+                .collect(),
+            input_closure: candidates,
+            build_uid: build.running.build_uid(),
+            missing_at: collected
+                .missing_at
+                .into_iter()
+                .map(|(n, p)| (n.to_string(), p))
+                .collect(),
+        };
+        register_outputs(cx.store, &built)?;
+        Ok(())
+    }
+
+    /// Stop a running build (interrupt, or another build failed without `keep-going`):
+    /// kill it, remove its partial outputs and build directory, and end the goal with
+    /// `why`. A goal that is not building just ends. Returns whether a build was
+    /// stopped.
+    pub fn stop<B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        why: BuildError,
+    ) -> bool {
+        let was_building = match std::mem::replace(&mut self.state, GoalState::Init) {
+            GoalState::Building { loaded, build } => {
+                let Build {
+                    mut running,
+                    mut log,
+                    valid,
+                    redirected,
+                    ..
+                } = *build;
+                running.kill();
+                let _ = cx.builder.release(running, false);
+                let _ = log.finish();
+                for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
+                    if let Ok(false) = cx.store.db().is_valid_path(p) {
+                        let _ = firn_store::canonical::delete_path(&cx.store.real_path(p));
+                    }
+                }
+                for p in redirected.values() {
+                    let _ = firn_store::canonical::delete_path(&cx.store.real_path(p));
+                }
+                true
+            }
+            GoalState::Done(r) => {
+                self.state = GoalState::Done(r);
+                return false;
+            }
+            _ => false,
+        };
+        self.fail(why);
+        was_building
+    }
+}
+
+/// Nix's `makeFallbackPath` for a valid output that an unsandboxed build must not
+/// overwrite: `rewrite:<drv>:<output>` with a zero hash, the output's name.
+fn fallback_path(sd: &firn_derivation::StoreDir, drv: &StorePath, output: &StorePath) -> StorePath {
+    use firn_derivation::{Hash, HashAlgo};
+    // A sha256 digest has 32 bytes: from_slice cannot refuse them.
+    let zero = Hash::from_slice(HashAlgo::Sha256, &[0; 32]).unwrap_or_else(|| Hash::sha256(b""));
+    sd.make_store_path(
+        &format!("rewrite:{}:{}", drv.base_name(), output.base_name()),
+        &zero,
+        output.name(),
+    )
+    // The name is a valid store path name already: this cannot fail; if it did, the
+    // output's own path is the safe fallback (the build then simply fails to register).
+    .unwrap_or_else(|_| output.clone())
+}
+
+/// `sandbox-paths` whose source is in the store bring their closure along, as in Nix;
+/// they are mounted from the store's real directory (so a store rooted elsewhere than
+/// `/` works). Returns the remaining entries and the store paths.
+fn sandbox_paths_in_store(
+    store: &Store,
+    paths: &[SandboxPath],
+) -> Result<(Vec<SandboxPath>, BTreeSet<StorePath>), BuildError> {
+    use std::os::unix::ffi::OsStrExt;
+    let sd = store.store_dir();
+    let mut rest = Vec::new();
+    let mut roots = Vec::new();
+    for entry in paths {
+        // The store path a source lies in (`/nix/store/<hash>-<name>[/...]`).
+        let in_store = entry
+            .source
+            .strip_prefix(sd.as_str())
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .and_then(|c| StorePath::from_base_name(c.as_os_str().as_bytes()).ok());
+        match in_store {
+            // The whole store path, at its own place: the closure covers it.
+            Some(p)
+                if entry.target == entry.source
+                    && entry.source.parent() == Some(std::path::Path::new(sd.as_str())) =>
+            {
+                roots.push(p)
+            }
+            Some(p) => {
+                roots.push(p);
+                let rel = entry
+                    .source
+                    .strip_prefix(sd.as_str())
+                    .unwrap_or(&entry.source);
+                rest.push(SandboxPath {
+                    target: entry.target.clone(),
+                    source: store.root().join("nix/store").join(rel),
+                    optional: entry.optional,
+                });
+            }
+            None => rest.push(entry.clone()),
+        }
+    }
+    let mut valid = Vec::new();
+    for p in roots {
+        match store.db().is_valid_path(&p).map_err(StoreError::from)? {
+            true => valid.push(p),
+            false => {
+                return Err(BuildError::SandboxPathNotValid {
+                    path: sd.display(&p),
+                })
+            }
+        }
+    }
+    let closure = store
+        .db()
+        .query_closure(&valid, false)
+        .map_err(StoreError::from)?;
+    Ok((rest, closure))
+}

@@ -1,0 +1,171 @@
+//! A running build's log: the builder's output, bzip2-compressed, at
+//! `ROOT/nix/var/log/nix/drvs/<2 chars>/<rest>.bz2` (written under a temporary name and
+//! renamed when the build is over, as Nix does), with the size so far (for
+//! `max-build-log-size`), the time of the last output (for `max-silent-time`) and the
+//! last lines (for messages and the progress line).
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use firn_derivation::StorePath;
+
+/// How many lines of output to keep for messages.
+pub const TAIL_LINES: usize = 10;
+
+/// Where the build log of `drv` is kept in the store rooted at `root`.
+pub fn log_path(root: &Path, drv: &StorePath) -> PathBuf {
+    let base = drv.base_name();
+    root.join("nix/var/log/nix/drvs")
+        .join(&base[..2])
+        .join(format!("{}.bz2", &base[2..]))
+}
+
+/// The log of one build.
+pub struct BuildLog {
+    file: Option<bzip2::write::BzEncoder<File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+    /// Bytes of output so far.
+    pub size: u64,
+    pub started: Instant,
+    pub last_output: Instant,
+    tail: VecDeque<String>,
+    partial: Vec<u8>,
+}
+
+impl std::fmt::Debug for BuildLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildLog")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BuildLog {
+    /// Start the log at `path` (its directory is created).
+    pub fn create(path: PathBuf) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let file = File::create(&tmp)?;
+        let now = Instant::now();
+        Ok(Self {
+            file: Some(bzip2::write::BzEncoder::new(
+                file,
+                bzip2::Compression::default(),
+            )),
+            tmp,
+            path,
+            size: 0,
+            started: now,
+            last_output: now,
+            tail: VecDeque::new(),
+            partial: Vec::new(),
+        })
+    }
+
+    /// Output of the builder, as it came.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.last_output = Instant::now();
+        self.size += data.len() as u64;
+        if let Some(f) = &mut self.file {
+            f.write_all(data)?;
+        }
+        for &b in data {
+            match b {
+                b'\n' => {
+                    let line = String::from_utf8_lossy(&self.partial).into_owned();
+                    self.partial.clear();
+                    self.tail.push_back(line);
+                    if self.tail.len() > TAIL_LINES {
+                        self.tail.pop_front();
+                    }
+                }
+                // A carriage return rewinds the line, as on a terminal.
+                b'\r' => self.partial.clear(),
+                _ => self.partial.push(b),
+            }
+        }
+        Ok(())
+    }
+
+    /// The last complete line of output.
+    pub fn last_line(&self) -> Option<&str> {
+        self.tail.back().map(String::as_str)
+    }
+
+    /// The last lines of output (at most [`TAIL_LINES`]).
+    pub fn tail(&self) -> impl Iterator<Item = &str> {
+        self.tail.iter().map(String::as_str)
+    }
+
+    /// Where the finished log is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Finish the log file and rename it into place. Not synced: a log is not store
+    /// content, and an fsync per build is a measurable part of a trivial build.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if let Some(enc) = self.file.take() {
+            enc.finish()?;
+            fs::rename(&self.tmp, &self.path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BuildLog {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_size_and_file() {
+        let dir = std::env::temp_dir().join(format!("firn-log-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let sd = firn_derivation::StoreDir::default();
+        let drv = sd
+            .parse("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-x.drv")
+            .unwrap();
+        let path = log_path(&dir, &drv);
+        assert_eq!(
+            path,
+            dir.join("nix/var/log/nix/drvs/qh/k42s8j7kqg82l6ncz33d8xx332vz9f-x.drv.bz2")
+        );
+        let mut log = BuildLog::create(path.clone()).unwrap();
+        log.write(b"one\ntwo\rTWO\nthr").unwrap();
+        assert_eq!(log.size, 15);
+        assert_eq!(log.last_line(), Some("TWO"));
+        assert_eq!(log.tail().collect::<Vec<_>>(), ["one", "TWO"]);
+        assert!(!path.exists(), "renamed into place only when finished");
+        log.finish().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut bzip2::read::BzDecoder::new(File::open(&path).unwrap()),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "one\ntwo\rTWO\nthr");
+        // A log dropped unfinished leaves nothing.
+        let other = dir.join("nix/var/log/nix/drvs/zz/other.bz2");
+        drop(BuildLog::create(other.clone()).unwrap());
+        assert_eq!(fs::read_dir(other.parent().unwrap()).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,40 @@
+//! What a realisation would build (`nix-store -r --dry-run`'s "these derivations will
+//! be built"): the derivations reachable from the wanted ones through inputs, whose
+//! wanted outputs are not all valid. Derivations are read as the goals read them
+//! ([`crate::goal::load`]); one that cannot be read is left to the real run to report.
+
+use std::collections::BTreeSet;
+
+use firn_derivation::StorePath;
+use firn_store::{Store, StoreError};
+
+use crate::goal::{load, Wanted};
+
+/// The derivations that will be built to realise `tops`.
+pub fn derivations_to_build(
+    store: &Store,
+    tops: &[(StorePath, Wanted)],
+) -> Result<BTreeSet<StorePath>, StoreError> {
+    let mut to_build = BTreeSet::new();
+    let mut work: Vec<(StorePath, Wanted)> = tops.to_vec();
+    let mut seen: BTreeSet<(StorePath, String)> = BTreeSet::new();
+    while let Some((p, wanted)) = work.pop() {
+        if !seen.insert((p.clone(), format!("{wanted:?}"))) {
+            continue;
+        }
+        let Ok(loaded) = load(store, &p) else {
+            continue;
+        };
+        let mut missing = false;
+        for (name, out) in &loaded.outputs {
+            if wanted.contains(name.as_str()) && !store.db().is_valid_path(out)? {
+                missing = true;
+            }
+        }
+        if missing {
+            to_build.insert(p.clone());
+            work.extend(loaded.inputs);
+        }
+    }
+    Ok(to_build)
+}

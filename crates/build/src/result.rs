@@ -1,0 +1,127 @@
+//! The result of a goal: Nix's `BuildResult` — its status, the error that caused it,
+//! the outputs, times and log — and the exit status Nix derives from a set of them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use firn_derivation::{OutputName, StorePath};
+
+use crate::error::BuildError;
+
+/// How a goal ended (Nix's `BuildResult::Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStatus {
+    Built,
+    AlreadyValid,
+    PermanentFailure,
+    TimedOut,
+    OutputRejected,
+    HashMismatch,
+    DependencyFailed,
+    MiscFailure,
+    LogLimitExceeded,
+    /// `--check` found different output.
+    NotDeterministic,
+}
+
+impl BuildStatus {
+    pub fn success(self) -> bool {
+        matches!(self, Self::Built | Self::AlreadyValid)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Built => "Built",
+            Self::AlreadyValid => "AlreadyValid",
+            Self::PermanentFailure => "PermanentFailure",
+            Self::TimedOut => "TimedOut",
+            Self::OutputRejected => "OutputRejected",
+            Self::HashMismatch => "HashMismatch",
+            Self::DependencyFailed => "DependencyFailed",
+            Self::MiscFailure => "MiscFailure",
+            Self::LogLimitExceeded => "LogLimitExceeded",
+            Self::NotDeterministic => "NotDeterministic",
+        }
+    }
+}
+
+/// The result of one goal.
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    pub status: BuildStatus,
+    /// Why it failed (shared: a result is handed to several waiters).
+    pub error: Option<Arc<BuildError>>,
+    /// All outputs of the derivation, by name.
+    pub outputs: BTreeMap<OutputName, StorePath>,
+    pub start_time: u64,
+    pub stop_time: u64,
+    pub log: Option<PathBuf>,
+}
+
+impl BuildResult {
+    pub fn failure(error: BuildError) -> Self {
+        Self {
+            status: error.status(),
+            error: Some(Arc::new(error)),
+            outputs: BTreeMap::new(),
+            start_time: 0,
+            stop_time: 0,
+            log: None,
+        }
+    }
+
+    /// Every wanted output was valid: nothing was built.
+    pub fn already_valid(outputs: BTreeMap<OutputName, StorePath>) -> Self {
+        Self {
+            status: BuildStatus::AlreadyValid,
+            error: None,
+            outputs,
+            start_time: 0,
+            stop_time: 0,
+            log: None,
+        }
+    }
+}
+
+/// Nix's exit status for a set of results: 0 if all succeeded, else 0x60 | bits
+/// (0x04 build failure, 0x01 timeout, 0x02 hash mismatch — the last two come with 0x04,
+/// as observed: 101 and 102 —, 0x08 not deterministic), or 1 if no bit applies.
+pub fn exit_status(results: &[&BuildResult]) -> u8 {
+    let mut mask = 0u8;
+    let mut failed = false;
+    for r in results {
+        match r.status {
+            BuildStatus::Built | BuildStatus::AlreadyValid => {}
+            BuildStatus::PermanentFailure => mask |= 0x04,
+            BuildStatus::TimedOut => mask |= 0x04 | 0x01,
+            BuildStatus::NotDeterministic => mask |= 0x08,
+            BuildStatus::HashMismatch => mask |= 0x04 | 0x02,
+            _ => {}
+        }
+        failed |= !r.status.success();
+    }
+    match (failed, mask) {
+        (false, _) => 0,
+        (true, 0) => 1,
+        (true, m) => 0x60 | m,
+    }
+}
+
+impl BuildError {
+    /// Nix's status for a goal that failed this way.
+    pub fn status(&self) -> BuildStatus {
+        match self {
+            Self::DependenciesFailed { .. } | Self::CancelledByFailure => {
+                BuildStatus::DependencyFailed
+            }
+            Self::LogLimit { .. } => BuildStatus::LogLimitExceeded,
+            Self::TimedOut { .. } | Self::Silent { .. } => BuildStatus::TimedOut,
+            Self::BuilderFailed { .. } => BuildStatus::PermanentFailure,
+            Self::Outputs(e) if e.is_hash_mismatch() => BuildStatus::HashMismatch,
+            Self::Outputs(_) => BuildStatus::OutputRejected,
+            Self::NotDeterministic { .. } => BuildStatus::NotDeterministic,
+            _ => BuildStatus::MiscFailure,
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The settings that shape a realisation, by their Nix names, in one typed structure.
+//!
+//! Each setting is declared once below (field, type, Nix name, aliases, default, doc);
+//! [`Settings::set`] is the only place a setting's text is parsed, whoever supplies it
+//! (`--option NAME VALUE` today; config files and daemon clients' `SetOptions` later).
+//! Values are parsed as Nix 2.8 parses them — booleans `true`/`yes`/`1` and
+//! `false`/`no`/`0`, `max-jobs` an integer or `auto`, `sandbox` a boolean or `relaxed`,
+//! lists separated by whitespace — but a value Nix would only warn about (and then
+//! ignore) is an error here, naming the setting: a silently ignored `timeout` or
+//! `sandbox` is worse than a refusal. Settings firn does not know are reported by
+//! [`Settings::set`] as [`SettingError::Unknown`], which the caller turns into Nix's
+//! warning.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::builder::SandboxPath;
+
+/// Why a setting could not be set.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SettingError {
+    #[error("unknown setting '{0}'")]
+    Unknown(String),
+    #[error("Boolean setting '{name}' has invalid value '{value}'")]
+    Bool { name: String, value: String },
+    #[error("configuration setting '{name}' should be 'auto' or an integer")]
+    MaxJobs { name: String, value: String },
+    #[error("option '{name}' has invalid value '{value}'")]
+    Sandbox { name: String, value: String },
+    #[error("setting '{name}' has invalid value '{value}'")]
+    Invalid { name: String, value: String },
+}
+
+/// `sandbox`: `true`, `false` or `relaxed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    Off,
+    On,
+    /// Derivations with `__noChroot` build unsandboxed; all others in the sandbox.
+    Relaxed,
+}
+
+/// `max-jobs`: a number, or `auto` (the number of CPUs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxJobs(pub usize);
+
+/// A number of seconds where 0 means "no limit" (`timeout`, `max-silent-time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seconds(pub Option<Duration>);
+
+/// A number of bytes where 0 means "no limit" (`max-build-log-size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bytes(pub Option<u64>);
+
+/// A whitespace-separated list of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Strings(pub Vec<String>);
+
+/// How one type of setting is read from and shown as text.
+pub trait SettingValue: Sized {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError>;
+    /// As `nix show-config` prints it.
+    fn show(&self) -> String;
+}
+
+fn invalid(name: &str, value: &str) -> SettingError {
+    SettingError::Invalid {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    }
+}
+
+impl SettingValue for bool {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        match value {
+            "true" | "yes" | "1" => Ok(true),
+            "false" | "no" | "0" => Ok(false),
+            _ => Err(SettingError::Bool {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            }),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for u32 {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        value.parse().map_err(|_| invalid(name, value))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for String {
+    fn parse(_: &str, value: &str) -> Result<Self, SettingError> {
+        Ok(value.to_owned())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+impl SettingValue for MaxJobs {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        if value == "auto" {
+            return Ok(Self(available_cpus()));
+        }
+        value.parse().map(Self).map_err(|_| SettingError::MaxJobs {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+    fn show(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl SettingValue for Seconds {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        let n: u64 = value.parse().map_err(|_| invalid(name, value))?;
+        Ok(Self((n > 0).then(|| Duration::from_secs(n))))
+    }
+    fn show(&self) -> String {
+        self.0.map_or(0, |d| d.as_secs()).to_string()
+    }
+}
+
+impl SettingValue for Bytes {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        let n: u64 = value.parse().map_err(|_| invalid(name, value))?;
+        Ok(Self((n > 0).then_some(n)))
+    }
+    fn show(&self) -> String {
+        self.0.unwrap_or(0).to_string()
+    }
+}
+
+impl SettingValue for Strings {
+    fn parse(_: &str, value: &str) -> Result<Self, SettingError> {
+        Ok(Self(value.split_whitespace().map(str::to_owned).collect()))
+    }
+    fn show(&self) -> String {
+        self.0.join(" ")
+    }
+}
+
+impl SettingValue for SandboxMode {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        match value {
+            "relaxed" => Ok(Self::Relaxed),
+            _ => match bool::parse(name, value) {
+                Ok(true) => Ok(Self::On),
+                Ok(false) => Ok(Self::Off),
+                Err(_) => Err(SettingError::Sandbox {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                }),
+            },
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            Self::Off => "false",
+            Self::On => "true",
+            Self::Relaxed => "relaxed",
+        }
+        .to_owned()
+    }
+}
+
+/// `sandbox-paths`: space-separated `target=source` or `path`, a `?` at the end making
+/// an entry optional.
+impl SettingValue for Vec<SandboxPath> {
+    fn parse(_: &str, value: &str) -> Result<Self, SettingError> {
+        Ok(value
+            .split_whitespace()
+            .map(|e| {
+                let (e, optional) = match e.strip_suffix('?') {
+                    Some(x) => (x, true),
+                    None => (e, false),
+                };
+                let (target, source) = e.split_once('=').unwrap_or((e, e));
+                SandboxPath {
+                    target: PathBuf::from(target),
+                    source: PathBuf::from(source),
+                    optional,
+                }
+            })
+            .collect())
+    }
+    fn show(&self) -> String {
+        self.iter()
+            .map(|p| {
+                let mut s = match p.target == p.source {
+                    true => p.target.display().to_string(),
+                    false => format!("{}={}", p.target.display(), p.source.display()),
+                };
+                if p.optional {
+                    s.push('?');
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The number of CPUs (Nix's default for `cores`, and `max-jobs = auto`).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One setting's description, for `show-config` and `--help`.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingInfo {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub doc: &'static str,
+}
+
+macro_rules! settings {
+    ($( #[doc = $doc:literal] $field:ident : $ty:ty = $default:expr, $name:literal $(, [$($alias:literal),*])? ;)*) => {
+        /// The settings in force for a realisation.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct Settings {
+            $( #[doc = $doc] pub $field: $ty, )*
+        }
+
+        impl Default for Settings {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl Settings {
+            /// Every setting firn knows.
+            pub const INFO: &'static [SettingInfo] = &[
+                $( SettingInfo { name: $name, aliases: &[$($($alias),*)?], doc: $doc.trim_ascii() }, )*
+            ];
+
+            /// Set `name` (a Nix setting name or alias) from its text.
+            pub fn set(&mut self, name: &str, value: &str) -> Result<(), SettingError> {
+                $(
+                    if name == $name $($(|| name == $alias)*)? {
+                        self.$field = <$ty as SettingValue>::parse($name, value)?;
+                        return Ok(());
+                    }
+                )*
+                Err(SettingError::Unknown(name.to_owned()))
+            }
+
+            /// Every setting with its value as text, by name (`nix show-config`).
+            pub fn show(&self) -> Vec<(&'static str, String)> {
+                vec![ $( ($name, SettingValue::show(&self.$field)), )* ]
+            }
+        }
+    };
+}
+
+settings! {
+    /// Builds to run at once (an integer or `auto`).
+    max_jobs: MaxJobs = MaxJobs(1), "max-jobs", ["build-max-jobs"];
+    /// `NIX_BUILD_CORES` of each build; 0 means every core. Default: the number of CPUs.
+    cores: u32 = available_cpus() as u32, "cores", ["build-cores"];
+    /// Kill a build that runs longer than this many seconds (0: no limit).
+    timeout: Seconds = Seconds(None), "timeout", ["build-timeout"];
+    /// Kill a build that writes no output for this many seconds (0: no limit).
+    max_silent_time: Seconds = Seconds(None), "max-silent-time", ["build-max-silent-time"];
+    /// Kill a build whose log exceeds this many bytes (0: no limit).
+    max_build_log_size: Bytes = Bytes(None), "max-build-log-size", ["build-max-log-size"];
+    /// Keep building what does not depend on a failed build.
+    keep_going: bool = false, "keep-going";
+    /// Keep the build directory of failed builds.
+    keep_failed: bool = false, "keep-failed";
+    /// Build in the sandbox: true, false or relaxed.
+    sandbox: SandboxMode = SandboxMode::On, "sandbox", ["build-use-sandbox", "build-use-chroot"];
+    /// Host paths mounted read-only into the sandbox (`target=source`, `?` = optional).
+    sandbox_paths: Vec<SandboxPath> = Vec::new(), "sandbox-paths", ["build-chroot-dirs", "build-sandbox-paths"];
+    /// The group whose members builds run as when firn is root ('' = as the caller).
+    build_users_group: String = "nixbld".to_owned(), "build-users-group";
+    /// Binary caches to substitute from (not used yet).
+    substituters: Strings = Strings::default(), "substituters", ["binary-caches"];
+    /// The garbage collector keeps the outputs of live derivations.
+    keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
+    /// The garbage collector keeps the derivations of live outputs.
+    keep_derivations: bool = true, "keep-derivations", ["gc-keep-derivations"];
+}
+
+impl Settings {
+    /// Whether `name` is a setting (or alias) firn knows.
+    pub fn is_known(name: &str) -> bool {
+        Self::INFO
+            .iter()
+            .any(|i| i.name == name || i.aliases.contains(&name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_parser_per_type_with_nix_messages() {
+        let mut s = Settings::default();
+        s.set("keep-going", "yes").unwrap();
+        assert!(s.keep_going);
+        s.set("keep-going", "0").unwrap();
+        assert!(!s.keep_going);
+        assert_eq!(
+            s.set("keep-going", "maybe").unwrap_err().to_string(),
+            "Boolean setting 'keep-going' has invalid value 'maybe'"
+        );
+        assert_eq!(
+            s.set("cores", "abc").unwrap_err().to_string(),
+            "setting 'cores' has invalid value 'abc'"
+        );
+        assert_eq!(
+            s.set("max-jobs", "x").unwrap_err().to_string(),
+            "configuration setting 'max-jobs' should be 'auto' or an integer"
+        );
+        assert_eq!(
+            s.set("sandbox", "maybe").unwrap_err().to_string(),
+            "option 'sandbox' has invalid value 'maybe'"
+        );
+        assert_eq!(
+            s.set("timeout", "-1").unwrap_err().to_string(),
+            "setting 'timeout' has invalid value '-1'"
+        );
+        assert_eq!(
+            s.set("foo-bar", "1").unwrap_err(),
+            SettingError::Unknown("foo-bar".into())
+        );
+        // A failed set leaves the value alone.
+        s.set("cores", "3").unwrap();
+        assert!(s.set("cores", "x").is_err());
+        assert_eq!(s.cores, 3);
+    }
+
+    #[test]
+    fn typed_values() {
+        let mut s = Settings::default();
+        assert_eq!(s.sandbox, SandboxMode::On);
+        assert_eq!(s.max_jobs, MaxJobs(1));
+        s.set("sandbox", "relaxed").unwrap();
+        assert_eq!(s.sandbox, SandboxMode::Relaxed);
+        s.set("build-use-sandbox", "false").unwrap();
+        assert_eq!(s.sandbox, SandboxMode::Off);
+        s.set("max-jobs", "auto").unwrap();
+        assert_eq!(s.max_jobs.0, available_cpus());
+        s.set("timeout", "0").unwrap();
+        assert_eq!(s.timeout, Seconds(None));
+        s.set("max-silent-time", "7").unwrap();
+        assert_eq!(s.max_silent_time, Seconds(Some(Duration::from_secs(7))));
+        s.set("max-build-log-size", "100").unwrap();
+        assert_eq!(s.max_build_log_size, Bytes(Some(100)));
+        s.set("sandbox-paths", "/bin/sh=/bin/busybox /opt/x?")
+            .unwrap();
+        assert_eq!(
+            s.sandbox_paths,
+            vec![
+                SandboxPath {
+                    target: "/bin/sh".into(),
+                    source: "/bin/busybox".into(),
+                    optional: false
+                },
+                SandboxPath {
+                    target: "/opt/x".into(),
+                    source: "/opt/x".into(),
+                    optional: true
+                }
+            ]
+        );
+        let shown = s.show();
+        assert!(shown.contains(&("sandbox-paths", "/bin/sh=/bin/busybox /opt/x?".to_owned())));
+        assert!(shown.contains(&("sandbox", "false".to_owned())));
+        assert!(Settings::is_known("gc-keep-outputs"));
+        assert!(!Settings::is_known("nope"));
+    }
+}
