@@ -109,7 +109,7 @@ pub fn load(store: &Store, drv_path: &StorePath) -> Result<Loaded, BuildError> {
     for (p, outs) in &drv.input_drvs {
         let names = outs
             .iter()
-            .map(|o| OutputName::from_bytes(o))
+            .map(|o| firn_derivation::output_name(o))
             .collect::<Result<BTreeSet<_>, _>>()
             .map_err(|source| BuildError::Derivation {
                 drv: sd.display(drv_path),
@@ -775,17 +775,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let built = BuiltOutputs {
             drv_path: &self.drv_path,
             drv: &loaded.drv,
-            outputs: to_register
-                .into_iter()
-                .map(|(n, p)| (n.to_string(), p))
-                .collect(),
+            outputs: to_register,
             input_closure: candidates,
             build_uid: build.running.build_uid(),
-            missing_at: collected
-                .missing_at
-                .into_iter()
-                .map(|(n, p)| (n.to_string(), p))
-                .collect(),
+            missing_at: collected.missing_at,
         };
         register_outputs(cx.store, &built)?;
         Ok(())

@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use firn_derivation::{
-    Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, StorePath,
+    Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, OutputName, StorePath,
 };
 use firn_store::canonical::{canonicalise_path_metadata, delete_path};
 use firn_store::db::{topo_sort, Registration, ValidPathInfo};
@@ -90,13 +90,13 @@ pub struct BuiltOutputs<'d> {
     pub drv_path: &'d StorePath,
     pub drv: &'d Derivation<'d>,
     /// Output name → final store path.
-    pub outputs: BTreeMap<String, StorePath>,
+    pub outputs: BTreeMap<OutputName, StorePath>,
     /// The closure of the inputs (reference candidates besides the outputs).
     pub input_closure: BTreeSet<StorePath>,
     /// The uid the builder ran as (the owner a top-level output must have), if any.
     pub build_uid: Option<u32>,
     /// Where a missing output should have been (inside the sandbox), for the message.
-    pub missing_at: BTreeMap<String, PathBuf>,
+    pub missing_at: BTreeMap<OutputName, PathBuf>,
 }
 
 /// Check, canonicalise, scan and register the outputs, which are at their final real
@@ -117,7 +117,7 @@ pub fn register_outputs(
         let real = store.real_path(path);
         let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
             drv: drv_shown.clone(),
-            output: name.clone(),
+            output: name.to_string(),
             path: built
                 .missing_at
                 .get(name)
@@ -349,7 +349,7 @@ fn check_constraints(
         specs
             .iter()
             .map(|s| {
-                if let Some(p) = built.outputs.get(s) {
+                if let Some(p) = built.outputs.get(s.as_str()) {
                     Ok(p.clone())
                 } else {
                     sd.parse(s).map_err(|_| OutputError::IllegalSpecifier {
@@ -364,7 +364,7 @@ fn check_constraints(
         let Some(info) = infos.get(path) else {
             continue;
         };
-        let checks = checks_for(built.drv, name);
+        let checks = checks_for(built.drv, name.as_str());
         let shown = sd.display(path);
         let reject = |bad: BTreeSet<StorePath>| -> Result<(), OutputError> {
             if bad.is_empty() {

@@ -54,12 +54,8 @@ fn parse<'a>(p: &StorePath, text: &'a [u8]) -> Derivation<'a> {
     .unwrap()
 }
 
-fn outputs_of(drv: &Derivation<'_>) -> BTreeMap<String, StorePath> {
-    drv.output_paths(&StoreDir::default())
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| (String::from_utf8(k.to_vec()).unwrap(), v))
-        .collect()
+fn outputs_of(drv: &Derivation<'_>) -> BTreeMap<firn_derivation::OutputName, StorePath> {
+    drv.output_paths_by_name(&StoreDir::default()).unwrap()
 }
 
 fn built<'d>(drv_path: &'d StorePath, drv: &'d Derivation<'d>) -> BuiltOutputs<'d> {

@@ -178,16 +178,13 @@ impl Derivation<'_> {
     ) -> Result<BTreeMap<OutputName, StorePath>, DerivationError> {
         self.output_paths(store_dir)?
             .into_iter()
-            .map(|(name, path)| Ok((OutputName::from_bytes(&name)?, path)))
+            .map(|(name, path)| Ok((output_name(&name)?, path)))
             .collect()
     }
 
     /// The names of the outputs.
     pub fn output_names(&self) -> Result<Vec<OutputName>, DerivationError> {
-        self.outputs
-            .keys()
-            .map(|n| OutputName::from_bytes(n))
-            .collect()
+        self.outputs.keys().map(|n| output_name(n)).collect()
     }
 
     /// Whether an output is fixed-output (the derivation then gets the caller's
@@ -202,6 +199,11 @@ impl Derivation<'_> {
     pub fn has_structured_attrs(&self) -> bool {
         self.env.contains_key(b"__json".as_slice())
     }
+}
+
+/// An [`OutputName`] from a `.drv`'s bytes.
+pub fn output_name(name: &[u8]) -> Result<OutputName, DerivationError> {
+    OutputName::from_bytes(name).map_err(|e| DerivationError::NonUtf8OutputName(e.0))
 }
 
 /// Output names are used in store path names, which are ASCII.

@@ -24,7 +24,7 @@ pub mod store_path;
 pub use aterm::{parse_derivation, ParseError, ParseErrorKind};
 pub use ca::{FileIngestionMethod, FixedOutputHash};
 pub use derivation::{
-    hash_placeholder, name_from_drv_base_name, ByteStr, Derivation, DerivationError,
+    hash_placeholder, name_from_drv_base_name, output_name, ByteStr, Derivation, DerivationError,
     DerivationOutput, DerivationType,
 };
 pub use hash::{Encoding, Hash, HashAlgo, HashError, Hasher};

@@ -9,7 +9,9 @@
 use std::borrow::Borrow;
 use std::fmt;
 
-use crate::derivation::DerivationError;
+/// An output name that is not UTF-8 (the lossy text of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonUtf8OutputName(pub String);
 
 /// The name of one output of a derivation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -22,8 +24,10 @@ impl OutputName {
     }
 
     /// An output name from a `.drv`'s bytes.
-    pub fn from_bytes(name: &[u8]) -> Result<Self, DerivationError> {
-        crate::derivation::output_name_str(name).map(|s| Self(s.to_owned()))
+    pub fn from_bytes(name: &[u8]) -> Result<Self, NonUtf8OutputName> {
+        std::str::from_utf8(name)
+            .map(|s| Self(s.to_owned()))
+            .map_err(|_| NonUtf8OutputName(String::from_utf8_lossy(name).into_owned()))
     }
 
     pub fn as_str(&self) -> &str {
