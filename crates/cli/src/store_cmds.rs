@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::Args;
 use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
 use firn_store::db::PathGraph;
-use firn_store::{Store, StoreError, ValidPathInfo};
+use firn_store::{Reporter, Store, StoreError, ValidPathInfo};
 
 use crate::error::CliError;
 use crate::settings::Settings;
@@ -19,8 +19,11 @@ impl From<StoreError> for CliError {
     }
 }
 
+/// Open the store; its messages (waiting for a lock, …) go to stderr as Nix's lines.
 pub fn open(settings: &Settings) -> Result<Store, CliError> {
-    Ok(Store::open(&settings.store_root())?)
+    let mut store = Store::open(&settings.store_root())?;
+    store.set_reporter(Reporter::new(|m| eprintln!("{m}")));
+    Ok(store)
 }
 
 fn w(out: &mut impl Write, s: &str) -> Result<(), CliError> {

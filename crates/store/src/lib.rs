@@ -6,17 +6,20 @@
 //! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
 //! - [`gc`]: garbage collection: roots, liveness, deletion; [`temproots`]: temporary
 //!   roots and the GC lock;
+//! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
 pub mod canonical;
 pub mod db;
 pub mod gc;
 pub mod lock;
+pub mod message;
 pub mod nar;
 pub mod references;
 pub mod store;
 pub mod temproots;
 
 pub use db::{Database, DbError, Registration, ValidPathInfo};
-pub use gc::{GcAction, GcOptions, GcResults};
+pub use gc::{AliveReason, GcAction, GcOptions, GcResults, Needer};
+pub use message::{Reporter, StoreMessage};
 pub use store::{Store, StoreError};
