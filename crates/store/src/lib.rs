@@ -6,6 +6,7 @@
 //! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
 //! - [`gc`]: garbage collection: roots, liveness, deletion; [`temproots`]: temporary
 //!   roots and the GC lock;
+//! - [`verify`]: `nix-store --verify`;
 //! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
@@ -18,8 +19,10 @@ pub mod nar;
 pub mod references;
 pub mod store;
 pub mod temproots;
+pub mod verify;
 
 pub use db::{Database, DbError, Registration, ValidPathInfo};
 pub use gc::{AliveReason, GcAction, GcOptions, GcResults, Needer};
 pub use message::{Reporter, StoreMessage};
 pub use store::{Store, StoreError};
+pub use verify::{VerifyEvent, VerifyOptions, VerifyReport};
