@@ -85,6 +85,15 @@ pub enum StoreError {
     /// `delete_specific` refused: `path` is still alive, for `reason`.
     #[error("cannot delete path '{path}' since it is still alive: {reason}")]
     StillAlive { path: String, reason: AliveReason },
+    /// A permanent root was asked for inside the store directory (logical or on disk).
+    #[error(
+        "creating a garbage collector root ({path}) in the Nix store is forbidden \
+         (are you running nix-build inside the store?)"
+    )]
+    RootInStore { path: PathBuf },
+    /// A permanent root would replace something that is not a symlink into the store.
+    #[error("cannot create symlink '{path}'; already exists")]
+    RootExists { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
