@@ -938,3 +938,55 @@ fn what_a_crash_mid_collection_leaves_is_accepted_and_collected_later() {
     remove(&root);
     remove(&scratch);
 }
+
+/// `realise --add-root LINK` makes the root Nix 2.8's `addPermRoot` makes, under the
+/// same `gcroots/auto/` name: real Nix lists it, and rooting the same LINK again with
+/// real `nix-store -r --add-root` replaces it instead of adding a second one.
+#[test]
+fn realise_add_root_makes_the_indirect_root_nix_makes() {
+    if !have_nix() {
+        return;
+    }
+    let root = tempdir("gc-add-root");
+    let scratch = tempdir("gc-add-root-scratch");
+    let r = root.join("s");
+    let p = add_file(&r, &scratch, "rooted", b"keep me\n");
+    let link = scratch.join("result");
+    let out = ok(firn(
+        &r,
+        &["realise", "--add-root", link.to_str().unwrap(), &p],
+    ));
+    assert_eq!(out, format!("{p}\n"));
+    assert_eq!(fs::read_link(&link).unwrap(), PathBuf::from(&p));
+    let auto = r.join("nix/var/nix/gcroots/auto");
+    let names = |dir: &Path| -> BTreeSet<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let firns = names(&auto);
+    assert_eq!(firns.len(), 1, "{firns:?}");
+    let line = format!("{} -> {p}\n", link.display());
+    assert_eq!(ok(nix(&r, &["--gc", "--print-roots"])), line);
+    assert_eq!(ok(firn(&r, &["gc", "--print-roots"])), line);
+
+    ok(nix(&r, &["-r", &p, "--add-root", link.to_str().unwrap()]));
+    assert_eq!(names(&auto), firns, "Nix named the same root differently");
+    assert_eq!(ok(nix(&r, &["--gc", "--print-dead"])), "");
+
+    // Gone LINK: both collectors drop the stale indirect root and the path.
+    fs::remove_file(&link).unwrap();
+    let gc = firn(&r, &["gc"]);
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    assert!(names(&auto).is_empty());
+    assert!(stderr(&gc).contains(&format!(
+        "removing stale link from '{}/{}' to '{}'",
+        auto.display(),
+        firns.first().unwrap(),
+        link.display()
+    )));
+    assert!(!valid_paths(&r).contains(&p));
+    remove(&root);
+    remove(&scratch);
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 
 use clap::Args;
-use firn_store::{GcAction, GcOptions, GcResults};
+use firn_store::{GcAction, GcOptions, GcResults, StoreMessage};
 
 use crate::error::CliError;
 use crate::settings::Settings;
@@ -69,9 +69,10 @@ fn freed_line(r: &GcResults) -> String {
     )
 }
 
-fn logger(settings: &Settings) -> impl FnMut(&str) {
+/// The progress of a collection on stderr, unless `--quiet`.
+fn logger(settings: &Settings) -> impl FnMut(&StoreMessage) {
     let quiet = settings.quiet;
-    move |m: &str| {
+    move |m: &StoreMessage| {
         if !quiet {
             eprintln!("{m}");
         }

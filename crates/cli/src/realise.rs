@@ -240,23 +240,6 @@ fn add_root(
     link: &std::path::Path,
     p: &StorePath,
 ) -> Result<(), CliError> {
-    let abs = if link.is_absolute() {
-        link.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(link)
-    };
-    let target = store.store_dir().display(p);
-    let _ = std::fs::remove_file(&abs);
-    std::os::unix::fs::symlink(&target, &abs)
-        .map_err(|e| CliError::usage(format!("creating '{}': {e}", abs.display())))?;
-    let auto = store.root().join("nix/var/nix/gcroots/auto");
-    std::fs::create_dir_all(&auto)
-        .map_err(|e| CliError::usage(format!("{}: {e}", auto.display())))?;
-    let h = firn_derivation::Hash::sha256(abs.as_os_str().as_encoded_bytes());
-    let name = &h.to_nixbase32()[..32];
-    let auto_link = auto.join(name);
-    let _ = std::fs::remove_file(&auto_link);
-    std::os::unix::fs::symlink(&abs, &auto_link)
-        .map_err(|e| CliError::usage(format!("{}: {e}", auto_link.display())))?;
+    store.add_perm_root(link, p)?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::Args;
 use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
 use firn_store::db::PathGraph;
-use firn_store::{Store, StoreError, ValidPathInfo};
+use firn_store::{Reporter, Store, StoreError, ValidPathInfo, VerifyOptions};
 
 use crate::error::CliError;
 use crate::settings::Settings;
@@ -19,8 +19,11 @@ impl From<StoreError> for CliError {
     }
 }
 
+/// Open the store; its messages (waiting for a lock, …) go to stderr as Nix's lines.
 pub fn open(settings: &Settings) -> Result<Store, CliError> {
-    Ok(Store::open(&settings.store_root())?)
+    let mut store = Store::open(&settings.store_root())?;
+    store.set_reporter(Reporter::new(|m| eprintln!("{m}")));
+    Ok(store)
 }
 
 fn w(out: &mut impl Write, s: &str) -> Result<(), CliError> {
@@ -413,99 +416,16 @@ pub fn path_info(
     w(out, &text)
 }
 
-/// `nix-store --verify [--check-contents] [--repair]`; returns whether all is well.
+/// `nix-store --verify [--check-contents] [--repair]` (`Store::verify`), each step on
+/// stderr; returns whether all is well.
 pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result<bool, CliError> {
     let mut store = open(settings)?;
-    let sd = store.store_dir().clone();
-    let mut ok = true;
-    // As Nix: no collection runs meanwhile (it would make paths disappear under us).
-    let _gc = store.lock_gc(false)?;
-    eprintln!("reading the Nix store...");
-    let all = store
-        .db()
-        .query_all_valid_paths()
-        .map_err(StoreError::from)?;
-    eprintln!("checking path existence...");
-    let mut missing = BTreeSet::new();
-    for p in &all {
-        if std::fs::symlink_metadata(store.real_path(p)).is_err() {
-            missing.insert(p.clone());
-        }
-    }
-    for p in &missing {
-        let referrers: BTreeSet<StorePath> = store
-            .db()
-            .query_referrers(p)
-            .map_err(StoreError::from)?
-            .into_iter()
-            .filter(|r| r != p && !missing.contains(r))
-            .collect();
-        if referrers.is_empty() {
-            eprintln!(
-                "path '{}' disappeared, removing from database...",
-                sd.display(p)
-            );
-        } else {
-            eprintln!(
-                "path '{}' disappeared, but it still has valid referrers!",
-                sd.display(p)
-            );
-            ok = false;
-        }
-    }
-    // Remove every missing path without live referrers, referrers first.
-    let removable: BTreeSet<StorePath> = missing
-        .iter()
-        .filter(|p| {
-            store
-                .db()
-                .query_referrers(p)
-                .map(|rs| rs.iter().all(|r| r == *p || missing.contains(r)))
-                .unwrap_or(false)
-        })
-        .cloned()
-        .collect();
-    if !removable.is_empty() {
-        store
-            .db_mut()
-            .invalidate_paths(&removable)
-            .map_err(StoreError::from)?;
-    }
-    if check_contents {
-        // firn does not hard-link identical files (no .links directory) yet.
-        eprintln!("checking link hashes...");
-        eprintln!("checking store hashes...");
-        for p in all.difference(&missing) {
-            let i = info(&store, p)?;
-            let (hash, size) = firn_store::nar::hash_path(&store.real_path(p))
-                .map_err(|e| CliError::usage(e.to_string()))?;
-            if i.nar_size == 0 || i.nar_hash.as_bytes().iter().all(|b| *b == 0) {
-                eprintln!("fixing missing hash on '{}'", sd.display(p));
-                store
-                    .db_mut()
-                    .update_nar_hash(p, &hash, size)
-                    .map_err(StoreError::from)?;
-            } else if hash != i.nar_hash {
-                eprintln!(
-                    "path '{}' was modified! expected hash '{}', got '{}'",
-                    sd.display(p),
-                    i.nar_hash,
-                    hash
-                );
-                if repair {
-                    eprintln!(
-                        "warning: cannot repair '{}': no substituters",
-                        sd.display(p)
-                    );
-                }
-                ok = false;
-            }
-        }
-    }
-    if !ok {
-        eprintln!("warning: not all store errors were fixed");
-    }
-    Ok(ok)
+    let opts = VerifyOptions {
+        check_contents,
+        repair,
+    };
+    let report = store.verify(&opts, &mut |e| eprintln!("{e}"))?;
+    Ok(report.all_fixed())
 }
 
 pub fn derivation_add(

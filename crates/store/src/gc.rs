@@ -29,6 +29,7 @@
 //! nothing to `verify`. Then the other dead entries, then unused `.links` files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -39,6 +40,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::db::{DbError, PathGraph};
+use crate::message::StoreMessage;
 use crate::store::{Store, StoreError};
 use crate::temproots::{self, RootsServer, TempRoots};
 
@@ -91,6 +93,120 @@ pub struct GcResults {
     /// Bytes freed: the sizes of deleted files (not directories) with at most two
     /// links, as Nix counts them.
     pub bytes_freed: u64,
+}
+
+/// The path next to the one asked about on the way to what keeps it alive, as
+/// `'Q'` or `'Q' (through 'X')`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needer {
+    /// The path that is a root (or a temporary root).
+    pub path: String,
+    /// The path next to the one asked about, when it is not `path` itself.
+    pub through: Option<String>,
+}
+
+impl fmt::Display for Needer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "'{}'", self.path)?;
+        if let Some(t) = &self.through {
+            write!(f, " (through '{t}')")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why `delete_specific` refuses to delete a path ([`StoreError::StillAlive`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AliveReason {
+    /// The path is a root, through `link`.
+    Root { link: PathBuf },
+    /// A path that needs it is a root.
+    NeededByRoot { needer: Needer, link: PathBuf },
+    /// The path is a temporary root of the processes `pids`.
+    TempRoot { pids: Vec<String> },
+    /// A path that needs it is a temporary root of `pids`.
+    NeededByTempRoot { needer: Needer, pids: Vec<String> },
+    /// A valid path not being deleted refers to it (`through` the path next to it).
+    Referrer {
+        referrer: String,
+        through: Option<String>,
+    },
+    /// With `keep-derivations`: an output of the derivation is still valid.
+    ValidOutput {
+        output: String,
+        through: Option<String>,
+    },
+    /// With `keep-outputs`: a deriver of the output is still valid.
+    ValidDeriver {
+        deriver: String,
+        through: Option<String>,
+    },
+    /// A process made it a temporary root after `deleted` other paths were deleted.
+    RootedMeanwhile { deleted: usize },
+    /// A path referring to it was registered after `deleted` other paths were deleted.
+    ReferencedMeanwhile { deleted: usize },
+}
+
+impl fmt::Display for AliveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let through = |t: &Option<String>| match t {
+            Some(t) => format!(" (through '{t}')"),
+            None => String::new(),
+        };
+        match self {
+            Self::Root { link } => write!(f, "it is a GC root ('{}')", link.display()),
+            Self::NeededByRoot { needer, link } => {
+                write!(
+                    f,
+                    "it is needed by {needer}, a GC root ('{}')",
+                    link.display()
+                )
+            }
+            Self::TempRoot { pids } => write!(
+                f,
+                "it is in use by process {} (a temporary root)",
+                pids.join(", ")
+            ),
+            Self::NeededByTempRoot { needer, pids } => write!(
+                f,
+                "it is needed by {needer}, in use by process {} (a temporary root)",
+                pids.join(", ")
+            ),
+            Self::Referrer {
+                referrer,
+                through: t,
+            } => {
+                write!(f, "it is still referenced by '{referrer}'{}", through(t))
+            }
+            Self::ValidOutput { output, through: t } => write!(
+                f,
+                "the derivation's output '{output}' is still valid{}",
+                through(t)
+            ),
+            Self::ValidDeriver {
+                deriver,
+                through: t,
+            } => {
+                write!(f, "its deriver '{deriver}' is still valid{}", through(t))
+            }
+            Self::RootedMeanwhile { deleted } => write!(
+                f,
+                "a process started using it (a temporary root) while {deleted} other paths \
+                 were deleted"
+            ),
+            Self::ReferencedMeanwhile { deleted } => write!(
+                f,
+                "a path referring to it was registered while {deleted} other paths were \
+                 deleted"
+            ),
+        }
+    }
+}
+
+/// Whether an I/O error means the file is not there (Nix's `pathExists` is false on
+/// these and throws on any other).
+pub(crate) fn is_absent(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ENOTDIR)
 }
 
 /// Why a dead-looking entry is left alone.
@@ -211,49 +327,67 @@ impl Store {
         Ok(())
     }
 
+    /// `findRoots` on `path`: a root that cannot be read for a permanent reason
+    /// (permission, gone, not a directory) is skipped, saying so, as Nix does; any
+    /// other failure is an error (a root must not be taken for garbage).
     fn scan_roots(
         &self,
         path: &Path,
         auto_dir: &Path,
         roots: &mut Roots,
     ) -> Result<(), StoreError> {
-        let Ok(meta) = fs::symlink_metadata(path) else {
-            return Ok(());
+        match self.scan_root(path, auto_dir, roots) {
+            Err(StoreError::Io { source, .. })
+                if is_absent(&source) || source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                self.report(&StoreMessage::CannotReadRoot {
+                    path: path.to_path_buf(),
+                });
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn scan_root(&self, path: &Path, auto_dir: &Path, roots: &mut Roots) -> Result<(), StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
         };
+        let meta = fs::symlink_metadata(path).map_err(io_err)?;
         if meta.is_dir() {
-            let Ok(entries) = fs::read_dir(path) else {
-                return Ok(());
-            };
-            let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            let mut names = Vec::new();
+            for e in fs::read_dir(path).map_err(io_err)? {
+                names.push(e.map_err(io_err)?.path());
+            }
             names.sort();
             for p in names {
                 self.scan_roots(&p, auto_dir, roots)?;
             }
         } else if meta.file_type().is_symlink() {
-            let Ok(target) = fs::read_link(path) else {
-                return Ok(());
-            };
+            let target = fs::read_link(path).map_err(io_err)?;
             if target.starts_with(self.store_dir().as_str()) {
                 self.found_root(path, &target, roots)?;
             } else {
                 // Indirect root: the target is a symlink somewhere else.
-                let target = path.parent().unwrap_or(Path::new("/")).join(&target);
+                let target =
+                    crate::store::absolute(&path.parent().unwrap_or(Path::new("/")).join(&target));
                 match fs::symlink_metadata(&target) {
-                    Err(_) => {
+                    Err(e) if is_absent(&e) => {
                         if path.starts_with(auto_dir) {
-                            eprintln!(
-                                "removing stale link from '{}' to '{}'",
-                                path.display(),
-                                target.display()
-                            );
+                            self.report(&StoreMessage::RemovingStaleLink {
+                                link: path.to_path_buf(),
+                                target: target.clone(),
+                            });
+                            // As Nix: a link that cannot be removed stays, harmless.
                             let _ = fs::remove_file(path);
                         }
                     }
+                    Err(e) => return Err(io_err(e)),
                     Ok(m) if m.file_type().is_symlink() => {
-                        if let Ok(t2) = fs::read_link(&target) {
-                            if t2.starts_with(self.store_dir().as_str()) {
-                                self.found_root(&target, &t2, roots)?;
-                            }
+                        let t2 = fs::read_link(&target).map_err(io_err)?;
+                        if t2.starts_with(self.store_dir().as_str()) {
+                            self.found_root(&target, &t2, roots)?;
                         }
                     }
                     Ok(_) => {}
@@ -370,7 +504,10 @@ impl Store {
 
     /// The temporary roots of the live processes (the files of dead ones are removed,
     /// saying so through `log`).
-    pub fn find_temp_roots(&self, log: &mut dyn FnMut(&str)) -> Result<TempRoots, StoreError> {
+    pub fn find_temp_roots(
+        &self,
+        log: &mut dyn FnMut(&StoreMessage),
+    ) -> Result<TempRoots, StoreError> {
         temproots::read_temp_roots(&self.state_dir(), self.store_dir(), log)
     }
 
@@ -378,7 +515,8 @@ impl Store {
     /// permanent, runtime, and temporary (linked from `{temp:PID}`, valid or not).
     pub fn find_roots(&self) -> Result<Roots, StoreError> {
         let mut roots = self.find_roots_no_temp(false)?;
-        let mut log = |m: &str| eprintln!("{m}");
+        let reporter = self.reporter().clone();
+        let mut log = |m: &StoreMessage| reporter.report(m);
         for (p, pids) in self.find_temp_roots(&mut log)? {
             let entry = roots.entry(p).or_default();
             for pid in pids {
@@ -445,36 +583,39 @@ impl Store {
         Ok(seen)
     }
 
-    /// The outputs of the derivation `drv` (from the database, or from the file).
-    fn outputs_of(&self, drv: &StorePath) -> Vec<StorePath> {
-        if let Ok(outs) = self.db().query_derivation_outputs(drv) {
-            if !outs.is_empty() {
-                return outs.into_values().collect();
-            }
+    /// The outputs of the derivation `drv` (from the database, or from the file; none
+    /// when the file is gone or unreadable). A database error is an error: it must not
+    /// make a build's sandbox look unused.
+    fn outputs_of(&self, drv: &StorePath) -> Result<Vec<StorePath>, StoreError> {
+        let outs = self.db().query_derivation_outputs(drv)?;
+        if !outs.is_empty() {
+            return Ok(outs.into_values().collect());
         }
         let Ok(d) = self.read_derivation(drv) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        d.output_paths(self.store_dir())
+        Ok(d.output_paths(self.store_dir())
             .map(|o| o.into_values().collect())
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     /// Whether a dead-looking entry that names a store path is in use all the same: a
     /// held `.lock`, the `.chroot` of a build whose output lock is held, the `.check`
     /// or the half-built content of a path whose lock is held.
-    fn entry_in_use(&self, name: &str) -> bool {
+    fn entry_in_use(&self, name: &str) -> Result<bool, StoreError> {
         let real = self.root().join("nix/store").join(name);
         let sd = self.store_dir();
         let parse = |base: &str| sd.parse(&format!("{}/{base}", sd.as_str())).ok();
-        if name.ends_with(".lock") {
+        Ok(if name.ends_with(".lock") {
             lock_busy(&real)
         } else if let Some(drv) = name.strip_suffix(".chroot") {
-            parse(drv).is_some_and(|drv| {
-                self.outputs_of(&drv)
+            match parse(drv) {
+                Some(drv) => self
+                    .outputs_of(&drv)?
                     .iter()
-                    .any(|o| lock_busy(&with_suffix(&self.real_path(o), ".lock")))
-            })
+                    .any(|o| lock_busy(&with_suffix(&self.real_path(o), ".lock"))),
+                None => false,
+            }
         } else if let Some(out) = name.strip_suffix(".check") {
             lock_busy(&with_suffix(
                 &self.root().join("nix/store").join(out),
@@ -482,7 +623,7 @@ impl Store {
             ))
         } else {
             lock_busy(&with_suffix(&real, ".lock"))
-        }
+        })
     }
 
     /// Whether an entry that is not a store path belongs to a live process: a firn
@@ -512,7 +653,7 @@ impl Store {
         &self,
         name: &str,
         results: &mut GcResults,
-        log: &mut dyn FnMut(&str),
+        log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<(), StoreError> {
         let real = self.root().join("nix/store").join(name);
         let shown = format!("{}/{name}", self.store_dir().as_str());
@@ -536,7 +677,9 @@ impl Store {
                 Err((_, Errno::EWOULDBLOCK)) => return Ok(()),
                 Err((_, e)) => return Err(io_err(e.into())),
             };
-            log(&format!("deleting '{shown}'"));
+            log(&StoreMessage::Deleting {
+                path: shown.clone(),
+            });
             let meta = lock.metadata().map_err(io_err)?;
             fs::remove_file(&real).map_err(io_err)?;
             let _ = (&*lock).write_all(b"d");
@@ -544,7 +687,9 @@ impl Store {
             results.bytes_freed += if meta.nlink() <= 1 { meta.len() } else { 0 };
             return Ok(());
         }
-        log(&format!("deleting '{shown}'"));
+        log(&StoreMessage::Deleting {
+            path: shown.clone(),
+        });
         results.bytes_freed += delete_counting(&real).map_err(io_err)?;
         results.paths.insert(shown);
         Ok(())
@@ -555,13 +700,13 @@ impl Store {
     fn delete_unused_links(
         &self,
         results: &mut GcResults,
-        log: &mut dyn FnMut(&str),
+        log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<(), StoreError> {
         let links = self.root().join("nix/store/.links");
         let Ok(entries) = fs::read_dir(&links) else {
             return Ok(());
         };
-        log("deleting unused links...");
+        log(&StoreMessage::DeletingUnusedLinks);
         let (mut actual, mut unshared) = (0i64, 0i64);
         for e in entries.flatten() {
             let p = e.path();
@@ -582,10 +727,9 @@ impl Store {
         let overhead = fs::metadata(&links)
             .map(|m| m.blocks() as i64 * 512)
             .unwrap_or(0);
-        log(&format!(
-            "note: currently hard linking saves {:.2} MiB",
-            (unshared - actual - overhead) as f64 / (1024.0 * 1024.0)
-        ));
+        log(&StoreMessage::HardLinkingSaves {
+            bytes: unshared - actual - overhead,
+        });
         Ok(())
     }
 
@@ -594,7 +738,7 @@ impl Store {
     pub fn collect_garbage(
         &mut self,
         opts: &GcOptions,
-        log: &mut dyn FnMut(&str),
+        log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<GcResults, StoreError> {
         let _gc = self.lock_gc(true)?;
         let deleting = opts.action == GcAction::DeleteDead;
@@ -604,10 +748,11 @@ impl Store {
             true => Some(RootsServer::start(
                 &self.state_dir(),
                 self.store_dir().clone(),
+                self.reporter().clone(),
             )?),
             false => None,
         };
-        log("finding garbage collector roots...");
+        log(&StoreMessage::FindingRoots);
         let roots = self.find_roots_no_temp(true)?;
         let temp = self.find_temp_roots(log)?;
         let temp_hashes: HashSet<String> = temp.keys().map(|p| p.hash_part().to_owned()).collect();
@@ -623,9 +768,9 @@ impl Store {
             return Ok(results);
         }
         log(if deleting {
-            "deleting garbage..."
+            &StoreMessage::DeletingGarbage
         } else {
-            "determining live/dead paths..."
+            &StoreMessage::DeterminingLiveDead
         });
         let valid = self.db().query_all_valid_paths()?;
         let starts: Vec<StorePath> = roots
@@ -659,7 +804,7 @@ impl Store {
                     alive_entries.insert(p);
                 }
                 Ok(_) => {
-                    if !self.entry_in_use(&name) {
+                    if !self.entry_in_use(&name)? {
                         dead_entries.push((name, true));
                     }
                 }
@@ -733,11 +878,12 @@ impl Store {
                 let busy = if *is_path {
                     self.entry_in_use(name)
                 } else {
-                    self.junk_in_use(name, &temp_hashes)
+                    Ok(self.junk_in_use(name, &temp_hashes))
                 };
                 let done = match busy {
-                    true => Ok(()),
-                    false => self.delete_entry(name, &mut results, log),
+                    Ok(true) => Ok(()),
+                    Ok(false) => self.delete_entry(name, &mut results, log),
+                    Err(e) => Err(e),
                 };
                 if hash.is_some() {
                     server.release();
@@ -750,10 +896,9 @@ impl Store {
             }
         }
         if stopped {
-            log(&format!(
-                "deleted more than {} bytes; stopping",
-                opts.max_freed
-            ));
+            log(&StoreMessage::MaxFreedReached {
+                max_freed: opts.max_freed,
+            });
         }
         self.delete_unused_links(&mut results, log)?;
         Ok(results)
@@ -776,14 +921,16 @@ impl Store {
         &mut self,
         p: &StorePath,
         results: &mut GcResults,
-        log: &mut dyn FnMut(&str),
+        log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<bool, StoreError> {
         let shown = self.store_dir().display(p);
         match self.db_mut().invalidate_paths(&BTreeSet::from([p.clone()])) {
             Err(DbError::StillReferenced { .. }) => return Ok(false),
             r => r?,
         }
-        log(&format!("deleting '{shown}'"));
+        log(&StoreMessage::Deleting {
+            path: shown.clone(),
+        });
         let real = self.real_path(p);
         results.bytes_freed += delete_counting(&real).map_err(|source| StoreError::Io {
             path: real.clone(),
@@ -804,7 +951,7 @@ impl Store {
         roots: &Roots,
         temp: &HashMap<String, BTreeSet<String>>,
         opts: &GcOptions,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<AliveReason>, StoreError> {
         #[derive(Clone, Copy)]
         enum Edge {
             Referrer,
@@ -815,7 +962,7 @@ impl Store {
         let mut parent: HashMap<StorePath, (StorePath, Edge)> = HashMap::new();
         let mut seen = HashSet::from([p.clone()]);
         let mut queue = VecDeque::from([p.clone()]);
-        // "'Q'" or "'Q' (through 'X')" for the path next to `p` on the way to `q`.
+        // `q`, and the path next to `p` on the way to it when that is not `q`.
         let via = |q: &StorePath, parent: &HashMap<StorePath, (StorePath, Edge)>| {
             let mut hop = q.clone();
             while let Some((from, _)) = parent.get(&hop) {
@@ -824,28 +971,32 @@ impl Store {
                 }
                 hop = from.clone();
             }
-            if &hop == q {
-                format!("'{}'", sd.display(q))
-            } else {
-                format!("'{}' (through '{}')", sd.display(q), sd.display(&hop))
+            Needer {
+                path: sd.display(q),
+                through: (&hop != q).then(|| sd.display(&hop)),
             }
         };
         while let Some(q) = queue.pop_front() {
             if let Some(link) = roots.get(&q).and_then(|l| l.iter().next()) {
-                let link = link.display();
+                let link = link.clone();
                 return Ok(Some(if &q == p {
-                    format!("it is a GC root ('{link}')")
+                    AliveReason::Root { link }
                 } else {
-                    format!("it is needed by {}, a GC root ('{link}')", via(&q, &parent))
+                    AliveReason::NeededByRoot {
+                        needer: via(&q, &parent),
+                        link,
+                    }
                 }));
             }
             if let Some(pids) = temp.get(q.hash_part()) {
-                let pids: Vec<&str> = pids.iter().map(String::as_str).collect();
-                let who = format!("in use by process {} (a temporary root)", pids.join(", "));
+                let pids: Vec<String> = pids.iter().cloned().collect();
                 return Ok(Some(if &q == p {
-                    format!("it is {who}")
+                    AliveReason::TempRoot { pids }
                 } else {
-                    format!("it is needed by {}, {who}", via(&q, &parent))
+                    AliveReason::NeededByTempRoot {
+                        needer: via(&q, &parent),
+                        pids,
+                    }
                 }));
             }
             if &q != p && !set.contains(&q) {
@@ -853,17 +1004,20 @@ impl Store {
                     continue;
                 };
                 let shown = sd.display(&q);
-                let through = if &from == p {
-                    String::new()
-                } else {
-                    format!(" (through '{}')", sd.display(&from))
-                };
+                let through = (&from != p).then(|| sd.display(&from));
                 return Ok(Some(match edge {
-                    Edge::Referrer => format!("it is still referenced by '{shown}'{through}"),
-                    Edge::Output => {
-                        format!("the derivation's output '{shown}' is still valid{through}")
-                    }
-                    Edge::Deriver => format!("its deriver '{shown}' is still valid{through}"),
+                    Edge::Referrer => AliveReason::Referrer {
+                        referrer: shown,
+                        through,
+                    },
+                    Edge::Output => AliveReason::ValidOutput {
+                        output: shown,
+                        through,
+                    },
+                    Edge::Deriver => AliveReason::ValidDeriver {
+                        deriver: shown,
+                        through,
+                    },
                 }));
             }
             if !self.db().is_valid_path(&q)? {
@@ -905,10 +1059,14 @@ impl Store {
         &mut self,
         paths: &BTreeSet<StorePath>,
         opts: &GcOptions,
-        log: &mut dyn FnMut(&str),
+        log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<GcResults, StoreError> {
         let _gc = self.lock_gc(true)?;
-        let server = RootsServer::start(&self.state_dir(), self.store_dir().clone())?;
+        let server = RootsServer::start(
+            &self.state_dir(),
+            self.store_dir().clone(),
+            self.reporter().clone(),
+        )?;
         // (Nix says "finding garbage collector roots..." here; a refusal is one line.)
         let roots = self.find_roots_no_temp(false)?;
         let mut temp: HashMap<String, BTreeSet<String>> = HashMap::new();
@@ -930,10 +1088,10 @@ impl Store {
         }
         for p in paths {
             if let Some(reason) = self.why_alive(p, paths, &roots, &temp, opts)? {
-                return Err(StoreError::Invalid(format!(
-                    "cannot delete path '{}' since it is still alive: {reason}",
-                    sd.display(p)
-                )));
+                return Err(StoreError::StillAlive {
+                    path: sd.display(p),
+                    reason,
+                });
             }
         }
         let mut results = GcResults::default();
@@ -941,12 +1099,12 @@ impl Store {
         let invalid = paths.difference(&valid).cloned();
         for p in order.into_iter().chain(invalid) {
             if !server.claim(p.hash_part()) {
-                return Err(StoreError::Invalid(format!(
-                    "cannot delete path '{}' since it is still alive: a process started \
-                     using it (a temporary root) while {} other paths were deleted",
-                    sd.display(&p),
-                    results.paths.len()
-                )));
+                return Err(StoreError::StillAlive {
+                    path: sd.display(&p),
+                    reason: AliveReason::RootedMeanwhile {
+                        deleted: results.paths.len(),
+                    },
+                });
             }
             let done = if valid.contains(&p) {
                 self.invalidate_and_delete(&p, &mut results, log)
@@ -956,12 +1114,12 @@ impl Store {
             };
             server.release();
             if !done? {
-                return Err(StoreError::Invalid(format!(
-                    "cannot delete path '{}' since it is still alive: a path referring to \
-                     it was registered while {} other paths were deleted",
-                    sd.display(&p),
-                    results.paths.len()
-                )));
+                return Err(StoreError::StillAlive {
+                    path: sd.display(&p),
+                    reason: AliveReason::ReferencedMeanwhile {
+                        deleted: results.paths.len(),
+                    },
+                });
             }
         }
         Ok(results)

@@ -5,18 +5,25 @@
 //! - [`db`]: the SQLite database with Nix's schema;
 //! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
 //! - [`gc`]: garbage collection: roots, liveness, deletion; [`temproots`]: temporary
-//!   roots and the GC lock;
+//!   roots and the GC lock; [`roots`]: permanent and indirect roots named as Nix does;
+//! - [`verify`]: `nix-store --verify`;
+//! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
 pub mod canonical;
 pub mod db;
 pub mod gc;
 pub mod lock;
+pub mod message;
 pub mod nar;
 pub mod references;
+pub mod roots;
 pub mod store;
 pub mod temproots;
+pub mod verify;
 
 pub use db::{Database, DbError, Registration, ValidPathInfo};
-pub use gc::{GcAction, GcOptions, GcResults};
+pub use gc::{AliveReason, GcAction, GcOptions, GcResults, Needer};
+pub use message::{Reporter, StoreMessage};
 pub use store::{Store, StoreError};
+pub use verify::{VerifyEvent, VerifyOptions, VerifyReport};

@@ -20,15 +20,18 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use firn_derivation::{
-    name_from_drv_base_name, parse_derivation, Derivation, FileIngestionMethod, FixedOutputHash,
-    Hash, HashAlgo, InputDrvHash, ModuloCache, ModuloError, StoreDir, StorePath, StorePathError,
+    name_from_drv_base_name, parse_derivation, Derivation, DerivationError, FileIngestionMethod,
+    FixedOutputHash, Hash, HashAlgo, InputDrvHash, ModuloCache, ModuloError, ParseError, StoreDir,
+    StorePath, StorePathError,
 };
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 use crate::canonical::{canonicalise_path_metadata, delete_path};
 use crate::db::{Database, DbError, Registration, ValidPathInfo, SCHEMA_VERSION};
+use crate::gc::AliveReason;
 use crate::lock::{LockError, PathLocks};
+use crate::message::{Reporter, StoreMessage};
 use crate::nar::{self, NarError};
 use crate::temproots::{self, GcLock, TempRootsHandle};
 
@@ -52,11 +55,45 @@ pub enum StoreError {
     NotInStore(String),
     #[error("'{path}' is not a regular file, so it cannot be added flat")]
     NotRegularFile { path: PathBuf },
-    #[error("derivation '{path}': {msg}")]
-    Derivation { path: String, msg: String },
-    /// A message that names its subject already.
-    #[error("{0}")]
-    Invalid(String),
+    /// The `.drv` text at `path` does not parse (the error has the byte offset).
+    #[error("derivation '{path}': {source}")]
+    DerivationParse { path: String, source: ParseError },
+    /// The derivation `path` is not a valid one (no output, mixed output types, …).
+    /// `path` is the store path, or the name of a derivation not yet in the store.
+    #[error("derivation '{path}': {source}")]
+    DerivationInvalid {
+        path: String,
+        source: DerivationError,
+    },
+    /// The output paths of the derivation `path` (`<name>.drv (new)` for one being
+    /// added) cannot be computed: an input is missing or wrong.
+    #[error("derivation '{path}': {source}")]
+    DerivationOutputs {
+        path: String,
+        source: Box<ModuloError<ModuloError<StoreError>>>,
+    },
+    /// The `.drv` to become `path` has output paths other than its contents give
+    /// (Nix's `checkDerivationOutputs`); the error names the derivation itself.
+    #[error("{source}")]
+    DerivationOutputCheck {
+        path: String,
+        source: Box<ModuloError<ModuloError<StoreError>>>,
+    },
+    /// `add_temp_root` from the process that holds `gc.lock` exclusively.
+    #[error("cannot add the temporary root '{path}' while this process is collecting garbage")]
+    TempRootWhileCollecting { path: String },
+    /// `delete_specific` refused: `path` is still alive, for `reason`.
+    #[error("cannot delete path '{path}' since it is still alive: {reason}")]
+    StillAlive { path: String, reason: AliveReason },
+    /// A permanent root was asked for inside the store directory (logical or on disk).
+    #[error(
+        "creating a garbage collector root ({path}) in the Nix store is forbidden \
+         (are you running nix-build inside the store?)"
+    )]
+    RootInStore { path: PathBuf },
+    /// A permanent root would replace something that is not a symlink into the store.
+    #[error("cannot create symlink '{path}'; already exists")]
+    RootExists { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -96,6 +133,8 @@ pub struct Store {
     db: Database,
     /// This process's temporary-roots file, opened on the first root added.
     temp_roots: std::sync::Mutex<Option<TempRootsHandle>>,
+    /// Where messages go that are not the progress of one call (lock waits, …).
+    reporter: Reporter,
     _big_lock: Flock<File>,
 }
 
@@ -178,8 +217,26 @@ impl Store {
             store_dir,
             db,
             temp_roots: std::sync::Mutex::new(None),
+            reporter: Reporter::discard(),
             _big_lock: big_lock,
         })
+    }
+
+    /// Send the store's messages (waiting for a lock, a stale root removed, …) to
+    /// `reporter` from now on; by default they are dropped. The progress of a
+    /// collection or a verification goes to the callback given to that call instead.
+    pub fn set_reporter(&mut self, reporter: Reporter) {
+        self.reporter = reporter;
+    }
+
+    /// The store's reporter (to hand the same one to a component of one's own).
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    /// Tell the store's reporter.
+    pub(crate) fn report(&self, m: &StoreMessage) {
+        self.reporter.report(m)
     }
 
     /// `ROOT/nix/var/nix`.
@@ -209,13 +266,13 @@ impl Store {
             }
         };
         let mut file = handle.lock().unwrap_or_else(|p| p.into_inner());
-        file.add(path, &self.store_dir.display(path))
+        file.add(path, &self.store_dir.display(path), &self.reporter)
     }
 
     /// Take the global GC lock: exclusive for a collection (no temporary root can be
     /// added meanwhile), shared to keep collections out (as `verify` does).
     pub fn lock_gc(&self, exclusive: bool) -> Result<GcLock, StoreError> {
-        temproots::lock_gc(&self.state_dir(), exclusive)
+        temproots::lock_gc(&self.state_dir(), exclusive, &self.reporter)
     }
 
     pub fn root(&self) -> &Path {
@@ -293,7 +350,9 @@ impl Store {
 
     fn lock(&self, p: &StorePath) -> Result<PathLocks, StoreError> {
         let locks = PathLocks::lock([self.real_path(p)], true, |_| {
-            eprintln!("waiting for lock on '{}'...", self.store_dir.display(p));
+            self.report(&StoreMessage::WaitingForLock {
+                path: self.store_dir.display(p),
+            });
         })?;
         Ok(locks.unwrap_or_default())
     }
@@ -448,19 +507,28 @@ impl Store {
     ) -> Result<BTreeMap<String, StorePath>, StoreError> {
         let sd = &self.store_dir;
         let shown = sd.display(path);
-        let derr = |msg: String| StoreError::Derivation {
-            path: shown.clone(),
-            msg,
-        };
         let text = fs::read(file).map_err(io_err(file))?;
         let name = name_from_drv_base_name(path.base_name());
-        let drv = parse_derivation(sd, &text, name).map_err(|e| derr(e.to_string()))?;
+        let drv =
+            parse_derivation(sd, &text, name).map_err(|source| StoreError::DerivationParse {
+                path: shown.clone(),
+                source,
+            })?;
         let mut cache = ModuloCache::new();
         let mut load = |p: &StorePath| self.read_derivation(p);
         let mut lookup = |p: &StorePath| cache.get(sd, p, &mut load);
-        drv.check_output_paths(sd, path, &mut lookup)
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let outputs = drv.output_paths(sd).map_err(|e| derr(e.to_string()))?;
+        drv.check_output_paths(sd, path, &mut lookup).map_err(|e| {
+            StoreError::DerivationOutputCheck {
+                path: shown.clone(),
+                source: Box::new(e),
+            }
+        })?;
+        let outputs = drv
+            .output_paths(sd)
+            .map_err(|source| StoreError::DerivationInvalid {
+                path: shown.clone(),
+                source,
+            })?;
         Ok(outputs
             .into_iter()
             .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
@@ -472,11 +540,12 @@ impl Store {
         let real = self.real_path(drv);
         let text = fs::read(&real).map_err(io_err(&real))?;
         let name = name_from_drv_base_name(drv.base_name());
-        let parsed =
-            parse_derivation(&self.store_dir, &text, name).map_err(|e| StoreError::Derivation {
+        let parsed = parse_derivation(&self.store_dir, &text, name).map_err(|source| {
+            StoreError::DerivationParse {
                 path: self.store_dir.display(drv),
-                msg: e.to_string(),
-            })?;
+                source,
+            }
+        })?;
         Ok(parsed.into_owned())
     }
 
@@ -504,29 +573,25 @@ impl Store {
         let mut lookup = |p: &StorePath| -> Result<InputDrvHash, ModuloError<StoreError>> {
             cache.get(&sd, p, &mut load)
         };
-        let derr = |e: ModuloError<ModuloError<StoreError>>| StoreError::Derivation {
-            path: format!("{}.drv (new)", drv_name),
-            msg: e.to_string(),
-        };
-        drv.fill_output_paths(&sd, &mut lookup).map_err(derr)?;
-        let text = drv.to_aterm(&sd).map_err(|e| StoreError::Derivation {
-            path: drv.name.clone(),
-            msg: e.to_string(),
-        })?;
-        let drv_path = drv
-            .drv_path_of_text(&sd, &text)
-            .map_err(|e| StoreError::Derivation {
-                path: drv.name.clone(),
-                msg: e.to_string(),
+        drv.fill_output_paths(&sd, &mut lookup)
+            .map_err(|e| StoreError::DerivationOutputs {
+                path: format!("{drv_name}.drv (new)"),
+                source: Box::new(e),
             })?;
+        let invalid = |source| StoreError::DerivationInvalid {
+            path: drv_name.clone(),
+            source,
+        };
+        let text = drv.to_aterm(&sd).map_err(invalid)?;
+        let drv_path = drv.drv_path_of_text(&sd, &text).map_err(invalid)?;
         if dry_run {
             return Ok(drv_path);
         }
         let outputs = drv
             .output_paths(&sd)
-            .map_err(|e| StoreError::Derivation {
+            .map_err(|source| StoreError::DerivationInvalid {
                 path: sd.display(&drv_path),
-                msg: e.to_string(),
+                source,
             })?
             .into_iter()
             .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))

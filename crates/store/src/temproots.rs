@@ -36,6 +36,7 @@ use firn_derivation::{StoreDir, StorePath};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::message::{Reporter, StoreMessage};
 use crate::store::StoreError;
 
 fn io_err(path: &Path, source: io::Error) -> StoreError {
@@ -95,8 +96,12 @@ impl Drop for GcLock {
     }
 }
 
-/// Take `state/gc.lock`, saying so on stderr when it has to wait (Nix's message).
-pub(crate) fn lock_gc(state: &Path, exclusive: bool) -> Result<GcLock, StoreError> {
+/// Take `state/gc.lock`, telling `reporter` when it has to wait.
+pub(crate) fn lock_gc(
+    state: &Path,
+    exclusive: bool,
+    reporter: &Reporter,
+) -> Result<GcLock, StoreError> {
     let file = open_gc_lock(state)?;
     let (try_arg, wait_arg) = if exclusive {
         (FlockArg::LockExclusiveNonblock, FlockArg::LockExclusive)
@@ -107,7 +112,7 @@ pub(crate) fn lock_gc(state: &Path, exclusive: bool) -> Result<GcLock, StoreErro
     let lock = match Flock::lock(file, try_arg) {
         Ok(l) => l,
         Err((file, Errno::EWOULDBLOCK)) => {
-            eprintln!("waiting for the big garbage collector lock...");
+            reporter.report(&StoreMessage::WaitingForGcLock);
             Flock::lock(file, wait_arg).map_err(|(_, e)| errno_err(&path, e))?
         }
         Err((_, e)) => return Err(errno_err(&path, e)),
@@ -206,7 +211,12 @@ impl TempRootsFile {
     }
 
     /// Append `shown` (the printed store path) unless `path` was added already.
-    pub(crate) fn add(&mut self, path: &StorePath, shown: &str) -> Result<(), StoreError> {
+    pub(crate) fn add(
+        &mut self,
+        path: &StorePath,
+        shown: &str,
+        reporter: &Reporter,
+    ) -> Result<(), StoreError> {
         if self.added.contains(path) {
             return Ok(());
         }
@@ -220,12 +230,11 @@ impl TempRootsFile {
             Err((gc, Errno::EWOULDBLOCK)) => {
                 if lock_poisoned(gc_held()).contains(&self.state) {
                     self.gc_lock = Some(gc);
-                    return Err(StoreError::Invalid(format!(
-                        "cannot add the temporary root '{shown}' while this process is \
-                         collecting garbage"
-                    )));
+                    return Err(StoreError::TempRootWhileCollecting {
+                        path: shown.to_owned(),
+                    });
                 }
-                eprintln!("waiting for the big garbage collector lock...");
+                reporter.report(&StoreMessage::WaitingForGcLock);
                 Flock::lock(gc, FlockArg::LockShared).map_err(|(_, e)| errno_err(&gc_path, e))?
             }
             Err((gc, e)) => {
@@ -253,7 +262,7 @@ pub type TempRoots = BTreeMap<StorePath, BTreeSet<String>>;
 pub(crate) fn read_temp_roots(
     state: &Path,
     store_dir: &StoreDir,
-    log: &mut dyn FnMut(&str),
+    log: &mut dyn FnMut(&StoreMessage),
 ) -> Result<TempRoots, StoreError> {
     let dir = state.join("temproots");
     let mut roots = TempRoots::new();
@@ -283,10 +292,7 @@ pub(crate) fn read_temp_roots(
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(stale) => {
                 // Its owner is gone: nobody else can hold it.
-                log(&format!(
-                    "removing stale temporary roots file '{}'",
-                    path.display()
-                ));
+                log(&StoreMessage::RemovingStaleTempRoots { file: path.clone() });
                 let _ = fs::remove_file(&path);
                 let _ = (&*stale).write_all(b"d");
                 continue;
@@ -354,8 +360,13 @@ pub(crate) struct RootsServer {
 }
 
 impl RootsServer {
-    /// Listen on `state/gc-socket/socket` (the caller holds `gc.lock` exclusively).
-    pub(crate) fn start(state: &Path, store_dir: StoreDir) -> Result<Self, StoreError> {
+    /// Listen on `state/gc-socket/socket` (the caller holds `gc.lock` exclusively);
+    /// what a client sends that is not a store path is told to `reporter`.
+    pub(crate) fn start(
+        state: &Path,
+        store_dir: StoreDir,
+        reporter: Reporter,
+    ) -> Result<Self, StoreError> {
         let dir = state.join("gc-socket");
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
         let socket = dir.join("socket");
@@ -384,7 +395,10 @@ impl RootsServer {
                                 continue;
                             };
                             let (shared, sd) = (shared.clone(), store_dir.clone());
-                            let h = std::thread::spawn(move || serve_client(stream, &shared, &sd));
+                            let reporter = reporter.clone();
+                            let h = std::thread::spawn(move || {
+                                serve_client(stream, &shared, &sd, &reporter)
+                            });
                             lock_poisoned(&clients).push((mine, h));
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -433,7 +447,7 @@ impl RootsServer {
     }
 }
 
-fn serve_client(stream: UnixStream, shared: &Shared, sd: &StoreDir) {
+fn serve_client(stream: UnixStream, shared: &Shared, sd: &StoreDir, reporter: &Reporter) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -444,7 +458,8 @@ fn serve_client(stream: UnixStream, shared: &Shared, sd: &StoreDir) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        match sd.parse(line.trim_end_matches('\n')) {
+        let line = line.trim_end_matches('\n');
+        match sd.parse(line) {
             Ok(p) => {
                 let hash = p.hash_part().to_owned();
                 let (lock, cv) = &**shared;
@@ -455,7 +470,9 @@ fn serve_client(stream: UnixStream, shared: &Shared, sd: &StoreDir) {
                     st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
             }
-            Err(_) => eprintln!("received garbage instead of a root from client"),
+            Err(_) => reporter.report(&StoreMessage::GarbageRoot {
+                line: line.to_owned(),
+            }),
         }
         if out.write_all(b"1").is_err() {
             return;
