@@ -281,8 +281,19 @@ fn busy_build_users_make_the_build_wait_never_run_as_root() {
     if !can_build() {
         return;
     }
+    busy_build_users(true);
+    // Unsandboxed too: the store directory is handed to the configured group (as
+    // Nix does), so its member can create the output there.
+    busy_build_users(false);
+}
+
+fn busy_build_users(sandboxed: bool) {
     let (group, uid) = one_user_group();
-    let root = tempdir("busyusers");
+    let root = tempdir(if sandboxed {
+        "busyusers"
+    } else {
+        "busyusers-nosandbox"
+    });
     let drv = id_drv(&root, "waiter");
     // Hold the only build user's pool lock (as another build would) for 3 s.
     let pool = PathBuf::from(format!("/nix/var/nix/userpool/{uid}"));
@@ -309,6 +320,9 @@ fn busy_build_users_make_the_build_wait_never_run_as_root() {
     let out = firn_at(
         &root,
         &[
+            "--option",
+            "sandbox",
+            if sandboxed { "true" } else { "false" },
             "--option",
             "sandbox-paths",
             "/bin/busybox",
@@ -339,9 +353,21 @@ fn busy_build_users_make_the_build_wait_never_run_as_root() {
         .unwrap_or("")
         .split_whitespace()
         .collect();
+    let expected = match sandboxed {
+        // Inside its user namespace, uid 1000 maps to the build user.
+        true => vec!["1000".to_owned(), uid.to_string(), "1".to_owned()],
+        // Unsandboxed: the initial namespace's identity map.
+        false => vec!["0".to_owned(), "0".to_owned(), "4294967295".to_owned()],
+    };
+    assert_eq!(map, expected, "{said}");
+    let builder_uid = if sandboxed {
+        "1000".to_owned()
+    } else {
+        uid.to_string()
+    };
     assert_eq!(
-        map,
-        ["1000", &uid.to_string(), "1"],
+        said.lines().next(),
+        Some(builder_uid.as_str()),
         "the build ran as the build user once it was free: {said}"
     );
     remove(&root);

@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Each transition returns a [`Next`]: what the goal now waits for (its inputs' goals,
-//! a build slot, a while — for output locks or a build user someone else holds —, its
-//! running builder) or that it is done. The [`crate::worker::Worker`] keeps the waiters
+//! a build slot, output locks or a build user someone else holds, its running
+//! builder) or that it is done. The [`crate::worker::Worker`] keeps the waiters
 //! and calls the goal again when what it waits for happened; only the goal decides
 //! which outputs to build: the wanted ones that are not valid. A valid output is never
 //! deleted or overwritten — in the sandbox the builder's copy stays in the root, and
@@ -165,8 +165,10 @@ pub enum Next {
     Inputs(Vec<(StorePath, Wanted)>),
     /// A build slot (`max-jobs`).
     Slot,
-    /// A while: the output locks or every build user are held by someone else.
-    AWhile,
+    /// The output locks, which another process holds: try again in a while.
+    Lock,
+    /// A build user: every one is building. Try again in a while.
+    BuildUser,
     /// Its builder, which is running: poll its log.
     Running,
     /// Nothing: it is [`GoalState::Done`].
@@ -379,7 +381,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                     said_waiting_lock,
                     said_waiting_user,
                 };
-                return Next::AWhile;
+                return Next::Lock;
             }
             Err(e) => return self.fail(StoreError::from(e).into()),
         };
@@ -416,7 +418,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                     said_waiting_lock,
                     said_waiting_user,
                 };
-                return Next::AWhile;
+                return Next::BuildUser;
             }
             Err(e) => {
                 // Nothing was started: the lock files go too.

@@ -263,7 +263,8 @@ impl<'s, B: Builder> Worker<'s, B> {
                     self.ready.insert(key_of(key));
                 }
             }
-            Next::AWhile => {
+            // Whoever holds them gives no sign when they are free: ask again soon.
+            Next::Lock | Next::BuildUser => {
                 self.waiting_a_while.insert(key_of(key));
             }
             Next::Running => {}

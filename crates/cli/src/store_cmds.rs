@@ -21,7 +21,10 @@ impl From<StoreError> for CliError {
 
 /// Open the store; its messages (waiting for a lock, …) go to stderr as Nix's lines.
 pub fn open(settings: &Settings) -> Result<Store, CliError> {
-    let mut store = Store::open(&settings.store_root())?;
+    let options = firn_store::StoreOptions {
+        build_users_group: settings.build.build_users_group.clone(),
+    };
+    let mut store = Store::open_with(&settings.store_root(), &options)?;
     store.set_reporter(Reporter::new(|m| eprintln!("{m}")));
     Ok(store)
 }
@@ -338,12 +341,6 @@ fn print_graph(
     Ok(())
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = Vec::new();
-    firn_derivation::json::write_json_string(&mut out, s.as_bytes());
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// `nix path-info`: a `.drv` argument stands for its outputs (as an installable does in
 /// Nix 2.8). With `--json`, invalid paths are listed as `"valid": false`; without, they
 /// are an error.
@@ -364,56 +361,65 @@ pub fn path_info(
             paths.insert(p);
         }
     }
-    let mut text = String::new();
     if !json {
+        let mut text = String::new();
         for p in &paths {
             info(&store, p)?;
             text.push_str(&format!("{}\n", sd.display(p)));
         }
         return w(out, &text);
     }
-    text.push('[');
-    for (n, p) in paths.iter().enumerate() {
-        if n > 0 {
-            text.push(',');
-        }
+    let mut entries = Vec::new();
+    for p in &paths {
+        let path = sd.display(p);
         let Some(i) = store.db().query_path_info(p).map_err(StoreError::from)? else {
-            text.push_str(&format!(
-                "{{\"path\":{},\"valid\":false}}",
-                json_str(&sd.display(p))
-            ));
+            entries.push(PathInfoJson::Invalid { path, valid: false });
             continue;
         };
-        text.push_str(&format!(
-            "{{\"path\":{},\"narHash\":{},\"narSize\":{},\"references\":[{}]",
-            json_str(&sd.display(p)),
-            json_str(&i.nar_hash.to_sri()),
-            i.nar_size,
-            i.references
-                .iter()
-                .map(|r| json_str(&sd.display(r)))
-                .collect::<Vec<_>>()
-                .join(",")
-        ));
-        if let Some(ca) = &i.ca {
-            text.push_str(&format!(",\"ca\":{}", json_str(ca)));
-        }
-        if let Some(d) = &i.deriver {
-            text.push_str(&format!(",\"deriver\":{}", json_str(&sd.display(d))));
-        }
-        text.push_str(&format!(",\"registrationTime\":{}", i.registration_time));
-        if i.ultimate {
-            text.push_str(",\"ultimate\":true");
-        }
-        if !i.sigs.is_empty() {
-            let sigs: Vec<String> = i.sigs.iter().map(|s| json_str(s)).collect();
-            text.push_str(&format!(",\"signatures\":[{}]", sigs.join(",")));
-        }
-        text.push('}');
+        entries.push(PathInfoJson::Valid {
+            path,
+            nar_hash: i.nar_hash.to_sri(),
+            nar_size: i.nar_size,
+            references: i.references.iter().map(|r| sd.display(r)).collect(),
+            ca: i.ca.clone(),
+            deriver: i.deriver.as_ref().map(|d| sd.display(d)),
+            registration_time: i.registration_time,
+            ultimate: i.ultimate.then_some(true),
+            signatures: i.sigs.clone(),
+        });
     }
+    let text = serde_json::to_string(&entries)
+        .map_err(|e| CliError::usage(format!("writing JSON: {e}")))?;
     // `nix path-info --json` ends without a newline.
-    text.push(']');
     w(out, &text)
+}
+
+/// One path of `nix path-info --json`, with Nix 2.8's field order.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum PathInfoJson {
+    Invalid {
+        path: String,
+        valid: bool,
+    },
+    Valid {
+        path: String,
+        #[serde(rename = "narHash")]
+        nar_hash: String,
+        #[serde(rename = "narSize")]
+        nar_size: u64,
+        references: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        deriver: Option<String>,
+        #[serde(rename = "registrationTime")]
+        registration_time: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ultimate: Option<bool>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        signatures: Vec<String>,
+    },
 }
 
 /// `nix-store --verify [--check-contents] [--repair]` (`Store::verify`), each step on

@@ -10,8 +10,10 @@
 //! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
+pub mod alive;
 pub mod canonical;
 pub mod db;
+pub mod error;
 pub mod gc;
 pub mod lock;
 pub mod message;
@@ -23,7 +25,8 @@ pub mod temproots;
 pub mod verify;
 
 pub use db::{Database, DbError, Registration, ValidPathInfo};
+pub use error::StoreError;
 pub use gc::{AliveReason, GcAction, GcOptions, GcResults, Needer};
 pub use message::{Reporter, StoreMessage};
-pub use store::{Store, StoreError};
+pub use store::{Store, StoreOptions};
 pub use verify::{VerifyEvent, VerifyOptions, VerifyReport};

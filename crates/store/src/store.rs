@@ -20,88 +20,20 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use firn_derivation::{
-    name_from_drv_base_name, parse_derivation, Derivation, DerivationError, FileIngestionMethod,
-    FixedOutputHash, Hash, HashAlgo, InputDrvHash, ModuloCache, ModuloError, ParseError, StoreDir,
-    StorePath, StorePathError,
+    name_from_drv_base_name, parse_derivation, Derivation, FileIngestionMethod, FixedOutputHash,
+    Hash, HashAlgo, InputDrvHash, ModuloCache, ModuloError, StoreDir, StorePath,
 };
 use nix::fcntl::{Flock, FlockArg};
-use thiserror::Error;
 
 use crate::canonical::{canonicalise_path_metadata, delete_path};
-use crate::db::{Database, DbError, Registration, ValidPathInfo, SCHEMA_VERSION};
-use crate::gc::AliveReason;
-use crate::lock::{LockError, PathLocks};
+use crate::db::{Database, Registration, ValidPathInfo, SCHEMA_VERSION};
+use crate::lock::PathLocks;
 use crate::message::{Reporter, StoreMessage};
 use crate::nar::{self, NarError};
 use crate::temproots::{self, GcLock, TempRootsHandle};
 
-#[derive(Debug, Error)]
-pub enum StoreError {
-    #[error("{0}")]
-    Db(#[from] DbError),
-    #[error("{0}")]
-    Nar(#[from] NarError),
-    #[error("{0}")]
-    Lock(#[from] LockError),
-    #[error("{0}")]
-    StorePath(#[from] StorePathError),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("current store schema at '{path}' is version {found}, but firn only supports {SCHEMA_VERSION}")]
-    Schema { path: PathBuf, found: String },
-    #[error("path '{0}' is not valid")]
-    NotValid(String),
-    #[error("path '{0}' is not in the store")]
-    NotInStore(String),
-    #[error("'{path}' is not a regular file, so it cannot be added flat")]
-    NotRegularFile { path: PathBuf },
-    /// The `.drv` text at `path` does not parse (the error has the byte offset).
-    #[error("derivation '{path}': {source}")]
-    DerivationParse { path: String, source: ParseError },
-    /// The derivation `path` is not a valid one (no output, mixed output types, …).
-    /// `path` is the store path, or the name of a derivation not yet in the store.
-    #[error("derivation '{path}': {source}")]
-    DerivationInvalid {
-        path: String,
-        source: DerivationError,
-    },
-    /// The output paths of the derivation `path` (`<name>.drv (new)` for one being
-    /// added) cannot be computed: an input is missing or wrong.
-    #[error("derivation '{path}': {source}")]
-    DerivationOutputs {
-        path: String,
-        source: Box<ModuloError<ModuloError<StoreError>>>,
-    },
-    /// The `.drv` to become `path` has output paths other than its contents give
-    /// (Nix's `checkDerivationOutputs`); the error names the derivation itself.
-    #[error("{source}")]
-    DerivationOutputCheck {
-        path: String,
-        source: Box<ModuloError<ModuloError<StoreError>>>,
-    },
-    /// `add_temp_root` from the process that holds `gc.lock` exclusively.
-    #[error("cannot add the temporary root '{path}' while this process is collecting garbage")]
-    TempRootWhileCollecting { path: String },
-    /// `delete_specific` refused: `path` is still alive, for `reason`.
-    #[error("cannot delete path '{path}' since it is still alive: {reason}")]
-    StillAlive { path: String, reason: AliveReason },
-    /// A permanent root was asked for inside the store directory (logical or on disk).
-    #[error(
-        "creating a garbage collector root ({path}) in the Nix store is forbidden \
-         (are you running nix-build inside the store?)"
-    )]
-    RootInStore { path: PathBuf },
-    /// A permanent root would replace something that is not a symlink into the store.
-    #[error("cannot create symlink '{path}'; already exists")]
-    RootExists { path: PathBuf },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+use crate::error::io_err;
+pub use crate::error::StoreError;
 
 /// Content-address assertion strings as Nix writes them in the `ca` column.
 pub fn text_ca(hash: &Hash) -> String {
@@ -138,9 +70,30 @@ pub struct Store {
     _big_lock: Flock<File>,
 }
 
+/// How a store is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// `build-users-group`: as root, the store directory is handed to this group (1775),
+    /// so that its members can create their outputs; empty: left alone.
+    pub build_users_group: String,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            build_users_group: "nixbld".to_owned(),
+        }
+    }
+}
+
 impl Store {
     /// Open the store at `root`, creating its layout and database if needed.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
+        Self::open_with(root, &StoreOptions::default())
+    }
+
+    /// [`Store::open`] with `options`.
+    pub fn open_with(root: &Path, options: &StoreOptions) -> Result<Self, StoreError> {
         let store_dir = StoreDir::default();
         let real_store = root.join("nix/store");
         let var = root.join("nix/var/nix");
@@ -162,8 +115,10 @@ impl Store {
         // between the mkdir and the chown leaves nothing wrong): the build users may
         // create their outputs in the store (1775: only their own entries are theirs to
         // delete). A store owned by someone else (a user's own store) is left alone.
-        if nix::unistd::Uid::effective().is_root() {
-            if let Ok(Some(group)) = nix::unistd::Group::from_name("nixbld") {
+        let group = options.build_users_group.as_str();
+        if nix::unistd::Uid::effective().is_root() && !group.is_empty() {
+            // A group that does not exist is the build's error to report.
+            if let Ok(Some(group)) = nix::unistd::Group::from_name(group) {
                 use std::os::unix::fs::MetadataExt;
                 let meta = fs::metadata(&real_store).map_err(io_err(&real_store))?;
                 let wrong = meta.gid() != group.gid.as_raw() || meta.mode() & 0o7777 != 0o1775;

@@ -36,8 +36,8 @@ use firn_derivation::{StoreDir, StorePath};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::error::StoreError;
 use crate::message::{Reporter, StoreMessage};
-use crate::store::StoreError;
 
 fn io_err(path: &Path, source: io::Error) -> StoreError {
     StoreError::Io {
