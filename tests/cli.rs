@@ -122,7 +122,7 @@ fn show_reads_logical_store_paths_from_the_store_root() {
         fs::read(dir.join("show-derivation.json")).unwrap()
     );
     // Same through FIRN_STORE.
-    let out = Command::new(env!("CARGO_BIN_EXE_firn"))
+    let out = firn_command()
         .args(["derivation", "show", top])
         .env("FIRN_STORE", &root)
         .output()

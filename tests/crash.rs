@@ -209,7 +209,7 @@ fn spawn_job(
     out: Stdio,
     err: Stdio,
 ) -> (Child, Option<std::thread::JoinHandle<()>>) {
-    let mut child = Command::new(firn_bin())
+    let mut child = firn_command()
         .arg("--store")
         .arg(root)
         .args((job.args)(root))
@@ -683,7 +683,7 @@ fn interrupt_stops_a_sandboxed_realise_and_cleans_up() {
     let slow_out = output_of(&root, &slow);
     let sandbox_paths = format!("/bin/busybox /gate={}?", gate.display());
     let realise = |log: &Path| -> Child {
-        Command::new(firn_bin())
+        firn_command()
             .args(["--store", root.to_str().unwrap()])
             .args(["--option", "sandbox-paths", &sandbox_paths])
             .args(["realise", &top])
@@ -833,7 +833,7 @@ fn concurrent_realisers_build_each_derivation_once() {
     let t0 = Instant::now();
     let children: Vec<Child> = (0..3)
         .map(|_| {
-            Command::new(firn_bin())
+            firn_command()
                 .args(&args)
                 .env_remove("FIRN_STORE")
                 .stdin(Stdio::null())
@@ -908,7 +908,7 @@ fn builds_cancelled_by_a_failure_are_cleaned_up() {
         ),
     );
     let log = base.join("log");
-    let child = Command::new(firn_bin())
+    let child = firn_command()
         .args(["--store", root.to_str().unwrap()])
         .args(["--option", "sandbox-paths", "/bin/busybox"])
         .args(["realise", "-j2", &slow, &failing])

@@ -490,7 +490,7 @@ fn adds_wait_for_a_running_collection_which_never_deletes_what_they_produce() {
     // While a collection holds the GC lock, an add waits for it.
     let store = Store::open(r).unwrap();
     let gc = store.lock_gc(true).unwrap();
-    let adder = Command::new(firn_bin())
+    let adder = firn_command()
         .args([
             "--store",
             r.to_str().unwrap(),
@@ -595,7 +595,7 @@ fn nix_processes_adding_during_a_collection_keep_their_paths() {
     let paths: Vec<String> = ok(firn(r, &all)).lines().map(str::to_owned).collect();
     assert_eq!(paths.len(), files.len());
 
-    let mut gc = Command::new(firn_bin())
+    let mut gc = firn_command()
         .args(["--store", r.to_str().unwrap(), "gc"])
         .env_remove("FIRN_STORE")
         .stdout(Stdio::piped())
@@ -920,7 +920,7 @@ fn what_a_crash_mid_collection_leaves_is_accepted_and_collected_later() {
         let mut args = vec!["add"];
         args.extend(trees.iter().map(String::as_str));
         ok(firn(r, &args));
-        let mut child = Command::new(firn_bin())
+        let mut child = firn_command()
             .args(["--store", r.to_str().unwrap(), "--quiet", "gc"])
             .env_remove("FIRN_STORE")
             .stdout(Stdio::null())

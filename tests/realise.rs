@@ -274,7 +274,7 @@ fn concurrent_realisers_build_once() {
     );
     let drv = busybox_drv(&root, "once", &script, &[]);
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_firn"))
+        firn_command()
             .args([
                 "--store",
                 root.to_str().unwrap(),
@@ -322,7 +322,7 @@ fn interrupt_cleans_up() {
     );
     let drv = busybox_drv(&root, "interrupt-me", &script, &[]);
     for sig in ["INT", "TERM"] {
-        let child = Command::new(env!("CARGO_BIN_EXE_firn"))
+        let child = firn_command()
             .args([
                 "--store",
                 root.to_str().unwrap(),
@@ -433,8 +433,12 @@ fn time_and_log_limits_kill_the_build() {
     let out = firn_opts(&root, &[("max-build-log-size", "100")], &["realise", &l]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Nix's wording, and the derivation named (Nix: "building of 'DRV!*' from .drv
+    // file killed after …").
     assert!(
-        stderr.contains("killed after writing more than 100 bytes of log output"),
+        stderr.contains(&format!(
+            "error: building '{l}' killed after writing more than 100 bytes of log output"
+        )),
         "{stderr}"
     );
     let v = firn(&root, &["verify", "--check-contents"], None);
@@ -520,7 +524,7 @@ fn every_vector_case_builds_in_the_sandbox_like_nix() {
             .next()
             .unwrap()
             .to_owned();
-        let out = Command::new(env!("CARGO_BIN_EXE_firn"))
+        let out = firn_command()
             .args([
                 "--store",
                 root.to_str().unwrap(),
@@ -639,7 +643,7 @@ fn progress_line_on_a_terminal_only() {
         root.display()
     );
     let typescript = root.join("typescript");
-    let st = Command::new("script")
+    let st = command_isolated("script")
         .args(["-qc", &cmd, typescript.to_str().unwrap()])
         .stdout(Stdio::null())
         .status()

@@ -41,7 +41,7 @@ fn realise(root: &Path, extra: &[&str], drv: &str) -> Output {
     ];
     args.extend_from_slice(extra);
     args.extend(["realise", drv]);
-    let out = Command::new(firn_bin())
+    let out = firn_command()
         .args(&args)
         .env("PROBE_IMPURE_VAR", "from-caller")
         .output()
@@ -405,13 +405,17 @@ fn ordinary_user_builds_in_the_sandbox() {
         "set -e; cd {h}; d=$(./firn derivation add < d.json); ./firn --option sandbox-paths /bin/sh=/bin/busybox realise \"$d\"",
         h = home.display()
     );
-    let out = Command::new("setpriv")
+    let out = command_isolated("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .args([
             "env",
             "-i",
             &format!("HOME={}", home.display()),
             "PATH=/usr/bin:/bin",
+            // No settings file of this machine (its nix.conf turns the sandbox off).
+            "NIX_CONF_DIR=/nonexistent",
+            "FIRN_CONF_DIR=/nonexistent",
+            "NIX_USER_CONF_FILES=",
         ])
         .args(["sh", "-c", &script])
         .output()
@@ -472,7 +476,7 @@ fn collections_during_a_build_spare_what_it_uses() {
     let gcroot = root.join("nix/var/nix/gcroots/test-drv");
     std::os::unix::fs::symlink(&c, &gcroot).unwrap();
     let result = root.join("result");
-    let mut realise = Command::new(firn_bin())
+    let mut realise = firn_command()
         .args(["--store", root.to_str().unwrap()])
         .args(["--option", "sandbox-paths", "/bin/busybox", "realise", &c])
         .arg("--add-root")
@@ -545,7 +549,7 @@ fn namespace_failure_is_an_error_not_an_unsandboxed_build() {
         r = root.display(),
         t = tmp.display()
     );
-    let out = Command::new("unshare")
+    let out = command_isolated("unshare")
         .args(["--user", "--map-root-user", "sh", "-c", &script])
         .output()
         .unwrap();

@@ -502,7 +502,7 @@ fn concurrent_adds_do_not_fail() {
                     args.push(f.to_str().unwrap().to_owned());
                 }
             }
-            Command::new(env!("CARGO_BIN_EXE_firn"))
+            firn_command()
                 .args(&args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

@@ -12,11 +12,46 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
+/// A `Command` for `cmd`; for firn itself, one that reads no settings file of this
+/// machine (its `/etc/nix/nix.conf` says `sandbox = false`, and tests state their
+/// settings themselves) and no `FIRN_STORE`.
+pub fn command(cmd: &str) -> Command {
+    let mut c = Command::new(cmd);
+    c.env_remove("FIRN_STORE");
+    if cmd == firn_bin() {
+        isolate_settings(&mut c);
+    }
+    c
+}
+
+/// Make `c` (a firn) see no settings file and no `NIX_CONFIG`.
+pub fn isolate_settings(c: &mut Command) -> &mut Command {
+    let none = std::env::temp_dir().join("firn-tests-no-config");
+    c.env("NIX_CONF_DIR", &none)
+        .env("FIRN_CONF_DIR", &none)
+        .env("NIX_USER_CONF_FILES", "")
+        .env("XDG_CONFIG_HOME", &none)
+        .env_remove("NIX_CONFIG")
+}
+
+/// A `Command` for a program that runs firn itself (`script`, `unshare`, `setpriv`):
+/// the firn it starts sees no settings file either.
+pub fn command_isolated(cmd: &str) -> Command {
+    let mut c = Command::new(cmd);
+    c.env_remove("FIRN_STORE");
+    isolate_settings(&mut c);
+    c
+}
+
+/// `firn` (the binary under test) as a `Command`, settings isolated.
+pub fn firn_command() -> Command {
+    command(firn_bin())
+}
+
 /// Run a command with `stdin` as its input (none: empty), without `FIRN_STORE`.
 pub fn run(cmd: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(cmd)
+    let mut child = command(cmd)
         .args(args)
-        .env_remove("FIRN_STORE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

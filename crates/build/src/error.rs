@@ -75,7 +75,7 @@ pub enum BuildError {
     /// Starting an unsandboxed builder, or a build user.
     #[error(transparent)]
     Exec(ExecError),
-    #[error("killed after writing more than {max} bytes of log output")]
+    #[error("building '{drv}' killed after writing more than {max} bytes of log output")]
     LogLimit { drv: String, max: u64 },
     #[error("building '{drv}' timed out after {secs} seconds")]
     TimedOut { drv: String, secs: u64 },

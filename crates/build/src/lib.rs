@@ -9,10 +9,12 @@
 //!   computes from a derivation before starting its builder;
 //! - [`outputs`]: `register_outputs`, what happens after a builder exits;
 //! - [`log`]: a build's log file; [`events`]: what the worker reports;
-//! - [`settings`]: the typed settings; [`error`]: why a goal failed.
+//! - [`settings`]: the typed settings, [`config`]: the files they come from in
+//!   `nix.conf` syntax; [`error`]: why a goal failed.
 
 pub mod builder;
 pub mod check;
+pub mod config;
 pub mod error;
 pub mod events;
 pub mod goal;

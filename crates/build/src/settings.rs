@@ -58,9 +58,146 @@ pub struct Bytes(pub Option<u64>);
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Strings(pub Vec<String>);
 
+/// Every setting name (and alias) Nix 2.8 knows (`nix show-config` of Nix 2.8, and the
+/// aliases in its source). A name here that firn does not act on is accepted without a
+/// warning: it is not a typo, and a `nix.conf` written for Nix must not make firn noisy.
+pub const NIX_SETTINGS: &[&str] = &[
+    "accept-flake-config",
+    "access-tokens",
+    "allow-dirty",
+    "allow-import-from-derivation",
+    "allow-new-privileges",
+    "allow-symlinked-store",
+    "allow-unsafe-native-code-during-evaluation",
+    "allowed-impure-host-deps",
+    "allowed-uris",
+    "allowed-users",
+    "auto-optimise-store",
+    "bash-prompt",
+    "bash-prompt-suffix",
+    "binary-cache-public-keys",
+    "binary-caches",
+    "binary-caches-parallel-connections",
+    "build-chroot-dirs",
+    "build-compress-log",
+    "build-cores",
+    "build-extra-chroot-dirs",
+    "build-extra-platforms",
+    "build-extra-sandbox-paths",
+    "build-fallback",
+    "build-hook",
+    "build-impersonate-linux-26",
+    "build-keep-log",
+    "build-max-jobs",
+    "build-max-log-size",
+    "build-max-silent-time",
+    "build-poll-interval",
+    "build-repeat",
+    "build-sandbox-paths",
+    "build-timeout",
+    "build-use-chroot",
+    "build-use-sandbox",
+    "build-use-substitutes",
+    "build-users-group",
+    "builders",
+    "builders-use-substitutes",
+    "commit-lockfile-summary",
+    "compress-build-log",
+    "connect-timeout",
+    "cores",
+    "diff-hook",
+    "download-attempts",
+    "enforce-determinism",
+    "env-keep-derivations",
+    "eval-cache",
+    "experimental-features",
+    "extra-platforms",
+    "fallback",
+    "filter-syscalls",
+    "flake-registry",
+    "fsync-metadata",
+    "gc-keep-derivations",
+    "gc-keep-outputs",
+    "gc-reserved-space",
+    "hashed-mirrors",
+    "http-connections",
+    "http2",
+    "ignored-acls",
+    "impersonate-linux-26",
+    "keep-build-log",
+    "keep-derivations",
+    "keep-env-derivations",
+    "keep-failed",
+    "keep-going",
+    "keep-outputs",
+    "log-lines",
+    "max-build-log-size",
+    "max-free",
+    "max-jobs",
+    "max-silent-time",
+    "min-free",
+    "min-free-check-interval",
+    "nar-buffer-size",
+    "narinfo-cache-negative-ttl",
+    "narinfo-cache-positive-ttl",
+    "netrc-file",
+    "nix-path",
+    "plugin-files",
+    "post-build-hook",
+    "pre-build-hook",
+    "preallocate-contents",
+    "print-missing",
+    "pure-eval",
+    "repeat",
+    "require-sigs",
+    "restrict-eval",
+    "run-diff-hook",
+    "sandbox",
+    "sandbox-build-dir",
+    "sandbox-dev-shm-size",
+    "sandbox-fallback",
+    "sandbox-paths",
+    "secret-key-files",
+    "show-trace",
+    "signed-binary-caches",
+    "stalled-download-timeout",
+    "store",
+    "substitute",
+    "substituters",
+    "sync-before-registering",
+    "system",
+    "system-features",
+    "tarball-ttl",
+    "timeout",
+    "trace-function-calls",
+    "trusted-binary-caches",
+    "trusted-public-keys",
+    "trusted-substituters",
+    "trusted-users",
+    "use-binary-caches",
+    "use-case-hack",
+    "use-registries",
+    "use-sqlite-wal",
+    "user-agent-suffix",
+    "warn-dirty",
+];
+
+/// What setting a name did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// A setting firn acts on.
+    Set,
+    /// A setting of Nix's that firn does not act on.
+    NixOnly,
+}
+
 /// How one type of setting is read from and shown as text.
 pub trait SettingValue: Sized {
     fn parse(name: &str, value: &str) -> Result<Self, SettingError>;
+    /// `extra-NAME = VALUE`: add to the value; `false` for settings that are not lists.
+    fn append(&mut self, _more: Self) -> bool {
+        false
+    }
     /// As `nix show-config` prints it.
     fn show(&self) -> String;
 }
@@ -145,6 +282,10 @@ impl SettingValue for Strings {
     fn parse(_: &str, value: &str) -> Result<Self, SettingError> {
         Ok(Self(value.split_whitespace().map(str::to_owned).collect()))
     }
+    fn append(&mut self, more: Self) -> bool {
+        self.0.extend(more.0);
+        true
+    }
     fn show(&self) -> String {
         self.0.join(" ")
     }
@@ -194,8 +335,14 @@ impl SettingValue for Vec<SandboxPath> {
             })
             .collect())
     }
+    fn append(&mut self, more: Self) -> bool {
+        self.extend(more);
+        true
+    }
+    /// Sorted, as Nix keeps them (a set).
     fn show(&self) -> String {
-        self.iter()
+        let mut shown: Vec<String> = self
+            .iter()
             .map(|p| {
                 let mut s = match p.target == p.source {
                     true => p.target.display().to_string(),
@@ -206,8 +353,9 @@ impl SettingValue for Vec<SandboxPath> {
                 }
                 s
             })
-            .collect::<Vec<_>>()
-            .join(" ")
+            .collect();
+        shown.sort();
+        shown.join(" ")
     }
 }
 
@@ -255,6 +403,18 @@ macro_rules! settings {
                 Err(SettingError::Unknown(name.to_owned()))
             }
 
+            /// `extra-NAME VALUE`: append to the list setting `name`. `Ok(false)` when
+            /// `name` is not a list setting of firn's.
+            fn append(&mut self, name: &str, value: &str) -> Result<bool, SettingError> {
+                $(
+                    if name == $name $($(|| name == $alias)*)? {
+                        let more = <$ty as SettingValue>::parse($name, value)?;
+                        return Ok(SettingValue::append(&mut self.$field, more));
+                    }
+                )*
+                Ok(false)
+            }
+
             /// Every setting with its value as text, by name (`nix show-config`).
             pub fn show(&self) -> Vec<(&'static str, String)> {
                 vec![ $( ($name, SettingValue::show(&self.$field)), )* ]
@@ -293,6 +453,34 @@ settings! {
 }
 
 impl Settings {
+    /// Apply `NAME = VALUE` from a settings file, `--option` or a client: `extra-NAME`
+    /// appends to a list setting; a setting only Nix knows is accepted and ignored;
+    /// anything else is [`SettingError::Unknown`].
+    pub fn apply(&mut self, name: &str, value: &str) -> Result<Applied, SettingError> {
+        if let Some(base) = name.strip_prefix("extra-") {
+            if self.append(base, value)? {
+                return Ok(Applied::Set);
+            }
+            if NIX_SETTINGS.contains(&base) && !Self::is_known(base) {
+                return Ok(Applied::NixOnly);
+            }
+            return Err(SettingError::Unknown(name.to_owned()));
+        }
+        match self.set(name, value) {
+            Ok(()) => Ok(Applied::Set),
+            Err(SettingError::Unknown(_)) if NIX_SETTINGS.contains(&name) => Ok(Applied::NixOnly),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The setting `name` (or an alias of it) is, if firn knows it.
+    pub fn canonical_name(name: &str) -> Option<&'static str> {
+        Self::INFO
+            .iter()
+            .find(|i| i.name == name || i.aliases.contains(&name))
+            .map(|i| i.name)
+    }
+
     /// Whether `name` is a setting (or alias) firn knows.
     pub fn is_known(name: &str) -> bool {
         Self::INFO
@@ -380,6 +568,26 @@ mod tests {
         assert!(shown.contains(&("sandbox-paths", "/bin/sh=/bin/busybox /opt/x?".to_owned())));
         assert!(shown.contains(&("sandbox", "false".to_owned())));
         assert!(Settings::is_known("gc-keep-outputs"));
+        // extra- appends to lists; Nix's own settings are accepted; typos are not.
+        s.apply("extra-sandbox-paths", "/y").unwrap();
+        assert_eq!(s.sandbox_paths.len(), 3);
+        assert_eq!(s.sandbox_paths[2].target, PathBuf::from("/y"));
+        s.apply("extra-substituters", "a b").unwrap();
+        s.apply("extra-substituters", "c").unwrap();
+        assert_eq!(s.substituters.0, ["a", "b", "c"]);
+        assert_eq!(s.apply("trusted-users", "root").unwrap(), Applied::NixOnly);
+        assert_eq!(
+            s.apply("extra-trusted-users", "u").unwrap(),
+            Applied::NixOnly
+        );
+        assert_eq!(
+            s.apply("extra-cores", "2").unwrap_err(),
+            SettingError::Unknown("extra-cores".into())
+        );
+        assert_eq!(
+            s.apply("sandbx", "true").unwrap_err(),
+            SettingError::Unknown("sandbx".into())
+        );
         assert!(!Settings::is_known("nope"));
     }
 }

@@ -682,7 +682,10 @@ fn limits_and_missing_outputs() {
     assert_eq!(results[0].1.status, BuildStatus::LogLimitExceeded);
     assert_eq!(
         results[0].1.error.as_ref().unwrap().to_string(),
-        "killed after writing more than 1000 bytes of log output"
+        format!(
+            "building '{}' killed after writing more than 1000 bytes of log output",
+            env.store.store_dir().display(&big)
+        )
     );
     // A wanted output the derivation does not have.
     let two = env.drv("two", &["out"], &[]);

@@ -12,6 +12,13 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Setting(#[from] firn_build::SettingError),
+    #[error("{source} (in '{origin}')")]
+    SettingIn {
+        source: firn_build::SettingError,
+        origin: String,
+    },
+    #[error(transparent)]
+    Config(firn_build::config::ConfigError),
     #[error("reading '{path}': {source}")]
     Read { path: String, source: io::Error },
     #[error("writing to standard output: {0}")]

@@ -107,6 +107,9 @@ enum Command {
     },
     /// Delete the paths that no root keeps alive (`nix-store --gc`).
     Gc(gc::GcArgs),
+    /// Print the settings in force, from the settings files, `NIX_CONFIG` and
+    /// `--option` (`nix show-config`).
+    ShowConfig,
     /// Delete store paths that nothing keeps alive (`nix-store --delete`).
     Delete {
         #[arg(required = true)]
@@ -159,6 +162,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Gc(args) => gc::gc(&settings, &args, &mut out)?,
+        Command::ShowConfig => {
+            let mut shown = settings.build.show();
+            shown.sort();
+            for (name, value) in shown {
+                writeln!(out, "{name} = {value}").map_err(CliError::stdout)?;
+            }
+        }
         Command::Delete { paths } => gc::delete(&settings, &paths, &mut out)?,
     }
     out.flush().map_err(CliError::stdout)?;

@@ -18,6 +18,8 @@ pub struct TerminalEvents {
     print_build_logs: bool,
     /// With `keep-going`, dependency failures get their own error line.
     keep_going: bool,
+    /// The settings file that turned the sandbox off: every build says so.
+    unsandboxed_by: Option<String>,
 }
 
 impl TerminalEvents {
@@ -27,7 +29,14 @@ impl TerminalEvents {
             store_dir,
             print_build_logs,
             keep_going,
+            unsandboxed_by: None,
         }
+    }
+
+    /// Builds run without the sandbox because `file` says `sandbox = false`.
+    pub fn unsandboxed_by(mut self, file: Option<String>) -> Self {
+        self.unsandboxed_by = file;
+        self
     }
 }
 
@@ -35,6 +44,13 @@ impl BuildEvents for TerminalEvents {
     fn build_started(&mut self, drv: &StorePath) {
         let line = format!("building '{}'...", self.store_dir.display(drv));
         self.progress.line(&line);
+        if let Some(file) = &self.unsandboxed_by {
+            let warning = format!(
+                "warning: building '{}' without the sandbox: 'sandbox = false' in '{file}' (--option sandbox true to build in it)",
+                self.store_dir.display(drv)
+            );
+            self.progress.line(&warning);
+        }
     }
 
     fn build_log(&mut self, _drv: &StorePath, data: &[u8]) {

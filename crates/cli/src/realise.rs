@@ -133,7 +133,8 @@ pub fn realise(
         sandbox: build.sandbox != SandboxMode::Off,
         build_users_group: build.build_users_group.clone(),
     });
-    let mut events = TerminalEvents::new(sd.clone(), !settings.quiet, build.keep_going);
+    let mut events = TerminalEvents::new(sd.clone(), !settings.quiet, build.keep_going)
+        .unsandboxed_by(settings.sandbox_off_from.clone());
     let mode = match args.check {
         true => BuildMode::Check,
         false => BuildMode::Normal,

@@ -1,6 +1,7 @@
-//! The CLI's settings: the store root, `--quiet`, and the build settings parsed from
-//! `--option NAME VALUE` into firn-build's typed [`firn_build::Settings`] (the only
-//! place setting text is parsed).
+//! The CLI's settings: the store root, `--quiet`, and the build settings: firn-build's
+//! typed [`firn_build::Settings`], from the settings files in `nix.conf` syntax
+//! ([`firn_build::config`] has where they are and their precedence) and then
+//! `--option NAME VALUE` on top.
 
 use std::path::PathBuf;
 
@@ -16,8 +17,11 @@ pub struct Settings {
     pub store_dir: StoreDir,
     /// Every Nix setting, typed.
     pub build: firn_build::Settings,
-    /// Settings given that firn does not know (Nix warns about them).
+    /// Settings given that neither firn nor Nix knows (Nix warns about them, once).
     pub warnings: Vec<String>,
+    /// The file that turned the sandbox off, if one did (and `--option` did not turn it
+    /// back on or off itself): every unsandboxed build says so.
+    pub sandbox_off_from: Option<String>,
     pub quiet: bool,
 }
 
@@ -28,23 +32,51 @@ impl Settings {
         quiet: bool,
     ) -> Result<Self, CliError> {
         let mut build = firn_build::Settings::default();
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = Vec::new();
+        let mut sandbox_from: Option<String> = None;
+        let files = firn_build::config::ConfigSources::from_env(|k| std::env::var_os(k))
+            .load()
+            .map_err(CliError::Config)?;
+        let given = files.iter().map(|a| (&a.name, &a.value, Some(&a.origin)));
+        let mut pairs = Vec::new();
         for pair in options.chunks(2) {
             let [name, value] = pair else {
                 return Err(CliError::usage("--option needs a NAME and a VALUE"));
             };
-            match build.set(name, value) {
-                Ok(()) => {}
-                Err(e @ firn_build::SettingError::Unknown(_)) => warnings.push(e.to_string()),
-                Err(e) => return Err(CliError::Setting(e)),
+            pairs.push((name, value, None));
+        }
+        for (name, value, origin) in given.chain(pairs) {
+            match build.apply(name, value) {
+                Ok(_) => {}
+                Err(e @ firn_build::SettingError::Unknown(_)) => {
+                    let w = e.to_string();
+                    if !warnings.contains(&w) {
+                        warnings.push(w);
+                    }
+                }
+                Err(source) => {
+                    return Err(match origin {
+                        Some(origin) => CliError::SettingIn {
+                            source,
+                            origin: origin.clone(),
+                        },
+                        None => CliError::Setting(source),
+                    })
+                }
+            }
+            if firn_build::Settings::canonical_name(name) == Some("sandbox") {
+                sandbox_from = origin.cloned();
             }
         }
+        let sandbox_off_from =
+            sandbox_from.filter(|_| build.sandbox == firn_build::SandboxMode::Off);
         Ok(Self {
             root,
             build,
             quiet,
             store_dir: StoreDir::default(),
             warnings,
+            sandbox_off_from,
         })
     }
 
