@@ -90,6 +90,9 @@ fn the_files_nix_reads_give_the_values_nix_shows() {
         "build-users-group",
         "keep-outputs",
         "keep-derivations",
+        "system",
+        "extra-platforms",
+        "system-features",
     ] {
         assert_eq!(firn.get(name), nix.get(name), "setting '{name}'");
     }

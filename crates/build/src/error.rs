@@ -61,6 +61,18 @@ pub enum BuildError {
     Cancelled,
     #[error("interrupted")]
     Interrupted,
+    /// Nix's `canBuildLocally` said no.
+    #[error("a '{platform}' with features {{{}}} is required to build '{drv}', but I am a '{system}' with features {{{}}}", required.join(", "), have.join(", "))]
+    WrongPlatform {
+        drv: String,
+        platform: String,
+        required: Vec<String>,
+        system: String,
+        have: Vec<String>,
+    },
+    /// `max-jobs = 0` and no remote builder.
+    #[error("unable to start any build; either increase '--max-jobs' or enable remote builds.")]
+    NoBuildSlots { drv: String },
     #[error("sandbox-paths: '{path}' is not a valid store path")]
     SandboxPathNotValid { path: String },
     /// The plan could not be made.

@@ -362,6 +362,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
         else {
             return Next::Done;
         };
+        // Can this machine build it at all? (Nix's `canBuildLocally`.)
+        if let Err(e) = can_build_locally(cx, &self.drv_path, &loaded.drv) {
+            return self.fail(e);
+        }
         let reals: Vec<PathBuf> = loaded
             .outputs
             .values()
@@ -826,6 +830,37 @@ impl<R: RunningBuild> DerivationGoal<R> {
         self.fail(why);
         was_building
     }
+}
+
+/// Nix's `canBuildLocally`: the derivation's `system` is this machine's or one of
+/// `extra-platforms`, its `requiredSystemFeatures` are all in `system-features`, and
+/// `max-jobs` is not 0 (`builtin:` builders run anywhere).
+fn can_build_locally<B: Builder>(
+    cx: &Context<'_, B>,
+    drv_path: &StorePath,
+    drv: &Derivation<'_>,
+) -> Result<(), BuildError> {
+    let s = cx.settings;
+    let builtin = drv.builder.starts_with(b"builtin:");
+    let shown = cx.store.store_dir().display(drv_path);
+    if s.max_jobs.0 == 0 && !builtin {
+        return Err(BuildError::NoBuildSlots { drv: shown });
+    }
+    let platform = String::from_utf8_lossy(&drv.platform).into_owned();
+    let required = crate::platform::required_system_features(drv);
+    let platform_ok = builtin || platform == s.system || s.extra_platforms.0.contains(&platform);
+    let features_ok = required.iter().all(|f| s.system_features.0.contains(f));
+    if platform_ok && features_ok {
+        return Ok(());
+    }
+    let have: Vec<String> = s.system_features.0.iter().cloned().collect();
+    Err(BuildError::WrongPlatform {
+        drv: shown,
+        platform,
+        required: required.into_iter().collect(),
+        system: s.system.clone(),
+        have,
+    })
 }
 
 /// Nix's `makeFallbackPath` for a valid output that an unsandboxed build must not

@@ -9,6 +9,7 @@
 //!   computes from a derivation before starting its builder;
 //! - [`outputs`]: `register_outputs`, what happens after a builder exits;
 //! - [`log`]: a build's log file; [`events`]: what the worker reports;
+//! - [`platform`]: what this machine builds (system, extra platforms, features);
 //! - [`settings`]: the typed settings, [`config`]: the files they come from in
 //!   `nix.conf` syntax; [`error`]: why a goal failed.
 
@@ -22,6 +23,7 @@ pub mod log;
 pub mod missing;
 pub mod outputs;
 pub mod plan;
+pub mod platform;
 pub mod result;
 pub mod settings;
 pub mod worker;

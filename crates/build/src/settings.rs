@@ -191,6 +191,22 @@ pub enum Applied {
     NixOnly,
 }
 
+/// A whitespace-separated set of strings (shown sorted, as Nix keeps it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StringSet(pub std::collections::BTreeSet<String>);
+
+impl StringSet {
+    pub fn contains(&self, s: &str) -> bool {
+        self.0.contains(s)
+    }
+}
+
+impl FromIterator<String> for StringSet {
+    fn from_iter<I: IntoIterator<Item = String>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
 /// How one type of setting is read from and shown as text.
 pub trait SettingValue: Sized {
     fn parse(name: &str, value: &str) -> Result<Self, SettingError>;
@@ -288,6 +304,19 @@ impl SettingValue for Strings {
     }
     fn show(&self) -> String {
         self.0.join(" ")
+    }
+}
+
+impl SettingValue for StringSet {
+    fn parse(_: &str, value: &str) -> Result<Self, SettingError> {
+        Ok(value.split_whitespace().map(str::to_owned).collect())
+    }
+    fn append(&mut self, more: Self) -> bool {
+        self.0.extend(more.0);
+        true
+    }
+    fn show(&self) -> String {
+        self.0.iter().cloned().collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -444,6 +473,12 @@ settings! {
     sandbox_paths: Vec<SandboxPath> = Vec::new(), "sandbox-paths", ["build-chroot-dirs", "build-sandbox-paths"];
     /// The group whose members builds run as when firn is root ('' = as the caller).
     build_users_group: String = "nixbld".to_owned(), "build-users-group";
+    /// This machine's system type.
+    system: String = crate::platform::this_system(), "system";
+    /// Other system types this machine builds for.
+    extra_platforms: StringSet = crate::platform::default_extra_platforms().into_iter().collect(), "extra-platforms", ["build-extra-platforms"];
+    /// Features this machine offers to `requiredSystemFeatures`.
+    system_features: StringSet = crate::platform::default_system_features().into_iter().collect(), "system-features";
     /// Binary caches to substitute from (not used yet).
     substituters: Strings = Strings::default(), "substituters", ["binary-caches"];
     /// The garbage collector keeps the outputs of live derivations.
@@ -457,6 +492,11 @@ impl Settings {
     /// appends to a list setting; a setting only Nix knows is accepted and ignored;
     /// anything else is [`SettingError::Unknown`].
     pub fn apply(&mut self, name: &str, value: &str) -> Result<Applied, SettingError> {
+        // A setting whose own name starts with `extra-` (`extra-platforms`) is itself.
+        if Self::is_known(name) {
+            self.set(name, value)?;
+            return Ok(Applied::Set);
+        }
         if let Some(base) = name.strip_prefix("extra-") {
             if self.append(base, value)? {
                 return Ok(Applied::Set);
@@ -576,6 +616,10 @@ mod tests {
         s.apply("extra-substituters", "c").unwrap();
         assert_eq!(s.substituters.0, ["a", "b", "c"]);
         assert_eq!(s.apply("trusted-users", "root").unwrap(), Applied::NixOnly);
+        s.apply("extra-platforms", "aarch64-linux").unwrap();
+        assert_eq!(s.extra_platforms.show(), "aarch64-linux");
+        s.apply("extra-extra-platforms", "i686-linux").unwrap();
+        assert_eq!(s.extra_platforms.show(), "aarch64-linux i686-linux");
         assert_eq!(
             s.apply("extra-trusted-users", "u").unwrap(),
             Applied::NixOnly
