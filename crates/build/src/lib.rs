@@ -11,6 +11,8 @@
 //! - [`log`]: a build's log file; [`events`]: what the worker reports;
 //! - [`settings`]: the typed settings; [`error`]: why a goal failed.
 
+#![deny(unsafe_code)]
+
 pub mod builder;
 pub mod check;
 pub mod error;
