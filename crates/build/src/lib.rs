@@ -13,6 +13,8 @@
 //! - [`settings`]: the typed settings, [`config`]: the files they come from in
 //!   `nix.conf` syntax; [`error`]: why a goal failed.
 
+#![deny(unsafe_code)]
+
 pub mod builder;
 pub mod check;
 pub mod config;

@@ -7,7 +7,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::libc;
 use nix::unistd::{Group, Uid, User};
 
 use crate::builder::error::{io_err, ExecError};
@@ -89,22 +88,5 @@ pub fn kill_user(uid: u32) {
     if uid == 0 {
         return;
     }
-    // SAFETY: the child only makes async-signal-safe system calls and exits.
-    unsafe {
-        let pid = libc::fork();
-        if pid == 0 {
-            // One kill(-1) reaches every process of the user (but this one); retry
-            // only when interrupted, as Nix's killUser does.
-            if libc::setuid(uid) == 0 {
-                while libc::kill(-1, libc::SIGKILL) != 0 && *libc::__errno_location() == libc::EINTR
-                {
-                }
-            }
-            libc::_exit(0);
-        }
-        if pid > 0 {
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, 0);
-        }
-    }
+    crate::builder::sys::kill_every_process_of(Uid::from_raw(uid));
 }

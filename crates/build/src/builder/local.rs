@@ -1,4 +1,5 @@
-//! Builds on this machine. In the sandbox (the default) the forked child hands over to
+//! Builds on this machine. What the forked child does before exec is a `BeforeExec`,
+//! which `sys::run_before_exec` registers. In the sandbox (the default) it hands over to
 //! `sandbox::child::enter_sandbox`. With `sandbox = false` the builder runs as a build
 //! user (when firn is root) in a private mount namespace in which the store's real
 //! directory is mounted at the logical store directory, so a store rooted elsewhere than
@@ -7,7 +8,7 @@
 //! The builder's stdout and stderr go to one pipe, which the worker polls and reads.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -18,12 +19,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use firn_derivation::{OutputName, StoreDir, StorePath};
-use nix::libc;
+use nix::mount::MsFlags;
+use nix::sched::CloneFlags;
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid};
 
 use super::build_user::{kill_user, AcquiredUser, BuildUser};
 use super::error::{cstring, io_err, ExecError};
+use super::sandbox::child::{enter_sandbox, SandboxSetup};
 use super::sandbox::{plan_sandbox, RootPool, SandboxInput, SandboxRoot};
+use super::sys::{self, Forked};
 use super::{BuildDir, BuildJob, Builder, Collected, RunningBuild};
 use crate::plan::{BuildPlan, SANDBOX_BUILD_DIR};
 
@@ -328,7 +334,7 @@ fn spawn(
     store_root: &Path,
     store_dir: &str,
     user: Option<&BuildUser>,
-    setup: Option<super::sandbox::child::SandboxSetup>,
+    setup: Option<SandboxSetup>,
     is_root: bool,
 ) -> Result<(Child, io::PipeReader), ExecError> {
     let root_is_slash = store_root == Path::new("/");
@@ -359,54 +365,25 @@ fn spawn(
         .process_group(0);
 
     // Everything the child needs is prepared here: after fork only system calls.
-    let real_store = cstring(store_root.join("nix/store").as_os_str().as_bytes())?;
-    let logical_store = cstring(store_dir.as_bytes())?;
+    let store_bind = match root_is_slash {
+        true => None,
+        false => Some((
+            cstring(store_root.join("nix/store").as_os_str().as_bytes())?,
+            cstring(store_dir.as_bytes())?,
+        )),
+    };
     if !root_is_slash && setup.is_none() {
         fs::create_dir_all(store_dir).map_err(io_err(Path::new(store_dir)))?;
     }
-    let ids = user.map(|u| (u.uid, u.gid));
-    let none = cstring(b"none")?;
-    let slash = cstring(b"/")?;
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            close_inherited_fds();
-            if let Some(setup) = &setup {
-                return super::sandbox::child::enter_sandbox(setup);
-            }
-            if is_root {
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::mount(
-                    none.as_ptr(),
-                    slash.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                if !root_is_slash
-                    && libc::mount(
-                        real_store.as_ptr(),
-                        logical_store.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND | libc::MS_REC,
-                        std::ptr::null(),
-                    ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            drop_privileges(ids)
-        });
-    }
+    let before_exec = match setup {
+        Some(setup) => BeforeExec::Sandbox(Box::new(setup)),
+        None => BeforeExec::Unsandboxed(Unsandboxed {
+            private_mounts: is_root,
+            store_bind,
+            ids: user.map(|u| (Uid::from_raw(u.uid), Gid::from_raw(u.gid))),
+        }),
+    };
+    sys::run_before_exec(&mut cmd, before_exec);
     let child = cmd.spawn().map_err(|source| ExecError::Spawn {
         program: String::from_utf8_lossy(&plan.program).into_owned(),
         source,
@@ -416,42 +393,85 @@ fn spawn(
     Ok((child, reader))
 }
 
-/// Descriptors firn inherited from its own caller must not reach the builder (Nix's
-/// `closeMostFDs`): mark everything above stderr close-on-exec. Closing them outright
-/// is not possible here: `Command` reports a failed exec through one of them.
-fn close_inherited_fds() {
-    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
-    // SAFETY: plain system calls on descriptor numbers.
-    unsafe {
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
-            // Kernels before 5.11: one fcntl per possible descriptor.
-            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 65536) as i32;
-            for fd in 3..max {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+/// What the forked child does before it execs the builder ([`sys::run_before_exec`]
+/// runs [`BeforeExec::run`]): system calls on data prepared before the fork, no
+/// allocation, no locks.
+#[derive(Debug)]
+pub(crate) enum BeforeExec {
+    /// Into the sandbox ([`enter_sandbox`]).
+    Sandbox(Box<SandboxSetup>),
+    /// `sandbox = false`.
+    Unsandboxed(Unsandboxed),
+}
+
+/// The unsandboxed builder's set-up.
+#[derive(Debug)]
+pub(crate) struct Unsandboxed {
+    /// As root: a private mount namespace (`/` made private).
+    private_mounts: bool,
+    /// In it, for a store rooted elsewhere than `/`: its real store dir bound at the
+    /// logical one (real, logical).
+    store_bind: Option<(CString, CString)>,
+    /// The build user to become.
+    ids: Option<(Uid, Gid)>,
+}
+
+impl BeforeExec {
+    /// Runs in the forked child, before exec: the builder dies with firn, inherits none
+    /// of firn's descriptors, then enters the sandbox or (unsandboxed) its mount
+    /// namespace and the build user's identity.
+    pub(crate) fn run(&self, forked: &Forked) -> io::Result<()> {
+        prctl::set_pdeathsig(Signal::SIGKILL)?;
+        close_inherited_fds();
+        match self {
+            BeforeExec::Sandbox(setup) => enter_sandbox(forked, setup),
+            BeforeExec::Unsandboxed(u) => {
+                if u.private_mounts {
+                    enter_private_mount_namespace(u.store_bind.as_ref())?;
+                }
+                drop_privileges(u.ids)
             }
         }
     }
 }
 
-/// Become the build user (no supplementary groups).
-///
-/// # Safety
-/// Only for a freshly forked child: it changes the process's identity.
-unsafe fn drop_privileges(ids: Option<(u32, u32)>) -> io::Result<()> {
+/// A new mount namespace with `/` private, and `store_bind`'s real store dir bound at
+/// the logical one.
+fn enter_private_mount_namespace(store_bind: Option<&(CString, CString)>) -> io::Result<()> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
+    sys::mount(
+        Some(c"none"),
+        c"/",
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    if let Some((real, logical)) = store_bind {
+        sys::mount(
+            Some(real),
+            logical,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Descriptors firn inherited from its own caller must not reach the builder (Nix's
+/// `closeMostFDs`): mark everything above stderr close-on-exec. Closing them outright
+/// is not possible here: `Command` reports a failed exec through one of them.
+fn close_inherited_fds() {
+    sys::cloexec_fds_above_stderr();
+}
+
+/// Become the build user (no supplementary groups), umask 022.
+fn drop_privileges(ids: Option<(Uid, Gid)>) -> io::Result<()> {
     if let Some((uid, gid)) = ids {
-        // SAFETY: plain system calls.
-        unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        nix::unistd::setgroups(&[])?;
+        nix::unistd::setgid(gid)?;
+        nix::unistd::setuid(uid)?;
     }
-    // SAFETY: as above.
-    unsafe {
-        libc::umask(0o022);
-    }
+    sys::set_umask(0o022);
     Ok(())
 }

@@ -9,6 +9,8 @@
 //!
 //! - [`local::LocalBuilder`]: this machine, in the sandbox ([`sandbox`]) or, with
 //!   `sandbox = false`, as a build user in a private mount namespace;
+//! - `sys` (crate-private): every `unsafe` of the crate, the system calls made
+//!   between fork and exec as small safe wrappers;
 //! - tests use a fake builder (`crates/build/tests/worker.rs`), so the goal and worker
 //!   logic is tested without root.
 
@@ -16,6 +18,8 @@ pub mod build_user;
 pub mod error;
 pub mod local;
 pub mod sandbox;
+#[allow(unsafe_code)]
+pub(crate) mod sys;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;

@@ -1,16 +1,47 @@
 //! The sandbox's child side: after the fork, clone the builder into its namespaces and
-//! set everything up before exec ([`enter_sandbox`]). The steps, in order, are in
-//! docs/build.md.
+//! set everything up before exec (`enter_sandbox`). The steps, in order (each a
+//! function below, each failing with its `Step`):
 //!
-//! Everything the child does after the fork is a plain system call on data prepared
-//! before it (C strings, the seccomp program): no allocation, no locks.
+//! 1. drop the supplementary groups (only root can; for anyone else `setgroups deny`
+//!    hides them) — `drop_supplementary_groups`;
+//! 2. clone the builder into new user, mount, PID, IPC, UTS and (unless fixed-output)
+//!    network namespaces; the shim left outside writes the id maps, releases the builder
+//!    and waits for it — `clone_builder`, `run_shim`, `write_id_maps`;
+//! 3. in the builder: make `/` private, bind the root onto itself, mount the overlay of
+//!    the store dir (if planned), bind the inputs and sandbox paths (read-only ones
+//!    remounted), mount `/proc` and mask it, a tmpfs on `/dev/shm`, a new devpts —
+//!    `make_mounts_private`, `bind_root`, `mount_overlay`, `bind_inputs`,
+//!    `mount_proc`, `mask_proc`, `mount_shm`, `mount_devpts`;
+//! 4. bring `lo` up (private network only), set the host and domain names, pivot into
+//!    the root, enter `/build` — `bring_up_loopback`, `set_names`, `pivot`,
+//!    `enter_build_dir`;
+//! 5. `ADDR_NO_RANDOMIZE` and `RLIMIT_CORE` 0, become 1000:100 with umask 022,
+//!    `no_new_privs` and the seccomp filter — `limit_process`,
+//!    `drop_to_sandbox_ids`, `install_seccomp`.
+//!
+//! A failing step writes its `Step::message` on the step pipe (the parent turns it into
+//! the error message) and the child fails with the step's errno.
+//!
+//! Everything the child does after the fork is a system call through
+//! `crate::builder::sys` on data prepared before it (C strings, the seccomp program):
+//! no allocation, no locks.
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::libc;
+use nix::mount::MsFlags;
+use nix::sched::CloneFlags;
+use nix::sys::prctl;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Pid, Uid};
 
 use super::plan::{SANDBOX_GID, SANDBOX_UID};
+use crate::builder::sys::{self, Cloned, Forked};
 
 /// How one `/proc` entry is masked, for the child (see [`super::plan::ProcMask`]).
 #[derive(Debug, Clone, Copy)]
@@ -50,94 +81,77 @@ pub(crate) struct SandboxSetup {
     pub(crate) step_fd: i32,
 }
 
-/// `/proc/<pid>/<name>` as a C string in `buf`, without allocating (after fork).
-fn proc_file<'b>(buf: &'b mut [u8; 64], pid: i32, name: &[u8]) -> &'b libc::c_char {
-    let mut digits = [0u8; 12];
-    let mut n = pid.unsigned_abs();
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let mut len = 0;
-    for part in [b"/proc/".as_slice(), &digits[i..], b"/", name] {
-        for &b in part {
-            if len < buf.len() - 1 {
-                buf[len] = b;
-                len += 1;
-            }
-        }
-    }
-    buf[len] = 0;
-    // SAFETY: reinterpreting a u8 as a c_char.
-    unsafe { &*(buf.as_ptr().cast::<libc::c_char>()) }
+/// A step of the sandbox's set-up, named on the step pipe when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    MakePipe,
+    CreateNamespaces,
+    WriteIdMaps,
+    SetParentDeathSignal,
+    MakeMountsPrivate,
+    BindRoot,
+    MakeInputMountPoint,
+    BindInput,
+    MakeInputReadOnly,
+    MountProc,
+    MaskProc,
+    MountShm,
+    OpenLoopbackSocket,
+    BringUpLoopback,
+    SetNames,
+    Pivot,
+    EnterBuildDir,
+    BecomeSandboxIds,
+    SetNoNewPrivs,
+    InstallSeccomp,
 }
 
-/// Write `data` to `/proc/<pid>/<name>` (the user namespace's id maps).
-///
-/// # Safety
-/// After fork: system calls only.
-unsafe fn write_proc_file(pid: i32, name: &[u8], data: &[u8]) -> io::Result<()> {
-    let mut buf = [0u8; 64];
-    let path = proc_file(&mut buf, pid, name);
-    // SAFETY: a NUL-terminated path and a live buffer.
-    unsafe {
-        let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = libc::write(fd, data.as_ptr().cast(), data.len());
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if n != data.len() as isize {
-            return Err(err);
+impl Step {
+    /// What the parent shows (`<message>: <errno>`); tests and users see these.
+    pub(crate) const fn message(self) -> &'static str {
+        match self {
+            Step::MakePipe => "making a pipe",
+            Step::CreateNamespaces => {
+                "creating the user, mount, PID, IPC, UTS and network namespaces"
+            }
+            Step::WriteIdMaps => "writing the user namespace's id maps",
+            Step::SetParentDeathSignal => "setting the parent-death signal",
+            Step::MakeMountsPrivate => "making the mounts private",
+            Step::BindRoot => "bind-mounting the root onto itself",
+            Step::MakeInputMountPoint => "making a mount point for an input",
+            Step::BindInput => "bind-mounting an input or sandbox path",
+            Step::MakeInputReadOnly => "making an input or sandbox path read-only",
+            Step::MountProc => "mounting /proc",
+            Step::MaskProc => "masking /proc",
+            Step::MountShm => "mounting /dev/shm",
+            Step::OpenLoopbackSocket => "opening a socket to bring up lo",
+            Step::BringUpLoopback => "bringing up lo",
+            Step::SetNames => "setting the host and domain names",
+            Step::Pivot => "pivoting into the root",
+            Step::EnterBuildDir => "entering /build",
+            Step::BecomeSandboxIds => "becoming uid 1000, gid 100",
+            Step::SetNoNewPrivs => "setting no_new_privs",
+            Step::InstallSeccomp => "installing the seccomp filter",
         }
     }
-    Ok(())
 }
 
-/// Bind-remount `dst` read-only, keeping the flags its mount already has: in a user
-/// namespace the flags inherited from the host (nosuid, nodev, noexec, atime) are locked
-/// and a remount that would clear them fails.
-///
-/// # Safety
-/// After fork: system calls only.
-unsafe fn remount_read_only(dst: &CString) -> io::Result<()> {
-    // SAFETY: plain system calls on a C string and a local struct.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(dst.as_ptr(), &mut st) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-        for (st_flag, ms) in [
-            (libc::ST_NOSUID, libc::MS_NOSUID),
-            (libc::ST_NODEV, libc::MS_NODEV),
-            (libc::ST_NOEXEC, libc::MS_NOEXEC),
-            (libc::ST_NOATIME, libc::MS_NOATIME),
-            (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-            (libc::ST_RELATIME, libc::MS_RELATIME),
-        ] {
-            if st.f_flag & st_flag != 0 {
-                flags |= ms;
-            }
-        }
-        if libc::mount(
-            std::ptr::null(),
-            dst.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
+/// A failed step and the errno it failed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StepError {
+    pub(crate) step: Step,
+    pub(crate) errno: Errno,
+}
+
+/// `result.at(step)`: an errno becomes the step's error.
+trait At<T> {
+    fn at(self, step: Step) -> Result<T, StepError>;
+}
+
+impl<T> At<T> for Result<T, Errno> {
+    fn at(self, step: Step) -> Result<T, StepError> {
+        self.map_err(|errno| StepError { step, errno })
     }
-    Ok(())
 }
 
 /// In the forked child (the "shim"): `clone` the builder into new user, mount, PID,
@@ -150,291 +164,319 @@ unsafe fn remount_read_only(dst: &CString) -> io::Result<()> {
 /// build user) and ordinary users (mapping to themselves). A namespace that cannot be
 /// created is an error: there is no silent unsandboxed fallback (Nix #8165).
 ///
-/// # Safety
-/// Only for a freshly forked child; async-signal-safe calls only.
-pub(crate) unsafe fn enter_sandbox(s: &SandboxSetup) -> io::Result<()> {
-    // Say which step failed on the step pipe (the parent turns it into the message),
-    // then fail with the step's errno.
-    let fail = |step: &'static [u8]| {
-        let e = io::Error::last_os_error();
-        // SAFETY: writing a static buffer to our pipe.
-        unsafe { libc::write(s.step_fd, step.as_ptr().cast(), step.len()) };
-        Err(e)
+/// A failing step names itself on `s.step_fd`; the error is its errno.
+pub(crate) fn enter_sandbox(forked: &Forked, s: &SandboxSetup) -> io::Result<()> {
+    set_up(forked, s).map_err(|e| {
+        let _ = sys::write_raw(s.step_fd, e.step.message().as_bytes());
+        io::Error::from(e.errno)
+    })
+}
+
+/// The steps, in order; returns only in the builder (the shim exits in `run_shim`).
+fn set_up(forked: &Forked, s: &SandboxSetup) -> Result<(), StepError> {
+    drop_supplementary_groups();
+    clone_builder(forked, s)?;
+    make_mounts_private()?;
+    bind_root(s)?;
+    mount_overlay(s)?;
+    bind_inputs(s)?;
+    mount_proc(s)?;
+    mask_proc(s)?;
+    mount_shm(s)?;
+    mount_devpts(s);
+    bring_up_loopback(s)?;
+    set_names()?;
+    pivot(s)?;
+    enter_build_dir(s)?;
+    limit_process();
+    drop_to_sandbox_ids()?;
+    install_seccomp(s)
+}
+
+/// No supplementary groups leak into the sandbox (only root may drop them; for anyone
+/// else `setgroups deny` hides them). Not checked.
+fn drop_supplementary_groups() {
+    let _ = nix::unistd::setgroups(&[]);
+}
+
+/// Clone the builder into its namespaces. The caller becomes the shim (`run_shim`),
+/// which returns only if the id maps could not be written; in the builder this returns
+/// once the shim has written them.
+fn clone_builder(forked: &Forked, s: &SandboxSetup) -> Result<(), StepError> {
+    let (sync_read, sync_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).at(Step::MakePipe)?;
+    let mut flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if s.private_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    match sys::clone_into(forked, flags).at(Step::CreateNamespaces)? {
+        Cloned::Parent(builder) => {
+            drop(sync_read);
+            Err(run_shim(builder, sync_write, s))
+        }
+        Cloned::Child => {
+            // PID 1 of the new namespaces: it dies with the shim, everything else with it.
+            drop(sync_write);
+            prctl::set_pdeathsig(Signal::SIGKILL).at(Step::SetParentDeathSignal)?;
+            // Wait for the id maps; EOF means the shim failed (and said why) or died.
+            let mut byte = [0u8];
+            if nix::unistd::read(sync_read.as_raw_fd(), &mut byte) != Ok(1) {
+                sys::exit(1);
+            }
+            drop(sync_read);
+            Ok(())
+        }
+    }
+}
+
+/// The shim, outside the builder's namespaces: write its id maps, release it, wait for
+/// it and leave the same way. Returns only if the maps could not be written (the
+/// builder is then killed and reaped).
+fn run_shim(builder: Pid, release: OwnedFd, s: &SandboxSetup) -> StepError {
+    if let Err(e) = write_id_maps(builder, s) {
+        let _ = kill(builder, Signal::SIGKILL);
+        let _ = sys::waitpid_raw(builder);
+        return e;
+    }
+    let _ = nix::unistd::write(release.as_fd(), b"1");
+    drop(release);
+    // It closes every descriptor but the standard ones first: among them is the pipe
+    // on which `Command::spawn` waits for the exec, which must not stay open for the
+    // whole build (firn would not read the log meanwhile and the builder would block
+    // on a full pipe).
+    sys::close_fds_wait_and_exit_like(builder)
+}
+
+/// `setgroups deny`, then `1000 <uid> 1` and `100 <gid> 1` (Nix's maps).
+fn write_id_maps(builder: Pid, s: &SandboxSetup) -> Result<(), StepError> {
+    sys::write_proc_file(builder, b"setgroups", b"deny")
+        .and_then(|()| sys::write_proc_file(builder, b"uid_map", &s.uid_map))
+        .and_then(|()| sys::write_proc_file(builder, b"gid_map", &s.gid_map))
+        .at(Step::WriteIdMaps)
+}
+
+/// `/` and everything under it private, so nothing the builder mounts reaches the host.
+fn make_mounts_private() -> Result<(), StepError> {
+    sys::mount(
+        None,
+        c"/",
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )
+    .at(Step::MakeMountsPrivate)
+}
+
+/// `pivot_root` needs the new root to be a mount point.
+fn bind_root(s: &SandboxSetup) -> Result<(), StepError> {
+    sys::mount(
+        Some(&s.root),
+        &s.root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )
+    .at(Step::BindRoot)
+}
+
+/// The overlay on the store dir whose lower layer holds the directory inputs' mount
+/// points, if planned. The kernel refuses an overlay to a mounter whose uid the user
+/// namespace does not map (this process is host root, unmapped): a short-lived child
+/// in the same namespaces mounts it as the builder's (mapped) ids. If it cannot be
+/// mounted, the mount points go on the disk after all.
+fn mount_overlay(s: &SandboxSetup) -> Result<(), StepError> {
+    let Some((target, opts)) = &s.overlay else {
+        return Ok(());
     };
-    let null = std::ptr::null::<libc::c_char>();
-    // SAFETY: system calls on C strings prepared before the fork.
-    unsafe {
-        // No supplementary groups leak into the sandbox (only root may drop them; for
-        // anyone else `setgroups deny` hides them).
-        libc::setgroups(0, std::ptr::null());
-        let mut sync = [0i32; 2];
-        if libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return fail(b"making a pipe");
+    let ids = (Uid::from_raw(SANDBOX_UID), Gid::from_raw(SANDBOX_GID));
+    if !sys::mount_overlay_as(target, opts, ids.0, ids.1) {
+        for (_, dst, _) in &s.input_binds {
+            sys::mkdir(dst, Mode::from_bits_truncate(0o555)).at(Step::MakeInputMountPoint)?;
         }
-        let mut flags = libc::CLONE_NEWUSER
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS;
-        if s.private_network {
-            flags |= libc::CLONE_NEWNET;
+    }
+    Ok(())
+}
+
+/// The directory inputs, then the other inputs and sandbox paths, bound (recursively)
+/// and remounted read-only where planned.
+fn bind_inputs(s: &SandboxSetup) -> Result<(), StepError> {
+    for (src, dst, ro) in s.input_binds.iter().chain(&s.binds) {
+        sys::mount(
+            Some(src),
+            dst,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )
+        .at(Step::BindInput)?;
+        if *ro {
+            sys::remount_read_only(dst).at(Step::MakeInputReadOnly)?;
         }
-        // Like fork (no new stack, copy-on-write memory) but into the new namespaces.
-        let pid = libc::syscall(
-            libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        ) as i32;
-        if pid < 0 {
-            return fail(b"creating the user, mount, PID, IPC, UTS and network namespaces");
-        }
-        if pid > 0 {
-            libc::close(sync[0]);
-            let maps = write_proc_file(pid, b"setgroups", b"deny")
-                .and_then(|()| write_proc_file(pid, b"uid_map", &s.uid_map))
-                .and_then(|()| write_proc_file(pid, b"gid_map", &s.gid_map));
-            if let Err(e) = maps {
-                let step = b"writing the user namespace's id maps";
-                libc::write(s.step_fd, step.as_ptr().cast(), step.len());
-                libc::kill(pid, libc::SIGKILL);
-                let mut status = 0;
-                libc::waitpid(pid, &mut status, 0);
-                return Err(e);
-            }
-            libc::write(sync[1], b"1".as_ptr().cast(), 1);
-            libc::close(sync[1]);
-            // The shim: wait for the builder and leave the same way. It closes every
-            // descriptor but the standard ones first: among them is the pipe on which
-            // `Command::spawn` waits for the exec, which must not stay open for the
-            // whole build (firn would not read the log meanwhile and the builder would
-            // block on a full pipe).
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            let mut status = 0;
-            while libc::waitpid(pid, &mut status, 0) < 0 {
-                if *libc::__errno_location() != libc::EINTR {
-                    libc::_exit(1);
-                }
-            }
-            if libc::WIFEXITED(status) {
-                libc::_exit(libc::WEXITSTATUS(status));
-            }
-            let sig = libc::WTERMSIG(status);
-            libc::signal(sig, libc::SIG_DFL);
-            libc::kill(libc::getpid(), sig);
-            libc::_exit(128 + sig);
-        }
-        // PID 1 of the new namespaces: it dies with the shim, everything else with it.
-        libc::close(sync[1]);
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return fail(b"setting the parent-death signal");
-        }
-        // Wait for the id maps; EOF means the shim failed (and said why) or died.
-        let mut byte = 0u8;
-        if libc::read(sync[0], (&mut byte as *mut u8).cast(), 1) != 1 {
-            libc::_exit(1);
-        }
-        libc::close(sync[0]);
-        if libc::mount(
-            null,
-            c"/".as_ptr(),
-            null,
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return fail(b"making the mounts private");
-        }
-        // pivot_root needs the new root to be a mount point.
-        if libc::mount(
-            s.root.as_ptr(),
-            s.root.as_ptr(),
-            null,
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
-        ) != 0
-        {
-            return fail(b"bind-mounting the root onto itself");
-        }
-        if let Some((target, opts)) = &s.overlay {
-            // The kernel refuses an overlay to a mounter whose uid the user namespace
-            // does not map (this process is host root, unmapped): a short-lived child
-            // in the same namespaces mounts it as the builder's (mapped) ids, leaving
-            // this process's credentials alone. Raw clone, like fork without glibc's
-            // atfork handlers.
-            let helper = libc::syscall(
-                libc::SYS_clone,
-                libc::SIGCHLD as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            ) as i32;
-            if helper == 0 {
-                libc::setfsgid(SANDBOX_GID);
-                libc::setfsuid(SANDBOX_UID);
-                let rc = libc::mount(
-                    c"overlay".as_ptr(),
-                    target.as_ptr(),
-                    c"overlay".as_ptr(),
-                    0,
-                    opts.as_ptr().cast(),
-                );
-                libc::_exit(if rc == 0 { 0 } else { 1 });
-            }
-            let mut status = 0;
-            let mounted = helper > 0
-                && libc::waitpid(helper, &mut status, 0) == helper
-                && libc::WIFEXITED(status)
-                && libc::WEXITSTATUS(status) == 0;
-            if !mounted {
-                // No overlay here: the mount points go on the disk after all.
-                for (_, dst, _) in &s.input_binds {
-                    if libc::mkdir(dst.as_ptr(), 0o555) != 0 {
-                        return fail(b"making a mount point for an input");
-                    }
-                }
-            }
-        }
-        for (src, dst, ro) in s.input_binds.iter().chain(&s.binds) {
-            if libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                null,
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ) != 0
-            {
-                return fail(b"bind-mounting an input or sandbox path");
-            }
-            if *ro && remount_read_only(dst).is_err() {
-                return fail(b"making an input or sandbox path read-only");
-            }
-        }
-        if libc::mount(
-            c"proc".as_ptr(),
-            s.proc_dir.as_ptr(),
-            c"proc".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            std::ptr::null(),
-        ) != 0
-        {
-            return fail(b"mounting /proc");
-        }
-        for (path, kind) in &s.proc_masks {
-            let ok = match kind {
-                MaskKind::File => {
-                    libc::mount(
-                        c"/dev/null".as_ptr(),
-                        path.as_ptr(),
-                        null,
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ) == 0
-                }
-                MaskKind::Dir => {
-                    libc::mount(
-                        c"tmpfs".as_ptr(),
-                        path.as_ptr(),
-                        c"tmpfs".as_ptr(),
-                        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                        c"size=0".as_ptr().cast(),
-                    ) == 0
-                }
-                MaskKind::ReadOnly => {
-                    libc::mount(
-                        path.as_ptr(),
-                        path.as_ptr(),
-                        null,
-                        libc::MS_BIND | libc::MS_REC,
-                        std::ptr::null(),
-                    ) == 0
-                        && remount_read_only(path).is_ok()
-                }
-            };
-            if !ok {
-                return fail(b"masking /proc");
-            }
-        }
-        if libc::mount(
-            c"tmpfs".as_ptr(),
-            s.shm_dir.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            c"mode=1777".as_ptr().cast(),
-        ) != 0
-        {
-            return fail(b"mounting /dev/shm");
-        }
-        // A private devpts; without one the builder simply has no ptys.
-        libc::mount(
-            c"devpts".as_ptr(),
-            s.pts_dir.as_ptr(),
-            c"devpts".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            c"newinstance,mode=0620,ptmxmode=0666".as_ptr().cast(),
-        );
-        if s.private_network {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                return fail(b"opening a socket to bring up lo");
-            }
-            let mut ifr: libc::ifreq = std::mem::zeroed();
-            for (i, b) in b"lo".iter().enumerate() {
-                ifr.ifr_name[i] = *b as libc::c_char;
-            }
-            ifr.ifr_ifru.ifru_flags =
-                (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) != 0 {
-                return fail(b"bringing up lo");
-            }
-            libc::close(fd);
-        }
-        if libc::sethostname(c"localhost".as_ptr(), 9) != 0
-            || libc::setdomainname(c"(none)".as_ptr(), 6) != 0
-        {
-            return fail(b"setting the host and domain names");
-        }
-        if libc::chdir(s.root.as_ptr()) != 0
-            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), s.put_old.as_ptr()) != 0
-            || libc::chroot(c".".as_ptr()) != 0
-            || libc::umount2(s.put_old_inside.as_ptr(), libc::MNT_DETACH) != 0
-        {
-            return fail(b"pivoting into the root");
-        }
-        if libc::chdir(s.build_dir.as_ptr()) != 0 {
-            return fail(b"entering /build");
-        }
-        libc::personality(0x0040000); // ADDR_NO_RANDOMIZE, as Nix
-        let core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: libc::RLIM_INFINITY,
+    }
+    Ok(())
+}
+
+/// A fresh `/proc` of the builder's PID namespace.
+fn mount_proc(s: &SandboxSetup) -> Result<(), StepError> {
+    sys::mount(
+        Some(c"proc"),
+        &s.proc_dir,
+        Some(c"proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )
+    .at(Step::MountProc)
+}
+
+/// The `/proc` entries to mask: files under `/dev/null`, directories under an empty
+/// read-only tmpfs, the rest bound read-only.
+fn mask_proc(s: &SandboxSetup) -> Result<(), StepError> {
+    for (path, kind) in &s.proc_masks {
+        let masked = match kind {
+            MaskKind::File => sys::mount(Some(c"/dev/null"), path, None, MsFlags::MS_BIND, None),
+            MaskKind::Dir => sys::mount(
+                Some(c"tmpfs"),
+                path,
+                Some(c"tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(c"size=0"),
+            ),
+            MaskKind::ReadOnly => sys::mount(
+                Some(path),
+                path,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )
+            .and_then(|()| sys::remount_read_only(path)),
         };
-        libc::setrlimit(libc::RLIMIT_CORE, &core);
-        // Nix's sandbox identity; supplementary groups cannot be set (setgroups deny).
-        if libc::setgid(SANDBOX_GID) != 0 || libc::setuid(SANDBOX_UID) != 0 {
-            return fail(b"becoming uid 1000, gid 100");
+        masked.at(Step::MaskProc)?;
+    }
+    Ok(())
+}
+
+/// A tmpfs (1777) on `/dev/shm`.
+fn mount_shm(s: &SandboxSetup) -> Result<(), StepError> {
+    sys::mount(
+        Some(c"tmpfs"),
+        &s.shm_dir,
+        Some(c"tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(c"mode=1777"),
+    )
+    .at(Step::MountShm)
+}
+
+/// A private devpts; without one the builder simply has no ptys (not checked).
+fn mount_devpts(s: &SandboxSetup) {
+    let _ = sys::mount(
+        Some(c"devpts"),
+        &s.pts_dir,
+        Some(c"devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(c"newinstance,mode=0620,ptmxmode=0666"),
+    );
+}
+
+/// `lo` up in a private network namespace (the host's network needs nothing).
+fn bring_up_loopback(s: &SandboxSetup) -> Result<(), StepError> {
+    if !s.private_network {
+        return Ok(());
+    }
+    let sock = sys::inet_socket().at(Step::OpenLoopbackSocket)?;
+    sys::bring_up_loopback(sock.as_fd()).at(Step::BringUpLoopback)
+}
+
+/// Hostname `localhost`, domain name `(none)`, as Nix.
+fn set_names() -> Result<(), StepError> {
+    sys::set_host_and_domain_names(c"localhost", c"(none)").at(Step::SetNames)
+}
+
+/// Into the root: `pivot_root` with the old root parked on the root's `/tmp`, then
+/// detached from there.
+fn pivot(s: &SandboxSetup) -> Result<(), StepError> {
+    sys::chdir(&s.root)
+        .and_then(|()| sys::pivot_root(c".", &s.put_old))
+        .and_then(|()| sys::chroot(c"."))
+        .and_then(|()| sys::detach(&s.put_old_inside))
+        .at(Step::Pivot)
+}
+
+/// The builder starts in `/build`.
+fn enter_build_dir(s: &SandboxSetup) -> Result<(), StepError> {
+    sys::chdir(&s.build_dir).at(Step::EnterBuildDir)
+}
+
+/// `ADDR_NO_RANDOMIZE` and no core dumps, as Nix (neither is checked, as in Nix).
+fn limit_process() {
+    sys::disable_address_randomization();
+    sys::disable_core_dumps();
+}
+
+/// Nix's sandbox identity, umask 022; supplementary groups cannot be set (setgroups
+/// deny).
+fn drop_to_sandbox_ids() -> Result<(), StepError> {
+    nix::unistd::setgid(Gid::from_raw(SANDBOX_GID))
+        .and_then(|()| nix::unistd::setuid(Uid::from_raw(SANDBOX_UID)))
+        .at(Step::BecomeSandboxIds)?;
+    sys::set_umask(0o022);
+    Ok(())
+}
+
+/// No privilege can be gained back through exec (setuid binaries, file caps), and the
+/// filter holds for everything the builder starts.
+fn install_seccomp(s: &SandboxSetup) -> Result<(), StepError> {
+    prctl::set_no_new_privs().at(Step::SetNoNewPrivs)?;
+    sys::install_seccomp_filter(&s.seccomp).at(Step::InstallSeccomp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    /// The step names are what users and tests see (`<step>: <errno>`): they stay the
+    /// same byte for byte.
+    #[test]
+    fn step_messages_are_unchanged() {
+        let all = [
+            (Step::MakePipe, "making a pipe"),
+            (
+                Step::CreateNamespaces,
+                "creating the user, mount, PID, IPC, UTS and network namespaces",
+            ),
+            (Step::WriteIdMaps, "writing the user namespace's id maps"),
+            (
+                Step::SetParentDeathSignal,
+                "setting the parent-death signal",
+            ),
+            (Step::MakeMountsPrivate, "making the mounts private"),
+            (Step::BindRoot, "bind-mounting the root onto itself"),
+            (
+                Step::MakeInputMountPoint,
+                "making a mount point for an input",
+            ),
+            (Step::BindInput, "bind-mounting an input or sandbox path"),
+            (
+                Step::MakeInputReadOnly,
+                "making an input or sandbox path read-only",
+            ),
+            (Step::MountProc, "mounting /proc"),
+            (Step::MaskProc, "masking /proc"),
+            (Step::MountShm, "mounting /dev/shm"),
+            (Step::OpenLoopbackSocket, "opening a socket to bring up lo"),
+            (Step::BringUpLoopback, "bringing up lo"),
+            (Step::SetNames, "setting the host and domain names"),
+            (Step::Pivot, "pivoting into the root"),
+            (Step::EnterBuildDir, "entering /build"),
+            (Step::BecomeSandboxIds, "becoming uid 1000, gid 100"),
+            (Step::SetNoNewPrivs, "setting no_new_privs"),
+            (Step::InstallSeccomp, "installing the seccomp filter"),
+        ];
+        for (step, message) in all {
+            assert_eq!(step.message(), message, "{step:?}");
         }
-        libc::umask(0o022);
-        // No privilege can be gained back through exec (setuid binaries, file caps),
-        // and the filter holds for everything the builder starts.
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return fail(b"setting no_new_privs");
-        }
-        let prog = libc::sock_fprog {
-            len: s.seccomp.len() as u16,
-            filter: s.seccomp.as_ptr() as *mut libc::sock_filter,
-        };
-        if libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &prog as *const libc::sock_fprog,
-        ) != 0
-        {
-            return fail(b"installing the seccomp filter");
-        }
-        Ok(())
     }
 }
