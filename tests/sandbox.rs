@@ -649,3 +649,41 @@ fn many_directory_inputs_are_mounted_through_an_overlay() {
     assert_verifies(&root, "after the builds");
     remove(&root);
 }
+
+/// No core dumps in the sandbox even where firn's hard limit on them is finite (Nix
+/// 2.8's `setrlimit(RLIMIT_CORE, {0, RLIM_INFINITY})` fails as a whole there, so its
+/// builders keep the caller's limit).
+#[test]
+fn no_core_dumps_under_a_finite_hard_limit() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("core-limit");
+    let drv = busybox_drv(
+        &root,
+        "core",
+        "ulimit -c > $out; ulimit -H -c >> $out",
+        &[],
+        &[],
+    );
+    let out = command_isolated("prlimit")
+        .args(["--core=4096:8192", "--"])
+        .arg(firn_bin())
+        .args([
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "sandbox-paths",
+            "/bin/busybox",
+            "realise",
+            &drv,
+        ])
+        .output()
+        .unwrap();
+    let printed = ok(out);
+    let limits = fs::read_to_string(real(&root, printed.as_bytes())).unwrap();
+    let limits: Vec<&str> = limits.lines().collect();
+    // Soft limit 0; the hard limit (busybox counts 512-byte blocks) is left as it was.
+    assert_eq!(limits, ["0", "16"], "{limits:?}");
+    remove(&root);
+}

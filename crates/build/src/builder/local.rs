@@ -416,11 +416,11 @@ pub(crate) struct Unsandboxed {
     ids: Option<(Uid, Gid)>,
 }
 
-impl BeforeExec {
+impl sys::ChildSetup for BeforeExec {
     /// Runs in the forked child, before exec: the builder dies with firn, inherits none
     /// of firn's descriptors, then enters the sandbox or (unsandboxed) its mount
     /// namespace and the build user's identity.
-    pub(crate) fn run(&self, forked: &Forked) -> io::Result<()> {
+    fn run(&self, forked: &Forked) -> io::Result<()> {
         prctl::set_pdeathsig(Signal::SIGKILL)?;
         close_inherited_fds();
         match self {

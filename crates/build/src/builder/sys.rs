@@ -12,9 +12,10 @@
 //! `personality`, `setrlimit`, `umask`, the `SIOCSIFFLAGS` ioctl, seccomp, `close_range`,
 //! `_exit`, `waitpid` with the raw status).
 //!
-//! What runs in the forked child is [`run_before_exec`]'s to decide: it registers
-//! [`BeforeExec::run`] and nothing else, and hands it the [`Forked`] token, which is what
-//! allows the raw [`clone_into`] (a second return into Rust code) to be a safe function.
+//! What runs in the forked child is a [`ChildSetup`] (the local builder's `BeforeExec`,
+//! the only one): [`run_before_exec`] registers its `run` and hands it the [`Forked`]
+//! token, which is what allows the raw [`clone_into`] (a second return into Rust code)
+//! to be a safe function.
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -32,22 +33,27 @@ use nix::sys::stat::Mode;
 use nix::sys::statvfs::FsFlags;
 use nix::unistd::{Gid, Pid, Uid};
 
-use super::local::BeforeExec;
-
 /// Proof that the code holding it runs in the child forked by [`Command::spawn`] before
 /// `exec`, under [`run_before_exec`]'s rules: one thread, no allocation, no locks. Only
 /// [`run_before_exec`] makes one.
 #[derive(Debug)]
 pub(crate) struct Forked(());
 
-/// Have `cmd`'s forked child run `setup` ([`BeforeExec::run`]) before it execs.
-pub(crate) fn run_before_exec(cmd: &mut Command, setup: BeforeExec) {
+/// What a forked child runs before exec. Implementing it is a promise: `run` and all it
+/// calls make system calls (through this module, or nix functions on integers and
+/// `&CStr`s) on data prepared before the fork, and never allocate or lock. The one
+/// implementation is `BeforeExec` in `local.rs` (and `sandbox/child.rs` under it).
+pub(crate) trait ChildSetup: Send + Sync + 'static {
+    fn run(&self, forked: &Forked) -> std::io::Result<()>;
+}
+
+/// Have `cmd`'s forked child run `setup` before it execs.
+pub(crate) fn run_before_exec(cmd: &mut Command, setup: impl ChildSetup) {
     // SAFETY: the closure runs in the child `Command::spawn` forks, where only
-    // async-signal-safe code may run. It runs `BeforeExec::run` (local.rs) and only
-    // that; it and what it calls (`sandbox/child.rs`) make system calls through this
-    // module and nix functions on integers, on data `setup` prepared before the fork,
-    // and never allocate or lock. Whoever changes them keeps that true: it is the
-    // promise this block makes.
+    // async-signal-safe code may run. It runs `ChildSetup::run` and only that, whose
+    // implementations promise (see the trait) to make system calls on data prepared
+    // before the fork and never allocate or lock: `BeforeExec::run` (local.rs) and
+    // `sandbox/child.rs`. Whoever changes them keeps that true.
     unsafe {
         cmd.pre_exec(move || setup.run(&Forked(())));
     }
@@ -322,13 +328,24 @@ pub(crate) fn disable_address_randomization() {
     unsafe { libc::personality(libc::ADDR_NO_RANDOMIZE as c_ulong) };
 }
 
-/// `setrlimit(RLIMIT_CORE, {0, RLIM_INFINITY})`, as Nix (the result is not checked, as
-/// in Nix).
+/// No core dumps: `RLIMIT_CORE` soft limit 0. Nix asks for `{0, RLIM_INFINITY}` and
+/// ignores the result, which fails as a whole where the hard limit is finite (only the
+/// initial namespace's root may raise it), leaving core dumps on; firn keeps the hard
+/// limit it has, so the soft limit always drops to 0.
 pub(crate) fn disable_core_dumps() {
-    let core = libc::rlimit {
+    let mut core = libc::rlimit {
         rlim_cur: 0,
         rlim_max: libc::RLIM_INFINITY,
     };
+    // SAFETY: the kernel fills a live local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut core) } == 0 {
+        core.rlim_cur = 0;
+    } else {
+        core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+    }
     // SAFETY: the kernel reads a live local struct.
     unsafe { libc::setrlimit(libc::RLIMIT_CORE, &core) };
 }
