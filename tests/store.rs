@@ -430,7 +430,7 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
     );
     one_line(
         &firn(&root, &["dump", "/tmp/not-in-store"]),
-        "not in the store",
+        "'/tmp/not-in-store': No such file or directory",
     );
     let nar = firn(&root, &["dump", p]).stdout;
     assert!(nar.len() > 100);
@@ -998,4 +998,81 @@ fn derivation_add_refuses_wrong_output_paths() {
     remove(&root);
     remove(&src);
     remove(&nroot);
+}
+
+/// `firn dump` serialises any path as `nix-store --dump` does: a symlink as a symlink,
+/// relative paths from the working directory; a logical store path from under the root.
+#[test]
+fn dump_matches_nix_for_any_path() {
+    let root = tempdir("dump-any");
+    let tree = tempdir("dump-any-tree");
+    make_tree(&tree.join("dir"));
+    std::os::unix::fs::symlink("dir", tree.join("dirlink")).unwrap();
+    std::os::unix::fs::symlink("dir/file", tree.join("filelink")).unwrap();
+    let dump = |cmd: &str, args: &[&str]| -> Output {
+        Command::new(cmd)
+            .args(args)
+            .current_dir(&tree)
+            .env_remove("FIRN_STORE")
+            .output()
+            .unwrap()
+    };
+    let firn_bin = env!("CARGO_BIN_EXE_firn");
+    let store = root.to_str().unwrap();
+    let mut paths = vec![
+        "dir/file",
+        "dir/sub/exe",
+        "dir",
+        "dir/link",
+        "dir/dangling",
+        "dirlink",
+        "dirlink/",
+        "filelink",
+        "./dirlink/../dir/empty",
+        ".",
+    ];
+    let abs = tree.join("dirlink").to_str().unwrap().to_owned();
+    paths.push(&abs);
+    // A store path that is a symlink, and a file inside a store path.
+    let link_path = ok(firn(
+        &root,
+        &["add", tree.join("dirlink").to_str().unwrap()],
+    ));
+    let dir_path = ok(firn(&root, &["add", tree.join("dir").to_str().unwrap()]));
+    let inside = format!("{}/sub/nine", dir_path.trim());
+    let store_paths = [link_path.trim(), dir_path.trim(), inside.as_str()];
+    for p in &paths {
+        let ours = dump(firn_bin, &["--store", store, "dump", p]);
+        assert!(
+            ours.status.success(),
+            "{p}: {}",
+            String::from_utf8_lossy(&ours.stderr)
+        );
+        if have_nix() {
+            let theirs = dump("nix-store", &["--dump", p]);
+            assert_eq!(ours.stdout, ok_bytes(theirs), "dump {p}");
+        }
+    }
+    for p in store_paths {
+        let ours = ok_bytes(firn(&root, &["dump", p]));
+        if have_nix() {
+            // `nix-store --dump` reads the file system: the physical path.
+            let real = root.join(p.trim_start_matches('/'));
+            let theirs = dump("nix-store", &["--dump", real.to_str().unwrap()]);
+            assert_eq!(ours, ok_bytes(theirs), "dump {p}");
+        }
+    }
+    // The root of a symlink's NAR is the symlink.
+    let nar = ok_bytes(firn(&root, &["dump", link_path.trim()]));
+    assert!(nar.windows(7).any(|w| w == b"symlink"));
+    assert!(!nar.windows(9).any(|w| w == b"directory"));
+    // A path that is not there: one line, and (unlike Nix) no partial NAR on stdout.
+    let out = dump(firn_bin, &["--store", store, "dump", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: 'nope': No such file"), "{err}");
+    remove(&root);
+    remove(&tree);
 }
