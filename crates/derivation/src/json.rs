@@ -12,7 +12,9 @@
 //! included — raw). A deferred output is `{}`.
 //!
 //! Reading accepts that shape (or a single derivation object without the key) with any
-//! JSON whitespace; strings may hold raw non-UTF-8 bytes, as Nix writes them. It is
+//! JSON whitespace; an output `{}`, without `path` or with `"path": ""` is to be computed
+//! (deferred); a bare object's name comes from `name`, env.name, env.__json's `name` or
+//! a fixed output's path ([`Name`] says whether it must be found); strings may hold raw non-UTF-8 bytes, as Nix writes them. It is
 //! stricter than needed on purpose: unknown fields, missing fields, duplicate keys, a
 //! fixed output whose `path` disagrees with its hash and a `name` field that disagrees
 //! with the `.drv` path it is keyed by are errors.
