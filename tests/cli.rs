@@ -262,3 +262,77 @@ fn live_against_real_nix() {
     let _ = Command::new("chmod").args(["-R", "u+w", store]).status();
     let _ = fs::remove_dir_all(&root);
 }
+
+/// The one derivation object of show-derivation JSON, without its key.
+fn bare(json: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+    let obj = v.as_object().unwrap();
+    assert_eq!(obj.len(), 1);
+    obj.values().next().unwrap().clone()
+}
+
+fn print(obj: &serde_json::Value) -> Output {
+    firn(
+        &["derivation", "print"],
+        Some(serde_json::to_string(obj).unwrap().as_bytes()),
+    )
+}
+
+fn without(bytes: &[u8], part: &[u8]) -> Vec<u8> {
+    let i = bytes
+        .windows(part.len())
+        .position(|w| w == part)
+        .unwrap_or_else(|| panic!("{} lacks {}", bytes.escape_ascii(), part.escape_ascii()));
+    [&bytes[..i], &bytes[i + part.len()..]].concat()
+}
+
+/// `derivation print` needs no name: the ATerm holds none. Compared with the `.drv`
+/// files real Nix 2.8 wrote (`fixtures/cases`).
+#[test]
+fn print_needs_no_name() {
+    let case = |name: &str| {
+        let dir = fixtures().join("cases").join(name);
+        let top = fs::read_to_string(dir.join("drvPath")).unwrap();
+        let base = top.trim().rsplit('/').next().unwrap().to_owned();
+        let drv = fs::read(dir.join("drv").join(base)).unwrap();
+        (
+            bare(&fs::read(dir.join("show-derivation.json")).unwrap()),
+            drv,
+        )
+    };
+    // __structuredAttrs: the name is only in env.__json (as nix-instantiate wrote it).
+    let (obj, drv) = case("structured");
+    assert!(obj["env"].get("name").is_none() && obj.get("name").is_none());
+    assert_eq!(ok(print(&obj)).into_bytes(), drv);
+
+    // No name anywhere: the same ATerm but for the env entry taken away.
+    let (mut obj, drv) = case("single");
+    obj["env"].as_object_mut().unwrap().remove("name");
+    let want = without(&drv, br#"("name","single"),"#);
+    assert_eq!(ok(print(&obj)).into_bytes(), want);
+
+    // `{"path": ""}` is `{}`: the `("out","","","")` Nix writes before computing it.
+    obj["env"]["out"] = "".into();
+    obj["outputs"]["out"] = serde_json::json!({ "path": "" });
+    let empty_path = ok(print(&obj));
+    obj["outputs"]["out"] = serde_json::json!({});
+    assert_eq!(ok(print(&obj)), empty_path);
+    assert!(
+        empty_path.starts_with(r#"Derive([("out","","","")],"#),
+        "{empty_path}"
+    );
+
+    // A fixed output's path holds the name; without that path, one clear error.
+    let (mut obj, drv) = case("fixed-flat");
+    obj["env"].as_object_mut().unwrap().remove("name");
+    let want = without(&drv, br#"("name","fixed-flat"),"#);
+    assert_eq!(ok(print(&obj)).into_bytes(), want);
+    obj["outputs"]["out"]
+        .as_object_mut()
+        .unwrap()
+        .remove("path");
+    assert_one_error_line(
+        &print(&obj),
+        &["outputs.out", "depends on the derivation's name"],
+    );
+}

@@ -430,7 +430,7 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
     );
     one_line(
         &firn(&root, &["dump", "/tmp/not-in-store"]),
-        "not in the store",
+        "'/tmp/not-in-store': No such file or directory",
     );
     let nar = firn(&root, &["dump", p]).stdout;
     assert!(nar.len() > 100);
@@ -807,4 +807,272 @@ fn store_dir_mode_is_repaired_on_open_as_nix_does() {
         assert_eq!(nix_made.0, 0o1775, "Nix 2.8 repairs the mode as root");
     }
     assert_eq!(mode_after(false), nix_made);
+}
+
+/// The one derivation object of `nix show-derivation` JSON, without its key.
+fn bare(json: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let obj = v.as_object().unwrap();
+    assert_eq!(obj.len(), 1, "{json}");
+    obj.values().next().unwrap().clone()
+}
+
+fn add_json(root: &Path, obj: &serde_json::Value, args: &[&str]) -> Output {
+    let mut all = vec!["derivation", "add"];
+    all.extend_from_slice(args);
+    firn_in(root, &all, serde_json::to_string(obj).unwrap().as_bytes())
+}
+
+/// `derivation add` takes what Nix writes: a `__structuredAttrs` derivation (its name is
+/// only in env.__json), and outputs to be computed as `{}`, `{"path": ""}` or without
+/// `path`, as Nix prints a `.drv` whose outputs are `("out","","","")`.
+#[test]
+fn derivation_add_takes_what_nix_writes() {
+    if !have_nix() {
+        return;
+    }
+    let root = tempdir("drvadd-forms");
+    let nroot = tempdir("drvadd-forms-nix");
+    let ex = fixtures().join("exprs");
+    for expr in ["single.nix", "structured.nix"] {
+        let drv = ok(nix(
+            &nroot,
+            "nix-instantiate",
+            &[ex.join(expr).to_str().unwrap()],
+        ));
+        let drv = drv.trim();
+        let json = ok(nix(&nroot, "nix", &["show-derivation", drv]));
+        let obj = bare(&json);
+        if expr == "structured.nix" {
+            assert!(obj["env"].get("name").is_none(), "{json}");
+        }
+        // As Nix wrote it, with every path filled in.
+        assert_eq!(ok(add_json(&root, &obj, &[])).trim(), drv, "{expr}");
+        let outputs: Vec<String> = obj["outputs"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        for blank in [serde_json::json!({ "path": "" }), serde_json::json!({})] {
+            let mut o = obj.clone();
+            for name in &outputs {
+                o["outputs"][name] = blank.clone();
+                o["env"][name] = "".into();
+            }
+            assert_eq!(
+                ok(add_json(&root, &o, &["--dry-run"])).trim(),
+                drv,
+                "{expr} with outputs {blank}"
+            );
+            assert_eq!(ok(add_json(&root, &o, &[])).trim(), drv, "{expr}");
+        }
+        // What Nix shows for a `.drv` with outputs to be computed reads the same.
+        let theirs = ok(nix(&root, "nix", &["show-derivation", drv]));
+        assert_eq!(theirs, json, "{expr}");
+    }
+    // Nix shows `("out","","","")` as `{}`.
+    let src = tempdir("drvadd-forms-src");
+    let single = fs::read_to_string(
+        fixtures().join("cases/single/drv/b5fhw5mqajxk2lhicxn81a8fidm0l89x-single.drv"),
+    )
+    .unwrap();
+    let deferred = single.replace("/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single", "");
+    fs::write(src.join("single.drv"), deferred).unwrap();
+    let p = ok(nix(
+        &nroot,
+        "nix-store",
+        &["--add", src.join("single.drv").to_str().unwrap()],
+    ));
+    let json = ok(nix(&nroot, "nix", &["show-derivation", p.trim()]));
+    assert!(json.contains("\"out\": {}"), "{json}");
+    assert_eq!(
+        ok(firn_in(&root, &["derivation", "add"], json.as_bytes())).trim(),
+        "/nix/store/b5fhw5mqajxk2lhicxn81a8fidm0l89x-single.drv"
+    );
+    let out = nix(&root, "nix-store", &["--verify", "--check-contents"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    remove(&root);
+    remove(&nroot);
+    remove(&src);
+}
+
+/// What the store holds: its entries and (with Nix) every valid path's metadata.
+fn store_state(root: &Path) -> (Vec<String>, String) {
+    let mut entries: Vec<String> = fs::read_dir(root.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    let infos = if have_nix() {
+        ok(nix(root, "nix", &["path-info", "--all", "--json"]))
+    } else {
+        String::new()
+    };
+    (entries, infos)
+}
+
+/// A derivation whose output paths are given but wrong is refused, naming the output and
+/// both paths, and nothing is written; Nix refuses the same `.drv` when it is added.
+#[test]
+fn derivation_add_refuses_wrong_output_paths() {
+    let root = tempdir("drvadd-wrong");
+    let dir = fixtures().join("cases/single");
+    let obj = bare(&fs::read_to_string(dir.join("show-derivation.json")).unwrap());
+    let good = "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single";
+    let bad = "/nix/store/00000000000000000000000000000000-single";
+    // Something in the store already, so that "unchanged" means something.
+    ok(firn(
+        &root,
+        &["add", fixtures().join("exprs/input.txt").to_str().unwrap()],
+    ));
+    // (The first time Nix opens the store it makes `.links`.)
+    store_state(&root);
+    let before = store_state(&root);
+    let mut cases = Vec::new();
+    let mut o = obj.clone();
+    o["outputs"]["out"]["path"] = bad.into();
+    cases.push((
+        o,
+        format!("has incorrect output '{bad}', should be '{good}'"),
+        " (output 'out')".to_owned(),
+        true,
+    ));
+    let mut o = obj.clone();
+    o["env"]["out"] = bad.into();
+    cases.push((
+        o,
+        format!("has incorrect environment variable 'out', should be '{good}'"),
+        format!(" (it is '{bad}')"),
+        true,
+    ));
+    // The output to be computed, its variable wrong: Nix takes such a `.drv` as it is
+    // (it checks no deferred output), but firn would have to change what it was given.
+    let mut o = obj.clone();
+    o["outputs"]["out"] = serde_json::json!({});
+    o["env"]["out"] = bad.into();
+    cases.push((
+        o,
+        format!("has incorrect environment variable 'out', should be '{good}'"),
+        format!(" (it is '{bad}')"),
+        false,
+    ));
+    let src = tempdir("drvadd-wrong-src");
+    let nroot = tempdir("drvadd-wrong-nix");
+    for (obj, nixs, ours, nix_refuses) in cases {
+        for args in [&["--dry-run"][..], &[]] {
+            let out = add_json(&root, &obj, args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(out.stdout.is_empty());
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.starts_with("error: derivation '/nix/store/"), "{err}");
+            assert!(err.trim_end().ends_with(&format!("{nixs}{ours}")), "{err}");
+            assert_eq!(store_state(&root), before, "{err}");
+        }
+        if have_nix() {
+            // The same derivation as a `.drv` file, added to Nix's store.
+            let text = firn_in(
+                &root,
+                &["derivation", "print"],
+                serde_json::to_string(&obj).unwrap().as_bytes(),
+            );
+            let file = src.join("single.drv");
+            fs::write(&file, ok_bytes(text)).unwrap();
+            let theirs = nix(&nroot, "nix-store", &["--add", file.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&theirs.stderr);
+            if nix_refuses {
+                assert!(!theirs.status.success());
+                assert!(err.contains(&nixs), "{err}");
+            } else {
+                assert!(theirs.status.success(), "{err}");
+            }
+        }
+    }
+    let v = firn(&root, &["verify", "--check-contents"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    remove(&root);
+    remove(&src);
+    remove(&nroot);
+}
+
+/// `firn dump` serialises any path as `nix-store --dump` does: a symlink as a symlink,
+/// relative paths from the working directory; a logical store path from under the root.
+#[test]
+fn dump_matches_nix_for_any_path() {
+    let root = tempdir("dump-any");
+    let tree = tempdir("dump-any-tree");
+    make_tree(&tree.join("dir"));
+    std::os::unix::fs::symlink("dir", tree.join("dirlink")).unwrap();
+    std::os::unix::fs::symlink("dir/file", tree.join("filelink")).unwrap();
+    let dump = |cmd: &str, args: &[&str]| -> Output {
+        Command::new(cmd)
+            .args(args)
+            .current_dir(&tree)
+            .env_remove("FIRN_STORE")
+            .output()
+            .unwrap()
+    };
+    let firn_bin = env!("CARGO_BIN_EXE_firn");
+    let store = root.to_str().unwrap();
+    let mut paths = vec![
+        "dir/file",
+        "dir/sub/exe",
+        "dir",
+        "dir/link",
+        "dir/dangling",
+        "dirlink",
+        "dirlink/",
+        "filelink",
+        "./dirlink/../dir/empty",
+        ".",
+    ];
+    let abs = tree.join("dirlink").to_str().unwrap().to_owned();
+    paths.push(&abs);
+    // A store path that is a symlink, and a file inside a store path.
+    let link_path = ok(firn(
+        &root,
+        &["add", tree.join("dirlink").to_str().unwrap()],
+    ));
+    let dir_path = ok(firn(&root, &["add", tree.join("dir").to_str().unwrap()]));
+    let inside = format!("{}/sub/nine", dir_path.trim());
+    let store_paths = [link_path.trim(), dir_path.trim(), inside.as_str()];
+    for p in &paths {
+        let ours = dump(firn_bin, &["--store", store, "dump", p]);
+        assert!(
+            ours.status.success(),
+            "{p}: {}",
+            String::from_utf8_lossy(&ours.stderr)
+        );
+        if have_nix() {
+            let theirs = dump("nix-store", &["--dump", p]);
+            assert_eq!(ours.stdout, ok_bytes(theirs), "dump {p}");
+        }
+    }
+    for p in store_paths {
+        let ours = ok_bytes(firn(&root, &["dump", p]));
+        if have_nix() {
+            // `nix-store --dump` reads the file system: the physical path.
+            let real = root.join(p.trim_start_matches('/'));
+            let theirs = dump("nix-store", &["--dump", real.to_str().unwrap()]);
+            assert_eq!(ours, ok_bytes(theirs), "dump {p}");
+        }
+    }
+    // The root of a symlink's NAR is the symlink.
+    let nar = ok_bytes(firn(&root, &["dump", link_path.trim()]));
+    assert!(nar.windows(7).any(|w| w == b"symlink"));
+    assert!(!nar.windows(9).any(|w| w == b"directory"));
+    // A path that is not there: one line, and (unlike Nix) no partial NAR on stdout.
+    let out = dump(firn_bin, &["--store", store, "dump", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: 'nope': No such file"), "{err}");
+    remove(&root);
+    remove(&tree);
 }

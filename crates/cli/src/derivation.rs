@@ -5,9 +5,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use firn_derivation::json::{parse_show_derivation_with, Name};
 use firn_derivation::{
-    name_from_drv_base_name, parse_derivation, parse_show_derivation, write_show_derivation,
-    Derivation,
+    name_from_drv_base_name, parse_derivation, write_show_derivation, Derivation,
 };
 
 use crate::error::CliError;
@@ -102,7 +102,8 @@ fn print(settings: &Settings, out: &mut impl Write) -> Result<(), CliError> {
         .read_to_end(&mut input)
         .map_err(|e| CliError::read(Path::new("<stdin>"), e))?;
     let sd = &settings.store_dir;
-    let mut drvs = parse_show_derivation(sd, &input)
+    // The ATerm holds no name: print needs one only for a fixed output's path.
+    let mut drvs = parse_show_derivation_with(sd, &input, Name::Optional)
         .map_err(|e| CliError::usage(format!("derivation JSON on stdin: {e}")))?;
     if drvs.len() != 1 {
         return Err(CliError::usage(format!(

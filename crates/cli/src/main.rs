@@ -66,8 +66,8 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<std::path::PathBuf>,
     },
-    /// Write the NAR serialisation of a store path to stdout (`nix-store --dump`).
-    Dump { path: String },
+    /// Write the NAR serialisation of a path to stdout (`nix-store --dump`).
+    Dump { path: std::path::PathBuf },
     /// Hash a file or tree as `nix-hash` does: the NAR serialisation (or, with --flat,
     /// the file's contents), printed in base16 (or nixbase32 with --base32).
     Hash {

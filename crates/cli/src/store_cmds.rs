@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
@@ -63,16 +64,38 @@ pub fn add_fixed(
     Ok(())
 }
 
-pub fn dump(settings: &Settings, path: &str, out: &mut impl Write) -> Result<(), CliError> {
-    let store = open(settings)?;
-    let p = store.valid_path_arg(path)?;
+/// `nix-store --dump PATH`: the NAR of any file system object, a symlink at PATH as a
+/// symlink (never followed), without opening the store. A logical store path (one that,
+/// made absolute lexically, is inside the store dir) is read from under the store root,
+/// as everything is with `--store ROOT`; any other PATH is the file as given.
+pub fn dump(settings: &Settings, path: &Path, out: &mut impl Write) -> Result<(), CliError> {
+    let root = settings.store_root();
+    let logical = firn_store::store::absolute(path);
+    let in_store = logical
+        .strip_prefix(settings.store_dir.as_str())
+        .is_ok_and(|rest| rest.components().next().is_some());
+    let file = if in_store && root != Path::new("/") {
+        let mut file = root.join(logical.strip_prefix("/").unwrap_or(&logical));
+        // `link/` means what `link` points to, as for the kernel.
+        if path.as_os_str().as_bytes().ends_with(b"/") {
+            file.push("");
+        }
+        file
+    } else {
+        path.to_path_buf()
+    };
     let mut buf = io::BufWriter::with_capacity(1 << 20, out);
-    firn_store::nar::dump_path(&store.real_path(&p), &mut buf).map_err(|e| match e {
+    firn_store::nar::dump_path(&file, &mut buf).map_err(|e| match e {
         firn_store::nar::NarError::Write { source }
             if source.kind() == io::ErrorKind::BrokenPipe =>
         {
             CliError::BrokenPipe
         }
+        e if file != path => CliError::usage(format!(
+            "{e} (the store path '{}' is read under the store root '{}')",
+            path.display(),
+            root.display()
+        )),
         e => CliError::usage(e.to_string()),
     })?;
     buf.flush().map_err(CliError::stdout)

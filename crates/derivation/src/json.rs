@@ -12,7 +12,9 @@
 //! included — raw). A deferred output is `{}`.
 //!
 //! Reading accepts that shape (or a single derivation object without the key) with any
-//! JSON whitespace; strings may hold raw non-UTF-8 bytes, as Nix writes them. It is
+//! JSON whitespace; an output `{}`, without `path` or with `"path": ""` is to be computed
+//! (deferred); a bare object's name comes from `name`, env.name, env.__json's `name` or
+//! a fixed output's path ([`Name`] says whether it must be found); strings may hold raw non-UTF-8 bytes, as Nix writes them. It is
 //! stricter than needed on purpose: unknown fields, missing fields, duplicate keys, a
 //! fixed output whose `path` disagrees with its hash and a `name` field that disagrees
 //! with the `.drv` path it is keyed by are errors.
@@ -540,10 +542,13 @@ fn read_output(
         (None, None, None) => DerivationOutput::Deferred,
         (Some(path), None, None) => {
             let at = at.push(b"path");
-            let path = as_string(path, &at)?;
-            match store_dir.parse_path(path) {
-                Ok(p) => DerivationOutput::InputAddressed(p),
-                Err(e) => return at.fail(e.to_string()),
+            match as_string(path, &at)? {
+                // `""` is what Nix writes before the path is computed (`("out","","","")`).
+                b"" => DerivationOutput::Deferred,
+                path => match store_dir.parse_path(path) {
+                    Ok(p) => DerivationOutput::InputAddressed(p),
+                    Err(e) => return at.fail(e.to_string()),
+                },
             }
         }
         (_, Some(_), None) => {
@@ -564,9 +569,10 @@ fn read_output(
             let hash = Hash::parse_non_sri_unprefixed(as_str(hash, &hash_at)?, algo)
                 .or_else(|e| hash_at.fail(e.to_string()))?;
             let output = DerivationOutput::CAFixed(FixedOutputHash { method, hash });
-            if let Some(path) = path {
-                let path_at = at.push(b"path");
-                let given = as_string(path, &path_at)?;
+            let path_at = at.push(b"path");
+            let given = path.map(|p| as_string(p, &path_at)).transpose()?;
+            // An empty path is to be computed, as for input-addressed outputs.
+            if let Some(given) = given.filter(|g| !g.is_empty()) {
                 let want = drv
                     .output_path(store_dir, name, &output)
                     .or_else(|e| path_at.fail(e.to_string()))?
@@ -586,9 +592,63 @@ fn read_output(
     Ok(output)
 }
 
+/// Whether a derivation read without a `.drv` path must have a name (`derivation add`:
+/// its `.drv` path is named after it) or may go without (`derivation print`: the ATerm
+/// holds no name, only a fixed output's path depends on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    Required,
+    Optional,
+}
+
+/// The `name` in `env.__json` (`__structuredAttrs`: every attribute, the name included,
+/// is in that one JSON string and the env has no `name`).
+fn structured_attrs_name(env: &[(Vec<u8>, Value)], at: &At) -> Result<Option<String>, JsonError> {
+    let Some((_, Value::String(json))) = env.iter().find(|(k, _)| k == b"__json") else {
+        return Ok(None);
+    };
+    let at = at.push(b"env").push(b"__json");
+    let mut r = Reader { s: json, pos: 0 };
+    let attrs = r.value(0).or_else(|e| at.fail(e.to_string()))?;
+    let Value::Object(attrs) = attrs else {
+        return Ok(None);
+    };
+    match attrs.iter().find(|(k, _)| k == b"name") {
+        Some((_, v)) => Ok(Some(as_str(v, &at.push(b"name"))?.to_owned())),
+        None => Ok(None),
+    }
+}
+
+/// The name from the path of a fixed output `out` (its path's name is the derivation's):
+/// the one output whose path depends on the name, so the hash check below confirms it.
+fn fixed_output_name(
+    store_dir: &StoreDir,
+    outputs: &Value,
+    at: &At,
+) -> Result<Option<String>, JsonError> {
+    let Value::Object(outputs) = outputs else {
+        return Ok(None);
+    };
+    let Some((_, Value::Object(out))) = outputs.iter().find(|(k, _)| k == b"out") else {
+        return Ok(None);
+    };
+    let get = |f: &[u8]| out.iter().find(|(k, _)| k == f).map(|(_, v)| v);
+    match (get(b"hashAlgo"), get(b"path")) {
+        (Some(_), Some(Value::String(path))) if !path.is_empty() => {
+            let at = at.push(b"outputs").push(b"out").push(b"path");
+            match store_dir.parse_path(path) {
+                Ok(p) => Ok(Some(p.name().to_owned())),
+                Err(e) => at.fail(e.to_string()),
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
 fn read_derivation(
     store_dir: &StoreDir,
-    name: Option<&str>,
+    key_name: Option<&str>,
+    need: Name,
     v: &Value,
     at: &At,
 ) -> Result<Derivation<'static>, JsonError> {
@@ -610,13 +670,13 @@ fn read_derivation(
     let mut drv = Derivation::default();
 
     let env_at = at.push(b"env");
-    for (k, v) in as_object(env, &env_at)? {
+    let env_obj = as_object(env, &env_at)?;
+    for (k, v) in env_obj {
         let value = as_string(v, &env_at.push(k))?;
         drv.env
             .insert(Cow::Owned(k.clone()), Cow::Owned(value.to_vec()));
     }
-    drv.name = match (opt[0], name) {
-        (Some(n), None) => as_str(n, &at.push(b"name"))?.to_owned(),
+    drv.name = match (opt[0], key_name) {
         // The key names the derivation (and is what is written back): a `name` field
         // may only repeat it.
         (Some(n), Some(key_name)) => {
@@ -630,20 +690,32 @@ fn read_derivation(
             n.to_owned()
         }
         (None, Some(n)) => n.to_owned(),
+        (Some(n), None) => as_str(n, &at.push(b"name"))?.to_owned(),
         (None, None) => match drv.env.get(b"name".as_slice()) {
             Some(n) => String::from_utf8_lossy(n).into_owned(),
-            None => {
-                return at.fail(
-                    "cannot tell the derivation's name: key it by its .drv path, \
-                     or give a 'name' field or env.name",
-                )
-            }
+            None => match structured_attrs_name(env_obj, at)? {
+                Some(n) => n,
+                None => fixed_output_name(store_dir, outputs, at)?.unwrap_or_default(),
+            },
         },
     };
+    if drv.name.is_empty() && need == Name::Required {
+        return at.fail(
+            "cannot tell the derivation's name: key it by its .drv path, or give a 'name' \
+             field, env.name, or (with __structuredAttrs) a 'name' in env.__json",
+        );
+    }
 
     let outputs_at = at.push(b"outputs");
     for (k, v) in as_object(outputs, &outputs_at)? {
-        let output = read_output(store_dir, &drv, k, v, &outputs_at.push(k))?;
+        let at = outputs_at.push(k);
+        let output = read_output(store_dir, &drv, k, v, &at)?;
+        if drv.name.is_empty() && matches!(output, DerivationOutput::CAFixed(_)) {
+            return at.fail(
+                "the path of a fixed output depends on the derivation's name: give it as \
+                 a 'name' field, env.name or this output's 'path'",
+            );
+        }
         drv.outputs.insert(Cow::Owned(k.clone()), output);
     }
 
@@ -681,11 +753,24 @@ fn read_derivation(
 }
 
 /// Read show-derivation JSON: either `{ "<drv path>": {…}, … }` (the name of each comes
-/// from its key) or one bare derivation object (name from a `name` field or env.name).
-/// Returns the keys (if any) with the derivations, in the order given.
+/// from its key) or one bare derivation object, whose name comes from a `name` field,
+/// env.name, the `name` in env.__json (`__structuredAttrs`) or the path of a fixed
+/// output, and must be found. Returns the keys (if any) with the derivations, in the
+/// order given.
 pub fn parse_show_derivation(
     store_dir: &StoreDir,
     input: &[u8],
+) -> Result<Vec<(Option<String>, Derivation<'static>)>, JsonError> {
+    parse_show_derivation_with(store_dir, input, Name::Required)
+}
+
+/// [`parse_show_derivation`], where with [`Name::Optional`] a bare derivation object
+/// whose name cannot be told is read with an empty name (enough to print its ATerm,
+/// which holds no name), unless it has a fixed output without a path.
+pub fn parse_show_derivation_with(
+    store_dir: &StoreDir,
+    input: &[u8],
+    need: Name,
 ) -> Result<Vec<(Option<String>, Derivation<'static>)>, JsonError> {
     let mut r = Reader { s: input, pos: 0 };
     let root = r.value(0)?;
@@ -697,7 +782,10 @@ pub fn parse_show_derivation(
     let obj = as_object(&root, &top)?;
     let keyed = !obj.is_empty() && obj.iter().all(|(k, _)| k.first() == Some(&b'/'));
     if !keyed {
-        return Ok(vec![(None, read_derivation(store_dir, None, &root, &top)?)]);
+        return Ok(vec![(
+            None,
+            read_derivation(store_dir, None, need, &root, &top)?,
+        )]);
     }
     let mut out = Vec::with_capacity(obj.len());
     for (key, v) in obj {
@@ -710,7 +798,7 @@ pub fn parse_show_derivation(
             return at.fail("key is not the path of a .drv file");
         }
         let name = name_from_drv_base_name(base).to_owned();
-        let drv = read_derivation(store_dir, Some(&name), v, &at)?;
+        let drv = read_derivation(store_dir, Some(&name), need, v, &at)?;
         out.push((Some(key), drv));
     }
     Ok(out)
@@ -787,5 +875,72 @@ mod tests {
         );
         let deep = "[".repeat(100);
         assert!(e(&deep).contains("nested too deeply"));
+    }
+
+    const SINGLE_BODY: &str = r#""inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":["-c","echo hello > $out"]"#;
+
+    #[test]
+    fn an_empty_output_path_is_to_be_computed() {
+        let sd = StoreDir::default();
+        let read = |out: &str| {
+            let json = format!(
+                r#"{{"outputs":{{"out":{out}}},{SINGLE_BODY},"env":{{"name":"single","out":""}}}}"#
+            );
+            parse_show_derivation(&sd, json.as_bytes()).unwrap()[0]
+                .1
+                .outputs[b"out".as_slice()]
+            .clone()
+        };
+        assert_eq!(read("{}"), DerivationOutput::Deferred);
+        assert_eq!(read(r#"{"path":""}"#), DerivationOutput::Deferred);
+        // A fixed output with an empty path: computed from its hash, not compared.
+        let fixed = read(
+            r#"{"path":"","hashAlgo":"sha256","hash":"5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"}"#,
+        );
+        assert!(matches!(fixed, DerivationOutput::CAFixed(_)));
+    }
+
+    #[test]
+    fn the_name_comes_from_structured_attrs_or_a_fixed_path() {
+        let sd = StoreDir::default();
+        let name = |json: &str, need| {
+            parse_show_derivation_with(&sd, json.as_bytes(), need)
+                .map(|d| d[0].1.name.clone())
+                .map_err(|e| e.to_string())
+        };
+        // __structuredAttrs: env has no `name`, env.__json has (as nix-instantiate writes).
+        let structured = format!(
+            r#"{{"outputs":{{"out":{{}}}},{SINGLE_BODY},"env":{{"__json":"{{\"name\":\"structured\",\"outputs\":[\"out\"]}}","out":""}}}}"#
+        );
+        assert_eq!(name(&structured, Name::Required).unwrap(), "structured");
+        let bad = structured.replace(r#"{\"name"#, r#"{\"nam"#);
+        assert!(name(&bad, Name::Required)
+            .unwrap_err()
+            .contains("cannot tell the derivation's name"));
+        assert_eq!(name(&bad, Name::Optional).unwrap(), "");
+        let broken = structured.replace(r#"{\"name"#, r#"{name"#);
+        assert!(name(&broken, Name::Required)
+            .unwrap_err()
+            .starts_with("env.__json: invalid JSON at byte 1"));
+        // A fixed output's path is named after the derivation.
+        let fixed = format!(
+            r#"{{"outputs":{{"out":{{"path":"/nix/store/wwklwj0a26pz90f6l7adic854r8mff8v-fixed-flat","hashAlgo":"sha256","hash":"5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"}}}},{SINGLE_BODY},"env":{{}}}}"#
+        );
+        assert_eq!(name(&fixed, Name::Optional).unwrap(), "fixed-flat");
+        // ... and is checked against the hash like any given fixed path.
+        let wrong = fixed.replace("-fixed-flat", "-other");
+        assert!(name(&wrong, Name::Optional)
+            .unwrap_err()
+            .contains("does not match the fixed output's hash"));
+        // Without a path, a nameless fixed output cannot be printed.
+        let no_path = fixed.replace(
+            r#""path":"/nix/store/wwklwj0a26pz90f6l7adic854r8mff8v-fixed-flat","#,
+            "",
+        );
+        assert_eq!(
+            name(&no_path, Name::Optional).unwrap_err(),
+            "outputs.out: the path of a fixed output depends on the derivation's name: give \
+             it as a 'name' field, env.name or this output's 'path'"
+        );
     }
 }

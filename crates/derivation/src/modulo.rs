@@ -49,18 +49,29 @@ pub enum ModuloError<E> {
     Derivation(#[from] DerivationError),
     #[error("input derivation '{drv}' has no output '{output}'")]
     MissingInputOutput { drv: String, output: String },
-    #[error("derivation '{drv}' has incorrect output '{actual}', should be '{expected}'")]
+    /// An output path that is not what the derivation's contents give. The first part
+    /// is Nix 2.8's line; the output's name follows.
+    #[error(
+        "derivation '{drv}' has incorrect output '{actual}', should be '{expected}' \
+         (output '{output}')"
+    )]
     IncorrectOutput {
         drv: String,
+        output: String,
         actual: String,
         expected: String,
     },
+    /// The environment variable of output `var` is not its path (`actual`: what it is,
+    /// `None` when missing). The first part is Nix 2.8's line.
     #[error(
-        "derivation '{drv}' has incorrect environment variable '{var}', should be '{expected}'"
+        "derivation '{drv}' has incorrect environment variable '{var}', should be \
+         '{expected}' ({})",
+        match actual { Some(a) => format!("it is '{a}'"), None => "it is missing".to_owned() }
     )]
     IncorrectEnv {
         drv: String,
         var: String,
+        actual: Option<String>,
         expected: String,
     },
     /// The lookup callback failed.
@@ -198,16 +209,26 @@ fn flatten<E>(e: ModuloError<ModuloError<E>>) -> ModuloError<E> {
         }
         ModuloError::IncorrectOutput {
             drv,
+            output,
             actual,
             expected,
         } => ModuloError::IncorrectOutput {
             drv,
+            output,
             actual,
             expected,
         },
-        ModuloError::IncorrectEnv { drv, var, expected } => {
-            ModuloError::IncorrectEnv { drv, var, expected }
-        }
+        ModuloError::IncorrectEnv {
+            drv,
+            var,
+            actual,
+            expected,
+        } => ModuloError::IncorrectEnv {
+            drv,
+            var,
+            actual,
+            expected,
+        },
     }
 }
 
@@ -248,27 +269,75 @@ pub fn compute_output_paths<E>(
 }
 
 impl Derivation<'_> {
-    /// Compute every output path and write it into the outputs and the env, turning
-    /// deferred outputs into input-addressed ones (what the evaluator does before
-    /// writing a `.drv`).
+    /// Compute the output paths left to be computed and write them into the outputs and
+    /// the env (what the evaluator does before writing a `.drv`): a deferred output
+    /// (`""` in the `.drv`) and an output's env variable that is `""` or missing are
+    /// filled in. A missing variable is first added as `""`, as the evaluator has it
+    /// when it hashes, so that the result passes [`Self::check_output_paths`].
+    ///
+    /// What is given must be right: an output path, or an output's env variable, other
+    /// than the one computed is an error (`IncorrectOutput`, `IncorrectEnv`, naming the
+    /// `.drv` path of the derivation as given), and `self` is left unchanged.
     pub fn fill_output_paths<E>(
         &mut self,
         store_dir: &StoreDir,
         lookup: &mut dyn FnMut(&StorePath) -> Result<InputDrvHash, E>,
     ) -> Result<(), ModuloError<E>> {
         self.derivation_type()?;
-        let paths = compute_output_paths(store_dir, self, lookup)?;
-        for (name, path) in paths {
-            let output = self
+        let mut filled = self.clone();
+        for name in self.outputs.keys() {
+            filled
+                .env
+                .entry(name.clone())
+                .or_insert(std::borrow::Cow::Borrowed(b""));
+        }
+        let paths = compute_output_paths(store_dir, &filled, lookup)?;
+        // Only for messages: the path the derivation as given would have.
+        let given = || {
+            self.drv_path(store_dir)
+                .map(|p| store_dir.display(&p))
+                .unwrap_or_else(|_| format!("{}.drv", self.name))
+        };
+        for (name, want) in &paths {
+            let shown = String::from_utf8_lossy(name).into_owned();
+            let output = filled
                 .outputs
                 .get_mut(name.as_slice())
                 .ok_or(DerivationError::NoOutputs)?;
-            if !matches!(output, DerivationOutput::CAFixed(_)) {
-                *output = DerivationOutput::InputAddressed(path.clone());
+            match output {
+                DerivationOutput::InputAddressed(actual) if actual != want => {
+                    return Err(ModuloError::IncorrectOutput {
+                        drv: given(),
+                        output: shown,
+                        actual: store_dir.display(actual),
+                        expected: store_dir.display(want),
+                    });
+                }
+                DerivationOutput::Deferred => {
+                    *output = DerivationOutput::InputAddressed(want.clone());
+                }
+                DerivationOutput::InputAddressed(_) | DerivationOutput::CAFixed(_) => {}
             }
-            self.env
-                .insert(name.into(), store_dir.display(&path).into_bytes().into());
+            let var = filled
+                .env
+                .get_mut(name.as_slice())
+                .ok_or(DerivationError::NoOutputs)?;
+            if var.is_empty() {
+                *var = store_dir.display(want).into_bytes().into();
+            } else if store_dir.parse_path(var).ok().as_ref() != Some(want) {
+                // (A non-canonical spelling of the right path is kept, as Nix accepts it.)
+                return Err(ModuloError::IncorrectEnv {
+                    drv: given(),
+                    var: shown,
+                    actual: self
+                        .env
+                        .get(name.as_slice())
+                        .map(|v| String::from_utf8_lossy(v).into_owned()),
+                    expected: store_dir.display(want),
+                });
+            }
         }
+        *self = filled;
         Ok(())
     }
 
@@ -293,20 +362,21 @@ impl Derivation<'_> {
                 if actual != want {
                     return Err(ModuloError::IncorrectOutput {
                         drv: store_dir.display(drv_path),
+                        output: String::from_utf8_lossy(name).into_owned(),
                         actual: store_dir.display(actual),
                         expected: store_dir.display(want),
                     });
                 }
             }
-            let env_ok = self
-                .env
-                .get(&name[..])
+            let var = self.env.get(&name[..]);
+            let env_ok = var
                 .and_then(|v| store_dir.parse_path(v).ok())
                 .is_some_and(|p| &p == want);
             if !env_ok {
                 return Err(ModuloError::IncorrectEnv {
                     drv: store_dir.display(drv_path),
                     var: String::from_utf8_lossy(name).into_owned(),
+                    actual: var.map(|v| String::from_utf8_lossy(v).into_owned()),
                     expected: store_dir.display(want),
                 });
             }
@@ -343,5 +413,99 @@ impl Derivation<'_> {
             &Hash::sha256(aterm),
             self.references(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aterm::parse_derivation;
+
+    /// nix-2.8-vectors' `single` (`fixtures/cases/single`).
+    const SINGLE: &[u8] = br#"Derive([("out","/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single","","")],[],[],"x86_64-linux","/bin/sh",["-c","echo hello > $out"],[("builder","/bin/sh"),("name","single"),("out","/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single"),("system","x86_64-linux")])"#;
+    const OUT: &str = "/nix/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-single";
+    const WRONG: &str = "/nix/store/00000000000000000000000000000000-single";
+
+    fn single(text: &[u8]) -> Derivation<'static> {
+        parse_derivation(&StoreDir::default(), text, "single")
+            .unwrap()
+            .into_owned()
+    }
+
+    fn fill(drv: &mut Derivation<'_>) -> Result<(), ModuloError<String>> {
+        let mut no_inputs = |p: &StorePath| Err(format!("no input {p}"));
+        drv.fill_output_paths(&StoreDir::default(), &mut no_inputs)
+    }
+
+    fn with(out_path: &str, env_out: Option<&str>) -> Derivation<'static> {
+        let mut text = String::from_utf8(SINGLE.to_vec()).unwrap().replacen(
+            &format!(r#"("out","{OUT}","","")"#),
+            &format!(r#"("out","{out_path}","","")"#),
+            1,
+        );
+        text = match env_out {
+            Some(v) => text.replace(&format!(r#"("out","{OUT}")"#), &format!(r#"("out","{v}")"#)),
+            None => text.replace(&format!(r#",("out","{OUT}")"#), ""),
+        };
+        single(text.as_bytes())
+    }
+
+    #[test]
+    fn fill_keeps_right_paths_and_computes_empty_ones() {
+        let sd = StoreDir::default();
+        let want = single(SINGLE);
+        for (path, env) in [
+            (OUT, Some(OUT)),
+            ("", Some("")),
+            ("", Some(OUT)),
+            (OUT, Some("")),
+        ] {
+            let mut drv = with(path, env);
+            fill(&mut drv).unwrap();
+            assert_eq!(drv, want, "path {path:?}, env {env:?}");
+        }
+        // A missing env variable is added as the evaluator has it, so that the result is
+        // a derivation Nix accepts (its path is not that of `single`: the env differs).
+        let mut drv = with("", None);
+        fill(&mut drv).unwrap();
+        assert!(drv.env.contains_key(b"out".as_slice()));
+        let path = drv.drv_path(&sd).unwrap();
+        let mut no_inputs = |p: &StorePath| Err(format!("no input {p}"));
+        drv.check_output_paths(&sd, &path, &mut no_inputs).unwrap();
+        // The right path spelt another way is the derivation as given: kept.
+        let odd = "/nix//store/./qhk42s8j7kqg82l6ncz33d8xx332vz9f-single";
+        let mut drv = with(OUT, Some(odd));
+        fill(&mut drv).unwrap();
+        assert_eq!(drv.env[b"out".as_slice()].as_ref(), odd.as_bytes());
+    }
+
+    #[test]
+    fn fill_refuses_wrong_paths_and_changes_nothing() {
+        let mut drv = with(WRONG, Some(OUT));
+        let before = drv.clone();
+        let e = fill(&mut drv).unwrap_err();
+        assert_eq!(drv, before);
+        let shown = StoreDir::default().display(&before.drv_path(&StoreDir::default()).unwrap());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "derivation '{shown}' has incorrect output '{WRONG}', should be '{OUT}' \
+                 (output 'out')"
+            )
+        );
+        for (path, env) in [(OUT, WRONG), ("", WRONG), ("", "not a path")] {
+            let mut drv = with(path, Some(env));
+            let before = drv.clone();
+            let e = fill(&mut drv).unwrap_err();
+            assert_eq!(drv, before);
+            assert!(
+                matches!(&e, ModuloError::IncorrectEnv { var, actual: Some(a), expected, .. }
+                    if var == "out" && a == env && expected == OUT),
+                "{e}"
+            );
+            assert!(e
+                .to_string()
+                .contains(&format!("should be '{OUT}' (it is '{env}')")));
+        }
     }
 }

@@ -505,8 +505,9 @@ impl Store {
     }
 
     /// `firn derivation add`: compute the output paths left empty (input derivations
-    /// must be valid), check the rest, write the `.drv` and register it with its
-    /// references and `DerivationOutputs` rows. With `dry_run`, only compute the path.
+    /// must be valid), refuse paths given wrong (`DerivationOutputCheck`, before
+    /// anything is written), write the `.drv` and register it with its references and
+    /// `DerivationOutputs` rows. With `dry_run`, only compute the path.
     pub fn add_derivation(
         &mut self,
         mut drv: Derivation<'static>,
@@ -528,10 +529,20 @@ impl Store {
         let mut lookup = |p: &StorePath| -> Result<InputDrvHash, ModuloError<StoreError>> {
             cache.get(&sd, p, &mut load)
         };
+        // Paths given must be right (Nix refuses such a `.drv` when it is registered);
+        // nothing is written before this check.
         drv.fill_output_paths(&sd, &mut lookup)
-            .map_err(|e| StoreError::DerivationOutputs {
-                path: format!("{drv_name}.drv (new)"),
-                source: Box::new(e),
+            .map_err(|e| match e {
+                e @ (ModuloError::IncorrectOutput { .. } | ModuloError::IncorrectEnv { .. }) => {
+                    StoreError::DerivationOutputCheck {
+                        path: format!("{drv_name}.drv (new)"),
+                        source: Box::new(e),
+                    }
+                }
+                e => StoreError::DerivationOutputs {
+                    path: format!("{drv_name}.drv (new)"),
+                    source: Box::new(e),
+                },
             })?;
         let invalid = |source| StoreError::DerivationInvalid {
             path: drv_name.clone(),
