@@ -73,6 +73,14 @@ pub enum BuildError {
     /// `max-jobs = 0` and no remote builder.
     #[error("unable to start any build; either increase '--max-jobs' or enable remote builds.")]
     NoBuildSlots { drv: String },
+    #[error(
+        "derivation '{drv}' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"
+    )]
+    NoChrootNotAllowed { drv: String },
+    #[error("'exportReferencesGraph' contains a non-store path '{path}'")]
+    ExportNonStorePath { path: String },
+    #[error("cannot export references of path '{path}' because it is not in the input closure of the derivation")]
+    ExportNotInInputs { path: String },
     #[error("sandbox-paths: '{path}' is not a valid store path")]
     SandboxPathNotValid { path: String },
     /// The plan could not be made.

@@ -38,8 +38,8 @@ pub struct Progress {
 
 /// What the worker reports. Every method has a default that ignores the event.
 pub trait BuildEvents {
-    /// A builder is about to start (Nix: "building '…'...").
-    fn build_started(&mut self, _drv: &StorePath) {}
+    /// A builder is about to start (Nix: "building '…'..."), in the sandbox or not.
+    fn build_started(&mut self, _drv: &StorePath, _sandboxed: bool) {}
     /// Output of a running builder, as it came.
     fn build_log(&mut self, _drv: &StorePath, _data: &[u8]) {}
     /// A goal finished on its own (built, found valid, or failed; not cancelled or

@@ -304,8 +304,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
             if !every_valid {
                 return self.fail(BuildError::CheckNotPossible { drv: shown });
             }
-            if cx.settings.sandbox == SandboxMode::Off {
-                return self.fail(BuildError::CheckNeedsSandbox);
+            match use_sandbox(cx.settings, &shown, &loaded.drv) {
+                Ok(true) => {}
+                Ok(false) => return self.fail(BuildError::CheckNeedsSandbox),
+                Err(e) => return self.fail(e),
             }
         } else if all_wanted_valid {
             return self.done(BuildResult::already_valid(loaded.outputs));
@@ -490,7 +492,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         }
         // Without the sandbox the builder writes into the real store: valid outputs go
         // to a fallback path instead (removed after the build).
-        let sandboxed = cx.settings.sandbox != SandboxMode::Off;
+        let sandboxed = use_sandbox(cx.settings, &shown, &loaded.drv)?;
         let mut redirected = BTreeMap::new();
         if !sandboxed && !self.check {
             for name in &valid {
@@ -511,7 +513,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         };
         let build_dir = cx
             .builder
-            .build_dir(&self.drv_path, user.as_ref())
+            .build_dir(&self.drv_path, user.as_ref(), sandboxed)
             .map_err(BuildError::Exec)?;
         let output_paths: BTreeMap<firn_derivation::ByteStr<'_>, StorePath> = loaded
             .outputs
@@ -524,6 +526,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 (k.as_bytes().to_vec(), v.as_bytes().to_vec())
             })
             .collect();
+        let exported = export_references(cx.store, &self.drv_path, &loaded.drv, &input_closure)?;
         let build_plan = plan(&PlanInput {
             drv: &loaded.drv,
             store_dir: &sd,
@@ -532,6 +535,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             cores: cx.settings.cores,
             caller_env: &caller_env,
             sandboxed,
+            exported: &exported,
         })
         .map_err(|source| BuildError::Plan {
             drv: shown.clone(),
@@ -552,7 +556,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         build_plan.rewrite_hashes(&input_rewrites);
         let log_path = crate::log::log_path(cx.store.root(), &self.drv_path);
         let log = BuildLog::create(log_path.clone()).map_err(io(log_path))?;
-        cx.events.build_started(&self.drv_path);
+        cx.events.build_started(&self.drv_path, sandboxed);
         let running = cx
             .builder
             .start(BuildJob {
@@ -563,6 +567,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 inputs: &input_closure,
                 sandbox_paths: &sandbox_paths,
                 user,
+                sandboxed,
             })
             .map_err(|source| match sandboxed {
                 true => BuildError::SandboxStart { drv: shown, source },
@@ -829,6 +834,136 @@ impl<R: RunningBuild> DerivationGoal<R> {
         };
         self.fail(why);
         was_building
+    }
+}
+
+/// The closures `exportReferencesGraph` asks for (Nix's `exportReferences`): each named
+/// path must be in the input closure; its closure is exported, and for every
+/// derivation in it, the closures of its outputs too.
+fn export_references(
+    store: &Store,
+    drv_path: &StorePath,
+    drv: &Derivation<'_>,
+    input_closure: &BTreeSet<StorePath>,
+) -> Result<BTreeMap<String, Vec<crate::plan::ExportedPath>>, BuildError> {
+    let sd = store.store_dir();
+    let requests =
+        crate::plan::export_references_requests(drv).map_err(|source| BuildError::Plan {
+            drv: sd.display(drv_path),
+            source,
+        })?;
+    let mut out = BTreeMap::new();
+    for req in requests {
+        let mut paths = BTreeSet::new();
+        for given in &req.paths {
+            // `isInStore` + `toStorePath`: the store path a path lies in.
+            let p = given
+                .strip_prefix(sd.as_str())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|base| StorePath::from_base_name(base.as_bytes()).ok())
+                .ok_or_else(|| BuildError::ExportNonStorePath {
+                    path: given.clone(),
+                })?;
+            if !input_closure.contains(&p) {
+                return Err(BuildError::ExportNotInInputs {
+                    path: sd.display(&p),
+                });
+            }
+            paths.extend(
+                store
+                    .db()
+                    .query_closure(std::slice::from_ref(&p), false)
+                    .map_err(StoreError::from)?,
+            );
+        }
+        let derivations: Vec<StorePath> = paths
+            .iter()
+            .filter(|p| p.is_derivation())
+            .cloned()
+            .collect();
+        for d in derivations {
+            let inner = store.read_derivation(&d)?;
+            let outs = inner
+                .output_paths_by_name(sd)
+                .map_err(|source| BuildError::Derivation {
+                    drv: sd.display(&d),
+                    source,
+                })?;
+            let outs: Vec<StorePath> = outs.into_values().collect();
+            for o in &outs {
+                if !store.db().is_valid_path(o).map_err(StoreError::from)? {
+                    return Err(StoreError::NotValid(sd.display(o)).into());
+                }
+            }
+            paths.extend(
+                store
+                    .db()
+                    .query_closure(&outs, false)
+                    .map_err(StoreError::from)?,
+            );
+        }
+        let mut graph = Vec::new();
+        for p in &paths {
+            let info = store
+                .db()
+                .query_path_info(p)
+                .map_err(StoreError::from)?
+                .ok_or_else(|| StoreError::NotValid(sd.display(p)))?;
+            let closure = store
+                .db()
+                .query_closure(std::slice::from_ref(p), false)
+                .map_err(StoreError::from)?;
+            let mut closure_size = 0;
+            for q in &closure {
+                closure_size += store
+                    .db()
+                    .query_path_info(q)
+                    .map_err(StoreError::from)?
+                    .map_or(0, |i| i.nar_size);
+            }
+            let mut references: Vec<String> =
+                info.references.iter().map(|r| sd.display(r)).collect();
+            references.sort();
+            graph.push(crate::plan::ExportedPath {
+                path: sd.display(p),
+                nar_hash: format!("{}:{}", info.nar_hash.algo(), info.nar_hash.to_nixbase32()),
+                nar_size: info.nar_size,
+                references,
+                ca: info.ca.clone(),
+                closure_size,
+            });
+        }
+        out.insert(req.name, graph);
+    }
+    Ok(out)
+}
+
+/// Whether `drv` builds in the sandbox: always with `sandbox = true` (where a
+/// `__noChroot` derivation is refused), never with `false`, and with `relaxed` unless it
+/// is fixed-output or sets `__noChroot` (Nix 2.8's `useChroot`).
+fn use_sandbox(
+    settings: &Settings,
+    drv_shown: &str,
+    drv: &Derivation<'_>,
+) -> Result<bool, BuildError> {
+    let no_chroot = match drv.env.get(b"__json".as_slice()) {
+        Some(json) => serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("__noChroot").and_then(|b| b.as_bool()))
+            .unwrap_or(false),
+        None => drv
+            .env
+            .get(b"__noChroot".as_slice())
+            .is_some_and(|v| v.as_ref() == b"1"),
+    };
+    match settings.sandbox {
+        SandboxMode::On if no_chroot => Err(BuildError::NoChrootNotAllowed {
+            drv: drv_shown.to_owned(),
+        }),
+        SandboxMode::On => Ok(true),
+        SandboxMode::Off => Ok(false),
+        SandboxMode::Relaxed => Ok(!drv.is_fixed_output() && !no_chroot),
     }
 }
 

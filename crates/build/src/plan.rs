@@ -31,7 +31,8 @@
 //! the `passAsFile`, `.attrs.json` and `.attrs.sh` files.
 //!
 //! Not handled here (they need the store or settings, not just the derivation):
-//! `exportReferencesGraph` (reported as [`PlanError::ExportReferencesGraph`]), the
+//! the closures `exportReferencesGraph` names (the caller reads them from the store:
+//! [`export_references_requests`] says which, [`PlanInput::exported`] brings them), the
 //! recursive-Nix `NIX_REMOTE`, hash rewriting of already-valid outputs in unsandboxed
 //! builds (the caller passes the paths the builder must write to), and the platform /
 //! system-features check.
@@ -77,6 +78,132 @@ pub struct PlanInput<'a> {
     /// Whether the build runs in the sandbox. Nix 2.8's environment does not depend on
     /// it beyond `build_dir`; it is carried into [`BuildPlan::sandboxed`] for the executor.
     pub sandboxed: bool,
+    /// For each name [`export_references_requests`] gave: the closure to export, sorted
+    /// by path (Nix's `exportReferences`).
+    pub exported: &'a BTreeMap<String, Vec<ExportedPath>>,
+}
+
+/// One path of an exported references graph, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedPath {
+    /// The store path, printed.
+    pub path: String,
+    /// `sha256:<nixbase32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// Printed, sorted.
+    pub references: Vec<String>,
+    /// The content address, rendered.
+    pub ca: Option<String>,
+    /// The sum of the NAR sizes of the path's closure.
+    pub closure_size: u64,
+}
+
+/// One `exportReferencesGraph` entry: the name (a file in the build directory, or a
+/// key of the structured attributes) and the store paths (as given) whose closure it
+/// gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub name: String,
+    pub paths: Vec<String>,
+}
+
+/// The `exportReferencesGraph` entries of `drv`. Without structured attributes it is
+/// `name1 path1 name2 path2 …` (an odd number of words is an error, and a name must be
+/// `[A-Za-z_][A-Za-z0-9_.-]*`); with them, an object of names to lists of paths.
+pub fn export_references_requests(drv: &Derivation<'_>) -> Result<Vec<ExportRequest>, PlanError> {
+    if let Some(json) = structured_attrs(drv)? {
+        let Some(Value::Object(graphs)) = json.get("exportReferencesGraph") else {
+            return Ok(Vec::new());
+        };
+        return Ok(graphs
+            .iter()
+            .map(|(name, v)| ExportRequest {
+                name: name.clone(),
+                paths: match v {
+                    Value::Array(items) => items
+                        .iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect(),
+                    Value::String(s) => vec![s.clone()],
+                    _ => Vec::new(),
+                },
+            })
+            .collect());
+    }
+    let Some(value) = drv.env.get(b"exportReferencesGraph".as_slice()) else {
+        return Ok(Vec::new());
+    };
+    let words = tokenize(value);
+    if !words.len().is_multiple_of(2) {
+        return Err(PlanError::ExportOddTokens(
+            String::from_utf8_lossy(value).into_owned(),
+        ));
+    }
+    let valid_name = |n: &[u8]| {
+        n.first()
+            .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+            && n.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+    };
+    words
+        .chunks(2)
+        .map(|pair| {
+            let name = String::from_utf8_lossy(pair[0]).into_owned();
+            if !valid_name(pair[0]) {
+                return Err(PlanError::ExportInvalidName(name));
+            }
+            Ok(ExportRequest {
+                name,
+                paths: vec![String::from_utf8_lossy(pair[1]).into_owned()],
+            })
+        })
+        .collect()
+}
+
+/// The closure file `exportReferencesGraph` writes (`makeValidityRegistration` without
+/// derivers or hashes): per path, the path, an empty deriver line, the number of
+/// references and the references.
+pub fn validity_registration(paths: &[ExportedPath]) -> Vec<u8> {
+    let mut s = String::new();
+    for p in paths {
+        s.push_str(&p.path);
+        s.push_str("\n\n");
+        s.push_str(&format!("{}\n", p.references.len()));
+        for r in &p.references {
+            s.push_str(r);
+            s.push('\n');
+        }
+    }
+    s.into_bytes()
+}
+
+/// The structured-attributes form (`pathInfoToJSON` without impure info, with the
+/// closure size).
+fn exported_json(paths: &[ExportedPath]) -> Value {
+    Value::Array(
+        paths
+            .iter()
+            .map(|p| {
+                let mut m = Map::new();
+                m.insert("path".into(), Value::String(p.path.clone()));
+                m.insert("narHash".into(), Value::String(p.nar_hash.clone()));
+                m.insert("narSize".into(), Value::Number(Number::from(p.nar_size)));
+                m.insert(
+                    "references".into(),
+                    Value::Array(p.references.iter().cloned().map(Value::String).collect()),
+                );
+                if let Some(ca) = &p.ca {
+                    m.insert("ca".into(), Value::String(ca.clone()));
+                }
+                m.insert(
+                    "closureSize".into(),
+                    Value::Number(Number::from(p.closure_size)),
+                );
+                Value::Object(m)
+            })
+            .collect(),
+    )
 }
 
 /// What to run, and how.
@@ -169,11 +296,13 @@ pub enum PlanError {
     StructuredAttrs { drv: String, reason: String },
     #[error("attribute '{attr}' of derivation '{drv}' must be a list of strings")]
     NotAListOfStrings { drv: String, attr: &'static str },
-    /// `exportReferencesGraph` needs the references of the input closure from the store.
-    #[error(
-        "derivation '{0}' uses 'exportReferencesGraph', which the build planner does not handle"
-    )]
-    ExportReferencesGraph(String),
+    #[error("odd number of tokens in 'exportReferencesGraph': '{0}'")]
+    ExportOddTokens(String),
+    #[error("invalid file name '{0}' in 'exportReferencesGraph'")]
+    ExportInvalidName(String),
+    /// The caller did not bring the closure of an `exportReferencesGraph` entry.
+    #[error("no closure given for '{0}' of 'exportReferencesGraph'")]
+    ExportMissing(String),
 }
 
 /// Compute the plan for building `input.drv`. Pure: the same input gives the same plan.
@@ -181,6 +310,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<BuildPlan, PlanError> {
     let drv = input.drv;
     let fixed_output = matches!(drv.derivation_type()?, DerivationType::FixedOutput);
     let structured = structured_attrs(drv)?;
+    let is_structured = structured.is_some();
     let outputs = output_paths(input)?;
     let rewrites: BTreeMap<Vec<u8>, Vec<u8>> = outputs
         .iter()
@@ -213,13 +343,6 @@ pub fn plan(input: &PlanInput<'_>) -> Result<BuildPlan, PlanError> {
 
     // (2) The derivation's own environment (initTmpDir), unless structured.
     if structured.is_none() {
-        if drv
-            .env
-            .get(b"exportReferencesGraph".as_slice())
-            .is_some_and(|v| !tokenize(v).is_empty())
-        {
-            return Err(PlanError::ExportReferencesGraph(drv.name.clone()));
-        }
         let pass_as_file: BTreeSet<&[u8]> = drv
             .env
             .get(b"passAsFile".as_slice())
@@ -258,17 +381,19 @@ pub fn plan(input: &PlanInput<'_>) -> Result<BuildPlan, PlanError> {
 
     // (6) Structured attributes (writeStructuredAttrs).
     if let Some(mut json) = structured {
-        if json
-            .get("exportReferencesGraph")
-            .is_some_and(|e| e.as_object().is_some_and(|o| !o.is_empty()))
-        {
-            return Err(PlanError::ExportReferencesGraph(drv.name.clone()));
-        }
         let outputs_json: Map<String, Value> = outputs
             .iter()
             .map(|(name, path)| (name.clone(), Value::String(path.clone())))
             .collect();
         json.insert("outputs".into(), Value::Object(outputs_json));
+        // prepareStructuredAttrs: each graph becomes a top-level attribute.
+        for req in export_references_requests(drv)? {
+            let paths = input
+                .exported
+                .get(&req.name)
+                .ok_or_else(|| PlanError::ExportMissing(req.name.clone()))?;
+            json.insert(req.name, exported_json(paths));
+        }
 
         let sh = rewrite_strings(&attrs_sh(&json), &rewrites);
         files.push((ATTRS_SH_FILE.into(), sh));
@@ -286,6 +411,18 @@ pub fn plan(input: &PlanInput<'_>) -> Result<BuildPlan, PlanError> {
             b"NIX_ATTRS_JSON_FILE",
             &in_build_dir(ATTRS_JSON_FILE),
         );
+    }
+
+    // exportReferencesGraph without structured attributes: one closure file each, after
+    // the others (startBuilder writes them last), not rewritten.
+    if !is_structured {
+        for req in export_references_requests(drv)? {
+            let paths = input
+                .exported
+                .get(&req.name)
+                .ok_or_else(|| PlanError::ExportMissing(req.name.clone()))?;
+            files.push((req.name, validity_registration(paths)));
+        }
     }
 
     // runChild: rewrite `name=value` (placeholders contain no `=`, so rewriting the two
@@ -772,6 +909,7 @@ mod tests {
             cores: 2,
             caller_env: &caller,
             sandboxed: true,
+            exported: &BTreeMap::new(),
         })
     }
 
@@ -1103,29 +1241,62 @@ mod tests {
     }
 
     #[test]
-    fn export_references_graph_is_refused() {
+    fn export_references_graph_requests_and_files() {
+        // Without the closure from the store: refused, naming the entry.
         let drv = drv_with_env(&[("exportReferencesGraph", "closure /nix/store/x")]);
         assert_eq!(
             run(&drv, &[]),
-            Err(PlanError::ExportReferencesGraph("t".into()))
+            Err(PlanError::ExportMissing("closure".into()))
+        );
+        assert_eq!(
+            export_references_requests(&drv).unwrap(),
+            [ExportRequest {
+                name: "closure".into(),
+                paths: vec!["/nix/store/x".into()]
+            }]
         );
         // Empty: nothing to export, as in Nix.
         let drv = drv_with_env(&[("exportReferencesGraph", " ")]);
         assert!(run(&drv, &[]).is_ok());
+        // Nix's messages for an odd list and a bad file name.
+        let drv = drv_with_env(&[("exportReferencesGraph", "a /nix/store/x b")]);
+        assert_eq!(
+            run(&drv, &[]).unwrap_err().to_string(),
+            "odd number of tokens in 'exportReferencesGraph': 'a /nix/store/x b'"
+        );
+        let drv = drv_with_env(&[("exportReferencesGraph", "../a /nix/store/x")]);
+        assert_eq!(
+            run(&drv, &[]).unwrap_err().to_string(),
+            "invalid file name '../a' in 'exportReferencesGraph'"
+        );
         let drv = drv_with_env(&[(
             "__json",
             r#"{"exportReferencesGraph":{"c":["/nix/store/x"]}}"#,
         )]);
-        assert!(matches!(
-            run(&drv, &[]),
-            Err(PlanError::ExportReferencesGraph(_))
-        ));
+        assert!(matches!(run(&drv, &[]), Err(PlanError::ExportMissing(_))));
         // Not an object: ignored by Nix's structured-attrs code.
         let drv = drv_with_env(&[(
             "__json",
             r#"{"exportReferencesGraph":["c","/nix/store/x"]}"#,
         )]);
         assert!(run(&drv, &[]).is_ok());
+        // The closure file: path, empty deriver, count, references.
+        let p = |path: &str, refs: &[&str]| ExportedPath {
+            path: path.into(),
+            nar_hash: "sha256:0".into(),
+            nar_size: 1,
+            references: refs.iter().map(|r| (*r).to_owned()).collect(),
+            ca: None,
+            closure_size: 1,
+        };
+        assert_eq!(
+            String::from_utf8(validity_registration(&[
+                p("/nix/store/a", &[]),
+                p("/nix/store/b", &["/nix/store/a", "/nix/store/b"])
+            ]))
+            .unwrap(),
+            "/nix/store/a\n\n0\n/nix/store/b\n\n2\n/nix/store/a\n/nix/store/b\n"
+        );
     }
 
     #[test]
@@ -1142,6 +1313,7 @@ mod tests {
             cores: 0,
             caller_env: &caller,
             sandboxed: false,
+            exported: &BTreeMap::new(),
         });
         assert_eq!(
             r,
@@ -1167,6 +1339,7 @@ mod tests {
             cores: 0,
             caller_env: &caller,
             sandboxed: false,
+            exported: &BTreeMap::new(),
         })
         .unwrap();
         assert_eq!(p.builtin(), Some(&b"fetchurl"[..]));

@@ -21,6 +21,8 @@ pub enum BuildStatus {
     DependencyFailed,
     MiscFailure,
     LogLimitExceeded,
+    /// The builder could not be given what it needs (a bad `exportReferencesGraph`).
+    InputRejected,
     /// `--check` found different output.
     NotDeterministic,
 }
@@ -41,6 +43,7 @@ impl BuildStatus {
             Self::DependencyFailed => "DependencyFailed",
             Self::MiscFailure => "MiscFailure",
             Self::LogLimitExceeded => "LogLimitExceeded",
+            Self::InputRejected => "InputRejected",
             Self::NotDeterministic => "NotDeterministic",
         }
     }
@@ -93,7 +96,8 @@ pub fn exit_status(results: &[&BuildResult]) -> u8 {
     for r in results {
         match r.status {
             BuildStatus::Built | BuildStatus::AlreadyValid => {}
-            BuildStatus::PermanentFailure => mask |= 0x04,
+            // Nix 2.8 marks an input rejected in `startBuilder` a permanent failure too.
+            BuildStatus::PermanentFailure | BuildStatus::InputRejected => mask |= 0x04,
             BuildStatus::TimedOut => mask |= 0x04 | 0x01,
             BuildStatus::NotDeterministic => mask |= 0x08,
             BuildStatus::HashMismatch => mask |= 0x04 | 0x02,
@@ -116,6 +120,12 @@ impl BuildError {
                 BuildStatus::DependencyFailed
             }
             Self::LogLimit { .. } => BuildStatus::LogLimitExceeded,
+            Self::ExportNonStorePath { .. }
+            | Self::ExportNotInInputs { .. }
+            | Self::Plan {
+                source: crate::plan::PlanError::ExportOddTokens(_),
+                ..
+            } => BuildStatus::InputRejected,
             Self::TimedOut { .. } | Self::Silent { .. } => BuildStatus::TimedOut,
             Self::BuilderFailed { .. } => BuildStatus::PermanentFailure,
             Self::Outputs(e) if e.is_hash_mismatch() => BuildStatus::HashMismatch,

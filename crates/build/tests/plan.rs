@@ -66,6 +66,7 @@ fn plan_with(base: &str, text: &[u8], cores: u32, caller: &[(&str, &str)]) -> Bu
         cores,
         caller_env: &caller,
         sandboxed: true,
+        exported: &BTreeMap::new(),
     })
     .unwrap()
 }

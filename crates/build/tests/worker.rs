@@ -112,6 +112,7 @@ impl Builder for FakeBuilder {
         &mut self,
         drv_path: &StorePath,
         _user: Option<&BuildUser>,
+        _sandboxed: bool,
     ) -> Result<BuildDir, ExecError> {
         let dir = self.staging.join(format!("build-{}", drv_path.name()));
         fs::create_dir_all(&dir).unwrap();
@@ -206,7 +207,7 @@ fn name(drv: &StorePath) -> &str {
 }
 
 impl BuildEvents for Recorder {
-    fn build_started(&mut self, drv: &StorePath) {
+    fn build_started(&mut self, drv: &StorePath, _sandboxed: bool) {
         self.lines.push(format!("start {}", name(drv)));
     }
     fn build_log(&mut self, drv: &StorePath, data: &[u8]) {

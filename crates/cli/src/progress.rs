@@ -41,10 +41,10 @@ impl TerminalEvents {
 }
 
 impl BuildEvents for TerminalEvents {
-    fn build_started(&mut self, drv: &StorePath) {
+    fn build_started(&mut self, drv: &StorePath, sandboxed: bool) {
         let line = format!("building '{}'...", self.store_dir.display(drv));
         self.progress.line(&line);
-        if let Some(file) = &self.unsandboxed_by {
+        if let Some(file) = self.unsandboxed_by.as_ref().filter(|_| !sandboxed) {
             let warning = format!(
                 "warning: building '{}' without the sandbox: 'sandbox = false' in '{file}' (--option sandbox true to build in it)",
                 self.store_dir.display(drv)

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
-use firn_build::{exit_status, BuildMode, BuildResult, SandboxMode, Wanted, Worker};
+use firn_build::{exit_status, BuildMode, BuildResult, Wanted, Worker};
 use firn_derivation::{OutputName, StorePath};
 
 use crate::error::CliError;
@@ -130,7 +130,6 @@ pub fn realise(
     let builder = LocalBuilder::new(LocalOptions {
         store_root: store.root().to_path_buf(),
         store_dir: sd.clone(),
-        sandbox: build.sandbox != SandboxMode::Off,
         build_users_group: build.build_users_group.clone(),
     });
     let mut events = TerminalEvents::new(sd.clone(), !settings.quiet, build.keep_going)

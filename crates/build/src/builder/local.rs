@@ -39,8 +39,6 @@ pub struct LocalOptions {
     /// The store's root (`/` for the real store).
     pub store_root: PathBuf,
     pub store_dir: StoreDir,
-    /// `sandbox`.
-    pub sandbox: bool,
     /// `build-users-group` ('' = build as the caller).
     pub build_users_group: String,
 }
@@ -175,9 +173,10 @@ impl Builder for LocalBuilder {
         &mut self,
         drv_path: &StorePath,
         user: Option<&BuildUser>,
+        sandboxed: bool,
     ) -> Result<BuildDir, ExecError> {
         let real = create_build_dir(drv_path.base_name(), user)?;
-        let seen = match self.options.sandbox {
+        let seen = match sandboxed {
             true => PathBuf::from(SANDBOX_BUILD_DIR),
             false => real.clone(),
         };
@@ -188,7 +187,7 @@ impl Builder for LocalBuilder {
         let opts = &self.options;
         let root_is_slash = opts.store_root == Path::new("/");
         let is_root = Uid::effective().is_root();
-        if !root_is_slash && !opts.sandbox && !is_root {
+        if !root_is_slash && !job.sandboxed && !is_root {
             return Err(ExecError::NeedRoot(opts.store_root.display().to_string()));
         }
         let user = job.user;
@@ -203,7 +202,7 @@ impl Builder for LocalBuilder {
         let real_store = self.real_store();
         let mut sandbox = None;
         let mut sandbox_setup = None;
-        if opts.sandbox {
+        if job.sandboxed {
             let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
             let sandbox_paths: Vec<(PathBuf, PathBuf, bool)> = job
                 .sandbox_paths

@@ -104,6 +104,8 @@ pub struct BuildJob<'a> {
     pub sandbox_paths: &'a [SandboxPath],
     /// The build user it runs as, if any.
     pub user: Option<BuildUser>,
+    /// In the sandbox, or (`sandbox = false`, or `relaxed` for this derivation) not.
+    pub sandboxed: bool,
 }
 
 /// A builder process that was started.
@@ -142,11 +144,13 @@ pub trait Builder {
     /// A build user for the next build.
     fn acquire_user(&mut self) -> Result<AcquiredUser, ExecError>;
 
-    /// A fresh build directory for `drv_path`, owned by `user`.
+    /// A fresh build directory for `drv_path`, owned by `user`, for a build in the
+    /// sandbox or not.
     fn build_dir(
         &mut self,
         drv_path: &StorePath,
         user: Option<&BuildUser>,
+        sandboxed: bool,
     ) -> Result<BuildDir, ExecError>;
 
     /// Start `job`'s builder.
