@@ -103,6 +103,20 @@ pub enum BuildError {
     Silent { drv: String, secs: u64 },
     #[error("builder for '{drv}' {exit}")]
     BuilderFailed { drv: String, exit: BuilderExit },
+    /// The kernel killed a process of the build at `build-memory-max`.
+    #[error("builder for '{drv}' {exit}: it ran out of memory at build-memory-max = {max} bytes")]
+    MemoryLimit {
+        drv: String,
+        exit: BuilderExit,
+        max: u64,
+    },
+    /// A fork of the build failed at `build-pids-max`.
+    #[error("builder for '{drv}' {exit}: it reached build-pids-max = {max} processes")]
+    ProcessLimit {
+        drv: String,
+        exit: BuilderExit,
+        max: u64,
+    },
     #[error(transparent)]
     Outputs(#[from] OutputError),
     /// Reading or writing the build's log or outputs.

@@ -679,11 +679,26 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let sd = cx.store.store_dir().clone();
         let shown = sd.display(&self.drv_path);
         let failed_exit = status.filter(|s| !s.success()).map(builder_exit);
+        let usage = build.running.usage();
+        let limits = (cx.settings.build_memory_max.0, cx.settings.build_pids_max.0);
         let outcome: Result<(), BuildError> = match (killed, failed_exit) {
             (Some(e), _) => Err(e),
-            (None, Some(exit)) => Err(BuildError::BuilderFailed {
-                drv: shown.clone(),
-                exit,
+            // A failure at a limit says which (the builder's own message may not).
+            (None, Some(exit)) => Err(match (usage, limits) {
+                (Some(u), (Some(max), _)) if u.oom_killed => BuildError::MemoryLimit {
+                    drv: shown.clone(),
+                    exit,
+                    max,
+                },
+                (Some(u), (_, Some(max))) if u.pids_limited => BuildError::ProcessLimit {
+                    drv: shown.clone(),
+                    exit,
+                    max,
+                },
+                _ => BuildError::BuilderFailed {
+                    drv: shown.clone(),
+                    exit,
+                },
             }),
             (None, None) if self.check => crate::check::compare_outputs(
                 cx.store,
@@ -743,6 +758,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             start_time,
             stop_time: unix_now(),
             log: Some(log.path().to_path_buf()),
+            usage,
         })
     }
 

@@ -60,6 +60,8 @@ pub struct BuildResult {
     pub start_time: u64,
     pub stop_time: u64,
     pub log: Option<PathBuf>,
+    /// What the build used, where its cgroup told (Nix HEAD's `cpuUser`, `cpuSystem`).
+    pub usage: Option<crate::builder::cgroup::Usage>,
 }
 
 impl BuildResult {
@@ -71,6 +73,7 @@ impl BuildResult {
             start_time: 0,
             stop_time: 0,
             log: None,
+            usage: None,
         }
     }
 
@@ -83,6 +86,7 @@ impl BuildResult {
             start_time: 0,
             stop_time: 0,
             log: None,
+            usage: None,
         }
     }
 }
@@ -127,7 +131,9 @@ impl BuildError {
                 ..
             } => BuildStatus::InputRejected,
             Self::TimedOut { .. } | Self::Silent { .. } => BuildStatus::TimedOut,
-            Self::BuilderFailed { .. } => BuildStatus::PermanentFailure,
+            Self::BuilderFailed { .. } | Self::MemoryLimit { .. } | Self::ProcessLimit { .. } => {
+                BuildStatus::PermanentFailure
+            }
             Self::Outputs(e) if e.is_hash_mismatch() => BuildStatus::HashMismatch,
             Self::Outputs(_) => BuildStatus::OutputRejected,
             Self::NotDeterministic { .. } => BuildStatus::NotDeterministic,

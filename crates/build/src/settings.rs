@@ -479,6 +479,12 @@ settings! {
     extra_platforms: StringSet = crate::platform::default_extra_platforms().into_iter().collect(), "extra-platforms", ["build-extra-platforms"];
     /// Features this machine offers to `requiredSystemFeatures`.
     system_features: StringSet = crate::platform::default_system_features().into_iter().collect(), "system-features";
+    /// Each build in a cgroup of its own (limits, accounting, killing all it started).
+    use_cgroups: bool = true, "use-cgroups";
+    /// The memory (with swap) a build may use, in bytes (0: no limit; needs cgroups).
+    build_memory_max: Bytes = Bytes(None), "build-memory-max";
+    /// The processes and threads a build may have at once (0: no limit; needs cgroups).
+    build_pids_max: Bytes = Bytes(None), "build-pids-max";
     /// Binary caches to substitute from (not used yet).
     substituters: Strings = Strings::default(), "substituters", ["binary-caches"];
     /// The garbage collector keeps the outputs of live derivations.

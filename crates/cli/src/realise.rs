@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 
+use firn_build::builder::cgroup::Limits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::{exit_status, BuildMode, BuildResult, Wanted, Worker};
 use firn_derivation::{OutputName, StorePath};
@@ -68,6 +69,14 @@ struct JsonResult<'a> {
     start_time: u64,
     #[serde(rename = "stopTime")]
     stop_time: u64,
+    /// Microseconds, as Nix HEAD's `cpuUser` and `cpuSystem`.
+    #[serde(rename = "cpuUser", skip_serializing_if = "Option::is_none")]
+    cpu_user: Option<u128>,
+    #[serde(rename = "cpuSystem", skip_serializing_if = "Option::is_none")]
+    cpu_system: Option<u128>,
+    /// Bytes.
+    #[serde(rename = "peakMemory", skip_serializing_if = "Option::is_none")]
+    peak_memory: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,7 +140,17 @@ pub fn realise(
         store_root: store.root().to_path_buf(),
         store_dir: sd.clone(),
         build_users_group: build.build_users_group.clone(),
+        use_cgroups: build.use_cgroups,
+        limits: Limits {
+            memory_max: build.build_memory_max.0,
+            pids_max: build.build_pids_max.0,
+        },
     });
+    if let Some(why) = builder.cannot_enforce_limits() {
+        eprintln!(
+            "warning: build-memory-max and build-pids-max cannot be enforced here ({why}); builds run without them"
+        );
+    }
     let mut events = TerminalEvents::new(sd.clone(), !settings.quiet, build.keep_going)
         .unsandboxed_by(settings.sandbox_off_from.clone());
     let mode = match args.check {
@@ -201,6 +220,9 @@ pub fn realise(
                     .collect(),
                 start_time: r.start_time,
                 stop_time: r.stop_time,
+                cpu_user: r.usage.and_then(|u| u.cpu_user).map(|d| d.as_micros()),
+                cpu_system: r.usage.and_then(|u| u.cpu_system).map(|d| d.as_micros()),
+                peak_memory: r.usage.and_then(|u| u.peak_memory),
                 error: r.error.as_ref().map(|e| e.to_string()),
                 log: r
                     .log

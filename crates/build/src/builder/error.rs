@@ -25,6 +25,8 @@ pub enum ExecError {
     GroupLookup { group: String, source: io::Error },
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
+    #[error("making the build's cgroup: {source}")]
+    Cgroup { source: io::Error },
     #[error("building in a store rooted at '{0}' needs root (the store is mounted at /nix/store for the builder); run as root or use the sandbox")]
     NeedRoot(String),
 }

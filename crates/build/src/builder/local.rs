@@ -26,6 +26,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid};
 
 use super::build_user::{kill_user, AcquiredUser, BuildUser};
+use super::cgroup::{BuildCgroup, Cgroups, Limits, Usage};
 use super::error::{cstring, io_err, ExecError};
 use super::sandbox::child::{enter_sandbox, SandboxSetup};
 use super::sandbox::{plan_sandbox, RootPool, SandboxInput, SandboxRoot};
@@ -41,6 +42,10 @@ pub struct LocalOptions {
     pub store_dir: StoreDir,
     /// `build-users-group` ('' = build as the caller).
     pub build_users_group: String,
+    /// `use-cgroups`: each build in a cgroup of its own where the machine has them.
+    pub use_cgroups: bool,
+    /// `build-memory-max`, `build-pids-max`.
+    pub limits: Limits,
 }
 
 /// Builds on this machine; owns the spare sandbox roots of its builds.
@@ -48,17 +53,34 @@ pub struct LocalOptions {
 pub struct LocalBuilder {
     options: LocalOptions,
     pool: RootPool,
+    /// The cgroup hierarchies this machine offers.
+    cgroups: Cgroups,
     /// Whether the host has `/dev/kvm` (bound into the sandbox, as Nix does).
     kvm: bool,
 }
 
 impl LocalBuilder {
     pub fn new(options: LocalOptions) -> Self {
+        let cgroups = match options.use_cgroups {
+            true => Cgroups::detect(),
+            false => Cgroups::default(),
+        };
         Self {
             options,
             pool: RootPool::new(),
+            cgroups,
             kvm: Path::new("/dev/kvm").exists(),
         }
+    }
+
+    /// Why the limits asked for cannot be enforced here, if they cannot (builds then
+    /// run without them).
+    pub fn cannot_enforce_limits(&self) -> Option<String> {
+        if !self.options.use_cgroups {
+            return (self.options.limits != Limits::default())
+                .then(|| "use-cgroups is false".to_owned());
+        }
+        self.cgroups.cannot_enforce(&self.options.limits)
     }
 
     fn real_store(&self) -> PathBuf {
@@ -78,6 +100,8 @@ pub struct LocalBuild {
     /// The sandbox's root, if sandboxed.
     root: Option<SandboxRoot>,
     real_store: PathBuf,
+    /// The build's cgroup, if the machine offers one.
+    cgroup: Option<BuildCgroup>,
 }
 
 impl RunningBuild for LocalBuild {
@@ -98,6 +122,9 @@ impl RunningBuild for LocalBuild {
 
     fn kill(&mut self) -> Option<ExitStatus> {
         kill_group(self.child.id());
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
         if let Some(u) = &self.user {
             kill_user(u.uid);
         }
@@ -113,6 +140,10 @@ impl RunningBuild for LocalBuild {
 
     fn build_uid(&self) -> Option<u32> {
         self.user.as_ref().map(|u| u.uid)
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.cgroup.as_ref().map(BuildCgroup::usage)
     }
 
     fn build_dir(&self) -> &Path {
@@ -225,6 +256,17 @@ impl Builder for LocalBuilder {
             sandbox_setup = Some(setup);
         }
         write_build_files(plan, &real_build_dir, user.as_ref())?;
+        let cgroup = match opts.use_cgroups {
+            true => self
+                .cgroups
+                .create(&opts.limits)
+                .map_err(|e| ExecError::Cgroup { source: e })?,
+            false => None,
+        };
+        let join_cgroups = cgroup
+            .as_ref()
+            .map(|c| c.procs_files().to_vec())
+            .unwrap_or_default();
         let spawned = spawn(
             plan,
             &real_build_dir,
@@ -233,6 +275,7 @@ impl Builder for LocalBuilder {
             user.as_ref(),
             sandbox_setup,
             is_root,
+            join_cgroups,
         );
         drop(step_writer);
         let (child, reader) = match spawned {
@@ -257,6 +300,7 @@ impl Builder for LocalBuilder {
             user,
             root: sandbox,
             real_store,
+            cgroup,
         })
     }
 
@@ -294,6 +338,9 @@ impl Builder for LocalBuilder {
             kill_user(u.uid);
         }
         kill_group(build.child.id());
+        // Everything the build started, wherever it went (cgroup.kill), and the
+        // cgroup itself.
+        drop(build.cgroup.take());
         let _ = build.child.try_wait();
         if let Some(root) = build.root.take() {
             self.pool.recycle(root);
@@ -335,6 +382,7 @@ fn spawn(
     user: Option<&BuildUser>,
     setup: Option<SandboxSetup>,
     is_root: bool,
+    join_cgroups: Vec<CString>,
 ) -> Result<(Child, io::PipeReader), ExecError> {
     let root_is_slash = store_root == Path::new("/");
     // Read-write, as Nix opens it.
@@ -374,14 +422,15 @@ fn spawn(
     if !root_is_slash && setup.is_none() {
         fs::create_dir_all(store_dir).map_err(io_err(Path::new(store_dir)))?;
     }
-    let before_exec = match setup {
-        Some(setup) => BeforeExec::Sandbox(Box::new(setup)),
-        None => BeforeExec::Unsandboxed(Unsandboxed {
+    let mode = match setup {
+        Some(setup) => ExecMode::Sandbox(Box::new(setup)),
+        None => ExecMode::Unsandboxed(Unsandboxed {
             private_mounts: is_root,
             store_bind,
             ids: user.map(|u| (Uid::from_raw(u.uid), Gid::from_raw(u.gid))),
         }),
     };
+    let before_exec = BeforeExec { join_cgroups, mode };
     sys::run_before_exec(&mut cmd, before_exec);
     let child = cmd.spawn().map_err(|source| ExecError::Spawn {
         program: String::from_utf8_lossy(&plan.program).into_owned(),
@@ -396,7 +445,16 @@ fn spawn(
 /// runs [`BeforeExec::run`]): system calls on data prepared before the fork, no
 /// allocation, no locks.
 #[derive(Debug)]
-pub(crate) enum BeforeExec {
+pub(crate) struct BeforeExec {
+    /// The `cgroup.procs` files of the build's cgroup, joined first (so that all the
+    /// builder starts is in it).
+    join_cgroups: Vec<CString>,
+    mode: ExecMode,
+}
+
+/// Where the builder goes.
+#[derive(Debug)]
+pub(crate) enum ExecMode {
     /// Into the sandbox ([`enter_sandbox`]).
     Sandbox(Box<SandboxSetup>),
     /// `sandbox = false`.
@@ -422,9 +480,12 @@ impl sys::ChildSetup for BeforeExec {
     fn run(&self, forked: &Forked) -> io::Result<()> {
         prctl::set_pdeathsig(Signal::SIGKILL)?;
         close_inherited_fds();
-        match self {
-            BeforeExec::Sandbox(setup) => enter_sandbox(forked, setup),
-            BeforeExec::Unsandboxed(u) => {
+        for procs in &self.join_cgroups {
+            sys::write_path(procs, b"0")?;
+        }
+        match &self.mode {
+            ExecMode::Sandbox(setup) => enter_sandbox(forked, setup),
+            ExecMode::Unsandboxed(u) => {
                 if u.private_mounts {
                     enter_private_mount_namespace(u.store_bind.as_ref())?;
                 }

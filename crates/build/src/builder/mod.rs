@@ -15,6 +15,7 @@
 //!   logic is tested without root.
 
 pub mod build_user;
+pub mod cgroup;
 pub mod error;
 pub mod local;
 pub mod sandbox;
@@ -127,6 +128,10 @@ pub trait RunningBuild {
     fn build_uid(&self) -> Option<u32>;
     /// The build directory on the host.
     fn build_dir(&self) -> &Path;
+    /// What the build used (CPU, memory) and which limit it hit, where a cgroup told.
+    fn usage(&self) -> Option<cgroup::Usage> {
+        None
+    }
 }
 
 /// Where the outputs of a finished build are.

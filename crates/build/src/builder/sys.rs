@@ -195,6 +195,19 @@ pub(crate) fn write_proc_file(pid: Pid, name: &[u8], data: &[u8]) -> Result<(), 
     }
 }
 
+/// Write `data` to the file `path` in one `write` (joining a cgroup: `0` to its
+/// `cgroup.procs`).
+pub(crate) fn write_path(path: &CStr, data: &[u8]) -> Result<(), Errno> {
+    let raw = nix::fcntl::open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    match nix::unistd::write(&fd, data) {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(_) => Err(Errno::EIO),
+        Err(e) => Err(e),
+    }
+}
+
 /// `/proc/<pid>/<name>` as a C string in `buf` (cut to fit), without allocating.
 fn proc_path<'b>(buf: &'b mut [u8; 64], pid: Pid, name: &[u8]) -> &'b CStr {
     let mut digits = [0u8; 12];
