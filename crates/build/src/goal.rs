@@ -550,7 +550,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             .collect();
         let mut build_plan = build_plan;
         build_plan.rewrite_hashes(&input_rewrites);
-        let log_path = crate::log::log_path(cx.store.root(), &self.drv_path);
+        let log_path = crate::log::log_path(&cx.store.layout().log_dir, &self.drv_path);
         let log = BuildLog::create(log_path.clone()).map_err(io(log_path))?;
         cx.events.build_started(&self.drv_path);
         let running = cx
@@ -880,8 +880,7 @@ fn fallback_path(sd: &firn_derivation::StoreDir, drv: &StorePath, output: &Store
 }
 
 /// `sandbox-paths` whose source is in the store bring their closure along, as in Nix;
-/// they are mounted from the store's real directory (so a store rooted elsewhere than
-/// `/` works). Returns the remaining entries and the store paths.
+/// they are mounted from the store's real directory (so a chroot store works). Returns the remaining entries and the store paths.
 fn sandbox_paths_in_store(
     store: &Store,
     paths: &[SandboxPath],
@@ -914,7 +913,7 @@ fn sandbox_paths_in_store(
                     .unwrap_or(&entry.source);
                 rest.push(SandboxPath {
                     target: entry.target.clone(),
-                    source: store.root().join("nix/store").join(rel),
+                    source: store.real_store_dir().join(rel),
                     optional: entry.optional,
                 });
             }

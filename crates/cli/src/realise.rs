@@ -128,8 +128,9 @@ pub fn realise(
     }
     crate::interrupt::install_handlers();
     let builder = LocalBuilder::new(LocalOptions {
-        store_root: store.root().to_path_buf(),
+        real_store: store.real_store_dir().to_path_buf(),
         store_dir: sd.clone(),
+        userpool: settings.userpool.clone(),
         sandbox: build.sandbox != SandboxMode::Off,
         build_users_group: build.build_users_group.clone(),
     });
