@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use firn_derivation::StoreDir;
-use firn_store::layout::{location_vars_set, userpool_dir};
+use firn_store::layout::{location_vars_set, nix_store_dir, userpool_dir};
 use firn_store::StoreLayout;
 
 use crate::error::CliError;
@@ -94,8 +94,10 @@ impl Settings {
 /// Where the store is, by precedence:
 ///
 /// 1. `--store ROOT` (or `FIRN_STORE`): Nix's chroot store at `ROOT`
-///    ([`StoreLayout::chroot`]), whatever the variables below say — as Nix's
-///    `--store ROOT`, whose `root` setting overrides `NIX_STORE_DIR` and the rest;
+///    ([`StoreLayout::chroot_in`]): objects in `ROOT/nix/store`, state in
+///    `ROOT/nix/var/nix`, logs in `ROOT/nix/var/log/nix` whatever `NIX_STATE_DIR` and
+///    `NIX_LOG_DIR` say; the logical store dir is `/nix/store` unless `NIX_STORE_DIR`
+///    (or `NIX_STORE`) names another, as with Nix 2.8's `--store ROOT`;
 /// 2. else, when one of `NIX_STORE_DIR`, `NIX_STORE`, `NIX_STATE_DIR`, `NIX_LOG_DIR` is
 ///    set, or when running as root: the store those name, with Nix's defaults for the
 ///    others ([`StoreLayout::from_env`]; as root and none set, that is `/nix/store`,
@@ -108,7 +110,7 @@ pub fn store_layout(
     is_root: bool,
 ) -> Result<StoreLayout, firn_store::LayoutError> {
     if let Some(root) = root {
-        return Ok(StoreLayout::chroot(&root));
+        return Ok(StoreLayout::chroot_in(&root, nix_store_dir(&env)?));
     }
     if is_root || location_vars_set(&env) {
         return StoreLayout::from_env(env);
@@ -136,13 +138,25 @@ mod tests {
 
     #[test]
     fn store_wins_then_variables_then_the_users_chroot() {
-        let vars = [("NIX_STORE_DIR", "/tmp/t/store"), ("HOME", "/home/u")];
+        let vars = [
+            ("NIX_STORE_DIR", "/tmp/t/store"),
+            ("NIX_STATE_DIR", "/tmp/t/var"),
+            ("HOME", "/home/u"),
+        ];
+        // `--store` keeps state and logs under ROOT, and the logical store dir of the
+        // variables (Nix 2.8's `--store ROOT` with NIX_STORE_DIR set).
         let l = store_layout(Some("/r".into()), env(&vars), false).unwrap();
+        assert_eq!(l.store_dir.as_str(), "/tmp/t/store");
+        assert_eq!(l.real_store_dir, Path::new("/r/nix/store"));
+        assert_eq!(l.state_dir, Path::new("/r/nix/var/nix"));
+        assert_eq!(l.log_dir, Path::new("/r/nix/var/log/nix"));
+        let l = store_layout(Some("/r".into()), env(&vars[1..]), false).unwrap();
         assert_eq!(l, StoreLayout::chroot(Path::new("/r")));
         for is_root in [false, true] {
             let l = store_layout(None, env(&vars), is_root).unwrap();
             assert_eq!(l.store_dir.as_str(), "/tmp/t/store");
-            assert_eq!(l.state_dir, Path::new("/nix/var/nix"));
+            assert_eq!(l.state_dir, Path::new("/tmp/t/var"));
+            assert_eq!(l.log_dir, Path::new("/nix/var/log/nix"));
         }
         let l = store_layout(None, env(&[("NIX_LOG_DIR", "/l"), ("HOME", "/h")]), false);
         assert_eq!(l.unwrap().log_dir, Path::new("/l"));

@@ -4,7 +4,9 @@
 //! Two ways to get one, as Nix does:
 //!
 //! - [`StoreLayout::chroot`] for `--store ROOT` (Nix's `root` store setting): the
-//!   logical store dir stays `/nix/store`, everything else is under `ROOT`:
+//!   logical store dir stays `/nix/store`, everything else is under `ROOT`
+//!   ([`StoreLayout::chroot_in`] with another logical store dir: Nix's `--store ROOT`
+//!   keeps the one `NIX_STORE_DIR` names, [`nix_store_dir`]):
 //!
 //!   ```text
 //!   real store dir   ROOT/nix/store
@@ -70,9 +72,16 @@ impl StoreLayout {
     /// Nix's chroot store at `root` (`--store ROOT`): logical `/nix/store`, the rest
     /// under `root` (made absolute, as Nix's `absPath`).
     pub fn chroot(root: &Path) -> Self {
+        Self::chroot_in(root, StoreDir::default())
+    }
+
+    /// Nix's chroot store at `root` whose store paths are named in `store_dir`: the
+    /// objects in `ROOT/nix/store` whatever `store_dir` is, state and logs under `root`
+    /// (what Nix 2.8 makes of `--store ROOT` with `NIX_STORE_DIR` set).
+    pub fn chroot_in(root: &Path, store_dir: StoreDir) -> Self {
         let root = absolute(root);
         Self {
-            store_dir: StoreDir::default(),
+            store_dir,
             real_store_dir: root.join("nix/store"),
             state_dir: root.join("nix/var/nix"),
             log_dir: root.join("nix/var/log/nix"),
@@ -83,22 +92,9 @@ impl StoreLayout {
     /// `NIX_STATE_DIR` and `NIX_LOG_DIR` as `lookup` gives them (`std::env::var_os`
     /// for the process's environment). A variable that is set counts, even empty.
     pub fn from_env(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, LayoutError> {
-        let (var, dir) = match (lookup("NIX_STORE_DIR"), lookup("NIX_STORE")) {
-            (Some(v), _) => ("NIX_STORE_DIR", v),
-            (None, Some(v)) => ("NIX_STORE", v),
-            (None, None) => ("NIX_STORE_DIR", OsString::from(DEFAULT_STORE_DIR)),
-        };
-        let dir = canon_var(var, &dir)?;
-        let text = dir.to_str().ok_or_else(|| LayoutError::NotUtf8 {
-            var,
-            value: dir.to_string_lossy().into_owned(),
-        })?;
-        let store_dir = StoreDir::new(text).map_err(|_| LayoutError::NotAbsolute {
-            var,
-            value: text.to_owned(),
-        })?;
+        let store_dir = nix_store_dir(&lookup)?;
         Ok(Self {
-            real_store_dir: dir,
+            real_store_dir: PathBuf::from(store_dir.as_str()),
             store_dir,
             state_dir: nix_state_dir(&lookup)?,
             log_dir: var_or(&lookup, "NIX_LOG_DIR", DEFAULT_LOG_DIR)?,
@@ -157,6 +153,25 @@ impl StoreLayout {
     pub fn drv_log_dir(&self) -> PathBuf {
         self.log_dir.join("drvs")
     }
+}
+
+/// Nix's `settings.nixStore`, the logical store dir of every local store (a chroot one
+/// too): `NIX_STORE_DIR`, else `NIX_STORE`, else `/nix/store`.
+pub fn nix_store_dir(lookup: impl Fn(&str) -> Option<OsString>) -> Result<StoreDir, LayoutError> {
+    let (var, dir) = match (lookup("NIX_STORE_DIR"), lookup("NIX_STORE")) {
+        (Some(v), _) => ("NIX_STORE_DIR", v),
+        (None, Some(v)) => ("NIX_STORE", v),
+        (None, None) => ("NIX_STORE_DIR", OsString::from(DEFAULT_STORE_DIR)),
+    };
+    let dir = canon_var(var, &dir)?;
+    let text = dir.to_str().ok_or_else(|| LayoutError::NotUtf8 {
+        var,
+        value: dir.to_string_lossy().into_owned(),
+    })?;
+    StoreDir::new(text).map_err(|_| LayoutError::NotAbsolute {
+        var,
+        value: text.to_owned(),
+    })
 }
 
 /// Nix's `settings.nixStateDir`: `NIX_STATE_DIR`, else `/nix/var/nix` — the machine's,
