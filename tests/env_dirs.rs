@@ -408,7 +408,7 @@ fn gc_in_the_store_the_variables_name_deletes_what_nix_would() {
         .unwrap()
         .map(|e| fs::read_link(e.unwrap().path()).unwrap())
         .collect();
-    assert_eq!(auto, [result.clone()]);
+    assert_eq!(auto, std::slice::from_ref(&result));
     assert_eq!(
         ok(d.firn(&["query", "--roots", top_out.trim()])),
         ok(d.nix("nix-store", &["-q", "--roots", top_out.trim()]))

@@ -290,7 +290,7 @@ impl Store {
     /// The store object `path` (logical or physical) is in, if any.
     fn store_path_in(&self, path: &Path) -> Result<Option<StorePath>, StoreError> {
         let real_store = &self.layout.real_store_dir;
-        let logical = if let Ok(rest) = path.strip_prefix(&real_store) {
+        let logical = if let Ok(rest) = path.strip_prefix(real_store) {
             rest
         } else if let Ok(rest) = path.strip_prefix(self.layout.store_dir.as_str()) {
             rest
