@@ -880,7 +880,8 @@ fn fallback_path(sd: &firn_derivation::StoreDir, drv: &StorePath, output: &Store
 }
 
 /// `sandbox-paths` whose source is in the store bring their closure along, as in Nix;
-/// they are mounted from the store's real directory (so a chroot store works). Returns the remaining entries and the store paths.
+/// they are mounted from the store's real directory (so a store rooted elsewhere than
+/// `/` works). Returns the remaining entries and the store paths.
 fn sandbox_paths_in_store(
     store: &Store,
     paths: &[SandboxPath],
