@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use firn_derivation::StorePath;
 use firn_store::lock::PathLocks;
-use firn_store::{Registration, Store, ValidPathInfo};
+use firn_store::{Registration, Store, StoreLayout, ValidPathInfo};
 
 fn firn(root: &Path, args: &[&str]) -> Output {
     let mut all = vec!["--store", root.to_str().unwrap()];
@@ -110,7 +110,7 @@ fn register_output(root: &Path, drv: &str, content: &[u8]) -> String {
     fs::write(&at, content).unwrap();
     firn_store::canonical::canonicalise_path_metadata(&at).unwrap();
     let (nar_hash, nar_size) = firn_store::nar::hash_path(&at).unwrap();
-    let mut store = Store::open(root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(root)).unwrap();
     store
         .db_mut()
         .register_valid_paths(&[Registration {
@@ -141,7 +141,7 @@ fn entries(root: &Path) -> BTreeSet<String> {
 }
 
 fn valid_paths(root: &Path) -> BTreeSet<String> {
-    let store = Store::open(root).unwrap();
+    let store = Store::open(&StoreLayout::chroot(root)).unwrap();
     let all = store.db().query_all_valid_paths().unwrap();
     all.iter().map(|p| store.store_dir().display(p)).collect()
 }
@@ -368,7 +368,7 @@ fn temp_roots_of_live_processes_protect_and_dead_ones_are_removed() {
     let never = "/nix/store/00000000000000000000000000000000-not-yet";
 
     // This process uses `p` (and is about to create `never`), as a build would.
-    let store = Store::open(r).unwrap();
+    let store = Store::open(&StoreLayout::chroot(r)).unwrap();
     store.add_temp_root(&sp(&p)).unwrap();
     store.add_temp_root(&sp(never)).unwrap();
     store.add_temp_root(&sp(&p)).unwrap(); // cheap and idempotent
@@ -488,7 +488,7 @@ fn adds_wait_for_a_running_collection_which_never_deletes_what_they_produce() {
     let with_nix = have_nix();
 
     // While a collection holds the GC lock, an add waits for it.
-    let store = Store::open(r).unwrap();
+    let store = Store::open(&StoreLayout::chroot(r)).unwrap();
     let gc = store.lock_gc(true).unwrap();
     let adder = firn_command()
         .args([
@@ -882,7 +882,7 @@ fn what_a_crash_mid_collection_leaves_is_accepted_and_collected_later() {
     // deleted (crash during the deletion). The referrer went first, so no valid path
     // refers to an invalid one.
     {
-        let mut store = Store::open(r).unwrap();
+        let mut store = Store::open(&StoreLayout::chroot(r)).unwrap();
         for p in [&drv, &tree] {
             store
                 .db_mut()

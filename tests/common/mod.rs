@@ -12,12 +12,24 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-/// A `Command` for `cmd`; for firn itself, one that reads no settings file of this
-/// machine (its `/etc/nix/nix.conf` says `sandbox = false`, and tests state their
-/// settings themselves) and no `FIRN_STORE`.
+/// The variables that choose a store when no `--store` is given (Nix's and firn's);
+/// tests that want them set them themselves.
+pub const STORE_VARS: [&str; 5] = [
+    "FIRN_STORE",
+    "NIX_STORE_DIR",
+    "NIX_STORE",
+    "NIX_STATE_DIR",
+    "NIX_LOG_DIR",
+];
+
+/// A `Command` for `cmd`, with none of [`STORE_VARS`]; for firn itself, one that reads
+/// no settings file of this machine (its `/etc/nix/nix.conf` says `sandbox = false`,
+/// and tests state their settings themselves).
 pub fn command(cmd: &str) -> Command {
     let mut c = Command::new(cmd);
-    c.env_remove("FIRN_STORE");
+    for v in STORE_VARS {
+        c.env_remove(v);
+    }
     if cmd == firn_bin() {
         isolate_settings(&mut c);
     }
@@ -38,7 +50,9 @@ pub fn isolate_settings(c: &mut Command) -> &mut Command {
 /// the firn it starts sees no settings file either.
 pub fn command_isolated(cmd: &str) -> Command {
     let mut c = Command::new(cmd);
-    c.env_remove("FIRN_STORE");
+    for v in STORE_VARS {
+        c.env_remove(v);
+    }
     isolate_settings(&mut c);
     c
 }

@@ -554,7 +554,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             .collect();
         let mut build_plan = build_plan;
         build_plan.rewrite_hashes(&input_rewrites);
-        let log_path = crate::log::log_path(cx.store.root(), &self.drv_path);
+        let log_path = crate::log::log_path(&cx.store.layout().log_dir, &self.drv_path);
         let log = BuildLog::create(log_path.clone()).map_err(io(log_path))?;
         cx.events.build_started(&self.drv_path, sandboxed);
         let running = cx
@@ -1065,7 +1065,7 @@ fn sandbox_paths_in_store(
                     .unwrap_or(&entry.source);
                 rest.push(SandboxPath {
                     target: entry.target.clone(),
-                    source: store.root().join("nix/store").join(rel),
+                    source: store.real_store_dir().join(rel),
                     optional: entry.optional,
                 });
             }

@@ -1,5 +1,6 @@
 //! A running build's log: the builder's output, bzip2-compressed, at
-//! `ROOT/nix/var/log/nix/drvs/<2 chars>/<rest>.bz2` (written under a temporary name and
+//! `LOG/drvs/<2 chars>/<rest>.bz2` (LOG is the store's log dir: `ROOT/nix/var/log/nix`,
+//! `NIX_LOG_DIR`) (written under a temporary name and
 //! renamed when the build is over, as Nix does), with the size so far (for
 //! `max-build-log-size`), the time of the last output (for `max-silent-time`) and the
 //! last lines (for messages and the progress line).
@@ -15,10 +16,12 @@ use firn_derivation::StorePath;
 /// How many lines of output to keep for messages.
 pub const TAIL_LINES: usize = 10;
 
-/// Where the build log of `drv` is kept in the store rooted at `root`.
-pub fn log_path(root: &Path, drv: &StorePath) -> PathBuf {
+/// Where the build log of `drv` is kept, `log_dir` being the store's log directory
+/// ([`firn_store::StoreLayout::log_dir`]), as Nix 2.8's `LocalStore::addBuildLog`.
+pub fn log_path(log_dir: &Path, drv: &StorePath) -> PathBuf {
     let base = drv.base_name();
-    root.join("nix/var/log/nix/drvs")
+    log_dir
+        .join("drvs")
         .join(&base[..2])
         .join(format!("{}.bz2", &base[2..]))
 }
@@ -146,7 +149,7 @@ mod tests {
         let path = log_path(&dir, &drv);
         assert_eq!(
             path,
-            dir.join("nix/var/log/nix/drvs/qh/k42s8j7kqg82l6ncz33d8xx332vz9f-x.drv.bz2")
+            dir.join("drvs/qh/k42s8j7kqg82l6ncz33d8xx332vz9f-x.drv.bz2")
         );
         let mut log = BuildLog::create(path.clone()).unwrap();
         log.write(b"one\ntwo\rTWO\nthr").unwrap();
@@ -163,7 +166,7 @@ mod tests {
         .unwrap();
         assert_eq!(text, "one\ntwo\rTWO\nthr");
         // A log dropped unfinished leaves nothing.
-        let other = dir.join("nix/var/log/nix/drvs/zz/other.bz2");
+        let other = dir.join("drvs/zz/other.bz2");
         drop(BuildLog::create(other.clone()).unwrap());
         assert_eq!(fs::read_dir(other.parent().unwrap()).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&dir);

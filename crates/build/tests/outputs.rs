@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use firn_build::outputs::{register_outputs, BuiltOutputs, OutputError};
 use firn_derivation::{name_from_drv_base_name, parse_derivation, Derivation, StoreDir, StorePath};
-use firn_store::Store;
+use firn_store::{Store, StoreLayout};
 
 fn tempdir(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("firn-outputs-{tag}-{}", std::process::id()));
@@ -72,7 +72,7 @@ fn built<'d>(drv_path: &'d StorePath, drv: &'d Derivation<'d>) -> BuiltOutputs<'
 #[test]
 fn single_output_registers_like_nix() {
     let root = tempdir("single");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let (drv_path, text) = fixture_drv("single");
     let drv = parse(&drv_path, &text);
     let b = built(&drv_path, &drv);
@@ -99,7 +99,7 @@ fn single_output_registers_like_nix() {
 #[test]
 fn missing_and_suspicious_outputs_are_rejected() {
     let root = tempdir("missing");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let (drv_path, text) = fixture_drv("single");
     let drv = parse(&drv_path, &text);
     let b = built(&drv_path, &drv);
@@ -120,7 +120,7 @@ fn missing_and_suspicious_outputs_are_rejected() {
 #[test]
 fn fixed_output_mismatch_registers_the_actual_path_like_nix() {
     let root = tempdir("fod");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let (drv_path, text) = fixture_drv("fixed-wrong");
     let drv = parse(&drv_path, &text);
     let b = built(&drv_path, &drv);
@@ -150,7 +150,7 @@ fn fixed_output_mismatch_registers_the_actual_path_like_nix() {
 #[test]
 fn multi_output_references_are_scanned_and_ordered() {
     let root = tempdir("multi");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let (drv_path, text) = fixture_drv("multi");
     let drv = parse(&drv_path, &text);
     let b = built(&drv_path, &drv);
@@ -176,7 +176,7 @@ fn multi_output_references_are_scanned_and_ordered() {
 #[test]
 fn output_cycles_are_rejected() {
     let root = tempdir("cycle");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let (drv_path, text) = fixture_drv("multi");
     let drv = parse(&drv_path, &text);
     let b = built(&drv_path, &drv);
@@ -204,7 +204,7 @@ fn output_cycles_are_rejected() {
 #[test]
 fn allowed_references_are_enforced() {
     let root = tempdir("allowed");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let (drv_path, text) = fixture_drv("single");
     let mut drv = parse(&drv_path, &text);
     drv.env
@@ -233,7 +233,7 @@ fn allowed_references_are_enforced() {
 #[test]
 fn other_reference_constraints() {
     let root = tempdir("constraints");
-    let mut store = Store::open(&root).unwrap();
+    let mut store = Store::open(&StoreLayout::chroot(&root)).unwrap();
     let sd = StoreDir::default();
     // A valid dependency chain in the store: top -> mid -> base.
     let src = root.join("src");
@@ -268,7 +268,7 @@ fn other_reference_constraints() {
             env.iter().map(|(k, _)| *k).collect::<Vec<_>>().join("-")
         ));
         // Each case in its own store, with the same valid inputs.
-        let mut s2 = Store::open(&root2).unwrap();
+        let mut s2 = Store::open(&StoreLayout::chroot(&root2)).unwrap();
         let b2 = s2
             .add_to_store(
                 &src.join("base"),

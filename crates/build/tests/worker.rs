@@ -26,7 +26,7 @@ use firn_build::{
     Wanted, Worker,
 };
 use firn_derivation::{OutputName, StorePath};
-use firn_store::Store;
+use firn_store::{Store, StoreLayout};
 
 /// How the fake builder behaves for a derivation (by name).
 #[derive(Debug, Clone, Default)]
@@ -254,7 +254,7 @@ impl Env {
             .status();
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("staging")).unwrap();
-        let store = Store::open(&dir.join("root")).unwrap();
+        let store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
         let builder = FakeBuilder {
             staging: dir.join("staging"),
             shared: Rc::new(RefCell::new(Shared::default())),
@@ -484,7 +484,7 @@ fn a_rebuild_leaves_valid_outputs_alone_when_it_fails_and_when_it_succeeds() {
                 assert_ne!(seen_out, &real_out, "the valid output is redirected");
                 assert!(seen_out.ends_with("-two"), "{seen_out}");
                 // And nothing of the fallback path is left.
-                let fallback = env.store.root().join(seen_out.trim_start_matches('/'));
+                let fallback = env.store.layout().real_path_of(Path::new(seen_out));
                 assert!(!fallback.exists());
             }
             _ => assert_eq!(seen_out, &real_out),

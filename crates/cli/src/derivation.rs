@@ -60,11 +60,8 @@ fn locate(arg: &Path, settings: &Settings) -> (String, PathBuf) {
         .strip_prefix(store)
         .is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/'));
     if in_store {
-        // A logical store path: read it from the configured root.
-        (
-            abs_str.into_owned(),
-            settings.physical(&abs.to_string_lossy()),
-        )
+        // A logical store path: read it from the real store directory.
+        (abs_str.into_owned(), settings.layout.real_path_of(&abs))
     } else {
         (format!("{store}/{base}"), arg.to_path_buf())
     }

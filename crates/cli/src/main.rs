@@ -23,6 +23,7 @@ use settings::Settings;
 #[command(name = "firn", version, about, max_term_width = 100)]
 struct Cli {
     /// Root of the store, in Nix's chroot-store layout (ROOT/nix/store, ROOT/nix/var/nix/db).
+    /// Without it: the store NIX_STORE_DIR, NIX_STATE_DIR, NIX_LOG_DIR name, as for Nix.
     #[arg(long, global = true, value_name = "ROOT", env = "FIRN_STORE")]
     store: Option<std::path::PathBuf>,
 

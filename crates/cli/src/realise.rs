@@ -137,8 +137,9 @@ pub fn realise(
     }
     crate::interrupt::install_handlers();
     let builder = LocalBuilder::new(LocalOptions {
-        store_root: store.root().to_path_buf(),
+        real_store: store.real_store_dir().to_path_buf(),
         store_dir: sd.clone(),
+        userpool: settings.userpool.clone(),
         build_users_group: build.build_users_group.clone(),
         use_cgroups: build.use_cgroups,
         limits: Limits {

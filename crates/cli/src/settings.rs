@@ -1,20 +1,25 @@
-//! The CLI's settings: the store root, `--quiet`, and the build settings: firn-build's
+//! The CLI's settings: where the store is, `--quiet`, and the build settings: firn-build's
 //! typed [`firn_build::Settings`], from the settings files in `nix.conf` syntax
 //! ([`firn_build::config`] has where they are and their precedence) and then
 //! `--option NAME VALUE` on top.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use firn_derivation::StoreDir;
+use firn_store::layout::{location_vars_set, nix_store_dir, userpool_dir};
+use firn_store::StoreLayout;
 
 use crate::error::CliError;
 
 #[derive(Debug)]
 pub struct Settings {
-    /// Physical root of the store (`--store`, `FIRN_STORE`); `None` means `/`.
-    pub root: Option<PathBuf>,
-    /// The logical store directory.
+    /// Where the store is ([`store_layout`]).
+    pub layout: StoreLayout,
+    /// The logical store directory (`layout`'s).
     pub store_dir: StoreDir,
+    /// Where build users are locked: `$NIX_STATE_DIR/userpool`, whatever `--store`.
+    pub userpool: PathBuf,
     /// Every Nix setting, typed.
     pub build: firn_build::Settings,
     /// Settings given that neither firn nor Nix knows (Nix warns about them, once).
@@ -70,38 +75,99 @@ impl Settings {
         }
         let sandbox_off_from =
             sandbox_from.filter(|_| build.sandbox == firn_build::SandboxMode::Off);
+        let env = |k: &str| std::env::var_os(k);
+        let layout = store_layout(root, env, nix::unistd::Uid::effective().is_root())
+            .map_err(|e| CliError::usage(e.to_string()))?;
+        let userpool = userpool_dir(env).map_err(|e| CliError::usage(e.to_string()))?;
         Ok(Self {
-            root,
+            store_dir: layout.store_dir.clone(),
+            layout,
+            userpool,
             build,
             quiet,
-            store_dir: StoreDir::default(),
             warnings,
             sandbox_off_from,
         })
     }
+}
 
-    /// The store root: `--store`/`FIRN_STORE`, else `/` for root (like Nix), else
-    /// `$XDG_DATA_HOME/firn/root` (`~/.local/share/firn/root`).
-    pub fn store_root(&self) -> PathBuf {
-        if let Some(r) = &self.root {
-            return r.clone();
+/// Where the store is, by precedence:
+///
+/// 1. `--store ROOT` (or `FIRN_STORE`): Nix's chroot store at `ROOT`
+///    ([`StoreLayout::chroot_in`]): objects in `ROOT/nix/store`, state in
+///    `ROOT/nix/var/nix`, logs in `ROOT/nix/var/log/nix` whatever `NIX_STATE_DIR` and
+///    `NIX_LOG_DIR` say; the logical store dir is `/nix/store` unless `NIX_STORE_DIR`
+///    (or `NIX_STORE`) names another, as with Nix 2.8's `--store ROOT`;
+/// 2. else, when one of `NIX_STORE_DIR`, `NIX_STORE`, `NIX_STATE_DIR`, `NIX_LOG_DIR` is
+///    set, or when running as root: the store those name, with Nix's defaults for the
+///    others ([`StoreLayout::from_env`]; as root and none set, that is `/nix/store`,
+///    `/nix/var/nix`, `/nix/var/log/nix`, like Nix);
+/// 3. else (an ordinary user, no variable): the chroot store at
+///    `$XDG_DATA_HOME/firn/root` (`~/.local/share/firn/root`).
+pub fn store_layout(
+    root: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<OsString>,
+    is_root: bool,
+) -> Result<StoreLayout, firn_store::LayoutError> {
+    if let Some(root) = root {
+        return Ok(StoreLayout::chroot_in(&root, nix_store_dir(&env)?));
+    }
+    if is_root || location_vars_set(&env) {
+        return StoreLayout::from_env(env);
+    }
+    let data = env("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    Ok(StoreLayout::chroot(&data.join("firn/root")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| OsString::from(v))
         }
-        if nix::unistd::Uid::effective().is_root() {
-            return PathBuf::from("/");
-        }
-        let data = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-            .unwrap_or_else(|| PathBuf::from("/tmp"));
-        data.join("firn/root")
     }
 
-    /// Where a logical store path lives on disk.
-    pub fn physical(&self, logical: &str) -> PathBuf {
-        match &self.root {
-            Some(root) if root.as_os_str() != "/" => root.join(logical.trim_start_matches('/')),
-            _ => PathBuf::from(logical),
+    #[test]
+    fn store_wins_then_variables_then_the_users_chroot() {
+        let vars = [
+            ("NIX_STORE_DIR", "/tmp/t/store"),
+            ("NIX_STATE_DIR", "/tmp/t/var"),
+            ("HOME", "/home/u"),
+        ];
+        // `--store` keeps state and logs under ROOT, and the logical store dir of the
+        // variables (Nix 2.8's `--store ROOT` with NIX_STORE_DIR set).
+        let l = store_layout(Some("/r".into()), env(&vars), false).unwrap();
+        assert_eq!(l.store_dir.as_str(), "/tmp/t/store");
+        assert_eq!(l.real_store_dir, Path::new("/r/nix/store"));
+        assert_eq!(l.state_dir, Path::new("/r/nix/var/nix"));
+        assert_eq!(l.log_dir, Path::new("/r/nix/var/log/nix"));
+        let l = store_layout(Some("/r".into()), env(&vars[1..]), false).unwrap();
+        assert_eq!(l, StoreLayout::chroot(Path::new("/r")));
+        for is_root in [false, true] {
+            let l = store_layout(None, env(&vars), is_root).unwrap();
+            assert_eq!(l.store_dir.as_str(), "/tmp/t/store");
+            assert_eq!(l.state_dir, Path::new("/tmp/t/var"));
+            assert_eq!(l.log_dir, Path::new("/nix/var/log/nix"));
         }
+        let l = store_layout(None, env(&[("NIX_LOG_DIR", "/l"), ("HOME", "/h")]), false);
+        assert_eq!(l.unwrap().log_dir, Path::new("/l"));
+        let l = store_layout(None, env(&[("HOME", "/h")]), false).unwrap();
+        assert_eq!(
+            l,
+            StoreLayout::chroot(Path::new("/h/.local/share/firn/root"))
+        );
+        let l = store_layout(None, env(&[("HOME", "/h")]), true).unwrap();
+        assert_eq!(l, StoreLayout::chroot(Path::new("/")));
+        let e = store_layout(None, env(&[("NIX_STATE_DIR", "var")]), true).unwrap_err();
+        assert_eq!(e.to_string(), "NIX_STATE_DIR: not an absolute path: 'var'");
     }
 }

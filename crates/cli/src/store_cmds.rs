@@ -25,7 +25,7 @@ pub fn open(settings: &Settings) -> Result<Store, CliError> {
     let options = firn_store::StoreOptions {
         build_users_group: settings.build.build_users_group.clone(),
     };
-    let mut store = Store::open_with(&settings.store_root(), &options)?;
+    let mut store = Store::open_with(&settings.layout, &options)?;
     store.set_reporter(Reporter::new(|m| eprintln!("{m}")));
     Ok(store)
 }
@@ -66,23 +66,21 @@ pub fn add_fixed(
 
 /// `nix-store --dump PATH`: the NAR of any file system object, a symlink at PATH as a
 /// symlink (never followed), without opening the store. A logical store path (one that,
-/// made absolute lexically, is inside the store dir) is read from under the store root,
+/// made absolute lexically, is inside the store dir) is read from the real store dir,
 /// as everything is with `--store ROOT`; any other PATH is the file as given.
 pub fn dump(settings: &Settings, path: &Path, out: &mut impl Write) -> Result<(), CliError> {
-    let root = settings.store_root();
-    let logical = firn_store::store::absolute(path);
+    let layout = &settings.layout;
+    let mut logical = firn_store::store::absolute(path);
+    // `link/` means what `link` points to, as for the kernel.
+    if path.as_os_str().as_bytes().ends_with(b"/") {
+        logical.push("");
+    }
     let in_store = logical
         .strip_prefix(settings.store_dir.as_str())
         .is_ok_and(|rest| rest.components().next().is_some());
-    let file = if in_store && root != Path::new("/") {
-        let mut file = root.join(logical.strip_prefix("/").unwrap_or(&logical));
-        // `link/` means what `link` points to, as for the kernel.
-        if path.as_os_str().as_bytes().ends_with(b"/") {
-            file.push("");
-        }
-        file
-    } else {
-        path.to_path_buf()
+    let file = match in_store && layout.is_relocated() {
+        true => layout.real_path_of(&logical),
+        false => path.to_path_buf(),
     };
     let mut buf = io::BufWriter::with_capacity(1 << 20, out);
     firn_store::nar::dump_path(&file, &mut buf).map_err(|e| match e {
@@ -92,9 +90,9 @@ pub fn dump(settings: &Settings, path: &Path, out: &mut impl Write) -> Result<()
             CliError::BrokenPipe
         }
         e if file != path => CliError::usage(format!(
-            "{e} (the store path '{}' is read under the store root '{}')",
+            "{e} (the store path '{}' is read from the real store directory '{}')",
             path.display(),
-            root.display()
+            layout.real_store_dir.display()
         )),
         e => CliError::usage(e.to_string()),
     })?;
@@ -498,7 +496,7 @@ pub fn log(settings: &Settings, arg: &str, out: &mut impl Write) -> Result<(), C
         );
     }
     for d in candidates.iter().filter(|d| d.is_derivation()) {
-        let file = firn_build::log::log_path(store.root(), d);
+        let file = firn_build::log::log_path(&store.layout().log_dir, d);
         if let Ok(f) = std::fs::File::open(&file) {
             let mut dec = bzip2::read::BzDecoder::new(f);
             io::copy(&mut dec, out).map_err(|e| match e.kind() {

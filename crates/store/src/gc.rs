@@ -496,7 +496,7 @@ impl Store {
     /// held `.lock`, the `.chroot` of a build whose output lock is held, the `.check`
     /// or the half-built content of a path whose lock is held.
     fn entry_in_use(&self, name: &str) -> Result<bool, StoreError> {
-        let real = self.root().join("nix/store").join(name);
+        let real = self.real_store_dir().join(name);
         let sd = self.store_dir();
         let parse = |base: &str| sd.parse(&format!("{}/{base}", sd.as_str())).ok();
         Ok(if name.ends_with(".lock") {
@@ -510,10 +510,7 @@ impl Store {
                 None => false,
             }
         } else if let Some(out) = name.strip_suffix(".check") {
-            lock_busy(&with_suffix(
-                &self.root().join("nix/store").join(out),
-                ".lock",
-            ))
+            lock_busy(&with_suffix(&self.real_store_dir().join(out), ".lock"))
         } else {
             lock_busy(&with_suffix(&real, ".lock"))
         })
@@ -523,7 +520,7 @@ impl Store {
     /// temporary (`.<base>.tmp-<pid>`) whose path is temp-rooted or whose process
     /// lives, a Nix temporary directory (`tmp-…`) that is locked.
     fn junk_in_use(&self, name: &str, temp_hashes: &HashSet<String>) -> bool {
-        let real = self.root().join("nix/store").join(name);
+        let real = self.real_store_dir().join(name);
         if let Some((base, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) {
             let rooted = base.get(..32).is_some_and(|h| temp_hashes.contains(h));
             let alive = !pid.is_empty()
@@ -548,7 +545,7 @@ impl Store {
         results: &mut GcResults,
         log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<(), StoreError> {
-        let real = self.root().join("nix/store").join(name);
+        let real = self.real_store_dir().join(name);
         let shown = format!("{}/{name}", self.store_dir().as_str());
         let io_err = |source| StoreError::Io {
             path: real.clone(),
@@ -595,7 +592,7 @@ impl Store {
         results: &mut GcResults,
         log: &mut dyn FnMut(&StoreMessage),
     ) -> Result<(), StoreError> {
-        let links = self.root().join("nix/store/.links");
+        let links = self.real_store_dir().join(".links");
         let Ok(entries) = fs::read_dir(&links) else {
             return Ok(());
         };
@@ -676,7 +673,7 @@ impl Store {
         let dead_valid: BTreeSet<StorePath> = valid.difference(&live).cloned().collect();
 
         // The other entries of the store directory.
-        let real_store = self.root().join("nix/store");
+        let real_store = self.real_store_dir().to_path_buf();
         let mut names: Vec<String> = fs::read_dir(&real_store)
             .map_err(|source| StoreError::Io {
                 path: real_store.clone(),

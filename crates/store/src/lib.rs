@@ -3,7 +3,9 @@
 //! - [`nar`]: NAR serialisation (dump, streaming hash, validated restore);
 //! - [`references`]: scanning content for the hash parts of store paths;
 //! - [`db`]: the SQLite database with Nix's schema;
-//! - [`store`]: a [`Store`] opened on a root with Nix's chroot-store layout;
+//! - [`layout`]: where a store is ([`StoreLayout`]: a chroot root, or Nix's
+//!   `NIX_STORE_DIR`/`NIX_STATE_DIR`/`NIX_LOG_DIR`);
+//! - [`store`]: a [`Store`] opened on a [`StoreLayout`];
 //! - [`gc`]: garbage collection: roots, liveness, deletion; [`temproots`]: temporary
 //!   roots and the GC lock; [`roots`]: permanent and indirect roots named as Nix does;
 //! - [`verify`]: `nix-store --verify`;
@@ -15,6 +17,7 @@ pub mod canonical;
 pub mod db;
 pub mod error;
 pub mod gc;
+pub mod layout;
 pub mod lock;
 pub mod message;
 pub mod nar;
@@ -27,6 +30,7 @@ pub mod verify;
 pub use db::{Database, DbError, Registration, ValidPathInfo};
 pub use error::StoreError;
 pub use gc::{AliveReason, GcAction, GcOptions, GcResults, Needer};
+pub use layout::{LayoutError, StoreLayout};
 pub use message::{Reporter, StoreMessage};
 pub use store::{Store, StoreOptions};
 pub use verify::{VerifyEvent, VerifyOptions, VerifyReport};

@@ -77,7 +77,7 @@ impl Store {
     pub fn add_perm_root(&self, link: &Path, path: &StorePath) -> Result<PathBuf, StoreError> {
         let link = absolute(link);
         let sd = self.store_dir().as_str();
-        if link.starts_with(sd) || link.starts_with(self.root().join("nix/store")) {
+        if link.starts_with(sd) || link.starts_with(self.real_store_dir()) {
             return Err(StoreError::RootInStore { path: link });
         }
         self.add_temp_root(path)?;
@@ -106,6 +106,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::StoreLayout;
     use firn_derivation::FileIngestionMethod;
 
     #[test]
@@ -128,7 +129,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let src = dir.join("hello.txt");
         fs::write(&src, "hello\n").unwrap();
-        let mut store = Store::open(&dir.join("root")).unwrap();
+        let mut store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
         let p = store
             .add_to_store(&src, FileIngestionMethod::Recursive, HashAlgo::Sha256)
             .unwrap()
@@ -187,7 +188,7 @@ mod tests {
             "creating a garbage collector root (/nix/store/foo) in the Nix store is \
              forbidden (are you running nix-build inside the store?)"
         );
-        let physical = store.root().join("nix/store/foo");
+        let physical = store.real_store_dir().join("foo");
         assert!(matches!(
             store.add_perm_root(&physical, &p),
             Err(StoreError::RootInStore { .. })

@@ -1,11 +1,12 @@
-//! A store opened on a root directory with Nix's chroot-store layout:
+//! A store opened on a [`StoreLayout`] (Nix's chroot store under `--store ROOT`, or the
+//! directories `NIX_STORE_DIR`, `NIX_STATE_DIR`, `NIX_LOG_DIR` name):
 //!
 //! ```text
-//! ROOT/nix/store/                  the logical /nix/store (mode 1775)
-//! ROOT/nix/var/nix/db/db.sqlite    schema 10; ROOT/nix/var/nix/db/schema holds "10"
-//! ROOT/nix/var/nix/db/big-lock     held shared while the store is open (as Nix does)
-//! ROOT/nix/var/nix/{gcroots,temproots,profiles}/
-//! ROOT/nix/var/log/nix/drvs/
+//! REAL/                  the store objects (REAL is ROOT/nix/store or the store dir; 1775)
+//! STATE/db/db.sqlite     schema 10; STATE/db/schema holds "10"
+//! STATE/db/big-lock      held shared while the store is open (as Nix does)
+//! STATE/{gcroots,temproots,profiles}/
+//! LOG/drvs/
 //! ```
 //!
 //! Adding content follows one order so that a path is valid only once it is complete:
@@ -27,6 +28,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::canonical::{canonicalise_path_metadata, delete_path};
 use crate::db::{Database, Registration, ValidPathInfo, SCHEMA_VERSION};
+use crate::layout::StoreLayout;
 use crate::lock::PathLocks;
 use crate::message::{Reporter, StoreMessage};
 use crate::nar::{self, NarError};
@@ -34,6 +36,7 @@ use crate::temproots::{self, GcLock, TempRootsHandle};
 
 use crate::error::io_err;
 pub use crate::error::StoreError;
+pub use crate::layout::absolute;
 
 /// Content-address assertion strings as Nix writes them in the `ca` column.
 pub fn text_ca(hash: &Hash) -> String {
@@ -60,8 +63,7 @@ pub fn now() -> i64 {
 /// An open store.
 #[derive(Debug)]
 pub struct Store {
-    root: PathBuf,
-    store_dir: StoreDir,
+    layout: StoreLayout,
     db: Database,
     /// This process's temporary-roots file, opened on the first root added.
     temp_roots: std::sync::Mutex<Option<TempRootsHandle>>,
@@ -87,22 +89,29 @@ impl Default for StoreOptions {
 }
 
 impl Store {
-    /// Open the store at `root`, creating its layout and database if needed.
-    pub fn open(root: &Path) -> Result<Self, StoreError> {
-        Self::open_with(root, &StoreOptions::default())
+    /// Open the store `layout` describes, creating its directories and database if
+    /// needed.
+    pub fn open(layout: &StoreLayout) -> Result<Self, StoreError> {
+        Self::open_with(layout, &StoreOptions::default())
     }
 
     /// [`Store::open`] with `options`.
-    pub fn open_with(root: &Path, options: &StoreOptions) -> Result<Self, StoreError> {
-        let store_dir = StoreDir::default();
-        let real_store = root.join("nix/store");
-        let var = root.join("nix/var/nix");
+    pub fn open_with(layout: &StoreLayout, options: &StoreOptions) -> Result<Self, StoreError> {
+        // Absolute, so that roots and messages name the same files from anywhere.
+        let layout = StoreLayout {
+            store_dir: layout.store_dir.clone(),
+            real_store_dir: absolute(&layout.real_store_dir),
+            state_dir: absolute(&layout.state_dir),
+            log_dir: absolute(&layout.log_dir),
+        };
+        let store_dir = layout.store_dir.clone();
+        let real_store = layout.real_store_dir.clone();
         for d in [
-            var.join("db"),
-            var.join("gcroots"),
-            var.join("temproots"),
-            var.join("profiles"),
-            root.join("nix/var/log/nix/drvs"),
+            layout.db_dir(),
+            layout.gcroots_dir(),
+            layout.temproots_dir(),
+            layout.profiles_dir(),
+            layout.drv_log_dir(),
         ] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
@@ -134,7 +143,7 @@ impl Store {
                 }
             }
         }
-        let db_dir = var.join("db");
+        let db_dir = layout.db_dir();
         let big = db_dir.join("big-lock");
         let big_file = OpenOptions::new()
             .read(true)
@@ -167,9 +176,7 @@ impl Store {
         }
         let db = Database::open(&db_dir.join("db.sqlite"), store_dir.clone())?;
         Ok(Self {
-            // Absolute, so that roots and messages name the same files from anywhere.
-            root: absolute(root),
-            store_dir,
+            layout,
             db,
             temp_roots: std::sync::Mutex::new(None),
             reporter: Reporter::discard(),
@@ -194,9 +201,9 @@ impl Store {
         self.reporter.report(m)
     }
 
-    /// `ROOT/nix/var/nix`.
+    /// The state directory (`ROOT/nix/var/nix`, `NIX_STATE_DIR`).
     pub fn state_dir(&self) -> PathBuf {
-        self.root.join("nix/var/nix")
+        self.layout.state_dir.clone()
     }
 
     /// Protect `path` from the garbage collector for as long as this process keeps a
@@ -221,7 +228,7 @@ impl Store {
             }
         };
         let mut file = handle.lock().unwrap_or_else(|p| p.into_inner());
-        file.add(path, &self.store_dir.display(path), &self.reporter)
+        file.add(path, &self.layout.store_dir.display(path), &self.reporter)
     }
 
     /// Take the global GC lock: exclusive for a collection (no temporary root can be
@@ -230,12 +237,19 @@ impl Store {
         temproots::lock_gc(&self.state_dir(), exclusive, &self.reporter)
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the store is (all its directories absolute).
+    pub fn layout(&self) -> &StoreLayout {
+        &self.layout
     }
 
+    /// The logical store directory, which store paths name.
     pub fn store_dir(&self) -> &StoreDir {
-        &self.store_dir
+        &self.layout.store_dir
+    }
+
+    /// The store objects' real directory (`ROOT/nix/store`, or the store dir itself).
+    pub fn real_store_dir(&self) -> &Path {
+        &self.layout.real_store_dir
     }
 
     pub fn db(&self) -> &Database {
@@ -248,11 +262,11 @@ impl Store {
 
     /// Where the store object `p` lives on disk.
     pub fn real_path(&self, p: &StorePath) -> PathBuf {
-        self.root.join("nix/store").join(p.base_name())
+        self.layout.real_path(p)
     }
 
     /// Parse a path given on the command line: a logical store path, a physical path
-    /// below `ROOT/nix/store`, anything inside a store object (the object is meant), or
+    /// below the real store dir, anything inside a store object (the object is meant), or
     /// a symlink outside the store that leads into it, such as `./result`
     /// (`followLinksToStorePath`).
     pub fn parse_path_arg(&self, arg: &str) -> Result<StorePath, StoreError> {
@@ -275,10 +289,10 @@ impl Store {
 
     /// The store object `path` (logical or physical) is in, if any.
     fn store_path_in(&self, path: &Path) -> Result<Option<StorePath>, StoreError> {
-        let real_store = self.root.join("nix/store");
-        let logical = if let Ok(rest) = path.strip_prefix(&real_store) {
+        let real_store = &self.layout.real_store_dir;
+        let logical = if let Ok(rest) = path.strip_prefix(real_store) {
             rest
-        } else if let Ok(rest) = path.strip_prefix(self.store_dir.as_str()) {
+        } else if let Ok(rest) = path.strip_prefix(self.layout.store_dir.as_str()) {
             rest
         } else {
             return Ok(None);
@@ -288,17 +302,17 @@ impl Store {
         };
         let full = format!(
             "{}/{}",
-            self.store_dir.as_str(),
+            self.layout.store_dir.as_str(),
             first.as_os_str().to_string_lossy()
         );
-        Ok(Some(self.store_dir.parse(&full)?))
+        Ok(Some(self.layout.store_dir.parse(&full)?))
     }
 
     /// Like [`Self::parse_path_arg`] but the path must be valid.
     pub fn valid_path_arg(&self, arg: &str) -> Result<StorePath, StoreError> {
         let p = self.parse_path_arg(arg)?;
         if !self.db.is_valid_path(&p)? {
-            return Err(StoreError::NotValid(self.store_dir.display(&p)));
+            return Err(StoreError::NotValid(self.layout.store_dir.display(&p)));
         }
         Ok(p)
     }
@@ -306,7 +320,7 @@ impl Store {
     fn lock(&self, p: &StorePath) -> Result<PathLocks, StoreError> {
         let locks = PathLocks::lock([self.real_path(p)], true, |_| {
             self.report(&StoreMessage::WaitingForLock {
-                path: self.store_dir.display(p),
+                path: self.layout.store_dir.display(p),
             });
         })?;
         Ok(locks.unwrap_or_default())
@@ -339,7 +353,7 @@ impl Store {
         let real = self.real_path(&path);
         // Leftovers of an interrupted add are not valid: remove them.
         delete_path(&real).map_err(io_err(&real))?;
-        let tmp = self.root.join("nix/store").join(format!(
+        let tmp = self.layout.real_store_dir.join(format!(
             ".{}.tmp-{}",
             path.base_name(),
             std::process::id()
@@ -420,7 +434,10 @@ impl Store {
             }
         };
         let fixed = FixedOutputHash { method, hash };
-        let path = self.store_dir.make_fixed_output_path(&fixed, &name)?;
+        let path = self
+            .layout
+            .store_dir
+            .make_fixed_output_path(&fixed, &name)?;
         let src = src.to_path_buf();
         self.add_content(
             path,
@@ -440,7 +457,10 @@ impl Store {
         drv_outputs: BTreeMap<String, StorePath>,
     ) -> Result<ValidPathInfo, StoreError> {
         let hash = Hash::sha256(contents);
-        let path = self.store_dir.make_text_path(name, &hash, &references)?;
+        let path = self
+            .layout
+            .store_dir
+            .make_text_path(name, &hash, &references)?;
         self.add_content(path, references, Some(text_ca(&hash)), drv_outputs, |tmp| {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -460,7 +480,7 @@ impl Store {
         path: &StorePath,
         file: &Path,
     ) -> Result<BTreeMap<String, StorePath>, StoreError> {
-        let sd = &self.store_dir;
+        let sd = &self.layout.store_dir;
         let shown = sd.display(path);
         let text = fs::read(file).map_err(io_err(file))?;
         let name = name_from_drv_base_name(path.base_name());
@@ -495,9 +515,9 @@ impl Store {
         let real = self.real_path(drv);
         let text = fs::read(&real).map_err(io_err(&real))?;
         let name = name_from_drv_base_name(drv.base_name());
-        let parsed = parse_derivation(&self.store_dir, &text, name).map_err(|source| {
+        let parsed = parse_derivation(&self.layout.store_dir, &text, name).map_err(|source| {
             StoreError::DerivationParse {
-                path: self.store_dir.display(drv),
+                path: self.layout.store_dir.display(drv),
                 source,
             }
         })?;
@@ -513,7 +533,7 @@ impl Store {
         mut drv: Derivation<'static>,
         dry_run: bool,
     ) -> Result<StorePath, StoreError> {
-        let sd = self.store_dir.clone();
+        let sd = self.layout.store_dir.clone();
         for p in drv.references() {
             // Keep the inputs from being collected between this check and the
             // registration that refers to them.
@@ -614,26 +634,6 @@ fn sync_tree(path: &Path) {
             }
         }
     }
-}
-
-/// Make `p` absolute and resolve `.` and `..` lexically (no symlinks followed).
-pub fn absolute(p: &Path) -> PathBuf {
-    let joined = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(p)
-    };
-    let mut out = PathBuf::from("/");
-    for c in joined.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::Normal(n) => out.push(n),
-            _ => {}
-        }
-    }
-    out
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StoreError> {

@@ -200,6 +200,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::StoreLayout;
     use firn_derivation::{FileIngestionMethod, HashAlgo};
     use std::os::unix::fs::PermissionsExt;
 
@@ -223,7 +224,7 @@ mod tests {
         let dir = tmp("gone");
         let src = dir.join("hello.txt");
         fs::write(&src, "hello\n").unwrap();
-        let mut store = Store::open(&dir.join("root")).unwrap();
+        let mut store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
         let p = store
             .add_to_store(&src, FileIngestionMethod::Recursive, HashAlgo::Sha256)
             .unwrap()
@@ -262,7 +263,7 @@ mod tests {
         let dir = tmp("modified");
         let src = dir.join("f");
         fs::write(&src, "one").unwrap();
-        let mut store = Store::open(&dir.join("root")).unwrap();
+        let mut store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
         let p = store
             .add_to_store(&src, FileIngestionMethod::Flat, HashAlgo::Sha256)
             .unwrap()
@@ -296,14 +297,14 @@ mod tests {
         let dir = tmp("unreadable");
         let src = dir.join("f");
         fs::write(&src, "x").unwrap();
-        let mut store = Store::open(&dir.join("root")).unwrap();
+        let mut store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
         let p = store
             .add_to_store(&src, FileIngestionMethod::Recursive, HashAlgo::Sha256)
             .unwrap()
             .path;
         // The store directory becomes a symlink loop: every lstat below it fails with
         // ELOOP, which says nothing about the path (root is not stopped by modes).
-        let real_store = store.root().join("nix/store");
+        let real_store = store.real_store_dir().to_path_buf();
         fs::rename(&real_store, dir.join("store-moved")).unwrap();
         std::os::unix::fs::symlink("store", &real_store).unwrap();
         let err = store

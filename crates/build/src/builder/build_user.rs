@@ -1,5 +1,5 @@
 //! Build users: members of `build-users-group`, locked in Nix's user pool
-//! (`/nix/var/nix/userpool/<uid>`), so that concurrent builds — firn's or Nix's — never
+//! (`$NIX_STATE_DIR/userpool/<uid>`, `/nix/var/nix/userpool` by default), so that concurrent builds — firn's or Nix's — never
 //! share a uid. Only root builds as build users; otherwise builds run as the caller.
 
 use std::fs::{self, File, OpenOptions};
@@ -12,7 +12,7 @@ use nix::unistd::{Group, Uid, User};
 use crate::builder::error::{io_err, ExecError};
 
 /// A build user taken from the `nixbld` group, locked in the user pool like Nix does
-/// (`/nix/var/nix/userpool/<uid>`), so concurrent builds — firn's or Nix's — never share
+/// (`$NIX_STATE_DIR/userpool/<uid>`), so concurrent builds — firn's or Nix's — never share
 /// a uid and cannot signal each other.
 #[derive(Debug)]
 pub struct BuildUser {
@@ -36,8 +36,9 @@ pub enum AcquiredUser {
 impl BuildUser {
     /// A free member of `group` (`build-users-group`). Only root uses build users (as
     /// Nix); an empty `group` means builds run as the caller. A group that does not
-    /// exist or has no members is an error, never a build as root.
-    pub fn acquire(group: &str) -> Result<AcquiredUser, ExecError> {
+    /// exist or has no members is an error, never a build as root. Users are locked
+    /// in `pool` (Nix's `<nixStateDir>/userpool`: [`firn_store::layout::userpool_dir`]).
+    pub fn acquire(group: &str, pool: &Path) -> Result<AcquiredUser, ExecError> {
         if !Uid::effective().is_root() || group.is_empty() {
             return Ok(AcquiredUser::NotConfigured);
         }
@@ -57,7 +58,6 @@ impl BuildUser {
         if members.is_empty() {
             return Err(ExecError::NoMembers(group.to_owned()));
         }
-        let pool = Path::new("/nix/var/nix/userpool");
         fs::create_dir_all(pool).map_err(io_err(pool))?;
         for user in members {
             let path = pool.join(user.uid.to_string());

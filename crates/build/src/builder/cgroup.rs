@@ -121,12 +121,14 @@ impl Cgroups {
     pub fn detect() -> Self {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        Self::from_proc(
-            &mountinfo,
-            &own,
-            &|p| fs::read_to_string(p).ok(),
-            &|p, s| fs::write(p, s).is_ok(),
-        )
+        // A cgroup firn may make children in: its directory is writable (an ordinary
+        // user's usually is not, unless delegated to it).
+        let read = |p: &Path| {
+            let dir = p.parent()?;
+            nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).ok()?;
+            fs::read_to_string(p).ok()
+        };
+        Self::from_proc(&mountinfo, &own, &read, &|p, s| fs::write(p, s).is_ok())
     }
 
     /// [`Cgroups::detect`] on the given texts; `read`/`write` reach the cgroup files.

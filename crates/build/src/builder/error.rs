@@ -27,8 +27,8 @@ pub enum ExecError {
     Plan(#[from] crate::plan::PlanError),
     #[error("making the build's cgroup: {source}")]
     Cgroup { source: io::Error },
-    #[error("building in a store rooted at '{0}' needs root (the store is mounted at /nix/store for the builder); run as root or use the sandbox")]
-    NeedRoot(String),
+    #[error("building in a store whose real directory '{real}' is not its logical one needs root (the store is mounted at {logical} for the builder); run as root or use the sandbox")]
+    NeedRoot { real: String, logical: String },
 }
 
 /// What to do about a set-up error that has a usual cause.

@@ -2,8 +2,9 @@
 //! which `sys::run_before_exec` registers. In the sandbox (the default) it hands over to
 //! `sandbox::child::enter_sandbox`. With `sandbox = false` the builder runs as a build
 //! user (when firn is root) in a private mount namespace in which the store's real
-//! directory is mounted at the logical store directory, so a store rooted elsewhere than
-//! `/` builds at the paths its derivations name; nothing else is isolated.
+//! directory is mounted at the logical store directory when they differ (a chroot store
+//! not at `/`), so it builds at the paths its derivations name; nothing else is
+//! isolated.
 //!
 //! The builder's stdout and stderr go to one pipe, which the worker polls and reads.
 
@@ -37,9 +38,12 @@ use crate::plan::{BuildPlan, SANDBOX_BUILD_DIR};
 /// How the local builder runs builds.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
-    /// The store's root (`/` for the real store).
-    pub store_root: PathBuf,
+    /// The store's real directory (`ROOT/nix/store`, or `store_dir` itself).
+    pub real_store: PathBuf,
+    /// The logical store directory, which the builder sees.
     pub store_dir: StoreDir,
+    /// Where build users are locked (Nix's `<nixStateDir>/userpool`).
+    pub userpool: PathBuf,
     /// `build-users-group` ('' = build as the caller).
     pub build_users_group: String,
     /// `use-cgroups`: each build in a cgroup of its own where the machine has them.
@@ -84,7 +88,12 @@ impl LocalBuilder {
     }
 
     fn real_store(&self) -> PathBuf {
-        self.options.store_root.join("nix/store")
+        self.options.real_store.clone()
+    }
+
+    /// Whether the real store dir is not the logical one.
+    fn relocated(&self) -> bool {
+        self.options.real_store != Path::new(self.options.store_dir.as_str())
     }
 }
 
@@ -197,7 +206,7 @@ impl Builder for LocalBuilder {
     type Build = LocalBuild;
 
     fn acquire_user(&mut self) -> Result<AcquiredUser, ExecError> {
-        BuildUser::acquire(&self.options.build_users_group)
+        BuildUser::acquire(&self.options.build_users_group, &self.options.userpool)
     }
 
     fn build_dir(
@@ -215,11 +224,14 @@ impl Builder for LocalBuilder {
     }
 
     fn start(&mut self, job: BuildJob<'_>) -> Result<LocalBuild, ExecError> {
+        let relocated = self.relocated();
         let opts = &self.options;
-        let root_is_slash = opts.store_root == Path::new("/");
         let is_root = Uid::effective().is_root();
-        if !root_is_slash && !job.sandboxed && !is_root {
-            return Err(ExecError::NeedRoot(opts.store_root.display().to_string()));
+        if relocated && !job.sandboxed && !is_root {
+            return Err(ExecError::NeedRoot {
+                real: opts.real_store.display().to_string(),
+                logical: opts.store_dir.as_str().to_owned(),
+            });
         }
         let user = job.user;
         let plan = job.plan;
@@ -270,7 +282,7 @@ impl Builder for LocalBuilder {
         let spawned = spawn(
             plan,
             &real_build_dir,
-            &opts.store_root,
+            relocated.then_some(real_store.as_path()),
             opts.store_dir.as_str(),
             user.as_ref(),
             sandbox_setup,
@@ -372,19 +384,19 @@ fn write_build_files(
 }
 
 /// Fork and exec the builder: sandboxed through `setup`, else in a private mount
-/// namespace (as root) as the build user.
+/// namespace (as root) as the build user, `relocated_store` (the real store dir when it
+/// is not the logical one) bound at `store_dir` in it.
 #[allow(clippy::too_many_arguments)]
 fn spawn(
     plan: &BuildPlan,
     build_dir: &Path,
-    store_root: &Path,
+    relocated_store: Option<&Path>,
     store_dir: &str,
     user: Option<&BuildUser>,
     setup: Option<SandboxSetup>,
     is_root: bool,
     join_cgroups: Vec<CString>,
 ) -> Result<(Child, io::PipeReader), ExecError> {
-    let root_is_slash = store_root == Path::new("/");
     // Read-write, as Nix opens it.
     let dev_null = OpenOptions::new()
         .read(true)
@@ -412,14 +424,14 @@ fn spawn(
         .process_group(0);
 
     // Everything the child needs is prepared here: after fork only system calls.
-    let store_bind = match root_is_slash {
-        true => None,
-        false => Some((
-            cstring(store_root.join("nix/store").as_os_str().as_bytes())?,
+    let store_bind = match relocated_store {
+        None => None,
+        Some(real) => Some((
+            cstring(real.as_os_str().as_bytes())?,
             cstring(store_dir.as_bytes())?,
         )),
     };
-    if !root_is_slash && setup.is_none() {
+    if relocated_store.is_some() && setup.is_none() {
         fs::create_dir_all(store_dir).map_err(io_err(Path::new(store_dir)))?;
     }
     let mode = match setup {
@@ -466,8 +478,8 @@ pub(crate) enum ExecMode {
 pub(crate) struct Unsandboxed {
     /// As root: a private mount namespace (`/` made private).
     private_mounts: bool,
-    /// In it, for a store rooted elsewhere than `/`: its real store dir bound at the
-    /// logical one (real, logical).
+    /// In it, for a store whose real directory is not the logical one: the real one
+    /// bound at the logical one (real, logical).
     store_bind: Option<(CString, CString)>,
     /// The build user to become.
     ids: Option<(Uid, Gid)>,

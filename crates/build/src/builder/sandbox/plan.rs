@@ -102,16 +102,16 @@ pub struct SandboxPlan {
     pub build_dir: PathBuf,
     /// `/proc` entries hidden or made read-only after `/proc` is mounted.
     pub proc_masks: Vec<ProcMask>,
-    /// The store directory inside (the logical one, `/nix/store`).
+    /// The store directory inside (the logical one: `/nix/store`, `NIX_STORE_DIR`).
     pub store_dir: PathBuf,
 }
 
 /// Inputs to [`plan_sandbox`].
 #[derive(Debug)]
 pub struct SandboxInput<'a> {
-    /// `ROOT/nix/store`, the store's real directory.
+    /// The store's real directory (`ROOT/nix/store`, or the logical one).
     pub real_store: &'a Path,
-    /// The logical store directory (`/nix/store`).
+    /// The logical store directory (`/nix/store`, `NIX_STORE_DIR`).
     pub store_dir: &'a str,
     pub drv_path: &'a StorePath,
     /// The closure of the inputs.
@@ -144,11 +144,13 @@ pub fn plan_sandbox(input: &SandboxInput<'_>) -> SandboxPlan {
         (PathBuf::from("/dev/pts"), 0o755),
         (PathBuf::from("/proc"), 0o555),
     ];
-    // Every ancestor of the store dir, then the store dir itself (1775 like Nix).
+    // Every ancestor of the store dir not made above (a store dir under `/tmp` keeps
+    // its 1777, as Nix's `createDirs` leaves it), then the store dir itself (1775 like
+    // Nix).
     let mut anc: Vec<PathBuf> = store
         .ancestors()
         .skip(1)
-        .filter(|p| *p != Path::new("/"))
+        .filter(|p| *p != Path::new("/") && !dirs.iter().any(|(d, _)| d == p))
         .map(Path::to_path_buf)
         .collect();
     anc.reverse();
@@ -275,6 +277,50 @@ pub fn parse_sandbox_paths(s: &str) -> Vec<(PathBuf, PathBuf, bool)> {
 mod tests {
     use super::*;
     use firn_derivation::StoreDir;
+
+    #[test]
+    fn store_dir_elsewhere_from_the_environment() {
+        // NIX_STORE_DIR=/tmp/t/store: the real store is the logical one, and the root's
+        // `/tmp` keeps 1777 although it is also an ancestor of the store dir.
+        let sd = StoreDir::new("/tmp/t/store").unwrap();
+        let drv = sd
+            .parse("/tmp/t/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-x.drv")
+            .unwrap();
+        let dep = sd
+            .parse("/tmp/t/store/0hk42s8j7kqg82l6ncz33d8xx332vz9f-dep")
+            .unwrap();
+        let p = plan_sandbox(&SandboxInput {
+            real_store: Path::new("/tmp/t/store"),
+            store_dir: "/tmp/t/store",
+            drv_path: &drv,
+            inputs: std::slice::from_ref(&dep),
+            build_dir: Path::new("/tmp/nix-build-x.drv-0"),
+            sandbox_paths: &[],
+            fixed_output: false,
+            kvm: false,
+        });
+        assert_eq!(
+            p.root,
+            Path::new("/tmp/t/store/qhk42s8j7kqg82l6ncz33d8xx332vz9f-x.drv.chroot")
+        );
+        let modes: Vec<_> = p
+            .dirs
+            .iter()
+            .filter(|(d, _)| d.starts_with("/tmp"))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                &(PathBuf::from("/tmp"), 0o1777),
+                &(PathBuf::from("/tmp/t"), 0o755),
+                &(PathBuf::from("/tmp/t/store"), 0o1775)
+            ]
+        );
+        assert_eq!(p.store_dir, Path::new("/tmp/t/store"));
+        assert!(p.binds.iter().any(|b| b.source
+            == Path::new("/tmp/t/store/0hk42s8j7kqg82l6ncz33d8xx332vz9f-dep")
+            && b.target == b.source));
+    }
 
     #[test]
     fn layout() {

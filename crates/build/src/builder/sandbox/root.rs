@@ -146,12 +146,21 @@ impl RootPool {
     /// deleted.
     pub fn recycle(&mut self, mut root: SandboxRoot) {
         let _ = firn_store::canonical::delete_path(&lower_dir(&root.path));
-        let empty = |dir: &Path| -> io::Result<()> {
+        // Everything in `dir` goes but the way down to `keep` (a store dir under `/tmp`,
+        // `NIX_STORE_DIR=/tmp/…`, which is emptied first).
+        fn empty(dir: &Path, keep: &Path) -> io::Result<()> {
             for e in fs::read_dir(dir)? {
-                firn_store::canonical::delete_path(&e?.path())?;
+                let p = e?.path();
+                if p == keep {
+                    continue;
+                }
+                match keep.starts_with(&p) {
+                    true => empty(&p, keep)?,
+                    false => firn_store::canonical::delete_path(&p)?,
+                }
             }
             Ok(())
-        };
+        }
         // Named like a firn temporary (`.<name>.tmp-<pid>`) so that `firn gc` leaves it
         // alone while this process lives and removes it once it is gone.
         let spare = root.path.with_file_name(format!(
@@ -161,8 +170,8 @@ impl RootPool {
             std::process::id()
         ));
         self.seq += 1;
-        let kept = empty(&root.store_inside)
-            .and_then(|()| empty(&root.path.join("tmp")))
+        let kept = empty(&root.store_inside, Path::new(""))
+            .and_then(|()| empty(&root.path.join("tmp"), &root.store_inside))
             .and_then(|()| fs::rename(&root.path, &spare));
         if kept.is_ok() {
             root.path = PathBuf::new();
