@@ -1,7 +1,8 @@
 //! The checks behind the fuzz targets in `fuzz_targets/`. Each module is also included,
 //! file for file, by a regression test of the root workspace
-//! (`crates/derivation/tests/fuzz_corpus.rs`, `crates/store/tests/fuzz_corpus.rs`), which
+//! (`crates/{derivation,store,protocol}/tests/fuzz_corpus.rs`), which
 //! runs the committed corpus and regressions through them on stable.
 
 pub mod derivation_checks;
 pub mod nar_checks;
+pub mod protocol_checks;
