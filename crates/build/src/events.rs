@@ -23,6 +23,16 @@ pub enum Message<'a> {
     Warning { text: &'a str },
 }
 
+/// A builder that is about to start.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildStarted<'a> {
+    pub drv: &'a StorePath,
+    /// In the sandbox.
+    pub sandboxed: bool,
+    /// A `--check` rebuild (Nix: "checking outputs of '…'...").
+    pub checking: bool,
+}
+
 /// Where the builds are: for a progress line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -38,8 +48,8 @@ pub struct Progress {
 
 /// What the worker reports. Every method has a default that ignores the event.
 pub trait BuildEvents {
-    /// A builder is about to start (Nix: "building '…'..."), in the sandbox or not.
-    fn build_started(&mut self, _drv: &StorePath, _sandboxed: bool) {}
+    /// A builder is about to start (Nix: "building '…'...").
+    fn build_started(&mut self, _build: BuildStarted<'_>) {}
     /// Output of a running builder, as it came.
     fn build_log(&mut self, _drv: &StorePath, _data: &[u8]) {}
     /// A goal finished on its own (built, found valid, or failed; not cancelled or

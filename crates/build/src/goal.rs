@@ -556,7 +556,11 @@ impl<R: RunningBuild> DerivationGoal<R> {
         build_plan.rewrite_hashes(&input_rewrites);
         let log_path = crate::log::log_path(&cx.store.layout().log_dir, &self.drv_path);
         let log = BuildLog::create(log_path.clone()).map_err(io(log_path))?;
-        cx.events.build_started(&self.drv_path, sandboxed);
+        cx.events.build_started(crate::events::BuildStarted {
+            drv: &self.drv_path,
+            sandboxed,
+            checking: self.check,
+        });
         let running = cx
             .builder
             .start(BuildJob {

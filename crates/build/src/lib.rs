@@ -31,7 +31,7 @@ pub mod settings;
 pub mod worker;
 
 pub use error::BuildError;
-pub use events::{BuildEvents, Message, NoEvents, Progress};
+pub use events::{BuildEvents, BuildStarted, Message, NoEvents, Progress};
 pub use goal::{BuildMode, Wanted};
 pub use result::{exit_status, BuildResult, BuildStatus};
 pub use settings::{SandboxMode, SettingError, Settings};

@@ -207,8 +207,8 @@ fn name(drv: &StorePath) -> &str {
 }
 
 impl BuildEvents for Recorder {
-    fn build_started(&mut self, drv: &StorePath, _sandboxed: bool) {
-        self.lines.push(format!("start {}", name(drv)));
+    fn build_started(&mut self, b: firn_build::BuildStarted<'_>) {
+        self.lines.push(format!("start {}", name(b.drv)));
     }
     fn build_log(&mut self, drv: &StorePath, data: &[u8]) {
         self.lines.push(format!(

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use firn_build::{BuildEvents, BuildResult, BuildStatus, Message};
+use firn_build::{BuildEvents, BuildResult, BuildStarted, BuildStatus, Message};
 use firn_derivation::{name_from_drv_base_name, StoreDir, StorePath};
 
 /// The worker's events, on stderr as `nix-store -r` shows them.
@@ -41,8 +41,13 @@ impl TerminalEvents {
 }
 
 impl BuildEvents for TerminalEvents {
-    fn build_started(&mut self, drv: &StorePath, sandboxed: bool) {
-        let line = format!("building '{}'...", self.store_dir.display(drv));
+    fn build_started(&mut self, b: BuildStarted<'_>) {
+        let (drv, sandboxed) = (b.drv, b.sandboxed);
+        // As Nix's `DerivationGoal::started`.
+        let line = match b.checking {
+            true => format!("checking outputs of '{}'...", self.store_dir.display(drv)),
+            false => format!("building '{}'...", self.store_dir.display(drv)),
+        };
         self.progress.line(&line);
         if let Some(file) = self.unsandboxed_by.as_ref().filter(|_| !sandboxed) {
             let warning = format!(
