@@ -372,3 +372,87 @@ fn busy_build_users(sandboxed: bool) {
     );
     remove(&root);
 }
+
+/// A build that cannot start leaves nothing: no build directory in TMPDIR, no sandbox
+/// root or lock file in the store. A builder missing from the sandbox fails as Nix's
+/// does (exit 100) and says where the sandbox takes its files from.
+#[test]
+fn a_build_that_cannot_start_leaves_nothing() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("nostart");
+    let tmp = root.join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let json = r#"{"name":"nosh","outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":["-c","echo > $out"],"env":{"name":"nosh","out":"","builder":"/bin/sh","system":"x86_64-linux"}}"#;
+    let drv = ok(firn_at(
+        &root,
+        &["derivation", "add"],
+        Some(json.as_bytes()),
+    ))
+    .trim()
+    .to_owned();
+    let before = store_entries(&root);
+    let realise = |drv: &str| {
+        firn_command()
+            .args(["--store", root.to_str().unwrap(), "realise", drv])
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap()
+    };
+    let out = realise(&drv);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(100), "{err}");
+    assert!(
+        err.contains(&format!(
+            "error: builder for '{drv}' failed: the sandbox has no '/bin/sh'"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("sandbox-paths /bin/sh=/bin/busybox"), "{err}");
+    assert_eq!(store_entries(&root), before, "nothing added to the store");
+    assert_eq!(
+        fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "no build directory left"
+    );
+
+    // An input that disappeared from the disk (still registered): the sandbox cannot
+    // bind it; nothing of the build stays either.
+    let src = root.join("input.txt");
+    fs::write(&src, "input\n").unwrap();
+    let input = ok(firn_at(&root, &["add", src.to_str().unwrap()], None))
+        .trim()
+        .to_owned();
+    let json = format!(
+        r#"{{"name":"gone","outputs":{{"out":{{}}}},"inputSrcs":["{input}"],"inputDrvs":{{}},"system":"x86_64-linux","builder":"/bin/busybox","args":["sh","-c","cat {input} > $out"],"env":{{"name":"gone","out":"","builder":"/bin/busybox","system":"x86_64-linux"}}}}"#
+    );
+    let drv = ok(firn_at(
+        &root,
+        &["derivation", "add"],
+        Some(json.as_bytes()),
+    ))
+    .trim()
+    .to_owned();
+    fs::remove_file(real(&root, &input)).unwrap();
+    let before = store_entries(&root);
+    let out = firn_command()
+        .args(["--store", root.to_str().unwrap()])
+        .args(["--option", "sandbox-paths", "/bin/busybox", "realise", &drv])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&input),
+        "the error names the missing input: {err}"
+    );
+    assert_eq!(store_entries(&root), before, "nothing added to the store");
+    assert_eq!(
+        fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "no build directory left"
+    );
+    remove(&root);
+}

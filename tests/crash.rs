@@ -209,10 +209,15 @@ fn spawn_job(
     out: Stdio,
     err: Stdio,
 ) -> (Child, Option<std::thread::JoinHandle<()>>) {
+    // Build directories of a killed firn stay where it made them: in the test's own
+    // TMPDIR, removed with it, not in the machine's /tmp.
+    let tmp = root.with_extension("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
     let mut child = firn_command()
         .arg("--store")
         .arg(root)
         .args((job.args)(root))
+        .env("TMPDIR", &tmp)
         .env_remove("FIRN_STORE")
         .stdin(if job.stdin.is_some() {
             Stdio::piped()

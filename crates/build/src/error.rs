@@ -92,6 +92,9 @@ pub enum BuildError {
     /// The sandboxed builder could not be started (set-up steps name themselves).
     #[error("cannot start the sandboxed builder for '{drv}': {source}")]
     SandboxStart { drv: String, source: ExecError },
+    /// The builder program is not in the sandbox.
+    #[error("builder for '{drv}' failed: the sandbox has no '{program}' (a build sees only its inputs and the sandbox-paths: add it to sandbox-paths, e.g. --option sandbox-paths {program}=/bin/busybox)")]
+    BuilderNotFound { drv: String, program: String },
     /// Starting an unsandboxed builder, or a build user.
     #[error(transparent)]
     Exec(ExecError),

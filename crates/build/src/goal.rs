@@ -30,7 +30,7 @@ use firn_derivation::{Derivation, OutputName, StorePath};
 use firn_store::lock::PathLocks;
 use firn_store::{Store, StoreError};
 
-use crate::builder::{AcquiredUser, BuildJob, Builder, RunningBuild, SandboxPath};
+use crate::builder::{AcquiredUser, BuildJob, Builder, ExecError, RunningBuild, SandboxPath};
 use crate::error::{BuildError, BuilderExit};
 use crate::events::{BuildEvents, Message};
 use crate::log::BuildLog;
@@ -139,6 +139,15 @@ pub struct Build<R> {
     redirected: BTreeMap<OutputName, StorePath>,
     /// End of file on the builder's output.
     eof: bool,
+}
+
+/// What [`DerivationGoal::spawn`] started, before it becomes a [`Build`] with the locks.
+struct Spawned<R> {
+    running: R,
+    log: BuildLog,
+    input_closure: BTreeSet<StorePath>,
+    valid: BTreeSet<OutputName>,
+    redirected: BTreeMap<OutputName, StorePath>,
 }
 
 /// A goal's state, with the data the goal has in it.
@@ -468,16 +477,45 @@ impl<R: RunningBuild> DerivationGoal<R> {
             .map_err(StoreError::from)?)
     }
 
+    /// Start the builder, holding `locks`. If it cannot be started, nothing of it stays:
+    /// no build directory, sandbox root or log (their owners remove them), and the lock
+    /// files go too (nothing was built at the output paths).
     #[allow(clippy::too_many_arguments)]
     fn start<'r, B: Builder<Build = R>>(
         &self,
         cx: &mut Context<'_, B>,
         loaded: &Loaded,
-        locks: PathLocks,
+        mut locks: PathLocks,
         user: Option<crate::builder::BuildUser>,
         valid: BTreeSet<OutputName>,
         result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
     ) -> Result<Build<R>, BuildError> {
+        match self.spawn(cx, loaded, user, valid, result) {
+            Ok(s) => Ok(Build {
+                running: s.running,
+                log: s.log,
+                locks,
+                input_closure: s.input_closure,
+                start_time: unix_now(),
+                valid: s.valid,
+                redirected: s.redirected,
+                eof: false,
+            }),
+            Err(e) => {
+                locks.set_deletion(true);
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn<'r, B: Builder<Build = R>>(
+        &self,
+        cx: &mut Context<'_, B>,
+        loaded: &Loaded,
+        user: Option<crate::builder::BuildUser>,
+        valid: BTreeSet<OutputName>,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Result<Spawned<R>, BuildError> {
         let sd = cx.store.store_dir().clone();
         let shown = sd.display(&self.drv_path);
         let io = |path: PathBuf| move |source| BuildError::Io { path, source };
@@ -555,7 +593,8 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let mut build_plan = build_plan;
         build_plan.rewrite_hashes(&input_rewrites);
         let log_path = crate::log::log_path(&cx.store.layout().log_dir, &self.drv_path);
-        let log = BuildLog::create(log_path.clone()).map_err(io(log_path))?;
+        let log = BuildLog::with_tail(log_path.clone(), cx.settings.log_lines as usize)
+            .map_err(io(log_path))?;
         cx.events.build_started(crate::events::BuildStarted {
             drv: &self.drv_path,
             sandboxed,
@@ -573,19 +612,26 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 user,
                 sandboxed,
             })
-            .map_err(|source| match sandboxed {
-                true => BuildError::SandboxStart { drv: shown, source },
-                false => BuildError::Exec(source),
+            .map_err(|source| match (sandboxed, source) {
+                // The builder is not there for the sandbox: Nix fails the build (exit
+                // 100); firn also says where the sandbox takes its files from.
+                (true, ExecError::Spawn { program, source })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    BuildError::BuilderNotFound {
+                        drv: shown,
+                        program,
+                    }
+                }
+                (true, source) => BuildError::SandboxStart { drv: shown, source },
+                (false, source) => BuildError::Exec(source),
             })?;
-        Ok(Build {
+        Ok(Spawned {
             running,
             log,
-            locks,
             input_closure,
-            start_time: unix_now(),
             valid,
             redirected,
-            eof: false,
         })
     }
 
@@ -762,6 +808,11 @@ impl<R: RunningBuild> DerivationGoal<R> {
             start_time,
             stop_time: unix_now(),
             log: Some(log.path().to_path_buf()),
+            log_tail: log
+                .tail()
+                .take(cx.settings.log_lines as usize)
+                .map(str::to_owned)
+                .collect(),
             usage,
         })
     }

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use firn_derivation::StorePath;
 
-/// How many lines of output to keep for messages.
+/// How many lines of output are kept for messages unless told otherwise (Nix's
+/// `log-lines` default).
 pub const TAIL_LINES: usize = 10;
 
 /// Where the build log of `drv` is kept, `log_dir` being the store's log directory
@@ -36,6 +37,8 @@ pub struct BuildLog {
     pub started: Instant,
     pub last_output: Instant,
     tail: VecDeque<String>,
+    /// How many lines `tail` keeps (at least one, for the progress line).
+    tail_lines: usize,
     partial: Vec<u8>,
 }
 
@@ -49,8 +52,14 @@ impl std::fmt::Debug for BuildLog {
 }
 
 impl BuildLog {
-    /// Start the log at `path` (its directory is created).
+    /// Start the log at `path` (its directory is created), keeping the last
+    /// [`TAIL_LINES`] lines.
     pub fn create(path: PathBuf) -> io::Result<Self> {
+        Self::with_tail(path, TAIL_LINES)
+    }
+
+    /// [`BuildLog::create`], keeping the last `tail_lines` lines (`log-lines`).
+    pub fn with_tail(path: PathBuf, tail_lines: usize) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
@@ -68,6 +77,7 @@ impl BuildLog {
             started: now,
             last_output: now,
             tail: VecDeque::new(),
+            tail_lines: tail_lines.max(1),
             partial: Vec::new(),
         })
     }
@@ -88,7 +98,7 @@ impl BuildLog {
                     let line = String::from_utf8_lossy(&self.partial).into_owned();
                     self.partial.clear();
                     self.tail.push_back(line);
-                    if self.tail.len() > TAIL_LINES {
+                    if self.tail.len() > self.tail_lines {
                         self.tail.pop_front();
                     }
                 }
@@ -105,7 +115,7 @@ impl BuildLog {
         self.tail.back().map(String::as_str)
     }
 
-    /// The last lines of output (at most [`TAIL_LINES`]).
+    /// The last lines of output (at most the `tail_lines` it was made with).
     pub fn tail(&self) -> impl Iterator<Item = &str> {
         self.tail.iter().map(String::as_str)
     }

@@ -2,6 +2,8 @@
 //! be built"): the derivations reachable from the wanted ones through inputs, whose
 //! wanted outputs are not all valid. Derivations are read as the goals read them
 //! ([`crate::goal::load`]); one that cannot be read is left to the real run to report.
+//! [`build_order`] puts them in the order Nix 2.8 prints them (`printMissing`: its
+//! `topoSortPaths`, reversed): every derivation after the ones it depends on.
 
 use std::collections::BTreeSet;
 
@@ -9,6 +11,38 @@ use firn_derivation::StorePath;
 use firn_store::{Store, StoreError};
 
 use crate::goal::{load, Wanted};
+
+/// `paths` in Nix's build order: a depth-first walk over each path's references within
+/// `paths` (paths and references in sorted order), each path after what it refers to.
+pub fn build_order(
+    store: &Store,
+    paths: &BTreeSet<StorePath>,
+) -> Result<Vec<StorePath>, StoreError> {
+    fn visit(
+        store: &Store,
+        p: &StorePath,
+        paths: &BTreeSet<StorePath>,
+        visited: &mut BTreeSet<StorePath>,
+        out: &mut Vec<StorePath>,
+    ) -> Result<(), StoreError> {
+        if !visited.insert(p.clone()) {
+            return Ok(());
+        }
+        for r in store.db().query_references(p)? {
+            if &r != p && paths.contains(&r) {
+                visit(store, &r, paths, visited, out)?;
+            }
+        }
+        out.push(p.clone());
+        Ok(())
+    }
+    let mut visited = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in paths {
+        visit(store, p, paths, &mut visited, &mut out)?;
+    }
+    Ok(out)
+}
 
 /// The derivations that will be built to realise `tops`.
 pub fn derivations_to_build(

@@ -60,6 +60,8 @@ pub struct BuildResult {
     pub start_time: u64,
     pub stop_time: u64,
     pub log: Option<PathBuf>,
+    /// The last lines of the build's log (`log-lines`), for the error message.
+    pub log_tail: Vec<String>,
     /// What the build used, where its cgroup told (Nix HEAD's `cpuUser`, `cpuSystem`).
     pub usage: Option<crate::builder::cgroup::Usage>,
 }
@@ -73,6 +75,7 @@ impl BuildResult {
             start_time: 0,
             stop_time: 0,
             log: None,
+            log_tail: Vec::new(),
             usage: None,
         }
     }
@@ -86,6 +89,7 @@ impl BuildResult {
             start_time: 0,
             stop_time: 0,
             log: None,
+            log_tail: Vec::new(),
             usage: None,
         }
     }
@@ -131,9 +135,10 @@ impl BuildError {
                 ..
             } => BuildStatus::InputRejected,
             Self::TimedOut { .. } | Self::Silent { .. } => BuildStatus::TimedOut,
-            Self::BuilderFailed { .. } | Self::MemoryLimit { .. } | Self::ProcessLimit { .. } => {
-                BuildStatus::PermanentFailure
-            }
+            Self::BuilderFailed { .. }
+            | Self::BuilderNotFound { .. }
+            | Self::MemoryLimit { .. }
+            | Self::ProcessLimit { .. } => BuildStatus::PermanentFailure,
             Self::Outputs(e) if e.is_hash_mismatch() => BuildStatus::HashMismatch,
             Self::Outputs(_) => BuildStatus::OutputRejected,
             Self::NotDeterministic { .. } => BuildStatus::NotDeterministic,

@@ -250,6 +250,15 @@ impl SettingValue for u32 {
     }
 }
 
+impl SettingValue for u64 {
+    fn parse(name: &str, value: &str) -> Result<Self, SettingError> {
+        value.parse().map_err(|_| invalid(name, value))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
 impl SettingValue for String {
     fn parse(_: &str, value: &str) -> Result<Self, SettingError> {
         Ok(value.to_owned())
@@ -479,6 +488,8 @@ settings! {
     extra_platforms: StringSet = crate::platform::default_extra_platforms().into_iter().collect(), "extra-platforms", ["build-extra-platforms"];
     /// Features this machine offers to `requiredSystemFeatures`.
     system_features: StringSet = crate::platform::default_system_features().into_iter().collect(), "system-features";
+    /// How many lines of a failed build's log its error shows when the log was not.
+    log_lines: u64 = 10, "log-lines";
     /// Each build in a cgroup of its own (limits, accounting, killing all it started).
     use_cgroups: bool = true, "use-cgroups";
     /// The memory (with swap) a build may use, in bytes (0: no limit; needs cgroups).

@@ -1,8 +1,9 @@
 //! The `Worker`: Nix's realisation loop over [`DerivationGoal`]s.
 //!
 //! One goal per `.drv`, shared by everything that waits on it. The loop steps the goals
-//! that are ready — in Nix's order, by derivation name then path — and files each under
-//! what its transition says it waits for ([`Next`]):
+//! that are ready in rounds, as Nix's worker does — each round the goals ready at its
+//! start, by derivation name then path; the goals they make ready wait for the next
+//! round — and files each under what its transition says it waits for ([`Next`]):
 //!
 //! - its input goals: it is woken when the last of them is done;
 //! - a build slot: woken when a build stops (slots are counted from the goals that are
@@ -154,11 +155,17 @@ impl<'s, B: Builder> Worker<'s, B> {
                 break;
             }
             let stopping = |w: &Self| w.failed && !w.settings.keep_going;
-            while !stopping(self) {
-                let Some((_, _, key)) = self.ready.pop_first() else {
-                    break;
-                };
-                self.step(&key);
+            // In rounds, as Nix's worker: the goals ready now, in order; those they make
+            // ready run in the next round. (So a leaf found early builds before one found
+            // deeper down: the order Nix builds in.)
+            'rounds: while !stopping(self) && !self.ready.is_empty() {
+                let round = std::mem::take(&mut self.ready);
+                for (_, _, key) in round {
+                    if stopping(self) {
+                        break 'rounds;
+                    }
+                    self.step(&key);
+                }
             }
             if stopping(self) {
                 self.stop_all(false);

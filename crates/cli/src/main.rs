@@ -39,6 +39,17 @@ struct Cli {
     #[arg(long, global = true)]
     quiet: bool,
 
+    /// How progress is shown: bar (a status line on a terminal), raw (lines), or
+    /// internal-json (Nix's `@nix` JSON lines, for nix-output-monitor).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "bar",
+        value_name = "FORMAT"
+    )]
+    log_format: progress::LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -119,7 +130,8 @@ enum Command {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
-    let settings = Settings::from_cli(cli.store, &cli.options, cli.quiet)?;
+    let mut settings = Settings::from_cli(cli.store, &cli.options, cli.quiet)?;
+    settings.log_format = cli.log_format;
     for w in &settings.warnings {
         if !cli.quiet {
             eprintln!("warning: {w}");

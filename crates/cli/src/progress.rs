@@ -9,27 +9,60 @@ use std::io::Write;
 use firn_build::{BuildEvents, BuildResult, BuildStarted, BuildStatus, Message};
 use firn_derivation::{name_from_drv_base_name, StoreDir, StorePath};
 
-/// The worker's events, on stderr as `nix-store -r` shows them.
+/// How progress and messages are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines, with a status line redrawn at the bottom on a terminal.
+    Bar,
+    /// Lines only.
+    Raw,
+    /// Nix's `@nix {…}` JSON lines (activities, results, messages), as
+    /// `nix-output-monitor` reads them.
+    InternalJson,
+}
+
+/// The worker's events, on stderr as `nix-store -r` shows them (or as Nix's internal
+/// JSON log).
 #[derive(Debug)]
 pub struct TerminalEvents {
-    progress: Progress,
+    sink: Sink,
     store_dir: StoreDir,
-    /// Echo builder output (not with `--quiet`).
+    /// Echo builder output (not with `--quiet`); when it is not echoed, a failed
+    /// build's error carries the last lines of its log, as Nix's does.
     print_build_logs: bool,
     /// With `keep-going`, dependency failures get their own error line.
     keep_going: bool,
     /// The settings file that turned the sandbox off: every build says so.
     unsandboxed_by: Option<String>,
+    /// Builds that failed, for the progress counts.
+    failed: usize,
+}
+
+#[derive(Debug)]
+enum Sink {
+    Text(Progress),
+    Json(JsonLog),
 }
 
 impl TerminalEvents {
-    pub fn new(store_dir: StoreDir, print_build_logs: bool, keep_going: bool) -> Self {
+    pub fn with_format(
+        store_dir: StoreDir,
+        print_build_logs: bool,
+        keep_going: bool,
+        format: LogFormat,
+    ) -> Self {
+        let sink = match format {
+            LogFormat::Bar => Sink::Text(Progress::new()),
+            LogFormat::Raw => Sink::Text(Progress::with_tty(false)),
+            LogFormat::InternalJson => Sink::Json(JsonLog::new()),
+        };
         Self {
-            progress: Progress::new(),
+            sink,
             store_dir,
             print_build_logs,
             keep_going,
             unsandboxed_by: None,
+            failed: 0,
         }
     }
 
@@ -37,6 +70,51 @@ impl TerminalEvents {
     pub fn unsandboxed_by(mut self, file: Option<String>) -> Self {
         self.unsandboxed_by = file;
         self
+    }
+
+    /// A message line at Nix's `level` (0 error, 1 warning, 3 info).
+    pub fn line(&mut self, level: u8, text: &str) {
+        match &mut self.sink {
+            Sink::Text(p) => p.line(text),
+            Sink::Json(j) => j.msg(level, text),
+        }
+    }
+
+    /// The realisation starts (after "these derivations will be built").
+    pub fn begin(&mut self) {
+        if let Sink::Json(j) = &mut self.sink {
+            j.begin();
+        }
+    }
+
+    /// The error line of a failed goal, with the last lines of its log where the log
+    /// was not shown (Nix 2.8's `buildDone`).
+    fn error_text(
+        &self,
+        drv: &StorePath,
+        result: &BuildResult,
+        e: &firn_build::BuildError,
+    ) -> String {
+        use firn_build::BuildError as E;
+        let mut text = e.to_string();
+        let builder_failed = matches!(
+            e,
+            E::BuilderFailed { .. } | E::MemoryLimit { .. } | E::ProcessLimit { .. }
+        );
+        if builder_failed && !self.print_build_logs && !result.log_tail.is_empty() {
+            text.push_str(&format!(
+                ";\n       last {} log lines:\n",
+                result.log_tail.len()
+            ));
+            for l in &result.log_tail {
+                text.push_str(&format!("       > {l}\n"));
+            }
+            text.push_str(&format!(
+                "       For full logs, run 'firn log {}'.",
+                self.store_dir.display(drv)
+            ));
+        }
+        text
     }
 }
 
@@ -48,29 +126,45 @@ impl BuildEvents for TerminalEvents {
             true => format!("checking outputs of '{}'...", self.store_dir.display(drv)),
             false => format!("building '{}'...", self.store_dir.display(drv)),
         };
-        self.progress.line(&line);
-        if let Some(file) = self.unsandboxed_by.as_ref().filter(|_| !sandboxed) {
+        match &mut self.sink {
+            Sink::Text(p) => p.line(&line),
+            Sink::Json(j) => j.build_started(drv, &self.store_dir, line.trim_end_matches("...")),
+        }
+        if let Some(file) = self.unsandboxed_by.clone().filter(|_| !sandboxed) {
             let warning = format!(
                 "warning: building '{}' without the sandbox: 'sandbox = false' in '{file}' (--option sandbox true to build in it)",
                 self.store_dir.display(drv)
             );
-            self.progress.line(&warning);
+            self.line(1, &warning);
         }
     }
 
-    fn build_log(&mut self, _drv: &StorePath, data: &[u8]) {
-        if self.print_build_logs {
-            self.progress.log(data);
+    fn build_log(&mut self, drv: &StorePath, data: &[u8]) {
+        match &mut self.sink {
+            Sink::Text(p) => {
+                if self.print_build_logs {
+                    p.log(data);
+                }
+            }
+            Sink::Json(j) => j.build_log(drv, data),
         }
     }
 
-    fn result(&mut self, _drv: &StorePath, result: &BuildResult) {
+    fn result(&mut self, drv: &StorePath, result: &BuildResult) {
+        if let Sink::Json(j) = &mut self.sink {
+            j.build_stopped(drv);
+        }
         if result.status.success() {
             return;
         }
+        self.failed += 1;
         if let Some(e) = &result.error {
             if result.status != BuildStatus::DependencyFailed || self.keep_going {
-                self.progress.line(&format!("error: {e}"));
+                let text = self.error_text(drv, result, e);
+                match &mut self.sink {
+                    Sink::Text(p) => p.line(&format!("error: {text}")),
+                    Sink::Json(j) => j.error(&text),
+                }
             }
         }
     }
@@ -93,32 +187,195 @@ impl BuildEvents for TerminalEvents {
             }
             Message::Warning { text } => format!("warning: {text}"),
         };
-        self.progress.line(&line);
+        let level = if line.starts_with("warning:") { 1 } else { 3 };
+        self.line(level, &line);
     }
 
     fn progress(&mut self, p: &firn_build::Progress) {
-        let text = if p.running.is_empty() {
-            String::new()
-        } else {
-            let names: Vec<&str> = p
-                .running
-                .iter()
-                .map(|d| name_from_drv_base_name(d.base_name()))
-                .collect();
-            format!(
-                "[{}/{}/{}] building {}: {}",
-                p.done,
-                p.running.len(),
+        let failed = self.failed;
+        match &mut self.sink {
+            Sink::Text(bar) => {
+                let text = if p.running.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<&str> = p
+                        .running
+                        .iter()
+                        .map(|d| name_from_drv_base_name(d.base_name()))
+                        .collect();
+                    format!(
+                        "[{}/{}/{}] building {}: {}",
+                        p.done,
+                        p.running.len(),
+                        p.total,
+                        names.join(", "),
+                        p.last_line
+                    )
+                };
+                bar.status(&text);
+            }
+            Sink::Json(j) => j.progress(
+                p.done.saturating_sub(failed),
                 p.total,
-                names.join(", "),
-                p.last_line
-            )
-        };
-        self.progress.status(&text);
+                p.running.len(),
+                failed,
+            ),
+        }
     }
 
     fn finished(&mut self) {
-        self.progress.finish();
+        match &mut self.sink {
+            Sink::Text(p) => p.finish(),
+            Sink::Json(j) => j.finish(),
+        }
+    }
+}
+
+/// Nix's internal JSON log (`JSONLogger`): one `@nix {…}` line per event on stderr,
+/// keys sorted as nlohmann writes them. Activities: a realisation (type 102) holding
+/// the builds (104, progress results type 105 `[done, expected, running, failed]`) and
+/// copies (103); one build activity (105, fields `[drv, machine, round, rounds]`) per
+/// build, whose log lines are results of type 101. Ids are `pid << 32 | n`, as Nix's.
+#[derive(Debug)]
+struct JsonLog {
+    next: u64,
+    /// realise, builds, copyPaths.
+    top: Option<(u64, u64, u64)>,
+    builds: std::collections::BTreeMap<StorePath, (u64, Vec<u8>)>,
+    last_progress: Option<[usize; 4]>,
+}
+
+impl JsonLog {
+    fn new() -> Self {
+        Self {
+            next: (u64::from(std::process::id()) << 32) + 1,
+            top: None,
+            builds: Default::default(),
+            last_progress: None,
+        }
+    }
+
+    fn emit(&self, v: serde_json::Value) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "@nix {v}");
+    }
+
+    fn id(&mut self) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+
+    fn start(&mut self, level: u8, ty: u64, text: &str, fields: Option<serde_json::Value>) -> u64 {
+        let id = self.id();
+        let mut m = serde_json::Map::new();
+        m.insert("action".into(), "start".into());
+        if let Some(f) = fields {
+            m.insert("fields".into(), f);
+        }
+        m.insert("id".into(), id.into());
+        m.insert("level".into(), level.into());
+        m.insert("text".into(), text.into());
+        m.insert("type".into(), ty.into());
+        self.emit(m.into());
+        id
+    }
+
+    fn stop(&self, id: u64) {
+        self.emit(serde_json::json!({"action": "stop", "id": id}));
+    }
+
+    fn result(&self, id: u64, ty: u64, fields: serde_json::Value) {
+        self.emit(serde_json::json!({"action": "result", "fields": fields, "id": id, "type": ty}));
+    }
+
+    fn msg(&self, level: u8, text: &str) {
+        self.emit(serde_json::json!({"action": "msg", "level": level, "msg": text}));
+    }
+
+    fn error(&self, text: &str) {
+        self.emit(serde_json::json!({
+            "action": "msg",
+            "column": null,
+            "file": null,
+            "level": 0,
+            "line": null,
+            "msg": format!("\u{1b}[31;1merror:\u{1b}[0m {text}"),
+            "raw_msg": text,
+        }));
+    }
+
+    fn begin(&mut self) {
+        if self.top.is_none() {
+            let realise = self.start(0, 102, "", None);
+            let builds = self.start(0, 104, "", None);
+            let copies = self.start(0, 103, "", None);
+            self.top = Some((realise, builds, copies));
+        }
+    }
+
+    fn progress(&mut self, done: usize, expected: usize, running: usize, failed: usize) {
+        self.begin();
+        let now = [done, expected, running, failed];
+        if self.last_progress == Some(now) {
+            return;
+        }
+        self.last_progress = Some(now);
+        if let Some((_, builds, copies)) = self.top {
+            self.result(builds, 105, serde_json::json!(now));
+            self.result(copies, 105, serde_json::json!([0, 0, 0, 0]));
+        }
+    }
+
+    fn build_started(&mut self, drv: &StorePath, sd: &StoreDir, text: &str) {
+        self.begin();
+        let fields = serde_json::json!([sd.display(drv), "", 1, 1]);
+        let id = self.start(3, 105, text, Some(fields));
+        self.builds.insert(drv.clone(), (id, Vec::new()));
+    }
+
+    fn build_log(&mut self, drv: &StorePath, data: &[u8]) {
+        let Some((id, partial)) = self.builds.get_mut(drv) else {
+            return;
+        };
+        let id = *id;
+        let mut lines = Vec::new();
+        for &b in data {
+            match b {
+                b'\n' => lines.push(String::from_utf8_lossy(&std::mem::take(partial)).into_owned()),
+                // A carriage return rewinds the line, as Nix's log buffer does.
+                b'\r' => partial.clear(),
+                _ => partial.push(b),
+            }
+        }
+        for l in lines {
+            self.result(id, 101, serde_json::json!([l]));
+        }
+    }
+
+    fn build_stopped(&mut self, drv: &StorePath) {
+        if let Some((id, partial)) = self.builds.remove(drv) {
+            if !partial.is_empty() {
+                self.result(
+                    id,
+                    101,
+                    serde_json::json!([String::from_utf8_lossy(&partial)]),
+                );
+            }
+            self.stop(id);
+        }
+    }
+
+    fn finish(&mut self) {
+        let open: Vec<StorePath> = self.builds.keys().cloned().collect();
+        for d in open {
+            self.build_stopped(&d);
+        }
+        if let Some((realise, builds, copies)) = self.top.take() {
+            self.stop(copies);
+            self.stop(builds);
+            self.stop(realise);
+        }
     }
 }
 

@@ -121,15 +121,38 @@ pub fn realise(
         .cloned()
         .collect();
     let to_build = firn_build::missing::derivations_to_build(&store, &drv_tops)
+        .and_then(|set| firn_build::missing::build_order(&store, &set))
         .map_err(|e| CliError::usage(e.to_string()))?;
+    let mut events = TerminalEvents::with_format(
+        sd.clone(),
+        !settings.quiet,
+        build.keep_going,
+        settings.log_format,
+    )
+    .unsandboxed_by(settings.sandbox_off_from.clone());
+    if args.dry_run && args.json {
+        // What QueryMissing would answer, by its names.
+        let json = serde_json::json!({
+            "willBuild": to_build.iter().map(|p| sd.display(p)).collect::<Vec<_>>(),
+            "willSubstitute": [],
+            "unknown": [],
+            "downloadSize": 0,
+            "narSize": 0,
+        });
+        writeln!(out, "{json}").map_err(CliError::stdout)?;
+        return Ok(0);
+    }
     if !to_build.is_empty() {
         if to_build.len() == 1 {
-            eprintln!("this derivation will be built:");
+            events.line(3, "this derivation will be built:");
         } else {
-            eprintln!("these {} derivations will be built:", to_build.len());
+            events.line(
+                3,
+                &format!("these {} derivations will be built:", to_build.len()),
+            );
         }
         for p in &to_build {
-            eprintln!("  {}", sd.display(p));
+            events.line(3, &format!("  {}", sd.display(p)));
         }
     }
     if args.dry_run {
@@ -152,8 +175,7 @@ pub fn realise(
             "warning: build-memory-max and build-pids-max cannot be enforced here ({why}); builds run without them"
         );
     }
-    let mut events = TerminalEvents::new(sd.clone(), !settings.quiet, build.keep_going)
-        .unsandboxed_by(settings.sandbox_off_from.clone());
+    events.begin();
     let mode = match args.check {
         true => BuildMode::Check,
         false => BuildMode::Normal,

@@ -28,6 +28,8 @@ pub struct Settings {
     /// back on or off itself): every unsandboxed build says so.
     pub sandbox_off_from: Option<String>,
     pub quiet: bool,
+    /// `--log-format`.
+    pub log_format: crate::progress::LogFormat,
 }
 
 impl Settings {
@@ -85,6 +87,7 @@ impl Settings {
             userpool,
             build,
             quiet,
+            log_format: crate::progress::LogFormat::Bar,
             warnings,
             sandbox_off_from,
         })

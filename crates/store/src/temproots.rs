@@ -217,9 +217,12 @@ impl TempRootsFile {
         shown: &str,
         reporter: &Reporter,
     ) -> Result<(), StoreError> {
-        if self.added.contains(path) {
-            return Ok(());
-        }
+        // Even a path already recorded waits for a running collection: a caller about
+        // to make a permanent root (`add_perm_root`) must not do so while a collection
+        // that has not read its temp roots yet is running, or the root could appear
+        // after the collection read the roots and the temp root vanish with this
+        // process before it read those: the path would be deleted (Nix's addTempRoot
+        // tells the collector through its socket; this waits for it to finish).
         let gc_path = self.state.join("gc.lock");
         let gc = match self.gc_lock.take() {
             Some(f) => f,
@@ -242,6 +245,10 @@ impl TempRootsFile {
                 return Err(errno_err(&gc_path, e));
             }
         };
+        if self.added.contains(path) {
+            self.gc_lock = shared.unlock().ok();
+            return Ok(());
+        }
         let mut line = Vec::with_capacity(shown.len() + 1);
         line.extend_from_slice(shown.as_bytes());
         line.push(0);
