@@ -21,6 +21,15 @@ pub enum CliError {
     Config(firn_build::config::ConfigError),
     #[error("reading '{path}': {source}")]
     Read { path: String, source: io::Error },
+    /// `--store` names no store firn can open (Nix's words).
+    #[error("don't know how to open Nix store '{0}'")]
+    UnknownStore(String),
+    /// The store belongs to another user; `advice` says what to do instead.
+    #[error("{source}: {advice}")]
+    ForeignStore {
+        source: firn_store::StoreError,
+        advice: String,
+    },
     #[error("writing to standard output: {0}")]
     Stdout(io::Error),
     #[error("standard output was closed")]

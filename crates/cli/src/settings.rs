@@ -25,6 +25,22 @@ pub struct Settings {
     pub quiet: bool,
 }
 
+/// What `--store SPEC` (or `FIRN_STORE`) names, read as Nix 2.8's `openStore` reads a
+/// store that is not a URI: `auto`, `local` and the empty string are the default store
+/// (`None`); anything with a `/` (and no `://`) is a local store rooted there, made
+/// absolute lexically (`./x` is `$PWD/x`, as Nix's `absPath`); any other word, or a URI
+/// (firn opens local stores only), is Nix's `don't know how to open Nix store 'SPEC'`.
+pub fn store_root_from(spec: &std::path::Path) -> Result<Option<PathBuf>, CliError> {
+    let text = spec.to_string_lossy();
+    if matches!(text.as_ref(), "" | "auto" | "local") {
+        return Ok(None);
+    }
+    if text.contains("://") || !text.contains('/') {
+        return Err(CliError::UnknownStore(text.into_owned()));
+    }
+    Ok(Some(firn_store::store::absolute(spec)))
+}
+
 impl Settings {
     pub fn from_cli(
         root: Option<PathBuf>,
@@ -71,7 +87,7 @@ impl Settings {
         let sandbox_off_from =
             sandbox_from.filter(|_| build.sandbox == firn_build::SandboxMode::Off);
         Ok(Self {
-            root,
+            root: root.map(|r| store_root_from(&r)).transpose()?.flatten(),
             build,
             quiet,
             store_dir: StoreDir::default(),
@@ -89,6 +105,12 @@ impl Settings {
         if nix::unistd::Uid::effective().is_root() {
             return PathBuf::from("/");
         }
+        Self::user_store_root()
+    }
+
+    /// An ordinary user's own store: `$XDG_DATA_HOME/firn/root`
+    /// (`~/.local/share/firn/root`).
+    pub fn user_store_root() -> PathBuf {
         let data = std::env::var_os("XDG_DATA_HOME")
             .map(PathBuf::from)
             .filter(|p| p.is_absolute())

@@ -25,7 +25,23 @@ pub fn open(settings: &Settings) -> Result<Store, CliError> {
     let options = firn_store::StoreOptions {
         build_users_group: settings.build.build_users_group.clone(),
     };
-    let mut store = Store::open_with(&settings.store_root(), &options)?;
+    let mut store = Store::open_with(&settings.store_root(), &options).map_err(|e| match e {
+        StoreError::NotOwner { .. } => {
+            let own = if settings.root.is_some() {
+                format!(
+                    "drop --store to use {}",
+                    Settings::user_store_root().display()
+                )
+            } else {
+                format!("--store {}", Settings::user_store_root().display())
+            };
+            CliError::ForeignStore {
+                source: e,
+                advice: format!("use your own store ({own}) or a daemon"),
+            }
+        }
+        e => e.into(),
+    })?;
     store.set_reporter(Reporter::new(|m| eprintln!("{m}")));
     Ok(store)
 }
