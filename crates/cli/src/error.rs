@@ -27,7 +27,7 @@ pub enum CliError {
     /// The store belongs to another user; `advice` says what to do instead.
     #[error("{source}: {advice}")]
     ForeignStore {
-        source: firn_store::StoreError,
+        source: Box<firn_store::StoreError>,
         advice: String,
     },
     #[error("writing to standard output: {0}")]

@@ -36,7 +36,7 @@ pub fn open(settings: &Settings) -> Result<Store, CliError> {
                 format!("--store {}", Settings::user_store_root().display())
             };
             CliError::ForeignStore {
-                source: e,
+                source: Box::new(e),
                 advice: format!("use your own store ({own}) or a daemon"),
             }
         }
