@@ -21,6 +21,31 @@ pub enum CliError {
     Config(firn_build::config::ConfigError),
     #[error("reading '{path}': {source}")]
     Read { path: String, source: io::Error },
+    /// `--store` names no store firn can open (Nix's words).
+    #[error("don't know how to open Nix store '{0}'")]
+    UnknownStore(String),
+    /// The store belongs to another user; `advice` says what to do instead.
+    #[error("{source}: {advice}")]
+    ForeignStore {
+        source: Box<firn_store::StoreError>,
+        advice: String,
+    },
+    /// `firn run`: the command could not be started (exit 127 when it is not there,
+    /// 126 when it cannot be run, as shells and Nix do).
+    #[error(
+        "unable to execute '{program}': {}",
+        firn_store::error::strerror(source)
+    )]
+    Exec {
+        program: String,
+        source: std::io::Error,
+    },
+    /// `firn run`: the namespace for the store could not be set up.
+    #[error("{what}: {}", firn_store::error::strerror(source))]
+    Namespace {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("writing to standard output: {0}")]
     Stdout(io::Error),
     #[error("standard output was closed")]
@@ -53,8 +78,20 @@ impl CliError {
         }
     }
 
-    /// Nix's exit status: 1 for every failure that is not a build failure.
+    /// Nix's exit status: 1 for every failure that is not a build failure, 127/126 for a
+    /// command `firn run` cannot start.
     pub fn exit_code(&self) -> u8 {
-        1
+        match self {
+            Self::Exec { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                127
+            }
+            Self::Exec { .. } => 126,
+            _ => 1,
+        }
     }
 }

@@ -12,6 +12,7 @@ mod gc;
 mod interrupt;
 mod progress;
 mod realise;
+mod run;
 mod settings;
 mod store_cmds;
 
@@ -127,6 +128,11 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Run a command that sees the store at /nix (an ordinary user's own store, in a
+    /// user and mount namespace); exits with the command's status.
+    Run(run::RunArgs),
+    /// Run $SHELL (default /bin/sh) as `firn run` runs a command.
+    Shell,
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -183,6 +189,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Delete { paths } => gc::delete(&settings, &paths, &mut out)?,
+        Command::Run(args) => run::run(&settings, &args.command)?,
+        Command::Shell => run::shell(&settings)?,
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())

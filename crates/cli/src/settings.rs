@@ -30,9 +30,52 @@ pub struct Settings {
     pub quiet: bool,
     /// `--log-format`.
     pub log_format: crate::progress::LogFormat,
+    /// A store was named (`--store` or `FIRN_STORE`).
+    pub store_given: bool,
+}
+
+/// What `--store SPEC` (or `FIRN_STORE`) names, read as Nix 2.8's `openStore` reads a
+/// store that is not a URI: `auto`, `local` and the empty string are the default store
+/// (`None`); anything with a `/` (and no `://`) is a local store rooted there, made
+/// absolute lexically (`./x` is `$PWD/x`, as Nix's `absPath`); any other word, or a URI
+/// (firn opens local stores only), is Nix's `don't know how to open Nix store 'SPEC'`.
+pub fn store_root_from(spec: &std::path::Path) -> Result<Option<PathBuf>, CliError> {
+    let text = spec.to_string_lossy();
+    if matches!(text.as_ref(), "" | "auto" | "local") {
+        return Ok(None);
+    }
+    if text.contains("://") || !text.contains('/') {
+        return Err(CliError::UnknownStore(text.into_owned()));
+    }
+    Ok(Some(firn_store::store::absolute(spec)))
+}
+
+/// An ordinary user's own store: `$XDG_DATA_HOME/firn/root`
+/// (`~/.local/share/firn/root`).
+pub fn user_store_root(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    let data = env("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    data.join("firn/root")
 }
 
 impl Settings {
+    /// The root whose `nix/` holds the store, for a store in Nix's chroot layout with
+    /// the logical store dir `/nix/store` (`/` for the real one); `None` for a store
+    /// relocated with `NIX_STORE_DIR`.
+    pub fn chroot_root(&self) -> Option<PathBuf> {
+        if self.layout.store_dir.as_str() != "/nix/store" {
+            return None;
+        }
+        let real = &self.layout.real_store_dir;
+        if !real.ends_with("nix/store") {
+            return None;
+        }
+        real.parent()?.parent().map(std::path::Path::to_path_buf)
+    }
+
     pub fn from_cli(
         root: Option<PathBuf>,
         options: &[String],
@@ -78,6 +121,8 @@ impl Settings {
         let sandbox_off_from =
             sandbox_from.filter(|_| build.sandbox == firn_build::SandboxMode::Off);
         let env = |k: &str| std::env::var_os(k);
+        let root = root.map(|r| store_root_from(&r)).transpose()?.flatten();
+        let store_given = root.is_some();
         let layout = store_layout(root, env, nix::unistd::Uid::effective().is_root())
             .map_err(|e| CliError::usage(e.to_string()))?;
         let userpool = userpool_dir(env).map_err(|e| CliError::usage(e.to_string()))?;
@@ -90,6 +135,7 @@ impl Settings {
             log_format: crate::progress::LogFormat::Bar,
             warnings,
             sandbox_off_from,
+            store_given,
         })
     }
 }
@@ -118,12 +164,7 @@ pub fn store_layout(
     if is_root || location_vars_set(&env) {
         return StoreLayout::from_env(env);
     }
-    let data = env("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    Ok(StoreLayout::chroot(&data.join("firn/root")))
+    Ok(StoreLayout::chroot(&user_store_root(env)))
 }
 
 #[cfg(test)]

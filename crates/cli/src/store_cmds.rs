@@ -25,7 +25,21 @@ pub fn open(settings: &Settings) -> Result<Store, CliError> {
     let options = firn_store::StoreOptions {
         build_users_group: settings.build.build_users_group.clone(),
     };
-    let mut store = Store::open_with(&settings.layout, &options)?;
+    let mut store = Store::open_with(&settings.layout, &options).map_err(|e| match e {
+        StoreError::NotOwner { .. } => {
+            let own_root = crate::settings::user_store_root(|k| std::env::var_os(k));
+            let own = if settings.store_given {
+                format!("drop --store to use {}", own_root.display())
+            } else {
+                format!("--store {}", own_root.display())
+            };
+            CliError::ForeignStore {
+                source: Box::new(e),
+                advice: format!("use your own store ({own}) or a daemon"),
+            }
+        }
+        e => e.into(),
+    })?;
     store.set_reporter(Reporter::new(|m| eprintln!("{m}")));
     Ok(store)
 }

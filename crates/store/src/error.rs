@@ -71,6 +71,60 @@ pub enum StoreError {
     /// A permanent root would replace something that is not a symlink into the store.
     #[error("cannot create symlink '{path}'; already exists")]
     RootExists { path: PathBuf },
+    /// A directory of the store's layout could not be made (Nix's words: the first
+    /// directory of the path that could not be created).
+    #[error("creating directory '{path}': {}", strerror(source))]
+    CreateDir { path: PathBuf, source: io::Error },
+    /// Something in the way of the store's layout is not a directory.
+    #[error("'{path}' is not a directory")]
+    NotADirectory { path: PathBuf },
+    /// The store belongs to another user, whose files this one may not write.
+    #[error("the store at '{root}' belongs to user '{}' and cannot be opened by '{}'", owner.name, user.name)]
+    NotOwner {
+        root: PathBuf,
+        owner: Account,
+        user: Account,
+        /// What failed (`…/big-lock: Permission denied`).
+        source: Box<StoreError>,
+    },
+}
+
+/// A user, by uid and (when the password database has it) name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub uid: u32,
+    /// The user's name, or the uid in decimal when it has none.
+    pub name: String,
+}
+
+impl Account {
+    pub fn from_uid(uid: u32) -> Self {
+        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or_else(|| uid.to_string(), |u| u.name);
+        Self { uid, name }
+    }
+}
+
+/// The system's text for an I/O error, without Rust's `(os error N)`, as Nix prints it.
+pub fn strerror(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+impl StoreError {
+    /// Whether the cause is an `EACCES`/`EPERM` on a file of the store.
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } | StoreError::CreateDir { source, .. } => {
+                source.kind() == io::ErrorKind::PermissionDenied
+            }
+            _ => false,
+        }
+    }
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {

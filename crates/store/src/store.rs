@@ -52,6 +52,66 @@ pub fn fixed_ca(fixed: &FixedOutputHash) -> String {
     )
 }
 
+/// Make `path` and its missing parents as Nix's `createDirs` does: the error names the
+/// first directory that could not be made, or the first thing on the way that is not a
+/// directory.
+pub fn create_dirs(path: &Path) -> Result<(), StoreError> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(StoreError::NotADirectory {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(_) => {}
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dirs(parent)?;
+    }
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(source) => Err(StoreError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// `e`, or [`StoreError::NotOwner`] when `e` is a permission denied by a store (whose
+/// state is in `state_dir`) that belongs to someone else than this non-root user.
+fn foreign_store(layout: &StoreLayout, e: StoreError) -> StoreError {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::Uid::effective();
+    if me.is_root() || !e.is_permission_denied() {
+        return e;
+    }
+    let owner = [
+        layout.db_dir(),
+        layout.state_dir.clone(),
+        layout.real_store_dir.clone(),
+    ]
+    .iter()
+    .find_map(|p| fs::metadata(p).ok())
+    .map(|m| m.uid());
+    // The root of a chroot store, to name it: the directory holding `nix/`.
+    let root = layout
+        .real_store_dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(&layout.real_store_dir)
+        .to_path_buf();
+    match owner {
+        Some(owner) if owner != me.as_raw() => StoreError::NotOwner {
+            root: absolute(&root),
+            owner: crate::error::Account::from_uid(owner),
+            user: crate::error::Account::from_uid(me.as_raw()),
+            source: Box::new(e),
+        },
+        _ => e,
+    }
+}
+
 /// Unix seconds now.
 pub fn now() -> i64 {
     SystemTime::now()
@@ -96,7 +156,13 @@ impl Store {
     }
 
     /// [`Store::open`] with `options`.
+    /// A store that this (non-root) user may not write because another user owns it is
+    /// [`StoreError::NotOwner`], naming both.
     pub fn open_with(layout: &StoreLayout, options: &StoreOptions) -> Result<Self, StoreError> {
+        Self::open_inner(layout, options).map_err(|e| foreign_store(layout, e))
+    }
+
+    fn open_inner(layout: &StoreLayout, options: &StoreOptions) -> Result<Self, StoreError> {
         // Absolute, so that roots and messages name the same files from anywhere.
         let layout = StoreLayout {
             store_dir: layout.store_dir.clone(),
@@ -106,6 +172,13 @@ impl Store {
         };
         let store_dir = layout.store_dir.clone();
         let real_store = layout.real_store_dir.clone();
+        // The store directory first, as Nix does (so the same directory is named when
+        // the root cannot be made).
+        if !real_store.is_dir() {
+            create_dirs(&real_store)?;
+            fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
+                .map_err(io_err(&real_store))?;
+        }
         for d in [
             layout.db_dir(),
             layout.gcroots_dir(),
@@ -113,12 +186,7 @@ impl Store {
             layout.profiles_dir(),
             layout.drv_log_dir(),
         ] {
-            fs::create_dir_all(&d).map_err(io_err(&d))?;
-        }
-        if !real_store.is_dir() {
-            fs::create_dir_all(&real_store).map_err(io_err(&real_store))?;
-            fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
-                .map_err(io_err(&real_store))?;
+            create_dirs(&d)?;
         }
         // As Nix does with `build-users-group`, on every open (so that a process killed
         // between the mkdir and the chown leaves nothing wrong): the build users may

@@ -121,14 +121,15 @@ impl Cgroups {
     pub fn detect() -> Self {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        // A cgroup firn may make children in: its directory is writable (an ordinary
-        // user's usually is not, unless delegated to it).
-        let read = |p: &Path| {
-            let dir = p.parent()?;
-            nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).ok()?;
-            fs::read_to_string(p).ok()
-        };
-        Self::from_proc(&mountinfo, &own, &read, &|p, s| fs::write(p, s).is_ok())
+        Self::from_proc(
+            &mountinfo,
+            &own,
+            &|p| fs::read_to_string(p).ok(),
+            &|p, s| fs::write(p, s).is_ok(),
+            // An ordinary user may read every cgroup.procs but make cgroups in none
+            // (unless one was delegated to them).
+            &|dir| nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok(),
+        )
     }
 
     /// [`Cgroups::detect`] on the given texts; `read`/`write` reach the cgroup files.
@@ -137,11 +138,12 @@ impl Cgroups {
         own: &str,
         read: &dyn Fn(&Path) -> Option<String>,
         write: &dyn Fn(&Path, &str) -> bool,
+        may_create: &dyn Fn(&Path) -> bool,
     ) -> Self {
         let mounts = cgroup_mounts(mountinfo);
         let own = own_cgroups(own);
         let mut c = Self::default();
-        let usable = |dir: &Path| read(&dir.join("cgroup.procs")).is_some();
+        let usable = |dir: &Path| read(&dir.join("cgroup.procs")).is_some() && may_create(dir);
         if let (Some((m, _, _)), Some((_, p))) = (
             mounts.iter().find(|(_, v2, _)| *v2),
             own.iter().find(|(ctl, _)| ctl.is_empty()),
@@ -472,10 +474,16 @@ mod tests {
             .map(|(k, v)| (PathBuf::from(k), (*v).to_owned()))
             .collect();
         let writes = RefCell::new(Vec::new());
-        let c = Cgroups::from_proc(mountinfo, own, &|p| files.get(p).cloned(), &|p, s| {
-            writes.borrow_mut().push(format!("{} {s}", p.display()));
-            true
-        });
+        let c = Cgroups::from_proc(
+            mountinfo,
+            own,
+            &|p| files.get(p).cloned(),
+            &|p, s| {
+                writes.borrow_mut().push(format!("{} {s}", p.display()));
+                true
+            },
+            &|_| true,
+        );
         (c, writes.into_inner())
     }
 
@@ -548,5 +556,28 @@ mod tests {
             })
             .is_some());
         assert!(c.cannot_enforce(&Limits::default()).is_none());
+    }
+
+    #[test]
+    fn hierarchies_readable_but_not_writable_are_not_used() {
+        // An ordinary user: every cgroup.procs can be read, no cgroup can be made.
+        let files: BTreeMap<PathBuf, String> = [
+            "/sys/fs/cgroup/unified/cgroup.procs",
+            "/sys/fs/cgroup/memory/api/x/cgroup.procs",
+            "/sys/fs/cgroup/pids/cgroup.procs",
+            "/sys/fs/cgroup/cpuacct/cgroup.procs",
+        ]
+        .iter()
+        .map(|k| (PathBuf::from(k), "1\n".to_owned()))
+        .collect();
+        let c = Cgroups::from_proc(
+            HYBRID,
+            HYBRID_OWN,
+            &|p| files.get(p).cloned(),
+            &|_, _| true,
+            &|dir| dir == Path::new("/sys/fs/cgroup/cpuacct"),
+        );
+        assert!(c.unified.is_none() && c.memory.is_none() && c.pids.is_none());
+        assert!(c.unavailable().is_some());
     }
 }
