@@ -31,6 +31,8 @@ pub struct BuildStarted<'a> {
     pub sandboxed: bool,
     /// A `--check` rebuild (Nix: "checking outputs of '…'...").
     pub checking: bool,
+    /// A `--repair` rebuild (Nix: "repairing outputs of '…'...").
+    pub repairing: bool,
 }
 
 /// Where the builds are: for a progress line.

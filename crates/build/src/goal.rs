@@ -66,11 +66,13 @@ impl Wanted {
     }
 }
 
-/// Build what is missing, or rebuild and compare (`--check`).
+/// Build what is missing, rebuild and compare (`--check`), or rebuild and replace
+/// (`--repair`: `verify --repair` of a modified output).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BuildMode {
     Normal,
     Check,
+    Repair,
 }
 
 /// A derivation read from the store, with what follows from it.
@@ -203,8 +205,9 @@ impl<B: Builder> std::fmt::Debug for Context<'_, B> {
 pub struct DerivationGoal<R> {
     pub drv_path: StorePath,
     pub wanted: Wanted,
-    /// Rebuild and compare (`--check`), for top-level goals.
-    pub check: bool,
+    /// Build what is missing, or rebuild valid outputs to compare them (`--check`) or
+    /// to replace them (`--repair`): for top-level goals.
+    pub mode: BuildMode,
     pub state: GoalState<R>,
 }
 
@@ -228,7 +231,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         Self {
             drv_path,
             wanted,
-            check: false,
+            mode: BuildMode::Normal,
             state: GoalState::Init,
         }
     }
@@ -309,10 +312,11 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Err(e) => return self.fail(StoreError::from(e).into()),
             }
         }
-        if self.check {
-            if !every_valid {
+        if self.mode != BuildMode::Normal {
+            if self.mode == BuildMode::Check && !every_valid {
                 return self.fail(BuildError::CheckNotPossible { drv: shown });
             }
+            // The rebuilt outputs go to the sandbox's own store dir, beside the valid ones.
             match use_sandbox(cx.settings, &shown, &loaded.drv) {
                 Ok(true) => {}
                 Ok(false) => return self.fail(BuildError::CheckNeedsSandbox),
@@ -412,7 +416,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Err(e) => return self.fail(StoreError::from(e).into()),
             }
         }
-        if valid.len() == loaded.outputs.len() && !self.check {
+        if valid.len() == loaded.outputs.len() && self.mode == BuildMode::Normal {
             locks.set_deletion(true);
             return self.done(BuildResult::already_valid(loaded.outputs));
         }
@@ -522,7 +526,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let mut input_closure = self.input_closure(cx.store, loaded, result)?;
         // Leftovers of an interrupted build at the invalid output paths are removed; a
         // valid output is never touched (a check builds in the sandbox's store).
-        if !self.check {
+        if self.mode == BuildMode::Normal {
             for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
                 let real = cx.store.real_path(p);
                 firn_store::canonical::delete_path(&real).map_err(io(real.clone()))?;
@@ -532,7 +536,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         // to a fallback path instead (removed after the build).
         let sandboxed = use_sandbox(cx.settings, &shown, &loaded.drv)?;
         let mut redirected = BTreeMap::new();
-        if !sandboxed && !self.check {
+        if !sandboxed && self.mode == BuildMode::Normal {
             for name in &valid {
                 let p = &loaded.outputs[name];
                 let fallback = fallback_path(&sd, &self.drv_path, p);
@@ -598,7 +602,8 @@ impl<R: RunningBuild> DerivationGoal<R> {
         cx.events.build_started(crate::events::BuildStarted {
             drv: &self.drv_path,
             sandboxed,
-            checking: self.check,
+            checking: self.mode == BuildMode::Check,
+            repairing: self.mode == BuildMode::Repair,
         });
         let running = cx
             .builder
@@ -750,7 +755,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
                     exit,
                 },
             }),
-            (None, None) if self.check => crate::check::compare_outputs(
+            (None, None) if self.mode == BuildMode::Repair => {
+                self.replace_outputs(cx, &loaded, &mut build)
+            }
+            (None, None) if self.mode == BuildMode::Check => crate::check::compare_outputs(
                 cx.store,
                 &self.drv_path,
                 &loaded.outputs,
@@ -760,7 +768,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             ),
             (None, None) => self.collect_and_register(cx, &loaded, &mut build),
         };
-        let keep = outcome.is_err() && cx.settings.keep_failed && !self.check;
+        let keep = outcome.is_err() && cx.settings.keep_failed && self.mode == BuildMode::Normal;
         let Build {
             running,
             mut log,
@@ -783,7 +791,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         for fallback in redirected.values() {
             let _ = firn_store::canonical::delete_path(&cx.store.real_path(fallback));
         }
-        if outcome.is_err() && !self.check {
+        if outcome.is_err() && self.mode != BuildMode::Check {
             // Nothing of a failed build stays at the output paths it may touch (a fixed
             // output's mismatching content was registered under its own path).
             for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
@@ -792,7 +800,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 }
             }
         }
-        if outcome.is_ok() && !self.check {
+        if outcome.is_ok() && self.mode != BuildMode::Check {
             locks.set_deletion(true);
         }
         drop(locks);
@@ -815,6 +823,79 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 .collect(),
             usage,
         })
+    }
+
+    /// `--repair`: put the rebuilt outputs in place of the registered ones, each in one
+    /// step (the old one is renamed aside, the new one renamed in, the old one deleted;
+    /// if registering fails the old ones come back), and register what was built.
+    fn replace_outputs<B: Builder<Build = R>>(
+        &self,
+        cx: &mut Context<'_, B>,
+        loaded: &Loaded,
+        build: &mut Build<R>,
+    ) -> Result<(), BuildError> {
+        let sd = cx.store.store_dir().clone();
+        let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| BuildError::Io { path, source }
+        };
+        let mut swap = || -> Result<(), BuildError> {
+            for (name, p) in &loaded.outputs {
+                let rebuilt = build.running.built_path(p);
+                let real = cx.store.real_path(p);
+                if std::fs::symlink_metadata(&rebuilt).is_err() {
+                    return Err(crate::outputs::OutputError::Missing {
+                        drv: sd.display(&self.drv_path),
+                        output: name.to_string(),
+                        path: rebuilt.display().to_string(),
+                    }
+                    .into());
+                }
+                let mut aside = real.clone().into_os_string();
+                aside.push(format!(".repair-old-{}", std::process::id()));
+                let aside = PathBuf::from(aside);
+                let _ = firn_store::canonical::delete_path(&aside);
+                if std::fs::symlink_metadata(&real).is_ok() {
+                    firn_store::canonical::make_deletable(&real).map_err(io(&real))?;
+                    std::fs::rename(&real, &aside).map_err(io(&real))?;
+                }
+                moved.push((real.clone(), aside));
+                std::fs::rename(&rebuilt, &real).map_err(io(&real))?;
+            }
+            Ok(())
+        };
+        let swapped = swap();
+        let registered = swapped.and_then(|()| {
+            let mut candidates = build.input_closure.clone();
+            candidates.extend(loaded.outputs.values().cloned());
+            let built = BuiltOutputs {
+                drv_path: &self.drv_path,
+                drv: &loaded.drv,
+                outputs: loaded.outputs.clone(),
+                input_closure: candidates,
+                build_uid: build.running.build_uid(),
+                missing_at: BTreeMap::new(),
+            };
+            register_outputs(cx.store, &built)
+                .map(|_| ())
+                .map_err(BuildError::from)
+        });
+        for (real, aside) in moved {
+            match &registered {
+                Ok(()) => {
+                    let _ = firn_store::canonical::delete_path(&aside);
+                }
+                Err(_) => {
+                    // Put the old ones back: nothing is half repaired.
+                    if std::fs::symlink_metadata(&aside).is_ok() {
+                        let _ = firn_store::canonical::delete_path(&real);
+                        let _ = std::fs::rename(&aside, &real);
+                    }
+                }
+            }
+        }
+        registered
     }
 
     /// Move the outputs that were not valid into the store, rewrite fallback hashes,

@@ -143,10 +143,8 @@ impl<'s, B: Builder> Worker<'s, B> {
     ) -> Vec<(StorePath, BuildResult)> {
         for (p, w) in tops {
             self.add_goal(p, w);
-            if mode == BuildMode::Check {
-                if let Some(g) = self.goals.get_mut(p) {
-                    g.check = true;
-                }
+            if let Some(g) = self.goals.get_mut(p) {
+                g.mode = mode;
             }
         }
         loop {

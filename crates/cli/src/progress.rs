@@ -122,9 +122,11 @@ impl BuildEvents for TerminalEvents {
     fn build_started(&mut self, b: BuildStarted<'_>) {
         let (drv, sandboxed) = (b.drv, b.sandboxed);
         // As Nix's `DerivationGoal::started`.
-        let line = match b.checking {
-            true => format!("checking outputs of '{}'...", self.store_dir.display(drv)),
-            false => format!("building '{}'...", self.store_dir.display(drv)),
+        let shown = self.store_dir.display(drv);
+        let line = match (b.checking, b.repairing) {
+            (true, _) => format!("checking outputs of '{shown}'..."),
+            (_, true) => format!("repairing outputs of '{shown}'..."),
+            _ => format!("building '{shown}'..."),
         };
         match &mut self.sink {
             Sink::Text(p) => p.line(&line),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
 use firn_store::db::PathGraph;
+use firn_store::verify::VerifyEvent;
 use firn_store::{Reporter, Store, StoreError, ValidPathInfo, VerifyOptions};
 
 use crate::error::CliError;
@@ -465,8 +466,104 @@ pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result
         check_contents,
         repair,
     };
-    let report = store.verify(&opts, &mut |e| eprintln!("{e}"))?;
-    Ok(report.all_fixed())
+    // With --repair, whether a modified path could be repaired is known only after the
+    // rebuild: its "cannot repair" and the final warning wait.
+    let mut held = Vec::new();
+    let report = store.verify(&opts, &mut |e| match e {
+        VerifyEvent::CannotRepair { .. } | VerifyEvent::NotAllFixed if repair => {
+            held.push(e.clone())
+        }
+        e => eprintln!("{e}"),
+    })?;
+    if !repair || report.modified.is_empty() {
+        for e in held {
+            eprintln!("{e}");
+        }
+        return Ok(report.all_fixed());
+    }
+    let unrepaired = repair_by_rebuilding(settings, &mut store, &report.modified)?;
+    let sd = store.store_dir().clone();
+    for p in &unrepaired {
+        eprintln!(
+            "warning: cannot repair '{}': no substituters, and no valid derivation to rebuild it from",
+            sd.display(p)
+        );
+    }
+    let fixed = unrepaired.is_empty() && report.missing_with_referrers.is_empty();
+    if !fixed {
+        eprintln!("{}", VerifyEvent::NotAllFixed);
+    }
+    Ok(fixed)
+}
+
+/// Nix 2.8's `repairPath` without substituters: rebuild the valid deriver of each
+/// modified path, in the sandbox, and put the rebuilt outputs in place. Returns the
+/// paths that could not be repaired.
+fn repair_by_rebuilding(
+    settings: &Settings,
+    store: &mut Store,
+    modified: &BTreeSet<StorePath>,
+) -> Result<BTreeSet<StorePath>, CliError> {
+    let mut derivers: BTreeSet<StorePath> = BTreeSet::new();
+    let mut unrepaired = BTreeSet::new();
+    for p in modified {
+        let deriver = store
+            .db()
+            .query_path_info(p)
+            .map_err(StoreError::from)?
+            .and_then(|i| i.deriver);
+        match deriver {
+            Some(d) if store.db().is_valid_path(&d).map_err(StoreError::from)? => {
+                derivers.insert(d);
+            }
+            _ => {
+                unrepaired.insert(p.clone());
+            }
+        }
+    }
+    if derivers.is_empty() {
+        return Ok(unrepaired);
+    }
+    let build = settings.build.clone();
+    let builder = crate::realise::local_builder(settings, &build, store);
+    let mut events = crate::progress::TerminalEvents::with_format(
+        store.store_dir().clone(),
+        !settings.quiet,
+        build.keep_going,
+        settings.log_format,
+    );
+    let tops: Vec<(StorePath, firn_build::Wanted)> = derivers
+        .iter()
+        .map(|d| (d.clone(), firn_build::Wanted::All))
+        .collect();
+    crate::interrupt::install_handlers();
+    let mut worker = firn_build::Worker::new(
+        store,
+        build,
+        builder,
+        &mut events,
+        crate::interrupt::interrupted,
+    );
+    let results = worker.run(&tops, firn_build::BuildMode::Repair);
+    drop(worker);
+    for (d, r) in &results {
+        if r.status.success() {
+            continue;
+        }
+        for p in modified {
+            let from_d = store
+                .db()
+                .query_path_info(p)
+                .map_err(StoreError::from)?
+                .and_then(|i| i.deriver)
+                .as_ref()
+                == Some(d);
+            if from_d {
+                unrepaired.insert(p.clone());
+            }
+        }
+    }
+    Ok(unrepaired)
 }
 
 pub fn derivation_add(
