@@ -39,7 +39,7 @@ for run in $(seq 1 "$RUNS"); do
     }
     run_firn() {
       local a; a=$(date +%s%N)
-      "$FIRN" --quiet --store "$FS" --option sandbox-paths "$SP" realise -j2 "$drv" >/dev/null 2>"$WORK/firn.err" || { cat "$WORK/firn.err"; exit 1; }
+      "$FIRN" --quiet --store "$FS" --option sandbox true --option sandbox-paths "$SP" realise -j2 "$drv" >/dev/null 2>"$WORK/firn.err" || { cat "$WORK/firn.err"; exit 1; }
       f_ns=$(( $(date +%s%N) - a ))
     }
     # The kernel finishes tearing down a run's namespaces after it exits, which slows
