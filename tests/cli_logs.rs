@@ -191,6 +191,16 @@ fn messages_as_nix_prints_them() {
     assert!(expected.contains("last 10 log lines:"), "{expected}");
     assert!(expected.contains("> line 12"), "{expected}");
     assert_eq!(error_block(&stderr(&firn)), expected);
+    // -v: a line per build with its time and what it used; -vv: and where its log is.
+    let d = instantiate(&ours, &expr, "top");
+    let v = realise(firn_bin(), &ours, &["--check", "-vv"], &d);
+    let err = stderr(&v);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with(&format!("built '{d}' in ")))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains(", log '"), "{line}");
+    assert!(!stderr(&realise(firn_bin(), &ours, &["--check"], &d)).contains("built '"));
     // Not quiet, the log was shown: one error line, as Nix.
     let firn = realise(firn_bin(), &ours, &[], &fail);
     assert!(stderr(&firn).contains("line 12"));

@@ -138,6 +138,7 @@ enum Command {
 fn run(cli: Cli) -> Result<(), CliError> {
     let mut settings = Settings::from_cli(cli.store, &cli.options, cli.quiet)?;
     settings.log_format = cli.log_format;
+    settings.verbosity = cli.verbose;
     for w in &settings.warnings {
         if !cli.quiet {
             eprintln!("warning: {w}");

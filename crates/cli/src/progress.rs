@@ -36,6 +36,8 @@ pub struct TerminalEvents {
     unsandboxed_by: Option<String>,
     /// Builds that failed, for the progress counts.
     failed: usize,
+    /// `-v`: a line per build with its time and what it used; `-vv`: and its log.
+    verbosity: u8,
 }
 
 #[derive(Debug)]
@@ -63,7 +65,14 @@ impl TerminalEvents {
             keep_going,
             unsandboxed_by: None,
             failed: 0,
+            verbosity: 0,
         }
+    }
+
+    /// `-v` given `n` times.
+    pub fn verbosity(mut self, n: u8) -> Self {
+        self.verbosity = n;
+        self
     }
 
     /// Builds run without the sandbox because `file` says `sandbox = false`.
@@ -155,6 +164,31 @@ impl BuildEvents for TerminalEvents {
     fn result(&mut self, drv: &StorePath, result: &BuildResult) {
         if let Sink::Json(j) = &mut self.sink {
             j.build_stopped(drv);
+        }
+        if result.status == BuildStatus::Built && self.verbosity > 0 {
+            let mut line = format!(
+                "built '{}' in {} s",
+                self.store_dir.display(drv),
+                result.stop_time.saturating_sub(result.start_time)
+            );
+            if let Some(u) = result.usage {
+                if let (Some(user), Some(system)) = (u.cpu_user, u.cpu_system) {
+                    line.push_str(&format!(
+                        ", CPU {:.2} s user {:.2} s system",
+                        user.as_secs_f64(),
+                        system.as_secs_f64()
+                    ));
+                }
+                if let Some(peak) = u.peak_memory {
+                    line.push_str(&format!(", peak memory {:.1} MiB", peak as f64 / 1048576.0));
+                }
+            }
+            if self.verbosity > 1 {
+                if let Some(log) = &result.log {
+                    line.push_str(&format!(", log '{}'", log.display()));
+                }
+            }
+            self.line(4, &line);
         }
         if result.status.success() {
             return;

@@ -155,7 +155,8 @@ pub fn realise(
         build.keep_going,
         settings.log_format,
     )
-    .unsandboxed_by(settings.sandbox_off_from.clone());
+    .unsandboxed_by(settings.sandbox_off_from.clone())
+    .verbosity(settings.verbosity);
     if args.dry_run && args.json {
         // What QueryMissing would answer, by its names.
         let json = serde_json::json!({

@@ -30,6 +30,8 @@ pub struct Settings {
     pub quiet: bool,
     /// `--log-format`.
     pub log_format: crate::progress::LogFormat,
+    /// `-v` given this many times.
+    pub verbosity: u8,
     /// A store was named (`--store` or `FIRN_STORE`).
     pub store_given: bool,
 }
@@ -133,6 +135,7 @@ impl Settings {
             build,
             quiet,
             log_format: crate::progress::LogFormat::Bar,
+            verbosity: 0,
             warnings,
             sandbox_off_from,
             store_given,
