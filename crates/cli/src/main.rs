@@ -365,12 +365,37 @@ fn usage_error(e: &clap::Error) -> String {
                 .join(" ")
         })
         .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| "firn".to_owned());
+        .unwrap_or_else(|| command_path(std::env::args()));
     let mut line = format!("error: {message}");
     if let Some(tip) = tip {
         line.push_str(&format!(" ({tip})"));
     }
     format!("{line}\nTry '{command} --help' for more information.\n")
+}
+
+/// The command that `args` name (`firn derivation show`), for errors without a usage
+/// line; commands are found by name and by their nix-store flags (`-qR` is `query`).
+fn command_path(args: impl Iterator<Item = String>) -> String {
+    let mut cmd = Cli::command();
+    let mut path = vec!["firn".to_owned()];
+    for a in args.skip(1) {
+        let short = a.strip_prefix('-').filter(|s| !s.starts_with('-'));
+        let found = cmd
+            .get_subcommands()
+            .find(|s| {
+                s.get_name() == a
+                    || s.get_long_flag()
+                        .is_some_and(|l| a.strip_prefix("--") == Some(l))
+                    || s.get_short_flag()
+                        .is_some_and(|c| short.is_some_and(|f| f.starts_with(c)))
+            })
+            .cloned();
+        if let Some(sub) = found {
+            path.push(sub.get_name().to_owned());
+            cmd = sub;
+        }
+    }
+    path.join(" ")
 }
 
 fn main() -> ExitCode {
