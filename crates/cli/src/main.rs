@@ -285,7 +285,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             };
             store_cmds::hash(&algo, how, &paths, &mut out)?
         }
-        Command::Query(args) => store_cmds::query(&settings, &args, &mut out)?,
+        Command::Query(args) => {
+            if args.force_realise {
+                force_realise(&settings, &args.paths)?;
+            }
+            store_cmds::query(&settings, &args, &mut out)?
+        }
         Command::PathInfo(args) => store_cmds::path_info(&settings, &args, &mut out)?,
         Command::Verify {
             check_contents,
@@ -318,6 +323,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())
+}
+
+/// `nix-store -q --force-realise`: build (or check) the arguments first, printing
+/// nothing on stdout.
+fn force_realise(settings: &Settings, paths: &[String]) -> Result<(), CliError> {
+    let args = realise::RealiseArgs::of(paths.to_vec());
+    match realise::realise(settings, &args, &mut io::sink())? {
+        0 => Ok(()),
+        code => Err(CliError::Exit(code)),
+    }
 }
 
 /// `firn.1` and one page per command (`firn-query.1`, `firn-derivation-show.1`, …), from

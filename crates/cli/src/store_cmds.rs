@@ -166,14 +166,14 @@ pub struct QueryArgs {
     use_output: bool,
     /// Build the derivations (or check the paths are valid) first, as `firn realise`.
     #[arg(short = 'f', long, visible_alias = "force-realize")]
-    force_realise: bool,
+    pub force_realise: bool,
     /// With --requisites: also the outputs of the derivations in the closure (those
     /// that are valid), and their closures.
     #[arg(long)]
     include_outputs: bool,
     /// Store paths, or symlinks to them.
     #[arg(required = true, value_name = "PATH")]
-    paths: Vec<String>,
+    pub paths: Vec<String>,
 }
 
 /// Which `nix-store -q` query.
@@ -289,16 +289,6 @@ fn print_tree(
     Ok(())
 }
 
-/// `nix-store -q --force-realise`: build (or check) the arguments first, printing nothing
-/// on stdout.
-fn force_realise(settings: &Settings, args: &[String]) -> Result<(), CliError> {
-    let realise = crate::realise::RealiseArgs::of(args.to_vec());
-    match crate::realise::realise(settings, &realise, &mut io::sink())? {
-        0 => Ok(()),
-        code => Err(CliError::Exit(code)),
-    }
-}
-
 /// The paths of `drvs`' closure with the valid outputs of every derivation in it, and
 /// theirs, until nothing is added (Nix's `computeFSClosure` with `includeOutputs`).
 fn with_outputs(store: &Store, roots: &[StorePath]) -> Result<Vec<StorePath>, CliError> {
@@ -326,9 +316,7 @@ fn with_outputs(store: &Store, roots: &[StorePath]) -> Result<Vec<StorePath>, Cl
 }
 
 pub fn query(settings: &Settings, args: &QueryArgs, out: &mut impl Write) -> Result<(), CliError> {
-    if args.force_realise {
-        force_realise(settings, &args.paths)?;
-    }
+    // `--force-realise` was done by the caller (main.rs), which knows `realise`.
     let kind = &args.kind;
     // No query flag: `--outputs`, as `nix-store -q`.
     let outputs = kind.outputs
