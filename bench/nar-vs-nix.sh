@@ -36,7 +36,7 @@ P=$("$FIRN" --store "$ROOT" add "$TREE")
 REAL=$ROOT$P
 # Warm the page cache, then check both agree.
 cat $(find "$TREE" -type f) > /dev/null
-[ "$("$FIRN" hash "$TREE")" = "$(nix-hash --type sha256 "$TREE")" ] || { echo "hashes differ!" >&2; exit 1; }
+[ "$("$FIRN" hash --type sha256 "$TREE")" = "$(nix-hash --type sha256 "$TREE")" ] || { echo "hashes differ!" >&2; exit 1; }
 cmp <("$FIRN" --store "$ROOT" dump "$P") <(nix-store --dump "$REAL") || { echo "NARs differ!" >&2; exit 1; }
 nar_bytes=$("$FIRN" --store "$ROOT" dump "$P" | wc -c)
 
@@ -47,7 +47,7 @@ report() { # label nix_ms firn_ms
     printf "%s: nix %d ms (%.2f GB/s), firn %d ms (%.2f GB/s), ratio %.2fx\n", l, n, b/n/1e6, f, b/f/1e6, n/f }'
 }
 nix_ms=$(time_ms nix-hash --type sha256 "$TREE")
-firn_ms=$(time_ms "$FIRN" hash "$TREE")
+firn_ms=$(time_ms "$FIRN" hash --type sha256 "$TREE")
 report "NAR sha256 of $((nar_bytes >> 20)) MiB (nix-hash vs firn hash)" "$nix_ms" "$firn_ms"
 nix_ms=$(time_ms sh -c "nix-store --dump '$REAL' > /dev/null")
 firn_ms=$(time_ms sh -c "'$FIRN' --store '$ROOT' dump '$P' > /dev/null")

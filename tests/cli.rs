@@ -184,7 +184,7 @@ fn bad_arguments_and_input() {
         &["--option", "no-such-setting", "1", "derivation", "show"],
         None,
     );
-    assert_eq!(out.status.code(), Some(2), "clap usage error: missing DRV");
+    assert_eq!(out.status.code(), Some(1), "usage error: missing DRV");
 }
 
 /// Instantiate the extra expressions with the real Nix into a fresh chroot store and

@@ -468,7 +468,13 @@ fn sigkill_during_restore() {
     let nar = firn(&template, &["dump", p.trim()], None).stdout;
     assert!(nar.len() > 3_000_000);
     let hash = |target: &Path| {
-        let args = ["hash", "--base32", target.to_str().unwrap()];
+        let args = [
+            "hash",
+            "--type",
+            "sha256",
+            "--base32",
+            target.to_str().unwrap(),
+        ];
         format!("sha256:{}", ok(run(firn_bin(), &args, None)).trim())
     };
     let expected_hash = ok(firn(&template, &["query", "--hash", p.trim()], None));

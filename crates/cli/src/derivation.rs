@@ -19,6 +19,11 @@ pub enum DerivationCommand {
     ///
     /// A DRV is a store path (read from the store given by --store) or any file.
     Show {
+        /// Also every derivation in their closures (`nix show-derivation -r`); needs
+        /// the store's database.
+        #[arg(short, long)]
+        recursive: bool,
+        /// `.drv` store paths (or symlinks to them), or `.drv` files anywhere.
         #[arg(required = true, value_name = "DRV")]
         drvs: Vec<PathBuf>,
     },
@@ -39,7 +44,10 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     match cmd {
-        DerivationCommand::Show { drvs } => show(&drvs, settings, out),
+        DerivationCommand::Show { recursive, drvs } => match recursive {
+            true => show(&closure_drvs(&drvs, settings)?, settings, out),
+            false => show(&drvs, settings, out),
+        },
         DerivationCommand::Print => print(settings, out),
         DerivationCommand::Add { dry_run } => {
             crate::store_cmds::derivation_add(settings, dry_run, out)
@@ -65,6 +73,41 @@ fn locate(arg: &Path, settings: &Settings) -> (String, PathBuf) {
     } else {
         (format!("{store}/{base}"), arg.to_path_buf())
     }
+}
+
+/// `drvs` and every derivation in their closures, as store paths (`nix show-derivation
+/// -r`): a store path's closure is the database's; a file outside the store stands for
+/// itself and the closures of its inputs.
+fn closure_drvs(drvs: &[PathBuf], settings: &Settings) -> Result<Vec<PathBuf>, CliError> {
+    let store = crate::store_cmds::open(settings)?;
+    let sd = &settings.store_dir;
+    let mut files = Vec::new();
+    let mut roots = Vec::new();
+    for arg in drvs {
+        let (key, file) = locate(arg, settings);
+        if key == firn_store::store::absolute(arg).to_string_lossy() {
+            roots.push(store.valid_path_arg(&key)?);
+            continue;
+        }
+        let text = fs::read(&file).map_err(|e| CliError::read(&file, e))?;
+        let base = key.rsplit('/').next().unwrap_or_default();
+        let drv = parse_derivation(sd, &text, name_from_drv_base_name(base))
+            .map_err(|e| CliError::usage(format!("parsing derivation '{}' {e}", file.display())))?;
+        roots.extend(drv.input_drvs.keys().cloned());
+        roots.extend(drv.input_srcs.iter().cloned());
+        files.push(arg.clone());
+    }
+    let closure = store
+        .db()
+        .query_closure(&roots, false)
+        .map_err(firn_store::StoreError::from)?;
+    files.extend(
+        closure
+            .iter()
+            .filter(|p| p.is_derivation())
+            .map(|p| PathBuf::from(sd.display(p))),
+    );
+    Ok(files)
 }
 
 fn show(drvs: &[PathBuf], settings: &Settings, out: &mut impl Write) -> Result<(), CliError> {

@@ -17,7 +17,8 @@ use crate::store_cmds::open;
 
 #[derive(Debug, clap::Args)]
 pub struct RealiseArgs {
-    /// `.drv` store paths, optionally `DRV^out,dev` for some outputs.
+    /// `.drv` store paths; `DRV!out,dev` or `DRV^out,dev` for some outputs (`!` is
+    /// nix-store's spelling), `DRV!*` or `DRV^*` for all; other store paths must be valid.
     #[arg(required = true, value_name = "DRV")]
     pub drvs: Vec<String>,
     /// Make LINK a GC root pointing at the (first) output; further outputs get LINK-2, …
@@ -29,25 +30,40 @@ pub struct RealiseArgs {
     /// Print one JSON result object per derivation.
     #[arg(long)]
     pub json: bool,
-    /// Builds to run at once (`max-jobs`; `auto` = number of cores).
-    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
-    pub max_jobs: Option<String>,
-    /// Keep building what does not depend on a failure.
-    #[arg(short = 'k', long)]
-    pub keep_going: bool,
-    /// Keep the build directory of failed builds (and, with --check, a differing
-    /// output as `<out>.check`).
-    #[arg(short = 'K', long)]
-    pub keep_failed: bool,
+    /// Do not show the builders' output (as nix-store's -Q; the same as --quiet here).
+    #[arg(short = 'Q', long)]
+    pub no_build_output: bool,
+    /// Show the builders' output; accepted for Nix's sake: firn shows it by default
+    /// (on stderr, unless -Q or --quiet).
+    #[arg(short = 'L', long)]
+    pub print_build_logs: bool,
     /// Rebuild the given derivations and compare with their registered outputs
     /// (exit 104 if they differ).
     #[arg(long)]
     pub check: bool,
+    // `-j`, `-k` and `-K` are global options (main.rs): they set the settings
+    // `max-jobs`, `keep-going` and `keep-failed`, which `realise()` reads.
 }
 
-/// `DRV`, `DRV^*`, `DRV^out,dev`.
+impl RealiseArgs {
+    /// Realise `drvs` with nothing else asked (`nix-store -q --force-realise`).
+    pub fn of(drvs: Vec<String>) -> Self {
+        Self {
+            drvs,
+            add_root: None,
+            dry_run: false,
+            json: false,
+            no_build_output: false,
+            print_build_logs: false,
+            check: false,
+        }
+    }
+}
+
+/// `DRV`, `DRV^*`, `DRV^out,dev`, and nix-store's `DRV!out,dev`, `DRV!*`: split at the
+/// first `^` or `!` (neither can be in a store path's name).
 fn parse_target(arg: &str) -> (&str, Wanted) {
-    match arg.split_once('^') {
+    match arg.split_once(['^', '!']) {
         Some((p, "*")) => (p, Wanted::All),
         Some((p, outs)) => (
             p,
@@ -114,12 +130,7 @@ pub fn realise(
     args: &RealiseArgs,
     out: &mut impl Write,
 ) -> Result<u8, CliError> {
-    let mut build = settings.build.clone();
-    if let Some(j) = &args.max_jobs {
-        build.set("max-jobs", j)?;
-    }
-    build.keep_going |= args.keep_going;
-    build.keep_failed |= args.keep_failed;
+    let build = settings.build.clone();
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut tops: Vec<(StorePath, Wanted)> = Vec::new();

@@ -114,18 +114,34 @@ pub fn dump(settings: &Settings, path: &Path, out: &mut impl Write) -> Result<()
     buf.flush().map_err(CliError::stdout)
 }
 
-/// `nix-hash [--type ALGO] [--base32] [--flat] PATH…`.
+/// How `firn hash` hashes and prints (nix-hash's flags).
+#[derive(Debug, Clone, Copy)]
+pub struct HashHow {
+    pub base32: bool,
+    pub flat: bool,
+    pub truncate: bool,
+}
+
+/// Nix's `compressHash`: fold the digest into `size` bytes by XOR.
+fn compress(bytes: &[u8], size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; size];
+    for (i, b) in bytes.iter().enumerate() {
+        out[i % size] ^= b;
+    }
+    out
+}
+
+/// `nix-hash [--type ALGO] [--base32] [--flat] [--truncate] PATH…`.
 pub fn hash(
     algo: &str,
-    base32: bool,
-    flat: bool,
+    how: HashHow,
     paths: &[PathBuf],
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     let algo = HashAlgo::parse(algo).map_err(|e| CliError::usage(e.to_string()))?;
     for p in paths {
         let mut hasher = firn_store::nar::HashSink::with_algo(algo);
-        if flat {
+        if how.flat {
             let mut f = std::fs::File::open(p).map_err(|e| CliError::read(p, e))?;
             io::copy(&mut f, &mut hasher).map_err(|e| CliError::read(p, e))?;
         } else {
@@ -133,10 +149,15 @@ pub fn hash(
                 .map_err(|e| CliError::usage(e.to_string()))?;
         }
         let (h, _) = hasher.finish();
-        let shown = if base32 {
-            h.to_nixbase32()
+        let mut bytes = h.as_bytes().to_vec();
+        // As nix-hash: only hashes longer than 160 bits are truncated.
+        if how.truncate && bytes.len() > 20 {
+            bytes = compress(&bytes, 20);
+        }
+        let shown = if how.base32 {
+            firn_derivation::nixbase32::encode(&bytes)
         } else {
-            h.to_base16()
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
         };
         w(out, &format!("{shown}\n"))?;
     }
@@ -149,32 +170,66 @@ pub fn restore(path: &std::path::Path) -> Result<(), CliError> {
         .map_err(|e| CliError::usage(format!("restoring '{}': {e}", path.display())))
 }
 
+/// `nix-store -q`'s flags: one query (none: `--outputs`, as in Nix) and its modifiers.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    kind: QueryKind,
+    /// With a derivation: query its outputs instead (for -R, --references, --referrers,
+    /// --referrers-closure, --hash, --size, --graph, --roots).
+    #[arg(short = 'u', long)]
+    use_output: bool,
+    /// Build the derivations (or check the paths are valid) first, as `firn realise`.
+    #[arg(short = 'f', long, visible_alias = "force-realize")]
+    pub force_realise: bool,
+    /// With --requisites: also the outputs of the derivations in the closure (those
+    /// that are valid), and their closures.
+    #[arg(long)]
+    include_outputs: bool,
+    /// Store paths, or symlinks to them.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<String>,
+}
+
 /// Which `nix-store -q` query.
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub struct QueryKind {
+    /// The paths each path refers to, directly.
     #[arg(long)]
     references: bool,
-    #[arg(long)]
+    /// The paths that refer to each path, directly.
+    #[arg(long, visible_alias = "referers")]
     referrers: bool,
+    /// The closure: each path and everything it refers to, transitively (references
+    /// before referrers).
     #[arg(long, short = 'R')]
     requisites: bool,
-    #[arg(long)]
+    /// Each path and everything that refers to it, transitively.
+    #[arg(long, visible_alias = "referers-closure")]
     referrers_closure: bool,
+    /// The output paths of derivations (the default query).
     #[arg(long)]
     outputs: bool,
-    #[arg(long)]
+    /// The derivation each path was built from (`unknown-deriver` if none is known).
+    #[arg(long, short = 'd')]
     deriver: bool,
+    /// The sha256 NAR hash of each path, in Nix's base-32.
     #[arg(long)]
     hash: bool,
+    /// The NAR size of each path, in bytes.
     #[arg(long)]
     size: bool,
+    /// The closure as a tree, shared parts marked `[...]`.
     #[arg(long)]
     tree: bool,
+    /// The closure as a Graphviz (dot) graph.
     #[arg(long)]
     graph: bool,
+    /// The valid derivations that name each path as an output.
     #[arg(long)]
     valid_derivers: bool,
+    /// The GC roots (`LINK -> PATH`) that keep each path alive.
     #[arg(long)]
     roots: bool,
 }
@@ -249,24 +304,76 @@ fn print_tree(
     Ok(())
 }
 
-pub fn query(
-    settings: &Settings,
-    kind: &QueryKind,
-    args: &[String],
-    out: &mut impl Write,
-) -> Result<(), CliError> {
+/// The paths of `drvs`' closure with the valid outputs of every derivation in it, and
+/// theirs, until nothing is added (Nix's `computeFSClosure` with `includeOutputs`).
+fn with_outputs(store: &Store, roots: &[StorePath]) -> Result<Vec<StorePath>, CliError> {
+    let db = store.db();
+    let mut roots = roots.to_vec();
+    loop {
+        let closure = db.query_closure(&roots, false).map_err(StoreError::from)?;
+        let mut more = Vec::new();
+        for d in closure.iter().filter(|p| p.is_derivation()) {
+            for o in db
+                .query_derivation_outputs(d)
+                .map_err(StoreError::from)?
+                .into_values()
+            {
+                if !closure.contains(&o) && db.is_valid_path(&o).map_err(StoreError::from)? {
+                    more.push(o);
+                }
+            }
+        }
+        if more.is_empty() {
+            return Ok(roots);
+        }
+        roots.extend(more);
+    }
+}
+
+pub fn query(settings: &Settings, args: &QueryArgs, out: &mut impl Write) -> Result<(), CliError> {
+    // `--force-realise` was done by the caller (main.rs), which knows `realise`.
+    let kind = &args.kind;
+    // No query flag: `--outputs`, as `nix-store -q`.
+    let outputs = kind.outputs
+        || !(kind.references
+            || kind.referrers
+            || kind.requisites
+            || kind.referrers_closure
+            || kind.deriver
+            || kind.hash
+            || kind.size
+            || kind.tree
+            || kind.graph
+            || kind.valid_derivers
+            || kind.roots);
+    // The queries for which `--use-output` puts a derivation's outputs in its place.
+    let outputs_for_drvs = args.use_output
+        && (kind.references
+            || kind.referrers
+            || kind.requisites
+            || kind.referrers_closure
+            || kind.hash
+            || kind.size
+            || kind.graph
+            || kind.roots);
     let store = open(settings)?;
     let sd = store.store_dir().clone();
     // --outputs and --valid-derivers do not need the path itself to be valid (an
     // output that was never built), as in Nix; everything else does.
-    let need_valid = !(kind.outputs || kind.valid_derivers);
-    let mut paths = Vec::with_capacity(args.len());
-    for a in args {
-        paths.push(if need_valid {
-            store.valid_path_arg(a)?
-        } else {
-            store.parse_path_arg(a)?
-        });
+    let need_valid = !(outputs || kind.valid_derivers);
+    let mut paths = Vec::with_capacity(args.paths.len());
+    for a in &args.paths {
+        let p = store.parse_path_arg(a)?;
+        let ps = match outputs_for_drvs && p.is_derivation() {
+            true => use_outputs(&store, &p)?,
+            false => [p].into(),
+        };
+        for p in ps {
+            if need_valid && !store.db().is_valid_path(&p).map_err(StoreError::from)? {
+                return Err(StoreError::NotValid(sd.display(&p)).into());
+            }
+            paths.push(p);
+        }
     }
     let mut text = String::new();
     let db = store.db();
@@ -284,6 +391,9 @@ pub fn query(
             text.push('\n');
         }
     } else if kind.requisites || kind.referrers_closure {
+        if kind.requisites && args.include_outputs {
+            paths = with_outputs(&store, &paths)?;
+        }
         let graph = db
             .query_closure_graph(&paths, kind.referrers_closure)
             .map_err(StoreError::from)?;
@@ -291,7 +401,7 @@ pub fn query(
             text.push_str(&sd.display(p));
             text.push('\n');
         }
-    } else if kind.outputs {
+    } else if outputs {
         for p in &paths {
             for o in use_outputs(&store, p)? {
                 text.push_str(&format!("{}\n", sd.display(&o)));
@@ -377,19 +487,72 @@ fn print_graph(
     Ok(())
 }
 
+/// `nix path-info`'s flags.
+#[derive(Debug, Args)]
+pub struct PathInfoArgs {
+    /// Print JSON, as `nix path-info --json` (invalid paths as `"valid": false`).
+    #[arg(long)]
+    json: bool,
+    /// The closure of the paths, references first.
+    #[arg(short, long)]
+    recursive: bool,
+    /// Print the NAR size of each path.
+    #[arg(short, long)]
+    size: bool,
+    /// Print the sum of the NAR sizes of each path's closure.
+    #[arg(short = 'S', long)]
+    closure_size: bool,
+    /// With --size and --closure-size: sizes as 5.7M (Nix's -h; firn's -h is --help).
+    #[arg(long)]
+    human_readable: bool,
+    /// Print the signatures (`ultimate` for paths built here, `ca:…` for content-addressed
+    /// ones, then the signatures).
+    #[arg(long)]
+    sigs: bool,
+    /// Store paths (a `.drv` stands for its outputs), or symlinks to them.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<String>,
+}
+
+/// `printSize` of `nix path-info`.
+fn size_column(value: u64, human: bool) -> String {
+    if !human {
+        return format!("\t{value:11}");
+    }
+    const UNITS: [char; 9] = [' ', 'K', 'M', 'G', 'T', 'P', 'E', 'Z', 'Y'];
+    let mut power = 0;
+    let mut res = value as f64;
+    while res > 1024.0 && power + 1 < UNITS.len() {
+        power += 1;
+        res /= 1024.0;
+    }
+    format!("\t{res:6.1}{}", UNITS[power])
+}
+
+fn closure_size(store: &Store, p: &StorePath) -> Result<u64, CliError> {
+    let mut total = 0;
+    for q in store
+        .db()
+        .query_closure(std::slice::from_ref(p), false)
+        .map_err(StoreError::from)?
+    {
+        total += info(store, &q)?.nar_size;
+    }
+    Ok(total)
+}
+
 /// `nix path-info`: a `.drv` argument stands for its outputs (as an installable does in
 /// Nix 2.8). With `--json`, invalid paths are listed as `"valid": false`; without, they
 /// are an error.
 pub fn path_info(
     settings: &Settings,
-    json: bool,
-    args: &[String],
+    args: &PathInfoArgs,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     let store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut paths = BTreeSet::new();
-    for a in args {
+    for a in &args.paths {
         let p = store.parse_path_arg(a)?;
         if p.is_derivation() {
             paths.extend(use_outputs(&store, &p)?);
@@ -397,11 +560,57 @@ pub fn path_info(
             paths.insert(p);
         }
     }
-    if !json {
-        let mut text = String::new();
+    if args.recursive {
         for p in &paths {
             info(&store, p)?;
-            text.push_str(&format!("{}\n", sd.display(p)));
+        }
+        let roots: Vec<StorePath> = paths.iter().cloned().collect();
+        paths = store
+            .db()
+            .query_closure(&roots, false)
+            .map_err(StoreError::from)?;
+    }
+    if !args.json {
+        for p in &paths {
+            info(&store, p)?;
+        }
+        // As Nix: references before referrers, else in path order, columns aligned.
+        let graph = graph_of(&store, &paths)?;
+        let sorted = graph.topo_sorted();
+        let width = sorted
+            .iter()
+            .map(|p| sd.display(p).len())
+            .max()
+            .unwrap_or(0);
+        let columns = args.size || args.closure_size || args.sigs;
+        let mut text = String::new();
+        for p in sorted {
+            let i = info(&store, p)?;
+            let shown = sd.display(p);
+            text.push_str(&shown);
+            if columns {
+                text.push_str(&" ".repeat(width - shown.len()));
+            }
+            if args.size {
+                text.push_str(&size_column(i.nar_size, args.human_readable));
+            }
+            if args.closure_size {
+                let size = closure_size(&store, p)?;
+                text.push_str(&size_column(size, args.human_readable));
+            }
+            if args.sigs {
+                let mut sigs = Vec::new();
+                if i.ultimate {
+                    sigs.push("ultimate".to_owned());
+                }
+                if let Some(ca) = &i.ca {
+                    sigs.push(format!("ca:{ca}"));
+                }
+                sigs.extend(i.sigs.iter().cloned());
+                text.push('\t');
+                text.push_str(&sigs.join(" "));
+            }
+            text.push('\n');
         }
         return w(out, &text);
     }
@@ -412,12 +621,17 @@ pub fn path_info(
             entries.push(PathInfoJson::Invalid { path, valid: false });
             continue;
         };
+        let closure_size = match args.closure_size {
+            true => Some(closure_size(&store, p)?),
+            false => None,
+        };
         entries.push(PathInfoJson::Valid {
             path,
             nar_hash: i.nar_hash.to_sri(),
             nar_size: i.nar_size,
             references: i.references.iter().map(|r| sd.display(r)).collect(),
             ca: i.ca.clone(),
+            closure_size,
             deriver: i.deriver.as_ref().map(|d| sd.display(d)),
             registration_time: i.registration_time,
             ultimate: i.ultimate.then_some(true),
@@ -447,6 +661,8 @@ enum PathInfoJson {
         references: Vec<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         ca: Option<String>,
+        #[serde(rename = "closureSize", skip_serializing_if = "Option::is_none")]
+        closure_size: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         deriver: Option<String>,
         #[serde(rename = "registrationTime")]
