@@ -10,6 +10,7 @@ mod derivation;
 mod error;
 mod gc;
 mod interrupt;
+mod local_builder;
 mod progress;
 mod realise;
 mod run;
