@@ -179,7 +179,13 @@ fn json_results_report_cpu_and_peak_memory() {
         "busy",
         "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; x=$(head -c 3000000 /dev/zero | tr '\\0' x); echo ${#x} > $out",
     );
-    let (out, pid) = realise_pid(&root, "true", &[], &["--json", &d]);
+    // Sandboxed builds get a cgroup (and so accounting) when a limit is asked for.
+    let (out, pid) = realise_pid(
+        &root,
+        "true",
+        &[("build-pids-max", "1000")],
+        &["--json", &d],
+    );
     let out = ok(out);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let r = &v[0];
@@ -229,13 +235,9 @@ fn the_cgroups_of_a_killed_firn_are_removed_by_the_next() {
     let slow = drv(&root, "slow", "sleep 30; echo > $out");
     let mut child = firn_command()
         .args(["--store", root.to_str().unwrap()])
-        .args([
-            "--option",
-            "sandbox-paths",
-            "/bin/busybox",
-            "realise",
-            &slow,
-        ])
+        // A limit, so that the sandboxed build gets a cgroup.
+        .args(["--option", "sandbox-paths", "/bin/busybox"])
+        .args(["--option", "build-pids-max", "1000", "realise", &slow])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

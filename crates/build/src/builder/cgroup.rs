@@ -121,7 +121,7 @@ impl Cgroups {
     pub fn detect() -> Self {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        Self::from_proc(
+        let mut c = Self::from_proc(
             &mountinfo,
             &own,
             &|p| fs::read_to_string(p).ok(),
@@ -129,7 +129,11 @@ impl Cgroups {
             // An ordinary user may read every cgroup.procs but make cgroups in none
             // (unless one was delegated to them).
             &|dir| nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok(),
-        )
+        );
+        // What killed firns left, now: a run may not make a cgroup of its own.
+        c.remove_stale();
+        c.cleaned = true;
+        c
     }
 
     /// [`Cgroups::detect`] on the given texts; `read`/`write` reach the cgroup files.
@@ -200,6 +204,20 @@ impl Cgroups {
                     _ => {}
                 }
             }
+        }
+        // On a hybrid machine whose unified hierarchy controls neither memory nor pids,
+        // joining it only buys `cgroup.kill` and `cpu.stat` — and moving a process into
+        // a v2 cgroup waits for an RCU grace period (some 7 ms here, per build): take
+        // the CPU time from v1's cpuacct and kill by listing instead.
+        let unified_controls = |c: &Self| {
+            c.memory.as_ref().is_some_and(|m| m.v2) || c.pids.as_ref().is_some_and(|p| p.v2)
+        };
+        if c.unified.is_some()
+            && !unified_controls(&c)
+            && (c.memory.is_some() || c.pids.is_some())
+            && c.cpuacct.is_some()
+        {
+            c.unified = None;
         }
         if c.unified.is_none() && c.memory.is_none() && c.pids.is_none() {
             c.unavailable = Some("no cgroup hierarchy is mounted where firn may write".into());
@@ -501,7 +519,9 @@ mod tests {
             ],
         );
         assert!(writes.is_empty(), "{writes:?}");
-        assert_eq!(c.unified, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        // The unified hierarchy controls nothing here: not joined (it costs a grace
+        // period per build); CPU time comes from cpuacct.
+        assert_eq!(c.unified, None);
         assert_eq!(
             c.memory,
             Some(Controller {

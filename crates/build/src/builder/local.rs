@@ -268,7 +268,12 @@ impl Builder for LocalBuilder {
             sandbox_setup = Some(setup);
         }
         write_build_files(plan, &real_build_dir, user.as_ref())?;
-        let cgroup = match opts.use_cgroups {
+        // A cgroup where it does something the build needs: limits asked for, or an
+        // unsandboxed build, whose leftovers only the cgroup can find (in the sandbox
+        // the PID namespace ends them). Joining one costs the builder an RCU grace
+        // period in the kernel (7–12 ms here), too much for every trivial build.
+        let wants_cgroup = opts.limits != Limits::default() || !job.sandboxed;
+        let cgroup = match opts.use_cgroups && wants_cgroup {
             true => self
                 .cgroups
                 .create(&opts.limits)
