@@ -71,6 +71,14 @@ pub enum StoreError {
     /// A permanent root would replace something that is not a symlink into the store.
     #[error("cannot create symlink '{path}'; already exists")]
     RootExists { path: PathBuf },
+    /// A NAR given with its metadata ([`crate::Store::add_nar`]) does not hash to the
+    /// hash or size it came with (Nix's words).
+    #[error("hash mismatch importing path '{path}';\n  specified: {expected}\n  got:       {got}")]
+    NarMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
