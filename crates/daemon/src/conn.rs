@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
-use firn_build::{BuildStatus as FirnStatus, Settings, Wanted, Worker};
+use firn_build::{BuildError, BuildStatus as FirnStatus, Settings, Wanted, Worker};
 use firn_derivation::{
     hash_derivation_modulo, FileIngestionMethod, FixedOutputHash, ModuloCache, OutputName,
     StoreDir, StorePath,
@@ -104,6 +104,9 @@ pub fn serve_connection<R: Read, W: Write>(
     w.write_str(NIX_VERSION)?;
     let store = match store {
         Ok(s) => {
+            // Nix's LocalStore makes the hard-link directory on open; clients and
+            // Nix's tests expect it (`rmdir $NIX_STORE_DIR/.links` after a GC).
+            let _ = std::fs::create_dir_all(s.real_store_dir().join(".links"));
             StderrMsg::Last.write(&mut w)?;
             w.flush()?;
             s
@@ -425,7 +428,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             }
             Request::BuildPaths { paths, mode } => {
                 let outcome = self.build(&paths, mode)?;
-                let failed: Vec<&(DerivedPath, Result<Built, String>)> = outcome
+                let failed: Vec<&Outcome> = outcome
                     .iter()
                     .filter(|(_, r)| r.as_ref().map_or(true, |b| !b.result.status.success()))
                     .collect();
@@ -685,11 +688,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     /// Realise `paths` in firn's worker, streaming its events; per path the goal's
     /// result (with the Nix-worded error text of a failure), or why it cannot be
     /// realised.
-    fn build(
-        &mut self,
-        paths: &[DerivedPath],
-        mode: BuildMode,
-    ) -> Result<Vec<(DerivedPath, Result<Built, String>)>, OpError> {
+    fn build(&mut self, paths: &[DerivedPath], mode: BuildMode) -> Result<Vec<Outcome>, OpError> {
         let mode = match mode {
             BuildMode::Normal => firn_build::BuildMode::Normal,
             BuildMode::Check => firn_build::BuildMode::Check,
@@ -740,6 +739,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         };
         let top_set = tops.iter().map(|(p, _)| p.clone()).collect();
         let mut events = DaemonEvents::new(ch, sd.clone(), top_set);
+        let mut failed_here: BTreeSet<StorePath> = BTreeSet::new();
         let results = if tops.is_empty() {
             Vec::new()
         } else {
@@ -747,13 +747,42 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             let mut worker = Worker::new(store, settings, builder, &mut events, move || {
                 b2.get() || gone() || stop()
             });
-            worker.run(&tops, mode)
+            let r = worker.run(&tops, mode);
+            // Goals that failed on their own (not stopped because another failed).
+            for (p, res) in worker.results() {
+                let stopped = matches!(
+                    res.error.as_deref(),
+                    Some(BuildError::CancelledByFailure | BuildError::Cancelled)
+                );
+                if !res.status.success() && !stopped {
+                    failed_here.insert(p.clone());
+                }
+            }
+            r
         };
         events.stop_all();
         let client_gone = broken.get() || gone();
         let texts: Vec<Option<String>> = results
             .iter()
-            .map(|(_, r)| r.error.as_ref().map(|e| events.error_text(e)))
+            .map(|(p, r)| {
+                let e = r.error.as_deref()?;
+                if let BuildError::CancelledByFailure = e {
+                    // Nix wakes a goal whose input failed: it reports that input.
+                    let count = store.read_derivation(p).ok().map_or(0, |d| {
+                        d.input_drvs
+                            .keys()
+                            .filter(|i| failed_here.contains(*i))
+                            .count()
+                    });
+                    if count > 0 {
+                        return Some(events.error_text(&BuildError::DependenciesFailed {
+                            drv: sd.display(p),
+                            count,
+                        }));
+                    }
+                }
+                Some(events.error_text(e))
+            })
             .collect();
         drop(events);
         if client_gone {
@@ -854,6 +883,9 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         Some(m)
     }
 }
+
+/// What became of one wanted path: its goal's result, or why it cannot be realised.
+type Outcome = (DerivedPath, Result<Built, String>);
 
 /// A goal's result with the error text to send for it.
 #[derive(Debug)]

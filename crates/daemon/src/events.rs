@@ -209,7 +209,11 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
         // A failure others waited for: Nix logs it at once (`logError`).
         if let Some(e) = &result.error {
             if result.status != BuildStatus::DependencyFailed {
-                let text = format!("\x1b[31;1merror:\x1b[0m {}", self.error_text(e));
+                // Continuation lines indented under the message, as Nix's `showErrorInfo`.
+                let text = format!(
+                    "\x1b[31;1merror:\x1b[0m {}",
+                    self.error_text(e).replace('\n', "\n       ")
+                );
                 self.ch.line(Verbosity::Error, &text);
             }
         }
