@@ -502,6 +502,12 @@ settings! {
     keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
     /// The garbage collector keeps the derivations of live outputs.
     keep_derivations: bool = true, "keep-derivations", ["gc-keep-derivations"];
+    /// Users (names, `@group`, `*`) who may connect to `firn daemon`.
+    allowed_users: Strings = Strings(vec!["*".to_owned()]), "allowed-users";
+    /// Users (names, `@group`, `*`) whom `firn daemon` trusts (any setting, unsigned paths).
+    trusted_users: Strings = Strings(vec!["root".to_owned()]), "trusted-users";
+    /// Paths added from elsewhere need a signature by a trusted key (or a content address).
+    require_sigs: bool = true, "require-sigs";
 }
 
 impl Settings {
@@ -632,13 +638,18 @@ mod tests {
         s.apply("extra-substituters", "a b").unwrap();
         s.apply("extra-substituters", "c").unwrap();
         assert_eq!(s.substituters.0, ["a", "b", "c"]);
-        assert_eq!(s.apply("trusted-users", "root").unwrap(), Applied::NixOnly);
+        assert_eq!(
+            s.apply("fsync-metadata", "false").unwrap(),
+            Applied::NixOnly
+        );
+        s.apply("extra-trusted-users", "u").unwrap();
+        assert_eq!(s.trusted_users.0, ["root", "u"]);
         s.apply("extra-platforms", "aarch64-linux").unwrap();
         assert_eq!(s.extra_platforms.show(), "aarch64-linux");
         s.apply("extra-extra-platforms", "i686-linux").unwrap();
         assert_eq!(s.extra_platforms.show(), "aarch64-linux i686-linux");
         assert_eq!(
-            s.apply("extra-trusted-users", "u").unwrap(),
+            s.apply("extra-allowed-uris", "u").unwrap(),
             Applied::NixOnly
         );
         assert_eq!(

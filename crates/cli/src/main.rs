@@ -258,6 +258,17 @@ enum Command {
     Run(run::RunArgs),
     /// Run $SHELL (default /bin/sh) as `firn run` runs a command.
     Shell,
+    /// Serve Nix clients over Nix's worker protocol (`nix-daemon`): on the socket
+    /// NIX_DAEMON_SOCKET_PATH (default STATE/daemon-socket/socket), or with --stdio one
+    /// trusted connection on stdin/stdout.
+    Daemon {
+        /// Serve one connection on stdin/stdout (the peer is trusted).
+        #[arg(long)]
+        stdio: bool,
+        /// Print the Nix version this daemon speaks for (`nix-daemon (Nix) 2.8.0`).
+        #[arg(long)]
+        version: bool,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -331,6 +342,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Delete { paths } => gc::delete(&settings, &paths, &mut out)?,
         Command::Run(args) => run::run(&settings, &args.command)?,
         Command::Shell => run::shell(&settings)?,
+        Command::Daemon { stdio, version } => {
+            drop(out);
+            return daemon(settings, stdio, version);
+        }
         Command::Completions { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => clap_complete::Shell::Bash,
@@ -433,6 +448,40 @@ fn command_path(args: impl Iterator<Item = String>) -> String {
         }
     }
     path.join(" ")
+}
+
+fn daemon(settings: Settings, stdio: bool, version: bool) -> Result<(), CliError> {
+    if version {
+        println!("{}", firn_daemon::VERSION_LINE);
+        return Ok(());
+    }
+    interrupt::install_handlers();
+    let config = firn_daemon::DaemonConfig {
+        layout: settings.layout.clone(),
+        settings: settings.build.clone(),
+        userpool: settings.userpool.clone(),
+    };
+    let result = if stdio {
+        firn_daemon::serve_stdio(&config, &interrupt::interrupted)
+    } else {
+        let socket = std::env::var_os("NIX_DAEMON_SOCKET_PATH")
+            .filter(|s| !s.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| firn_daemon::default_socket_path(&settings.layout));
+        let quiet = settings.quiet;
+        let log: firn_daemon::Log = std::sync::Arc::new(move |m| {
+            if !quiet {
+                eprintln!("{m}");
+            }
+        });
+        firn_daemon::serve_socket(
+            std::sync::Arc::new(config),
+            &socket,
+            interrupt::interrupted,
+            log,
+        )
+    };
+    result.map_err(|e| CliError::usage(e.to_string()))
 }
 
 fn main() -> ExitCode {

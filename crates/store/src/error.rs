@@ -87,6 +87,14 @@ pub enum StoreError {
         /// What failed (`…/big-lock: Permission denied`).
         source: Box<StoreError>,
     },
+    /// A NAR given with its metadata ([`crate::Store::add_nar`]) does not hash to the
+    /// hash or size it came with (Nix's words).
+    #[error("hash mismatch importing path '{path}';\n  specified: {expected}\n  got:       {got}")]
+    NarMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
 }
 
 /// A user, by uid and (when the password database has it) name.

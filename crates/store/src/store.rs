@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -541,6 +541,85 @@ impl Store {
         })
     }
 
+    /// Add a path that arrives as a NAR with its metadata (Nix's `addToStore(info,
+    /// source)`, behind the daemon's AddToStoreNar and AddMultipleToStore): the NAR is
+    /// restored under a temporary name while it is hashed, must have the hash and size
+    /// `info` gives ([`StoreError::NarMismatch`] otherwise), and is registered with
+    /// `info`'s references, deriver, signatures and content address (`ultimate` false),
+    /// following the order of [`Store::add_text`]. If the path is valid already,
+    /// nothing is read from `nar` (the caller skips it) and `Ok(None)` is returned.
+    pub fn add_nar(
+        &mut self,
+        info: &ValidPathInfo,
+        nar: &mut dyn Read,
+    ) -> Result<Option<ValidPathInfo>, StoreError> {
+        let path = info.path.clone();
+        self.add_temp_root(&path)?;
+        for r in &info.references {
+            self.add_temp_root(r)?;
+        }
+        if self.db.is_valid_path(&path)? {
+            return Ok(None);
+        }
+        let mut locks = self.lock(&path)?;
+        if self.db.is_valid_path(&path)? {
+            return Ok(None);
+        }
+        let real = self.real_path(&path);
+        delete_path(&real).map_err(io_err(&real))?;
+        let tmp = self.layout.real_store_dir.join(format!(
+            ".{}.tmp-{}",
+            path.base_name(),
+            std::process::id()
+        ));
+        delete_path(&tmp).map_err(io_err(&tmp))?;
+        let shown = self.layout.store_dir.display(&path);
+        let result = (|| {
+            let mut hashing = HashingReader {
+                inner: nar,
+                sink: nar::HashSink::new(),
+            };
+            nar::restore_path(&mut hashing, &tmp)?;
+            let (got, size) = hashing.sink.finish();
+            if got != info.nar_hash || size != info.nar_size {
+                return Err(StoreError::NarMismatch {
+                    path: shown.clone(),
+                    expected: format!("{} ({} bytes)", info.nar_hash, info.nar_size),
+                    got: format!("{got} ({size} bytes)"),
+                });
+            }
+            let drv_outputs = match path.is_derivation() {
+                true => self.checked_drv_outputs(&path, &tmp)?,
+                false => BTreeMap::new(),
+            };
+            canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+            sync_tree(&tmp);
+            fs::rename(&tmp, &real).map_err(io_err(&real))?;
+            Ok(drv_outputs)
+        })();
+        let drv_outputs = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = delete_path(&tmp);
+                return Err(e);
+            }
+        };
+        let mut info = info.clone();
+        info.ultimate = false;
+        if info.registration_time == 0 {
+            info.registration_time = now();
+        }
+        if let Err(e) = self.db.register_valid_paths(&[Registration {
+            info: info.clone(),
+            drv_outputs,
+        }]) {
+            let _ = delete_path(&real);
+            return Err(e.into());
+        }
+        locks.set_deletion(true);
+        Ok(Some(info))
+    }
+
     /// Parse the `.drv` at `file` (to become `path`), check its output paths as Nix's
     /// `checkDerivationOutputs` does and return them by output name.
     fn checked_drv_outputs(
@@ -684,6 +763,20 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
             (Err(d), _) => Err(d.into()),
         }
     })
+}
+
+/// Passes a reader's bytes through a hash sink.
+struct HashingReader<'a> {
+    inner: &'a mut dyn Read,
+    sink: nar::HashSink,
+}
+
+impl Read for HashingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sink.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// fsync the content before it becomes valid (best effort on directories).

@@ -299,8 +299,12 @@ impl Cgroups {
             self.remove_stale();
             self.cleaned = true;
         }
-        let name = format!("firn-build-{}-{}", std::process::id(), self.seq);
-        self.seq += 1;
+        // Numbered across the process: several builders (a daemon's connections) must
+        // not share a cgroup, or stopping one build kills the others.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("firn-build-{}-{}", std::process::id(), seq);
+        self.seq = seq + 1;
         let mut cg = BuildCgroup::default();
         // Every distinct directory once (memory and pids may share the unified one).
         for parent in self.parents() {
