@@ -201,6 +201,19 @@ fn messages_as_nix_prints_them() {
         .unwrap_or_else(|| panic!("{err}"));
     assert!(line.contains(", log '"), "{line}");
     assert!(!stderr(&realise(firn_bin(), &ours, &["--check"], &d)).contains("built '"));
+    // -L: every line prefixed with the derivation's name; parallel builds too.
+    let (ours2, dir2) = (dir.join("firn2"), dir.join("firn3"));
+    let top2 = instantiate(&ours2, &expr, "top");
+    let l = stderr(&realise(firn_bin(), &ours2, &["-L"], &top2));
+    assert!(l.lines().any(|x| x == "a> building a"), "{l}");
+    assert!(l.lines().any(|x| x == "top> second line of top"), "{l}");
+    assert!(!l.lines().any(|x| x == "building a"), "{l}");
+    let top3 = instantiate(&dir2, &expr, "top");
+    let plain = stderr(&realise(firn_bin(), &dir2, &["-j1"], &top3));
+    assert!(
+        plain.lines().any(|x| x == "building a"),
+        "one build at a time: raw lines: {plain}"
+    );
     // Not quiet, the log was shown: one error line, as Nix.
     let firn = realise(firn_bin(), &ours, &[], &fail);
     assert!(stderr(&firn).contains("line 12"));

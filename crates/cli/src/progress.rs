@@ -38,6 +38,12 @@ pub struct TerminalEvents {
     failed: usize,
     /// `-v`: a line per build with its time and what it used; `-vv`: and its log.
     verbosity: u8,
+    /// `-L`: every line of builder output prefixed with the derivation's name, as
+    /// `nix build -L` (without it, lines are prefixed only while builds run in
+    /// parallel, so that whose line it is stays clear).
+    prefix_logs: bool,
+    /// Builds running now, and the start of a line each has not finished yet.
+    running: std::collections::BTreeMap<StorePath, Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -66,7 +72,15 @@ impl TerminalEvents {
             unsandboxed_by: None,
             failed: 0,
             verbosity: 0,
+            prefix_logs: false,
+            running: Default::default(),
         }
+    }
+
+    /// `-L`: prefix every line of builder output with the derivation's name.
+    pub fn prefix_logs(mut self, on: bool) -> Self {
+        self.prefix_logs = on;
+        self
     }
 
     /// `-v` given `n` times.
@@ -130,6 +144,7 @@ impl TerminalEvents {
 impl BuildEvents for TerminalEvents {
     fn build_started(&mut self, b: BuildStarted<'_>) {
         let (drv, sandboxed) = (b.drv, b.sandboxed);
+        self.running.insert(drv.clone(), Vec::new());
         // As Nix's `DerivationGoal::started`.
         let shown = self.store_dir.display(drv);
         let line = match (b.checking, b.repairing) {
@@ -151,10 +166,30 @@ impl BuildEvents for TerminalEvents {
     }
 
     fn build_log(&mut self, drv: &StorePath, data: &[u8]) {
+        let parallel = self.running.len() > 1;
         match &mut self.sink {
             Sink::Text(p) => {
-                if self.print_build_logs {
+                if !self.print_build_logs {
+                    return;
+                }
+                if !self.prefix_logs && !parallel {
                     p.log(data);
+                    return;
+                }
+                // `name> line`, whole lines only (a line's start waits for its end).
+                let name = name_from_drv_base_name(drv.base_name());
+                let pending = self.running.entry(drv.clone()).or_default();
+                let mut out = Vec::new();
+                for &b in data {
+                    pending.push(b);
+                    if b == b'\n' {
+                        out.extend_from_slice(name.as_bytes());
+                        out.extend_from_slice(b"> ");
+                        out.append(pending);
+                    }
+                }
+                if !out.is_empty() {
+                    p.log(&out);
                 }
             }
             Sink::Json(j) => j.build_log(drv, data),
@@ -162,6 +197,16 @@ impl BuildEvents for TerminalEvents {
     }
 
     fn result(&mut self, drv: &StorePath, result: &BuildResult) {
+        // The end of an unfinished last line, prefixed like the others.
+        if let Some(rest) = self.running.remove(drv).filter(|r| !r.is_empty()) {
+            if let Sink::Text(p) = &mut self.sink {
+                let name = name_from_drv_base_name(drv.base_name());
+                let mut out = format!("{name}> ").into_bytes();
+                out.extend_from_slice(&rest);
+                out.push(b'\n');
+                p.log(&out);
+            }
+        }
         if let Sink::Json(j) = &mut self.sink {
             j.build_stopped(drv);
         }

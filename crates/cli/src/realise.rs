@@ -31,8 +31,9 @@ pub struct RealiseArgs {
     /// Do not show the builders' output (as nix-store's -Q; the same as --quiet here).
     #[arg(short = 'Q', long)]
     pub no_build_output: bool,
-    /// Show the builders' output; accepted for Nix's sake: firn shows it by default
-    /// (on stderr, unless -Q or --quiet).
+    /// Prefix every line of the builders' output with the derivation's name, as
+    /// `nix build -L` (the output is shown by default, unprefixed while one build runs
+    /// and prefixed while builds run in parallel; -Q or --quiet hides it).
     #[arg(short = 'L', long)]
     pub print_build_logs: bool,
     /// Rebuild the given derivations and compare with their registered outputs
@@ -139,7 +140,8 @@ pub fn realise(
         settings.log_format,
     )
     .unsandboxed_by(settings.sandbox_off_from.clone())
-    .verbosity(settings.verbosity);
+    .verbosity(settings.verbosity)
+    .prefix_logs(args.print_build_logs);
     if args.dry_run && args.json {
         // What QueryMissing would answer, by its names.
         let json = serde_json::json!({
