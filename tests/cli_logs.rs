@@ -10,7 +10,6 @@ mod common;
 use common::*;
 
 use std::fs;
-use std::path::Path;
 use std::process::Output;
 
 const EXPR: &str = r#"
@@ -32,44 +31,6 @@ in {
     args = [ "-c" "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo line $i; done; exit 3" ];
   };
 }"#;
-
-fn instantiate(root: &Path, expr: &Path, attr: &str) -> String {
-    let out = command("nix-instantiate")
-        .args([
-            "--store",
-            root.to_str().unwrap(),
-            "--option",
-            "substituters",
-            "",
-        ])
-        .arg(expr)
-        .args(["-A", attr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// `nix-store -r ARGS… DRV` or `firn realise ARGS… DRV`, sandboxed with busybox.
-fn realise(cmd: &str, root: &Path, extra: &[&str], drv: &str) -> Output {
-    let mut args: Vec<&str> = vec!["--store", root.to_str().unwrap()];
-    args.extend(["--option", "sandbox", "true"]);
-    args.extend(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"]);
-    if cmd == "nix-store" {
-        args.extend(["--option", "substituters", ""]);
-        args.extend(extra);
-        args.push("-r");
-    } else {
-        args.push("realise");
-        args.extend(extra);
-    }
-    args.push(drv);
-    run(cmd, &args, None)
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -94,12 +55,12 @@ fn messages_as_nix_prints_them() {
     let expr = dir.join("dag.nix");
     fs::write(&expr, EXPR).unwrap();
     let (ours, theirs) = (dir.join("firn"), dir.join("nix"));
-    let top = instantiate(&ours, &expr, "top");
-    assert_eq!(instantiate(&theirs, &expr, "top"), top);
+    let top = instantiate_attr(&ours, &expr, "top");
+    assert_eq!(instantiate_attr(&theirs, &expr, "top"), top);
 
     // The "will be built" list, in Nix's order (dependencies first), not sorted.
-    let nix = realise("nix-store", &theirs, &["--dry-run"], &top);
-    let firn = realise(firn_bin(), &ours, &["--dry-run"], &top);
+    let nix = realise_in_sandbox("nix-store", &theirs, &[], &["--dry-run"], &top);
+    let firn = realise_in_sandbox(firn_bin(), &ours, &[], &["--dry-run"], &top);
     let (nix_list, firn_list) = (will_be_built(&stderr(&nix)), will_be_built(&stderr(&firn)));
     assert_eq!(nix_list.len(), 6, "{}", stderr(&nix));
     assert_eq!(firn_list, nix_list);
@@ -107,7 +68,13 @@ fn messages_as_nix_prints_them() {
     sorted.sort();
     assert_ne!(sorted, nix_list, "the DAG must tell the orders apart");
     // --dry-run --json: the same list, as JSON.
-    let json = ok(realise(firn_bin(), &ours, &["--dry-run", "--json"], &top));
+    let json = ok(realise_in_sandbox(
+        firn_bin(),
+        &ours,
+        &[],
+        &["--dry-run", "--json"],
+        &top,
+    ));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let listed: Vec<String> = v["willBuild"]
         .as_array()
@@ -118,10 +85,17 @@ fn messages_as_nix_prints_them() {
     assert_eq!(listed, nix_list);
 
     // internal-json: Nix's activities for the builds and their log lines.
-    let firn = realise(firn_bin(), &ours, &["--log-format", "internal-json"], &top);
-    let nix = realise(
+    let firn = realise_in_sandbox(
+        firn_bin(),
+        &ours,
+        &[],
+        &["--log-format", "internal-json"],
+        &top,
+    );
+    let nix = realise_in_sandbox(
         "nix-store",
         &theirs,
+        &[],
         &["--log-format", "internal-json"],
         &top,
     );
@@ -163,8 +137,8 @@ fn messages_as_nix_prints_them() {
     assert!(essentials(&stderr(&firn)).len() > 20);
 
     // --check says "checking outputs of", as Nix.
-    let firn = realise(firn_bin(), &ours, &["--check"], &top);
-    let nix = realise("nix-store", &theirs, &["--check"], &top);
+    let firn = realise_in_sandbox(firn_bin(), &ours, &[], &["--check"], &top);
+    let nix = realise_in_sandbox("nix-store", &theirs, &[], &["--check"], &top);
     let checking = |o: &Output| {
         stderr(o)
             .lines()
@@ -175,10 +149,10 @@ fn messages_as_nix_prints_them() {
     assert_eq!(checking(&firn), checking(&nix));
 
     // A quiet failure: Nix's error with the last lines of the log and where the rest is.
-    let fail = instantiate(&ours, &expr, "fail");
-    instantiate(&theirs, &expr, "fail");
-    let nix = realise("nix-store", &theirs, &["-Q"], &fail);
-    let firn = realise(firn_bin(), &ours, &["--quiet"], &fail);
+    let fail = instantiate_attr(&ours, &expr, "fail");
+    instantiate_attr(&theirs, &expr, "fail");
+    let nix = realise_in_sandbox("nix-store", &theirs, &[], &["-Q"], &fail);
+    let firn = realise_in_sandbox(firn_bin(), &ours, &[], &["--quiet"], &fail);
     assert_eq!(nix.status.code(), Some(100));
     assert_eq!(firn.status.code(), Some(100));
     let error_block = |err: &str| -> String {
@@ -192,30 +166,37 @@ fn messages_as_nix_prints_them() {
     assert!(expected.contains("> line 12"), "{expected}");
     assert_eq!(error_block(&stderr(&firn)), expected);
     // -v: a line per build with its time and what it used; -vv: and where its log is.
-    let d = instantiate(&ours, &expr, "top");
-    let v = realise(firn_bin(), &ours, &["--check", "-vv"], &d);
+    let d = instantiate_attr(&ours, &expr, "top");
+    let v = realise_in_sandbox(firn_bin(), &ours, &[], &["--check", "-vv"], &d);
     let err = stderr(&v);
     let line = err
         .lines()
         .find(|l| l.starts_with(&format!("built '{d}' in ")))
         .unwrap_or_else(|| panic!("{err}"));
     assert!(line.contains(", log '"), "{line}");
-    assert!(!stderr(&realise(firn_bin(), &ours, &["--check"], &d)).contains("built '"));
+    assert!(!stderr(&realise_in_sandbox(
+        firn_bin(),
+        &ours,
+        &[],
+        &["--check"],
+        &d
+    ))
+    .contains("built '"));
     // -L: every line prefixed with the derivation's name; parallel builds too.
     let (ours2, dir2) = (dir.join("firn2"), dir.join("firn3"));
-    let top2 = instantiate(&ours2, &expr, "top");
-    let l = stderr(&realise(firn_bin(), &ours2, &["-L"], &top2));
+    let top2 = instantiate_attr(&ours2, &expr, "top");
+    let l = stderr(&realise_in_sandbox(firn_bin(), &ours2, &[], &["-L"], &top2));
     assert!(l.lines().any(|x| x == "a> building a"), "{l}");
     assert!(l.lines().any(|x| x == "top> second line of top"), "{l}");
     assert!(!l.lines().any(|x| x == "building a"), "{l}");
-    let top3 = instantiate(&dir2, &expr, "top");
-    let plain = stderr(&realise(firn_bin(), &dir2, &["-j1"], &top3));
+    let top3 = instantiate_attr(&dir2, &expr, "top");
+    let plain = stderr(&realise_in_sandbox(firn_bin(), &dir2, &[], &["-j1"], &top3));
     assert!(
         plain.lines().any(|x| x == "building a"),
         "one build at a time: raw lines: {plain}"
     );
     // Not quiet, the log was shown: one error line, as Nix.
-    let firn = realise(firn_bin(), &ours, &[], &fail);
+    let firn = realise_in_sandbox(firn_bin(), &ours, &[], &[], &fail);
     assert!(stderr(&firn).contains("line 12"));
     assert!(!stderr(&firn).contains("last 10 log lines"));
     remove(&dir);

@@ -46,41 +46,6 @@ in {
   };
 }"#;
 
-fn instantiate(root: &Path, expr: &Path, attr: &str) -> String {
-    let out = command("nix-instantiate")
-        .args([
-            "--store",
-            root.to_str().unwrap(),
-            "--option",
-            "substituters",
-            "",
-        ])
-        .arg(expr)
-        .args(["-A", attr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// `nix-store -r` or `firn realise` of `drv` in the store at `root`.
-fn realise(cmd: &str, root: &Path, sandbox: &str, drv: &str) -> Output {
-    let mut args: Vec<&str> = vec!["--store", root.to_str().unwrap()];
-    args.extend(["--option", "sandbox", sandbox]);
-    args.extend(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"]);
-    if cmd == "nix-store" {
-        args.extend(["--option", "substituters", "", "-r"]);
-    } else {
-        args.push("realise");
-    }
-    args.push(drv);
-    run(cmd, &args, None)
-}
-
 fn contents(root: &Path, printed: &[u8]) -> String {
     let p = String::from_utf8_lossy(printed).trim().to_owned();
     fs::read_to_string(root.join(p.trim_start_matches('/'))).unwrap()
@@ -96,10 +61,22 @@ fn export_references_graph_and_no_chroot_as_in_nix() {
     fs::write(&expr, EXPR).unwrap();
     let (ours, theirs) = (dir.join("firn"), dir.join("nix"));
     for attr in ["legacy", "structured"] {
-        let d = instantiate(&ours, &expr, attr);
-        assert_eq!(instantiate(&theirs, &expr, attr), d);
-        let nix = ok(realise("nix-store", &theirs, "true", &d));
-        let firn = ok(realise(firn_bin(), &ours, "true", &d));
+        let d = instantiate_attr(&ours, &expr, attr);
+        assert_eq!(instantiate_attr(&theirs, &expr, attr), d);
+        let nix = ok(realise_in_sandbox(
+            "nix-store",
+            &theirs,
+            &[("sandbox", "true")],
+            &[],
+            &d,
+        ));
+        let firn = ok(realise_in_sandbox(
+            firn_bin(),
+            &ours,
+            &[("sandbox", "true")],
+            &[],
+            &d,
+        ));
         assert_eq!(firn, nix, "{attr}: the same output path");
         let (a, b) = (
             contents(&ours, firn.as_bytes()),
@@ -116,10 +93,10 @@ fn export_references_graph_and_no_chroot_as_in_nix() {
         }
     }
     // A path outside the store: refused, with Nix's message.
-    let d = instantiate(&ours, &expr, "outside");
-    instantiate(&theirs, &expr, "outside");
-    let nix = realise("nix-store", &theirs, "true", &d);
-    let firn = realise(firn_bin(), &ours, "true", &d);
+    let d = instantiate_attr(&ours, &expr, "outside");
+    instantiate_attr(&theirs, &expr, "outside");
+    let nix = realise_in_sandbox("nix-store", &theirs, &[("sandbox", "true")], &[], &d);
+    let firn = realise_in_sandbox(firn_bin(), &ours, &[("sandbox", "true")], &[], &d);
     assert_eq!(firn.status.code(), nix.status.code());
     let said = |o: &Output| {
         String::from_utf8_lossy(&o.stderr)
@@ -132,10 +109,10 @@ fn export_references_graph_and_no_chroot_as_in_nix() {
     assert!(said(&firn).contains("non-store path '/tmp/not-in-the-store'"));
 
     // __noChroot: refused with sandbox = true, as Nix does, and nothing built.
-    let d = instantiate(&ours, &expr, "nochroot");
-    instantiate(&theirs, &expr, "nochroot");
-    let nix = realise("nix-store", &theirs, "true", &d);
-    let firn = realise(firn_bin(), &ours, "true", &d);
+    let d = instantiate_attr(&ours, &expr, "nochroot");
+    instantiate_attr(&theirs, &expr, "nochroot");
+    let nix = realise_in_sandbox("nix-store", &theirs, &[("sandbox", "true")], &[], &d);
+    let firn = realise_in_sandbox(firn_bin(), &ours, &[("sandbox", "true")], &[], &d);
     assert_eq!(nix.status.code(), Some(1));
     assert_eq!(firn.status.code(), Some(1));
     assert_eq!(said(&firn), said(&nix));
@@ -144,10 +121,22 @@ fn export_references_graph_and_no_chroot_as_in_nix() {
     // into a store rooted elsewhere than `/`, a "diverted" store such as these test
     // stores, whatever the setting; firn builds there unsandboxed with the store bound
     // at its logical place, so the setting means the same in every store.)
-    let firn = ok(realise(firn_bin(), &ours, "relaxed", &d));
+    let firn = ok(realise_in_sandbox(
+        firn_bin(),
+        &ours,
+        &[("sandbox", "relaxed")],
+        &[],
+        &d,
+    ));
     assert_eq!(contents(&ours, firn.as_bytes()), "host\n");
-    let d = instantiate(&ours, &expr, "chroot");
-    let firn = ok(realise(firn_bin(), &ours, "relaxed", &d));
+    let d = instantiate_attr(&ours, &expr, "chroot");
+    let firn = ok(realise_in_sandbox(
+        firn_bin(),
+        &ours,
+        &[("sandbox", "relaxed")],
+        &[],
+        &d,
+    ));
     assert_eq!(contents(&ours, firn.as_bytes()), "sandbox\n");
     assert_verifies(&ours, "parity");
     remove(&dir);

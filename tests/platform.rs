@@ -10,7 +10,6 @@ mod common;
 use common::*;
 
 use std::fs;
-use std::path::Path;
 use std::process::Output;
 
 const EXPR: &str = r#"{
@@ -19,53 +18,6 @@ const EXPR: &str = r#"{
   structured = derivation { name = "structured"; system = "x86_64-linux"; builder = "/bin/sh"; args = ["-c" ". .attrs.sh; echo > $out"]; __structuredAttrs = true; requiredSystemFeatures = ["gpu"]; };
   plain = derivation { name = "plain"; system = "x86_64-linux"; builder = "/bin/sh"; args = ["-c" "echo > $out"]; };
 }"#;
-
-fn instantiate(root: &Path, expr: &Path, attr: &str) -> String {
-    let out = command("nix-instantiate")
-        .args([
-            "--store",
-            root.to_str().unwrap(),
-            "--option",
-            "substituters",
-            "",
-        ])
-        .arg(expr)
-        .args(["-A", attr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn sandboxed(root: &Path, cmd: &str, opts: &[(&str, &str)], drv: &str) -> Output {
-    let mut args: Vec<String> = vec!["--store".into(), root.display().to_string()];
-    for (k, v) in [
-        ("sandbox", "true"),
-        ("sandbox-paths", "/bin/sh=/bin/busybox"),
-    ]
-    .iter()
-    .chain(opts)
-    {
-        args.extend(["--option".to_owned(), (*k).to_owned(), (*v).to_owned()]);
-    }
-    if cmd == "nix-store" {
-        args.extend([
-            "--option".into(),
-            "substituters".into(),
-            String::new(),
-            "-r".into(),
-        ]);
-    } else {
-        args.push("realise".into());
-    }
-    args.push(drv.to_owned());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(cmd, &args, None)
-}
 
 fn last_error(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr)
@@ -90,10 +42,10 @@ fn wrong_platform_missing_features_and_no_slots_fail_as_in_nix() {
         ("structured", &[][..]),
         ("plain", &[("max-jobs", "0")][..]),
     ] {
-        let d = instantiate(&ours, &expr, attr);
-        assert_eq!(instantiate(&theirs, &expr, attr), d);
-        let nix = sandboxed(&theirs, "nix-store", opts, &d);
-        let firn = sandboxed(&ours, firn_bin(), opts, &d);
+        let d = instantiate_attr(&ours, &expr, attr);
+        assert_eq!(instantiate_attr(&theirs, &expr, attr), d);
+        let nix = realise_in_sandbox("nix-store", &theirs, opts, &[], &d);
+        let firn = realise_in_sandbox(firn_bin(), &ours, opts, &[], &d);
         assert_eq!(nix.status.code(), Some(1), "{attr}");
         assert_eq!(firn.status.code(), nix.status.code(), "{attr}");
         let expected = last_error(&nix);
@@ -110,18 +62,20 @@ fn wrong_platform_missing_features_and_no_slots_fail_as_in_nix() {
         assert!(firn.stdout.is_empty());
     }
     // With the platform in extra-platforms, or the features in system-features, it builds.
-    let d = instantiate(&ours, &expr, "other");
-    ok(sandboxed(
-        &ours,
+    let d = instantiate_attr(&ours, &expr, "other");
+    ok(realise_in_sandbox(
         firn_bin(),
+        &ours,
         &[("extra-platforms", "aarch64-linux")],
+        &[],
         &d,
     ));
-    let d = instantiate(&ours, &expr, "feat");
-    ok(sandboxed(
-        &ours,
+    let d = instantiate_attr(&ours, &expr, "feat");
+    ok(realise_in_sandbox(
         firn_bin(),
+        &ours,
         &[("extra-system-features", "gpu")],
+        &[],
         &d,
     ));
     assert_verifies(&ours, "platform");

@@ -205,3 +205,54 @@ pub fn store_entries(root: &Path) -> std::collections::BTreeSet<String> {
         Err(_) => std::collections::BTreeSet::new(),
     }
 }
+
+/// `nix-instantiate` of attribute `attr` of the expression file `expr` into the store at
+/// `root` (the test fails with Nix's error otherwise); the `.drv` path.
+pub fn instantiate_attr(root: &Path, expr: &Path, attr: &str) -> String {
+    let out = command("nix-instantiate")
+        .args(["--store", root.to_str().unwrap()])
+        .args(["--option", "substituters", ""])
+        .arg(expr)
+        .args(["-A", attr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `nix-store -r` (when `cmd` is "nix-store") or `firn realise` (when it is
+/// [`firn_bin`]) of `drv` in the store at `root`, in the sandbox with busybox as
+/// `/bin/sh`, with the settings `opts` and the command's own arguments `extra` (before
+/// `-r` for nix-store, after `realise` for firn): the same build by both, for tests
+/// that compare them.
+pub fn realise_in_sandbox(
+    cmd: &str,
+    root: &Path,
+    opts: &[(&str, &str)],
+    extra: &[&str],
+    drv: &str,
+) -> Output {
+    let mut args: Vec<String> = vec!["--store".into(), root.display().to_string()];
+    let defaults = [
+        ("sandbox", "true"),
+        ("sandbox-paths", "/bin/sh=/bin/busybox"),
+    ];
+    for (k, v) in defaults.iter().chain(opts) {
+        args.extend(["--option".into(), (*k).into(), (*v).into()]);
+    }
+    if cmd == "nix-store" {
+        args.extend(["--option".into(), "substituters".into(), String::new()]);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args.push("-r".into());
+    } else {
+        args.push("realise".into());
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+    }
+    args.push(drv.to_owned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(cmd, &args, None)
+}
