@@ -374,7 +374,6 @@ fn two_clients_build_at_once() {
 
 /// A client killed while its build runs: the build stops, nothing is registered.
 #[test]
-#[ignore = "open bug: the daemon does not notice the hang-up of a client whose build runs (docs/daemon.md)"]
 fn a_killed_clients_build_stops() {
     if !can_build() || !have_nix() {
         return;

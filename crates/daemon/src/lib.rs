@@ -118,18 +118,18 @@ impl fmt::Display for DaemonLog {
 /// Where [`DaemonLog`]s go.
 pub type Log = Arc<dyn Fn(&DaemonLog) + Send + Sync>;
 
-/// Whether the peer of `fd` hung up (without waiting).
+/// Whether the peer of `fd` hung up (without waiting). Only `POLLHUP` and `POLLERR`
+/// are asked for (the kernel reports them whatever is asked): a `POLLRDHUP` in the
+/// answer is a bit nix's `PollFlags` does not know on this target, which made
+/// `revents()` `None` — the hang-up of a killed client was never seen and its build
+/// ran on.
 pub fn hung_up(fd: BorrowedFd<'_>) -> bool {
-    let rdhup = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
-    let mut fds = [PollFd::new(
-        fd,
-        rdhup | PollFlags::POLLHUP | PollFlags::POLLERR,
-    )];
+    let mut fds = [PollFd::new(fd, PollFlags::POLLHUP | PollFlags::POLLERR)];
     match poll(&mut fds, PollTimeout::ZERO) {
         Ok(0) => false,
         Ok(_) => fds[0]
             .revents()
-            .is_some_and(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR)),
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
         Err(_) => false,
     }
 }
