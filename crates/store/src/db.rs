@@ -624,6 +624,39 @@ impl Database {
         })
     }
 
+    /// Add `sigs` to the signatures of the valid path `path` (those it has already are
+    /// not repeated, as Nix's `addSignatures`); returns how many were new.
+    pub fn add_signatures(&mut self, path: &StorePath, sigs: &[String]) -> Result<usize, DbError> {
+        let full = self.display(path);
+        let Some(info) = self.query_path_info(path)? else {
+            return Ok(0);
+        };
+        let mut all = info.sigs;
+        let before = all.len();
+        for s in sigs {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        let added = all.len() - before;
+        if added == 0 {
+            return Ok(0);
+        }
+        let joined = all.join(" ");
+        self.write(|tx| {
+            tx.execute(
+                "update ValidPaths set sigs = ? where path = ?",
+                params![joined, full],
+            )
+            .map_err(|source| DbError::Sqlite {
+                path: String::new(),
+                source,
+            })?;
+            Ok(())
+        })?;
+        Ok(added)
+    }
+
     /// Forget `paths` (they must have no referrers outside the set).
     pub fn invalidate_paths(&mut self, paths: &BTreeSet<StorePath>) -> Result<(), DbError> {
         let sd = self.store_dir.clone();
