@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod cache_cmds;
 mod derivation;
 mod error;
 mod gc;
@@ -257,6 +258,14 @@ enum Command {
     Run(run::RunArgs),
     /// Run $SHELL (default /bin/sh) as `firn run` runs a command.
     Shell,
+    /// Copy closures to or from a binary cache (`nix copy --to/--from file:///DIR`);
+    /// prints each path copied.
+    Copy(cache_cmds::CopyArgs),
+    /// Make and convert signing keys for binary caches.
+    #[command(subcommand)]
+    Key(cache_cmds::KeyCommand),
+    /// Sign store paths with a secret key (`nix store sign -k FILE`).
+    Sign(cache_cmds::SignArgs),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -341,6 +350,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             out.write_all(&buf).map_err(CliError::stdout)?;
         }
         Command::Man { dir } => write_man_pages(&dir)?,
+        Command::Copy(args) => cache_cmds::copy(&settings, &args, &mut out)?,
+        Command::Key(cmd) => cache_cmds::key(cmd, &mut out)?,
+        Command::Sign(args) => cache_cmds::sign(&settings, &args)?,
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())
