@@ -157,8 +157,9 @@ pub fn realise(
         .filter(|(p, _)| p.is_derivation())
         .cloned()
         .collect();
-    let to_build = firn_build::missing::derivations_to_build(&store, &drv_tops)
-        .and_then(|set| firn_build::missing::build_order(&store, &set))
+    let missing = firn_build::missing::query_missing(&store, &build, &drv_tops)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let to_build = firn_build::missing::build_order(&store, &missing.will_build)
         .map_err(|e| CliError::usage(e.to_string()))?;
     let mut events = TerminalEvents::with_format(
         sd.clone(),
@@ -172,10 +173,10 @@ pub fn realise(
         // What QueryMissing would answer, by its names.
         let json = serde_json::json!({
             "willBuild": to_build.iter().map(|p| sd.display(p)).collect::<Vec<_>>(),
-            "willSubstitute": [],
+            "willSubstitute": missing.will_substitute.iter().map(|p| sd.display(p)).collect::<Vec<_>>(),
             "unknown": [],
-            "downloadSize": 0,
-            "narSize": 0,
+            "downloadSize": missing.download_size,
+            "narSize": missing.nar_size,
         });
         writeln!(out, "{json}").map_err(CliError::stdout)?;
         return Ok(0);
@@ -190,6 +191,25 @@ pub fn realise(
             );
         }
         for p in &to_build {
+            events.line(3, &format!("  {}", sd.display(p)));
+        }
+    }
+    if !missing.will_substitute.is_empty() {
+        let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
+        let (d, u) = (mib(missing.download_size), mib(missing.nar_size));
+        let n = missing.will_substitute.len();
+        events.line(
+            3,
+            &match n {
+                1 => {
+                    format!("this path will be fetched ({d:.2} MiB download, {u:.2} MiB unpacked):")
+                }
+                _ => format!(
+                    "these {n} paths will be fetched ({d:.2} MiB download, {u:.2} MiB unpacked):"
+                ),
+            },
+        );
+        for p in &missing.will_substitute {
             events.line(3, &format!("  {}", sd.display(p)));
         }
     }
