@@ -494,3 +494,198 @@ fn copy_from_takes_nixs_caches_and_refuses_hostile_ones() {
     }
     remove(&dir);
 }
+
+/// `firn realise` (or `nix-store -r`) of `drv` in `root` with `cache` as substituter,
+/// trusting `key`, in the sandbox.
+fn realise_from(
+    cmd: &str,
+    root: &Path,
+    cache: &Path,
+    key: &str,
+    extra: &[&str],
+    drv: &str,
+) -> Output {
+    let url = format!("file://{}", cache.display());
+    let mut args: Vec<&str> = vec![
+        "--option",
+        "substituters",
+        &url,
+        "--option",
+        "trusted-public-keys",
+        key,
+        "--option",
+        "sandbox",
+        "true",
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+    ];
+    args.extend(extra);
+    if cmd == "nix-store" {
+        args.extend(["-r", drv]);
+        nix(root, "nix-store", &args)
+    } else {
+        args.extend(["realise", drv]);
+        firn_at(root, &args, None)
+    }
+}
+
+fn instantiate_into(root: &Path, dir: &Path) -> String {
+    let out = command("nix-instantiate")
+        .args([
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "substituters",
+            "",
+        ])
+        .arg(dir.join("cache.nix"))
+        .args(["-A", "top"])
+        .output()
+        .unwrap();
+    ok(out).trim().to_owned()
+}
+
+#[test]
+fn realise_substitutes_from_caches_nix_wrote() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-subst");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    let (src, drv, top, dep) = built_store(&dir, "src");
+    let sk = sk.to_str().unwrap();
+    for comp in ["xz", "zstd", "none"] {
+        let cache = dir.join(format!("nix-{comp}"));
+        let url = format!(
+            "file://{}?compression={comp}&secret-key={sk}",
+            cache.display()
+        );
+        ok(nix(&src, "nix", &["copy", "--to", &url, &top]));
+        let ours = dir.join(format!("firn-{comp}"));
+        assert_eq!(instantiate_into(&ours, &dir), drv);
+        // The dry run says what Nix's says.
+        let theirs = dir.join(format!("nixdry-{comp}"));
+        instantiate_into(&theirs, &dir);
+        let said = |o: Output| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .filter(|l| !l.starts_with("warning:"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let firn_dry = said({
+            let url = format!("file://{}", cache.display());
+            firn_at(
+                &ours,
+                &[
+                    "--option",
+                    "substituters",
+                    &url,
+                    "--option",
+                    "trusted-public-keys",
+                    &public,
+                    "realise",
+                    "--dry-run",
+                    &drv,
+                ],
+                None,
+            )
+        });
+        let nix_dry = said(realise_from(
+            "nix-store",
+            &theirs,
+            &cache,
+            &public,
+            &["--dry-run"],
+            &drv,
+        ));
+        assert_eq!(firn_dry, nix_dry, "{comp}: dry run");
+        assert!(
+            firn_dry[0].starts_with("these 2 paths will be fetched ("),
+            "{firn_dry:?}"
+        );
+        // The real run fetches, builds nothing, and gives Nix's outputs.
+        let out = realise_from(firn_bin(), &ours, &cache, &public, &[], &drv);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(ok(out).trim(), top, "{comp}: {err}");
+        assert!(!err.contains("building"), "{comp}: built something: {err}");
+        assert!(
+            err.contains(&format!("copying path '{dep}' from 'file://")),
+            "{err}"
+        );
+        for p in [&dep, &top] {
+            assert_eq!(hash_of(&ours, p), hash_of(&src, p), "{comp}: {p}");
+        }
+        assert_verifies(&ours, comp);
+    }
+    let good = dir.join("nix-none");
+
+    // A bad signature: the cache is skipped (with Nix's warning) and the path is built.
+    let spoilt = dir.join("badsig");
+    copy_tree(&good, &spoilt);
+    for p in [&dep, &top] {
+        let f = narinfo_file(&spoilt, p);
+        let text = fs::read_to_string(&f).unwrap();
+        let sig = text
+            .lines()
+            .find(|l| l.starts_with("Sig: "))
+            .unwrap()
+            .to_owned();
+        fs::write(
+            &f,
+            text.replace(&sig, &format!("Sig: test-1:{}==", "A".repeat(86))),
+        )
+        .unwrap();
+    }
+    let root = dir.join("firn-badsig");
+    instantiate_into(&root, &dir);
+    let out = realise_from(firn_bin(), &root, &spoilt, &public, &[], &drv);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top);
+    assert!(
+        err.contains("is not signed by any of the keys in 'trusted-public-keys'"),
+        "{err}"
+    );
+    assert!(err.contains("building '"), "{err}");
+    assert_eq!(hash_of(&root, &top), hash_of(&src, &top));
+
+    // A truncated NAR: the derivation fails, nothing of the closure becomes valid; with
+    // `fallback` it is built instead.
+    let spoilt = dir.join("truncated");
+    copy_tree(&good, &spoilt);
+    let nar = spoilt.join(&narinfo(&spoilt, &top)["URL"]);
+    let data = fs::read(&nar).unwrap();
+    fs::write(&nar, &data[..data.len() - 10]).unwrap();
+    let root = dir.join("firn-truncated");
+    instantiate_into(&root, &dir);
+    let out = realise_from(firn_bin(), &root, &spoilt, &public, &[], &drv);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("substituting"), "{err}");
+    assert!(!err.contains("building '"), "{err}");
+    for p in [&dep, &top] {
+        assert!(
+            !nix(&root, "nix-store", &["-q", "--hash", p])
+                .status
+                .success(),
+            "{p}"
+        );
+    }
+    assert_verifies(&root, "truncated");
+    let out = realise_from(
+        firn_bin(),
+        &root,
+        &spoilt,
+        &public,
+        &["--option", "fallback", "true"],
+        &drv,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(err.contains("building '"), "{err}");
+    assert_eq!(hash_of(&root, &top), hash_of(&src, &top));
+    assert_verifies(&root, "fallback");
+    remove(&dir);
+}
