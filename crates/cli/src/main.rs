@@ -11,6 +11,7 @@ mod derivation;
 mod error;
 mod gc;
 mod interrupt;
+mod local;
 mod progress;
 mod realise;
 mod run;

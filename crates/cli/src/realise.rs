@@ -5,12 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 
-use firn_build::builder::cgroup::Limits;
-use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::{exit_status, BuildMode, BuildResult, Wanted, Worker};
 use firn_derivation::{OutputName, StorePath};
 
 use crate::error::CliError;
+use crate::local::local_builder;
 use crate::progress::TerminalEvents;
 use crate::settings::Settings;
 use crate::store_cmds::open;
@@ -71,32 +70,6 @@ fn parse_target(arg: &str) -> (&str, Wanted) {
         ),
         None => (arg, Wanted::All),
     }
-}
-
-/// The builder of this machine for `build`'s settings (saying once when the limits
-/// asked for cannot be enforced).
-pub fn local_builder(
-    settings: &Settings,
-    build: &firn_build::Settings,
-    store: &firn_store::Store,
-) -> LocalBuilder {
-    let builder = LocalBuilder::new(LocalOptions {
-        real_store: store.real_store_dir().to_path_buf(),
-        store_dir: store.store_dir().clone(),
-        userpool: settings.userpool.clone(),
-        build_users_group: build.build_users_group.clone(),
-        use_cgroups: build.use_cgroups,
-        limits: Limits {
-            memory_max: build.build_memory_max.0,
-            pids_max: build.build_pids_max.0,
-        },
-    });
-    if let Some(why) = builder.cannot_enforce_limits() {
-        eprintln!(
-            "warning: build-memory-max and build-pids-max cannot be enforced here ({why}); builds run without them"
-        );
-    }
-    builder
 }
 
 /// One `--json` result, in the order Nix's fields come.

@@ -741,7 +741,7 @@ fn repair_by_rebuilding(
         return Ok(unrepaired);
     }
     let build = settings.build.clone();
-    let builder = crate::realise::local_builder(settings, &build, store);
+    let builder = crate::local::local_builder(settings, &build, store);
     let mut events = crate::progress::TerminalEvents::with_format(
         store.store_dir().clone(),
         !settings.quiet,

@@ -1,0 +1,33 @@
+//! The builder of this machine, made from the settings (shared by `realise` and
+//! `verify --repair`, which must not import each other).
+
+use firn_build::builder::cgroup::Limits;
+use firn_build::builder::local::{LocalBuilder, LocalOptions};
+
+use crate::settings::Settings;
+
+/// The builder of this machine for `build`'s settings (saying once when the limits
+/// asked for cannot be enforced).
+pub fn local_builder(
+    settings: &Settings,
+    build: &firn_build::Settings,
+    store: &firn_store::Store,
+) -> LocalBuilder {
+    let builder = LocalBuilder::new(LocalOptions {
+        real_store: store.real_store_dir().to_path_buf(),
+        store_dir: store.store_dir().clone(),
+        userpool: settings.userpool.clone(),
+        build_users_group: build.build_users_group.clone(),
+        use_cgroups: build.use_cgroups,
+        limits: Limits {
+            memory_max: build.build_memory_max.0,
+            pids_max: build.build_pids_max.0,
+        },
+    });
+    if let Some(why) = builder.cannot_enforce_limits() {
+        eprintln!(
+            "warning: build-memory-max and build-pids-max cannot be enforced here ({why}); builds run without them"
+        );
+    }
+    builder
+}
