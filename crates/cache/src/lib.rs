@@ -6,7 +6,8 @@
 //!   field order); [`cache_info`]: `nix-cache-info`;
 //! - [`compression`]: `xz`, `zstd`, `bzip2` and `none`;
 //! - [`cache`]: a binary cache by URL (`file:///DIR?compression=…&secret-key=…`);
-//! - [`copy`]: `firn copy --to` / `--from`; [`substitute`]: substitution for builds.
+//! - [`copy`]: `firn copy --to` / `--from`; [`substitute`]: substitution for builds;
+//! - [`serve`]: the store as a read-only HTTP binary cache (`firn serve-cache`).
 //!
 //! Nothing here prints: results are values, failures [`CacheError`]s naming the path,
 //! file or URL at fault.
@@ -18,6 +19,7 @@ pub mod copy;
 pub mod error;
 pub mod keys;
 pub mod narinfo;
+pub mod serve;
 pub mod substitute;
 
 pub use cache::{BinaryCache, CacheUrl};

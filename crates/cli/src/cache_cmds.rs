@@ -40,6 +40,13 @@ pub enum KeyCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, `HOST:PORT` (port 0: any free port).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:5000")]
+    listen: String,
+}
+
+#[derive(Debug, Args)]
 pub struct SignArgs {
     /// The secret key file to sign with.
     #[arg(long, value_name = "FILE")]
@@ -165,5 +172,22 @@ pub fn copy(settings: &Settings, args: &CopyArgs, out: &mut impl Write) -> Resul
             writeln!(out, "{}", sd.display(&p)).map_err(CliError::stdout)?;
         }
     }
+    Ok(())
+}
+
+/// `firn serve-cache`: prints `http://HOST:PORT` (the address bound) on stdout, then
+/// serves the store read-only until SIGINT or SIGTERM. Narinfos are signed with
+/// `secret-key-files`.
+pub fn serve(settings: &Settings, args: &ServeArgs, out: &mut impl Write) -> Result<(), CliError> {
+    let store = open(settings)?;
+    let keys = secret_keys(settings)?;
+    let server = firn_cache::serve::CacheServer::bind(&args.listen)?;
+    let addr = server
+        .addr()
+        .map_or_else(|| args.listen.clone(), |a| a.to_string());
+    writeln!(out, "http://{addr}").map_err(CliError::stdout)?;
+    out.flush().map_err(CliError::stdout)?;
+    crate::interrupt::install_handlers();
+    server.serve(&store, &keys, crate::interrupt::interrupted)?;
     Ok(())
 }

@@ -267,6 +267,9 @@ enum Command {
     Key(cache_cmds::KeyCommand),
     /// Sign store paths with a secret key (`nix store sign -k FILE`).
     Sign(cache_cmds::SignArgs),
+    /// Serve the store, read-only, as an HTTP binary cache (as nix-serve); prints the
+    /// URL, then serves until interrupted. Narinfos are signed with `secret-key-files`.
+    ServeCache(cache_cmds::ServeArgs),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -354,6 +357,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Copy(args) => cache_cmds::copy(&settings, &args, &mut out)?,
         Command::Key(cmd) => cache_cmds::key(cmd, &mut out)?,
         Command::Sign(args) => cache_cmds::sign(&settings, &args)?,
+        Command::ServeCache(args) => cache_cmds::serve(&settings, &args, &mut out)?,
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())

@@ -624,6 +624,26 @@ impl Database {
         })
     }
 
+    /// The valid path whose hash part is `hash_part` (`queryPathFromHashPart`), if any.
+    pub fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>, DbError> {
+        let prefix = format!("{}/{hash_part}", self.store_dir.as_str());
+        let found: Option<String> = self
+            .conn
+            .query_row(
+                "select path from ValidPaths where path >= ? limit 1",
+                [&prefix],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match found {
+            Some(p) if p.starts_with(&prefix) && p.as_bytes().get(prefix.len()) == Some(&b'-') => {
+                Ok(Some(self.parse_path(&p)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Add `sigs` to the signatures of the valid path `path` (those it has already are
     /// not repeated, as Nix's `addSignatures`); returns how many were new.
     pub fn add_signatures(&mut self, path: &StorePath, sigs: &[String]) -> Result<usize, DbError> {
