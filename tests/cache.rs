@@ -689,3 +689,96 @@ fn realise_substitutes_from_caches_nix_wrote() {
     assert_verifies(&root, "fallback");
     remove(&dir);
 }
+
+/// The status line of a raw HTTP/1.0 request to `addr`.
+fn http_status(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn serve_cache_is_a_binary_cache_real_nix_substitutes_from() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempdir("cache-serve");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let mut child = firn_command()
+        .args(["--store", src.to_str().unwrap()])
+        .args(["--option", "secret-key-files", sk.to_str().unwrap()])
+        .args(["serve-cache", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().to_owned();
+    let addr = url.strip_prefix("http://").unwrap().to_owned();
+    // Real Nix substitutes the closure over HTTP, checking the server's signatures.
+    let fresh = dir.join("fresh");
+    let out = command("nix-store")
+        .env("NIX_CONF_DIR", tempdir_none())
+        .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
+        .args(["--store", fresh.to_str().unwrap(), "-r", &top])
+        .args(["--option", "substituters", &url])
+        .args(["--option", "trusted-public-keys", &public])
+        .args(["--option", "narinfo-cache-negative-ttl", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains(&format!("copying path '{dep}' from '{url}'")),
+        "{err}"
+    );
+    for p in [&dep, &top] {
+        assert_eq!(hash_of(&fresh, p), hash_of(&src, p), "{p}");
+    }
+    assert_verifies(&fresh, "served");
+    // Read-only, and nothing but the cache's own files.
+    let hash = &top["/nix/store/".len()..][..32];
+    assert!(http_status(&addr, &format!("HEAD /{hash}.narinfo HTTP/1.0\r\n\r\n")).contains(" 200"));
+    for (req, status) in [
+        ("GET /../../../../etc/passwd HTTP/1.0\r\n\r\n", " 404"),
+        (
+            "GET /nar/../../../../etc/passwd.nar HTTP/1.0\r\n\r\n",
+            " 404",
+        ),
+        (
+            "GET /nar/00000000000000000000000000000000.nar HTTP/1.0\r\n\r\n",
+            " 404",
+        ),
+        (
+            "GET /00000000000000000000000000000000.narinfo HTTP/1.0\r\n\r\n",
+            " 404",
+        ),
+        ("GET /nix/store HTTP/1.0\r\n\r\n", " 404"),
+        (
+            &format!("PUT /{hash}.narinfo HTTP/1.0\r\nContent-Length: 1\r\n\r\nx"),
+            " 405",
+        ),
+        (&format!("DELETE /{hash}.narinfo HTTP/1.0\r\n\r\n"), " 405"),
+    ] {
+        assert!(http_status(&addr, req).contains(status), "{req:?}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    remove(&dir);
+}
