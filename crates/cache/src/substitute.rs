@@ -135,6 +135,8 @@ impl Substituters {
             if !seen.insert(p.clone()) {
                 continue;
             }
+            // Rooted before the check: a valid reference stays valid until it is used.
+            store.add_temp_root(&p)?;
             if store
                 .db()
                 .is_valid_path(&p)
