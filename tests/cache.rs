@@ -225,6 +225,34 @@ fn keys_and_signatures_are_nixs() {
         ],
     );
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    // A content-addressed path needs no signature: copied through an unsigned cache into
+    // a store that trusts no key of ours, it is taken (its CA gives its path).
+    let unsigned = dir.join("unsigned");
+    let url = format!("file://{}", unsigned.display());
+    assert_eq!(
+        ok(firn_at(&ours, &["copy", "--to", &url, p], None)).trim(),
+        p
+    );
+    let other = dir.join("other");
+    assert_eq!(
+        ok(firn_at(&other, &["copy", "--from", &url, p], None)).trim(),
+        p
+    );
+    assert_verifies(&other, "content-addressed");
+    // A path whose contents no longer have the registered hash is not copied to a cache.
+    let real = ours.join(p.trim_start_matches('/'));
+    let mut perms = fs::metadata(&real).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&real, perms).unwrap();
+    fs::write(&real, "HELLO\n").unwrap();
+    let corrupt = dir.join("corrupt");
+    let url = format!("file://{}", corrupt.display());
+    let out = firn_at(&ours, &["copy", "--to", &url, p], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to copy corrupted path"));
+    assert!(!narinfo_file(&corrupt, p).exists());
+    assert_eq!(files(&corrupt.join("nar")), Vec::<String>::new(), "no NAR or temporary left");
     // A hostile key file is an error naming it, not a panic.
     fs::write(dir.join("bad.sk"), "nope:AAAA").unwrap();
     let bad = firn_at(
