@@ -252,7 +252,11 @@ fn keys_and_signatures_are_nixs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to copy corrupted path"));
     assert!(!narinfo_file(&corrupt, p).exists());
-    assert_eq!(files(&corrupt.join("nar")), Vec::<String>::new(), "no NAR or temporary left");
+    assert_eq!(
+        files(&corrupt.join("nar")),
+        Vec::<String>::new(),
+        "no NAR or temporary left"
+    );
     // A hostile key file is an error naming it, not a panic.
     fs::write(dir.join("bad.sk"), "nope:AAAA").unwrap();
     let bad = firn_at(
@@ -649,6 +653,42 @@ fn realise_substitutes_from_caches_nix_wrote() {
         assert_verifies(&ours, comp);
     }
     let good = dir.join("nix-none");
+
+    // An output path itself (no derivation in the store) is fetched with its closure, as
+    // `nix-store -r PATH` does; the dry runs agree.
+    let (ours, theirs) = (dir.join("firn-path"), dir.join("nix-path"));
+    let url = format!("file://{}", good.display());
+    let with = [
+        "--option",
+        "substituters",
+        &url,
+        "--option",
+        "trusted-public-keys",
+        &public,
+    ];
+    let dry = |o: Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let firn_dry = dry(firn_at(
+        &ours,
+        &[&with[..], &["realise", "--dry-run", &top]].concat(),
+        None,
+    ));
+    let nix_dry = dry(nix(
+        &theirs,
+        "nix-store",
+        &[&with[..], &["-r", "--dry-run", &top]].concat(),
+    ));
+    assert_eq!(firn_dry, nix_dry);
+    let out = firn_at(&ours, &[&with[..], &["realise", &top]].concat(), None);
+    assert_eq!(ok(out).trim(), top);
+    assert_eq!(hash_of(&ours, &dep), hash_of(&src, &dep));
+    assert_verifies(&ours, "output path");
+    let absent = format!("/nix/store/{}-absent", "a".repeat(32));
+    let out = firn_at(&ours, &[&with[..], &["realise", &absent]].concat(), None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no substituter that can build it"));
 
     // A bad signature: the cache is skipped (with Nix's warning) and the path is built.
     let spoilt = dir.join("badsig");

@@ -134,3 +134,31 @@ pub fn query_missing(
     m.will_substitute = fetched;
     Ok(m)
 }
+
+/// Add to `m` the closures of `paths` (not derivations), which must be fetched: an
+/// error names the paths no substituter has (Nix's words).
+pub fn add_paths(
+    store: &Store,
+    settings: &crate::settings::Settings,
+    paths: &[StorePath],
+    m: &mut Missing,
+) -> Result<(), crate::error::BuildError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let plan = crate::substitute::plan(store, settings, paths)?.unwrap_or_default();
+    if !plan.missing.is_empty() {
+        let sd = store.store_dir();
+        let lacking: Vec<String> = plan.missing.iter().map(|p| sd.display(p)).collect();
+        return Err(crate::error::BuildError::NoSubstituter {
+            paths: lacking.join("', '"),
+        });
+    }
+    for (info, _) in &plan.fetch {
+        if m.will_substitute.insert(info.path.clone()) {
+            m.download_size += info.file_size.unwrap_or(0);
+            m.nar_size += info.nar_size;
+        }
+    }
+    Ok(())
+}

@@ -98,6 +98,15 @@ struct JsonResult<'a> {
     log: Option<String>,
 }
 
+/// Nix's words for a path no substituter has.
+fn no_substituter(sd: &firn_derivation::StoreDir, paths: &[StorePath]) -> CliError {
+    let shown: Vec<String> = paths.iter().map(|p| sd.display(p)).collect();
+    CliError::usage(format!(
+        "path '{}' is required, but there is no substituter that can build it",
+        shown.join("', '")
+    ))
+}
+
 pub fn realise(
     settings: &Settings,
     args: &RealiseArgs,
@@ -107,6 +116,8 @@ pub fn realise(
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut tops: Vec<(StorePath, Wanted)> = Vec::new();
+    // Invalid non-derivation paths, to be fetched from the substituters.
+    let mut to_fetch: Vec<StorePath> = Vec::new();
     for arg in &args.drvs {
         let (path, wanted) = parse_target(arg);
         let p = store.parse_path_arg(path)?;
@@ -117,6 +128,11 @@ pub fn realise(
                 .is_valid_path(&p)
                 .map_err(firn_store::StoreError::from)?
             {
+                if !build.substituters.0.is_empty() {
+                    to_fetch.push(p.clone());
+                    tops.push((p, wanted));
+                    continue;
+                }
                 return Err(CliError::usage(format!(
                     "path '{}' is not valid and cannot be built",
                     sd.display(&p)
@@ -130,7 +146,9 @@ pub fn realise(
         .filter(|(p, _)| p.is_derivation())
         .cloned()
         .collect();
-    let missing = firn_build::missing::query_missing(&store, &build, &drv_tops)
+    let mut missing = firn_build::missing::query_missing(&store, &build, &drv_tops)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    firn_build::missing::add_paths(&store, &build, &to_fetch, &mut missing)
         .map_err(|e| CliError::usage(e.to_string()))?;
     let to_build = firn_build::missing::build_order(&store, &missing.will_build)
         .map_err(|e| CliError::usage(e.to_string()))?;
@@ -192,6 +210,14 @@ pub fn realise(
     crate::interrupt::install_handlers();
     let builder = local_builder(settings, &build, &store);
     events.begin();
+    if !to_fetch.is_empty() {
+        use firn_build::substitute::{substitute, Substituted};
+        match substitute(&mut store, &build, &mut events, &to_fetch) {
+            Substituted::All => {}
+            Substituted::No => return Err(no_substituter(&sd, &to_fetch)),
+            Substituted::Failed(e) => return Err(CliError::usage(e.to_string())),
+        }
+    }
     let mode = match args.check {
         true => BuildMode::Check,
         false => BuildMode::Normal,
