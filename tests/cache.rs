@@ -816,6 +816,35 @@ fn serve_cache_is_a_binary_cache_real_nix_substitutes_from() {
         assert_eq!(hash_of(&fresh, p), hash_of(&src, p), "{p}");
     }
     assert_verifies(&fresh, "served");
+    // firn substitutes from it too: `realise` builds nothing, `copy --from` copies.
+    let ours = dir.join("firn-http");
+    let drv = instantiate_into(&ours, &dir);
+    let out = realise_from_url(&ours, &url, &public, &drv);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(!err.contains("building"), "{err}");
+    assert!(
+        err.contains(&format!("copying path '{dep}' from '{url}'")),
+        "{err}"
+    );
+    assert_eq!(hash_of(&ours, &top), hash_of(&src, &top));
+    assert_verifies(&ours, "firn from http");
+    let other = dir.join("firn-http-copy");
+    let out = firn_at(
+        &other,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+        None,
+    );
+    assert_eq!(ok(out), format!("{dep}\n{top}\n"));
+    assert_verifies(&other, "copy --from http");
     // Read-only, and nothing but the cache's own files.
     let hash = &top["/nix/store/".len()..][..32];
     assert!(http_status(&addr, &format!("HEAD /{hash}.narinfo HTTP/1.0\r\n\r\n")).contains(" 200"));
@@ -848,5 +877,55 @@ fn serve_cache_is_a_binary_cache_real_nix_substitutes_from() {
     )
     .unwrap();
     assert!(child.wait().unwrap().success());
+    remove(&dir);
+}
+
+/// `firn realise DRV` in `root` with the substituter `url`, in the sandbox.
+fn realise_from_url(root: &Path, url: &str, key: &str, drv: &str) -> Output {
+    firn_at(
+        root,
+        &[
+            "--option",
+            "substituters",
+            url,
+            "--option",
+            "trusted-public-keys",
+            key,
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "realise",
+            drv,
+        ],
+        None,
+    )
+}
+
+#[test]
+fn an_unreachable_substituter_is_skipped_and_the_derivation_built() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-unreachable");
+    let (_src, drv, top, _dep) = built_store(&dir, "src");
+    let ours = dir.join("firn");
+    assert_eq!(instantiate_into(&ours, &dir), drv);
+    // Port 9 (discard) on localhost: nothing listens there.
+    let out = realise_from_url(
+        &ours,
+        "http://127.0.0.1:9",
+        "k:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        &drv,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains("warning: cannot use the substituter 'http://127.0.0.1:9'"),
+        "{err}"
+    );
+    assert!(err.contains("building '"), "{err}");
     remove(&dir);
 }

@@ -1,5 +1,7 @@
-//! A binary cache by URL. firn reads and writes `file:///DIR` caches, with Nix's
-//! store parameters after `?`: `compression` (`xz`, `zstd`, `bzip2`, `none`),
+//! A binary cache by URL. firn reads and writes `file:///DIR` caches and reads
+//! `http://HOST[:PORT][/PATH]` ones (GET with `ureq`; 404 and 403 mean absent, as in
+//! Nix; no TLS in this build, so `https://` is refused), with Nix's store parameters
+//! after `?`: `compression` (`xz`, `zstd`, `bzip2`, `none`),
 //! `secret-key` (a key file to sign every narinfo written), `priority`,
 //! `want-mass-query`, `trusted` (substitutes accepted without signatures); an unknown
 //! parameter is an error (Nix warns and ignores it).
@@ -22,13 +24,21 @@ use crate::error::{io_err, CacheError};
 use crate::keys::SecretKey;
 use crate::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 
+/// A directory, or an HTTP server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Dir(PathBuf),
+    /// The base URL, without a trailing `/`.
+    Http(String),
+}
+
 /// A parsed cache URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheUrl {
     /// The URL without its parameters (how messages name the cache).
     pub base: String,
-    /// The cache's directory.
-    pub dir: PathBuf,
+    /// Where the cache is.
+    pub location: Location,
     pub compression: Compression,
     pub secret_key: Option<PathBuf>,
     pub priority: Option<u64>,
@@ -43,15 +53,24 @@ impl CacheUrl {
             reason: reason.to_owned(),
         };
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let Some(dir) = base.strip_prefix("file://") else {
-            return Err(bad("firn reads and writes file:// binary caches only"));
+        let location = if let Some(dir) = base.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(bad("the path of a file:// URL must be absolute"));
+            }
+            Location::Dir(PathBuf::from(dir))
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(bad("an http:// URL needs a host"));
+            }
+            Location::Http(base.trim_end_matches('/').to_owned())
+        } else {
+            return Err(bad(
+                "firn reads and writes file:// binary caches and reads http:// ones",
+            ));
         };
-        if !dir.starts_with('/') {
-            return Err(bad("the path of a file:// URL must be absolute"));
-        }
         let mut u = CacheUrl {
             base: base.to_owned(),
-            dir: PathBuf::from(dir),
+            location,
             compression: Compression::Xz,
             secret_key: None,
             priority: None,
@@ -98,9 +117,8 @@ pub struct BinaryCache {
 impl BinaryCache {
     /// Open the cache for reading: its `nix-cache-info` (if any) must be for `sd`.
     pub fn open(url: &CacheUrl, sd: &StoreDir) -> Result<Self, CacheError> {
-        let info_file = url.dir.join("nix-cache-info");
-        let info = match read_limited(&info_file, MAX_CACHE_INFO_SIZE)? {
-            Some(text) => CacheInfo::parse(&info_file.display().to_string(), &text)?,
+        let info = match read_file(&url.location, "nix-cache-info", MAX_CACHE_INFO_SIZE)? {
+            Some(text) => CacheInfo::parse(&shown(&url.location, "nix-cache-info"), &text)?,
             None => CacheInfo {
                 store_dir: None,
                 want_mass_query: false,
@@ -130,11 +148,17 @@ impl BinaryCache {
     /// Open the cache for writing: make its directories and its `nix-cache-info` if
     /// they are missing.
     pub fn create(url: &CacheUrl, sd: &StoreDir) -> Result<Self, CacheError> {
+        let Location::Dir(dir) = &url.location else {
+            return Err(CacheError::BadUrl {
+                url: url.base.clone(),
+                reason: "uploading to an HTTP binary cache is not supported".into(),
+            });
+        };
         for d in ["", "nar", "log", "realisations"] {
-            let p = url.dir.join(d);
+            let p = dir.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let info_file = url.dir.join("nix-cache-info");
+        let info_file = dir.join("nix-cache-info");
         if !info_file.exists() {
             let cache = Self {
                 url: url.clone(),
@@ -155,19 +179,25 @@ impl BinaryCache {
         format!("{}.narinfo", p.hash_part())
     }
 
-    /// Whether the cache has a narinfo for `p`.
+    /// Whether the cache has a narinfo for `p` (an HTTP cache is asked for it).
     pub fn has(&self, p: &StorePath) -> bool {
-        self.url.dir.join(Self::narinfo_rel(p)).is_file()
+        match &self.url.location {
+            Location::Dir(d) => d.join(Self::narinfo_rel(p)).is_file(),
+            Location::Http(_) => {
+                read_file(&self.url.location, &Self::narinfo_rel(p), MAX_NARINFO_SIZE)
+                    .is_ok_and(|f| f.is_some())
+            }
+        }
     }
 
     /// The narinfo of `p`, or `None` when the cache does not have it. A narinfo that
     /// names another path is refused.
     pub fn query(&self, sd: &StoreDir, p: &StorePath) -> Result<Option<NarInfo>, CacheError> {
-        let file = self.url.dir.join(Self::narinfo_rel(p));
-        let Some(text) = read_limited(&file, MAX_NARINFO_SIZE)? else {
+        let rel = Self::narinfo_rel(p);
+        let Some(text) = read_file(&self.url.location, &rel, MAX_NARINFO_SIZE)? else {
             return Ok(None);
         };
-        let shown = file.display().to_string();
+        let shown = shown(&self.url.location, &rel);
         let info = NarInfo::parse(sd, &shown, &text)?;
         if &info.path != p {
             return Err(CacheError::BadNarInfo {
@@ -182,51 +212,67 @@ impl BinaryCache {
         Ok(Some(info))
     }
 
-    /// The file a narinfo's `URL` names, if it is inside the cache.
-    fn nar_file(&self, info: &NarInfo) -> Result<PathBuf, CacheError> {
+    /// The NAR of `info`, decompressed. Its `URL` must name a file inside the cache.
+    pub fn open_nar<'a>(&self, info: &NarInfo) -> Result<Box<dyn Read + 'a>, CacheError> {
         let outside = || CacheError::NarUrlOutsideCache {
-            file: self
-                .url
-                .dir
-                .join(Self::narinfo_rel(&info.path))
-                .display()
-                .to_string(),
+            file: shown(&self.url.location, &Self::narinfo_rel(&info.path)),
             url: info.url.clone(),
         };
         let rel = Path::new(&info.url);
+        // An HTTP cache may add a query (harmonia's `nar/….nar?hash=…`): the path before
+        // it is what must stay inside the cache.
+        let path_part = match &self.url.location {
+            Location::Http(_) => info.url.split('?').next().unwrap_or(""),
+            Location::Dir(_) => info.url.as_str(),
+        };
         if info.url.contains("://")
             || info.url.contains('\0')
             || info.url.contains('\\')
-            || rel.components().any(|c| !matches!(c, Component::Normal(_)))
+            || info.url.contains('#')
+            || path_part.is_empty()
+            || Path::new(path_part)
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
         {
             return Err(outside());
         }
-        let file = self.url.dir.join(rel);
-        let root = fs::canonicalize(&self.url.dir).map_err(io_err(&self.url.dir))?;
-        match fs::canonicalize(&file) {
-            Ok(real) if real.starts_with(&root) && real != root => Ok(real),
-            Ok(_) => Err(outside()),
-            Err(e) => Err(CacheError::Io {
-                path: file,
-                source: e,
-            }),
-        }
-    }
-
-    /// The NAR of `info`, decompressed.
-    pub fn open_nar<'a>(&self, info: &NarInfo) -> Result<Box<dyn Read + 'a>, CacheError> {
-        let file = self.nar_file(info)?;
-        let f = fs::File::open(&file).map_err(io_err(&file))?;
-        compression::decoder(
-            &info.compression,
-            Box::new(std::io::BufReader::new(f)),
-            &file.display().to_string(),
-        )
+        let (input, file): (Box<dyn Read + 'a>, String) = match &self.url.location {
+            Location::Dir(dir) => {
+                let file = dir.join(rel);
+                let root = fs::canonicalize(dir).map_err(io_err(dir))?;
+                let real = match fs::canonicalize(&file) {
+                    Ok(real) if real.starts_with(&root) && real != root => real,
+                    Ok(_) => return Err(outside()),
+                    Err(e) => return Err(io_err(&file)(e)),
+                };
+                let f = fs::File::open(&real).map_err(io_err(&real))?;
+                (
+                    Box::new(std::io::BufReader::new(f)),
+                    real.display().to_string(),
+                )
+            }
+            Location::Http(base) => {
+                let url = format!("{base}/{}", info.url);
+                match http_get(&url)? {
+                    Some(r) => (r, url),
+                    None => {
+                        return Err(CacheError::Io {
+                            path: PathBuf::from(&url),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "the NAR is not in the cache",
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        compression::decoder(&info.compression, input, &file)
     }
 
     /// Write `rel` atomically (temporary file in the same directory, then rename).
     pub fn write_file(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
-        let dest = self.url.dir.join(rel);
+        let dest = self.dir()?.join(rel);
         let tmp = self.tmp_name(&dest);
         let r = (|| {
             let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
@@ -248,8 +294,15 @@ impl BinaryCache {
         PathBuf::from(s)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.url.dir
+    /// The directory of a `file://` cache (the others cannot be written).
+    pub fn dir(&self) -> Result<&Path, CacheError> {
+        match &self.url.location {
+            Location::Dir(d) => Ok(d),
+            Location::Http(_) => Err(CacheError::BadUrl {
+                url: self.url.base.clone(),
+                reason: "uploading to an HTTP binary cache is not supported".into(),
+            }),
+        }
     }
 }
 
@@ -275,4 +328,56 @@ fn read_limited(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, CacheError> 
         });
     }
     Ok(Some(buf))
+}
+
+/// How messages name the file `rel` of the cache at `loc`.
+fn shown(loc: &Location, rel: &str) -> String {
+    match loc {
+        Location::Dir(d) => d.join(rel).display().to_string(),
+        Location::Http(base) => format!("{base}/{rel}"),
+    }
+}
+
+/// The file `rel` of the cache (at most `limit` bytes), `None` if it has none.
+fn read_file(loc: &Location, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, CacheError> {
+    match loc {
+        Location::Dir(d) => read_limited(&d.join(rel), limit),
+        Location::Http(base) => {
+            let url = format!("{base}/{rel}");
+            let Some(r) = http_get(&url)? else {
+                return Ok(None);
+            };
+            let mut buf = Vec::new();
+            r.take(limit + 1)
+                .read_to_end(&mut buf)
+                .map_err(io_err(&url))?;
+            if buf.len() as u64 > limit {
+                return Err(CacheError::Io {
+                    path: PathBuf::from(url),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("larger than {limit} bytes"),
+                    ),
+                });
+            }
+            Ok(Some(buf))
+        }
+    }
+}
+
+/// GET `url`: its body, `None` on 404 or 403 (as Nix), an error otherwise.
+fn http_get(url: &str) -> Result<Option<Box<dyn Read>>, CacheError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(30)))
+        .timeout_recv_body(Some(std::time::Duration::from_secs(300)))
+        .build()
+        .into();
+    match agent.get(url).call() {
+        Ok(resp) => Ok(Some(Box::new(resp.into_body().into_reader()))),
+        Err(ureq::Error::StatusCode(404 | 403)) => Ok(None),
+        Err(e) => Err(CacheError::Http {
+            url: url.to_owned(),
+            msg: e.to_string(),
+        }),
+    }
 }

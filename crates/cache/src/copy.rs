@@ -133,7 +133,7 @@ fn write_nar(
 ) -> Result<NarInfo, CacheError> {
     let sd = store.store_dir();
     let compression = cache.url.compression;
-    let nar_dir = cache.dir().join("nar");
+    let nar_dir = cache.dir()?.join("nar");
     let tmp = cache.tmp_name(&nar_dir.join("upload"));
     let real = store.real_path(&info.path);
     let result = (|| {
@@ -169,7 +169,7 @@ fn write_nar(
         file_hash.to_nixbase32(),
         compression.extension()
     );
-    let dest = cache.dir().join(&rel);
+    let dest = cache.dir()?.join(&rel);
     if dest.exists() {
         let _ = fs::remove_file(&tmp);
     } else {

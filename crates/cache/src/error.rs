@@ -59,6 +59,8 @@ pub enum CacheError {
     },
     #[error("cannot compute the fingerprint of path '{path}': its NAR size is zero")]
     ZeroNarSize { path: String },
+    #[error("unable to download '{url}': {msg}")]
+    Http { url: String, msg: String },
     #[error("serving a binary cache on '{listen}': {msg}")]
     Serve { listen: String, msg: String },
     #[error("importing '{path}' from '{url}': {source}")]

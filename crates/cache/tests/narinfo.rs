@@ -168,3 +168,49 @@ fn cache_info_and_keys_on_hostile_input() {
     let not_point = format!("x:{}", "/".repeat(42) + "8=");
     let _ = PublicKey::parse("pk", &not_point);
 }
+
+#[test]
+fn nar_urls_must_stay_inside_the_cache() {
+    use firn_cache::cache_info::CacheInfo;
+    use firn_cache::{BinaryCache, CacheUrl};
+    let info = parse(NIX).unwrap();
+    for base in ["http://127.0.0.1:9/cache", "file:///nonexistent-firn-cache"] {
+        let cache = BinaryCache {
+            url: CacheUrl::parse(base).unwrap(),
+            info: CacheInfo::new("/nix/store"),
+            secret_key: None,
+        };
+        for url in [
+            "../x.nar",
+            "nar/../../x.nar",
+            "/etc/passwd",
+            "http://elsewhere/x.nar",
+            "file:///etc/passwd",
+            "nar/x.nar#frag",
+            "nar\\..\\x.nar",
+            "./nar/x.nar",
+            // Over HTTP a query follows the path, which must not be empty.
+            if base.starts_with("http") { "?x" } else { "" },
+        ] {
+            let mut bad = info.clone();
+            bad.url = url.to_owned();
+            match cache.open_nar(&bad) {
+                Err(CacheError::NarUrlOutsideCache { url: u, .. }) => assert_eq!(u, url),
+                Err(e) => panic!("{base} {url}: {e}"),
+                Ok(_) => panic!("{base} {url}: accepted"),
+            }
+        }
+    }
+    // Cache URLs firn cannot open are errors naming them.
+    for bad in [
+        "https://cache.nixos.org",
+        "s3://b",
+        "file://relative",
+        "http://",
+        "daemon",
+        "file:///x?colour=red",
+        "file:///x?compression=lz5",
+    ] {
+        assert!(CacheUrl::parse(bad).is_err(), "{bad}");
+    }
+}
