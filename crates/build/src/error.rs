@@ -34,6 +34,17 @@ impl std::fmt::Display for BuilderExit {
 
 #[derive(Debug, Error)]
 pub enum BuildError {
+    /// Paths (not derivations) to realise that no substituter has.
+    #[error("path '{paths}' is required, but there is no substituter that can build it")]
+    NoSubstituter { paths: String },
+    /// Fetching `path` (the outputs of a derivation) from a binary cache failed.
+    #[error(
+        "substituting '{path}' failed (use '--option fallback true' to build it instead): {source}"
+    )]
+    Substitution {
+        path: String,
+        source: Box<firn_cache::CacheError>,
+    },
     /// The `.drv` is neither valid nor readable.
     #[error("cannot build missing derivation '{drv}'")]
     MissingDerivation { drv: String },

@@ -19,6 +19,8 @@ pub enum Message<'a> {
     KeepingBuildDir { path: &'a Path },
     /// A `--check` found a differing output, kept beside the registered one.
     KeepingCheckOutput { path: &'a Path },
+    /// A path is being fetched from a binary cache (Nix: "copying path '…' from '…'...").
+    Substituting { path: &'a StorePath, from: &'a str },
     /// Something went wrong that does not fail the build by itself.
     Warning { text: &'a str },
 }

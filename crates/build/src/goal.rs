@@ -252,7 +252,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
     pub fn want(&mut self, wanted: &Wanted) -> bool {
         let more = self.wanted.merge(wanted);
         let revisit = more
-            && matches!(&self.state, GoalState::Done(r) if r.status == BuildStatus::AlreadyValid);
+            && matches!(&self.state, GoalState::Done(r) if matches!(r.status, BuildStatus::AlreadyValid | BuildStatus::Substituted));
         if revisit {
             self.state = GoalState::Init;
         }
@@ -301,12 +301,16 @@ impl<R: RunningBuild> DerivationGoal<R> {
         }
         let mut all_wanted_valid = true;
         let mut every_valid = true;
+        let mut missing_wanted = Vec::new();
         for (name, p) in &loaded.outputs {
             match cx.store.db().is_valid_path(p) {
                 Ok(valid) => {
                     every_valid &= valid;
                     if self.wanted.contains(name.as_str()) {
                         all_wanted_valid &= valid;
+                        if !valid {
+                            missing_wanted.push(p.clone());
+                        }
                     }
                 }
                 Err(e) => return self.fail(StoreError::from(e).into()),
@@ -324,6 +328,15 @@ impl<R: RunningBuild> DerivationGoal<R> {
             }
         } else if all_wanted_valid {
             return self.done(BuildResult::already_valid(loaded.outputs));
+        } else if crate::substitute::allowed(&loaded.drv) {
+            // The binary caches before building (Nix's `haveDerivation`): if they have
+            // every missing wanted output, neither this nor its inputs are built.
+            use crate::substitute::Substituted;
+            match crate::substitute::substitute(cx.store, cx.settings, cx.events, &missing_wanted) {
+                Substituted::All => return self.done(BuildResult::substituted(loaded.outputs)),
+                Substituted::No => {}
+                Substituted::Failed(e) => return self.fail(e),
+            }
         }
         let inputs = loaded.inputs.clone();
         self.state = GoalState::WaitingForInputs(Box::new(loaded));

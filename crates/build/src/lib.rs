@@ -4,6 +4,7 @@
 //!   ended and Nix's exit status;
 //! - [`worker`]: the `Worker` loop that drives goals (waiters, build slots, polling);
 //! - [`missing`]: what a realisation would build (the dry run); [`check`]: `--check`;
+//! - [`substitute`]: fetching missing outputs from binary caches before building;
 //! - [`builder`]: the `Builder` trait, the local builder, build users and the sandbox;
 //! - [`plan`]: the pure build plan (program, argv, environment, build-dir files) Nix 2.8
 //!   computes from a derivation before starting its builder;
@@ -28,6 +29,7 @@ pub mod plan;
 pub mod platform;
 pub mod result;
 pub mod settings;
+pub mod substitute;
 pub mod worker;
 
 pub use error::BuildError;

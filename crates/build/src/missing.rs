@@ -72,3 +72,93 @@ pub fn derivations_to_build(
     }
     Ok(to_build)
 }
+
+/// What realising some derivations would do (Nix's `queryMissing`): the derivations to
+/// build, the paths to fetch from the substituters, and the sizes of those.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Missing {
+    pub will_build: BTreeSet<StorePath>,
+    pub will_substitute: BTreeSet<StorePath>,
+    /// Compressed bytes to download (as far as the narinfos say).
+    pub download_size: u64,
+    /// Bytes unpacked.
+    pub nar_size: u64,
+}
+
+/// [`Missing`] for `tops`: a derivation whose missing wanted outputs all have
+/// substitutes (closures included) is fetched, not built, and its inputs are not
+/// looked at; the others are built, and their inputs looked at in turn.
+pub fn query_missing(
+    store: &Store,
+    settings: &crate::settings::Settings,
+    tops: &[(StorePath, Wanted)],
+) -> Result<Missing, crate::error::BuildError> {
+    let mut m = Missing::default();
+    let mut work: Vec<(StorePath, Wanted)> = tops.to_vec();
+    let mut seen: BTreeSet<(StorePath, String)> = BTreeSet::new();
+    let mut fetched: BTreeSet<StorePath> = BTreeSet::new();
+    while let Some((p, wanted)) = work.pop() {
+        if !seen.insert((p.clone(), format!("{wanted:?}"))) {
+            continue;
+        }
+        let Ok(loaded) = load(store, &p) else {
+            continue;
+        };
+        let mut missing = Vec::new();
+        for (name, out) in &loaded.outputs {
+            if wanted.contains(name.as_str())
+                && !store.db().is_valid_path(out).map_err(StoreError::from)?
+            {
+                missing.push(out.clone());
+            }
+        }
+        if missing.is_empty() {
+            continue;
+        }
+        if crate::substitute::allowed(&loaded.drv) {
+            if let Some(plan) = crate::substitute::plan(store, settings, &missing)? {
+                if plan.missing.is_empty() {
+                    for (info, _) in &plan.fetch {
+                        if fetched.insert(info.path.clone()) {
+                            m.download_size += info.file_size.unwrap_or(0);
+                            m.nar_size += info.nar_size;
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
+        m.will_build.insert(p.clone());
+        work.extend(loaded.inputs);
+    }
+    m.will_substitute = fetched;
+    Ok(m)
+}
+
+/// Add to `m` the closures of `paths` (not derivations), which must be fetched: an
+/// error names the paths no substituter has (Nix's words).
+pub fn add_paths(
+    store: &Store,
+    settings: &crate::settings::Settings,
+    paths: &[StorePath],
+    m: &mut Missing,
+) -> Result<(), crate::error::BuildError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let plan = crate::substitute::plan(store, settings, paths)?.unwrap_or_default();
+    if !plan.missing.is_empty() {
+        let sd = store.store_dir();
+        let lacking: Vec<String> = plan.missing.iter().map(|p| sd.display(p)).collect();
+        return Err(crate::error::BuildError::NoSubstituter {
+            paths: lacking.join("', '"),
+        });
+    }
+    for (info, _) in &plan.fetch {
+        if m.will_substitute.insert(info.path.clone()) {
+            m.download_size += info.file_size.unwrap_or(0);
+            m.nar_size += info.nar_size;
+        }
+    }
+    Ok(())
+}

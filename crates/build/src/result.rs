@@ -14,6 +14,8 @@ use crate::error::BuildError;
 pub enum BuildStatus {
     Built,
     AlreadyValid,
+    /// Every wanted output was fetched from a binary cache.
+    Substituted,
     PermanentFailure,
     TimedOut,
     OutputRejected,
@@ -29,13 +31,14 @@ pub enum BuildStatus {
 
 impl BuildStatus {
     pub fn success(self) -> bool {
-        matches!(self, Self::Built | Self::AlreadyValid)
+        matches!(self, Self::Built | Self::AlreadyValid | Self::Substituted)
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Built => "Built",
             Self::AlreadyValid => "AlreadyValid",
+            Self::Substituted => "Substituted",
             Self::PermanentFailure => "PermanentFailure",
             Self::TimedOut => "TimedOut",
             Self::OutputRejected => "OutputRejected",
@@ -95,6 +98,16 @@ impl BuildResult {
     }
 }
 
+impl BuildResult {
+    /// Every wanted output was fetched from a binary cache: nothing was built.
+    pub fn substituted(outputs: BTreeMap<OutputName, StorePath>) -> Self {
+        Self {
+            status: BuildStatus::Substituted,
+            ..Self::already_valid(outputs)
+        }
+    }
+}
+
 /// Nix's exit status for a set of results: 0 if all succeeded, else 0x60 | bits
 /// (0x04 build failure, 0x01 timeout, 0x02 hash mismatch — the last two come with 0x04,
 /// as observed: 101 and 102 —, 0x08 not deterministic), or 1 if no bit applies.
@@ -103,7 +116,7 @@ pub fn exit_status(results: &[&BuildResult]) -> u8 {
     let mut failed = false;
     for r in results {
         match r.status {
-            BuildStatus::Built | BuildStatus::AlreadyValid => {}
+            BuildStatus::Built | BuildStatus::AlreadyValid | BuildStatus::Substituted => {}
             // Nix 2.8 marks an input rejected in `startBuilder` a permanent failure too.
             BuildStatus::PermanentFailure | BuildStatus::InputRejected => mask |= 0x04,
             BuildStatus::TimedOut => mask |= 0x04 | 0x01,

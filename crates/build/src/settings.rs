@@ -58,6 +58,9 @@ pub struct Bytes(pub Option<u64>);
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Strings(pub Vec<String>);
 
+/// The default of `trusted-public-keys`, as in Nix.
+pub const NIXOS_CACHE_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
 /// Every setting name (and alias) Nix 2.8 knows (`nix show-config` of Nix 2.8, and the
 /// aliases in its source). A name here that firn does not act on is accepted without a
 /// warning: it is not a typo, and a `nix.conf` written for Nix must not make firn noisy.
@@ -496,8 +499,18 @@ settings! {
     build_memory_max: Bytes = Bytes(None), "build-memory-max";
     /// The processes and threads a build may have at once (0: no limit; needs cgroups).
     build_pids_max: Bytes = Bytes(None), "build-pids-max";
-    /// Binary caches to substitute from (not used yet).
+    /// Binary caches to substitute from, before building (`file:///DIR` caches).
     substituters: Strings = Strings::default(), "substituters", ["binary-caches"];
+    /// Caches an untrusted client (of a daemon) may add to `substituters`.
+    trusted_substituters: Strings = Strings::default(), "trusted-substituters", ["trusted-binary-caches"];
+    /// Keys (`NAME:base64`) whose signatures make a substitute acceptable.
+    trusted_public_keys: Strings = Strings(vec![NIXOS_CACHE_KEY.to_owned()]), "trusted-public-keys", ["binary-cache-public-keys"];
+    /// Substitutes must be signed by a trusted key (or be content-addressed).
+    require_sigs: bool = true, "require-sigs";
+    /// Secret key files that sign what is copied to a cache; their public halves are trusted.
+    secret_key_files: Strings = Strings::default(), "secret-key-files";
+    /// Build from source when substituting fails, instead of failing.
+    fallback: bool = false, "fallback", ["build-fallback"];
     /// The garbage collector keeps the outputs of live derivations.
     keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
     /// The garbage collector keeps the derivations of live outputs.
@@ -506,8 +519,6 @@ settings! {
     allowed_users: Strings = Strings(vec!["*".to_owned()]), "allowed-users";
     /// Users (names, `@group`, `*`) whom `firn daemon` trusts (any setting, unsigned paths).
     trusted_users: Strings = Strings(vec!["root".to_owned()]), "trusted-users";
-    /// Paths added from elsewhere need a signature by a trusted key (or a content address).
-    require_sigs: bool = true, "require-sigs";
 }
 
 impl Settings {

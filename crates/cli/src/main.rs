@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod cache_cmds;
 mod derivation;
 mod error;
 mod gc;
@@ -269,6 +270,17 @@ enum Command {
         #[arg(long)]
         version: bool,
     },
+    /// Copy closures to or from a binary cache (`nix copy --to/--from file:///DIR`);
+    /// prints each path copied.
+    Copy(cache_cmds::CopyArgs),
+    /// Make and convert signing keys for binary caches.
+    #[command(subcommand)]
+    Key(cache_cmds::KeyCommand),
+    /// Sign store paths with a secret key (`nix store sign -k FILE`).
+    Sign(cache_cmds::SignArgs),
+    /// Serve the store, read-only, as an HTTP binary cache (as nix-serve); prints the
+    /// URL, then serves until interrupted. Narinfos are signed with `secret-key-files`.
+    ServeCache(cache_cmds::ServeArgs),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -357,6 +369,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             out.write_all(&buf).map_err(CliError::stdout)?;
         }
         Command::Man { dir } => write_man_pages(&dir)?,
+        Command::Copy(args) => cache_cmds::copy(&settings, &args, &mut out)?,
+        Command::Key(cmd) => cache_cmds::key(cmd, &mut out)?,
+        Command::Sign(args) => cache_cmds::sign(&settings, &args)?,
+        Command::ServeCache(args) => cache_cmds::serve(&settings, &args, &mut out)?,
     }
     out.flush().map_err(CliError::stdout)?;
     Ok(())

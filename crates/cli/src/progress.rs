@@ -266,6 +266,12 @@ impl BuildEvents for TerminalEvents {
             Message::KeepingCheckOutput { path } => {
                 format!("note: keeping the differing output as '{}'", path.display())
             }
+            Message::Substituting { path, from } => {
+                format!(
+                    "copying path '{}' from '{from}'...",
+                    self.store_dir.display(path)
+                )
+            }
             Message::Warning { text } => format!("warning: {text}"),
         };
         let level = if line.starts_with("warning:") { 1 } else { 3 };

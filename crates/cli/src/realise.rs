@@ -98,6 +98,15 @@ struct JsonResult<'a> {
     log: Option<String>,
 }
 
+/// Nix's words for a path no substituter has.
+fn no_substituter(sd: &firn_derivation::StoreDir, paths: &[StorePath]) -> CliError {
+    let shown: Vec<String> = paths.iter().map(|p| sd.display(p)).collect();
+    CliError::usage(format!(
+        "path '{}' is required, but there is no substituter that can build it",
+        shown.join("', '")
+    ))
+}
+
 pub fn realise(
     settings: &Settings,
     args: &RealiseArgs,
@@ -107,6 +116,8 @@ pub fn realise(
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     let mut tops: Vec<(StorePath, Wanted)> = Vec::new();
+    // Invalid non-derivation paths, to be fetched from the substituters.
+    let mut to_fetch: Vec<StorePath> = Vec::new();
     for arg in &args.drvs {
         let (path, wanted) = parse_target(arg);
         let p = store.parse_path_arg(path)?;
@@ -117,6 +128,11 @@ pub fn realise(
                 .is_valid_path(&p)
                 .map_err(firn_store::StoreError::from)?
             {
+                if !build.substituters.0.is_empty() {
+                    to_fetch.push(p.clone());
+                    tops.push((p, wanted));
+                    continue;
+                }
                 return Err(CliError::usage(format!(
                     "path '{}' is not valid and cannot be built",
                     sd.display(&p)
@@ -130,8 +146,11 @@ pub fn realise(
         .filter(|(p, _)| p.is_derivation())
         .cloned()
         .collect();
-    let to_build = firn_build::missing::derivations_to_build(&store, &drv_tops)
-        .and_then(|set| firn_build::missing::build_order(&store, &set))
+    let mut missing = firn_build::missing::query_missing(&store, &build, &drv_tops)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    firn_build::missing::add_paths(&store, &build, &to_fetch, &mut missing)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let to_build = firn_build::missing::build_order(&store, &missing.will_build)
         .map_err(|e| CliError::usage(e.to_string()))?;
     let mut events = TerminalEvents::with_format(
         sd.clone(),
@@ -146,10 +165,10 @@ pub fn realise(
         // What QueryMissing would answer, by its names.
         let json = serde_json::json!({
             "willBuild": to_build.iter().map(|p| sd.display(p)).collect::<Vec<_>>(),
-            "willSubstitute": [],
+            "willSubstitute": missing.will_substitute.iter().map(|p| sd.display(p)).collect::<Vec<_>>(),
             "unknown": [],
-            "downloadSize": 0,
-            "narSize": 0,
+            "downloadSize": missing.download_size,
+            "narSize": missing.nar_size,
         });
         writeln!(out, "{json}").map_err(CliError::stdout)?;
         return Ok(0);
@@ -167,12 +186,39 @@ pub fn realise(
             events.line(3, &format!("  {}", sd.display(p)));
         }
     }
+    if !missing.will_substitute.is_empty() {
+        let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
+        let (d, u) = (mib(missing.download_size), mib(missing.nar_size));
+        let n = missing.will_substitute.len();
+        events.line(
+            3,
+            &match n {
+                1 => {
+                    format!("this path will be fetched ({d:.2} MiB download, {u:.2} MiB unpacked):")
+                }
+                _ => format!(
+                    "these {n} paths will be fetched ({d:.2} MiB download, {u:.2} MiB unpacked):"
+                ),
+            },
+        );
+        for p in &missing.will_substitute {
+            events.line(3, &format!("  {}", sd.display(p)));
+        }
+    }
     if args.dry_run {
         return Ok(0);
     }
     crate::interrupt::install_handlers();
     let builder = crate::local_builder::local_builder(settings, &build, &store);
     events.begin();
+    if !to_fetch.is_empty() {
+        use firn_build::substitute::{substitute, Substituted};
+        match substitute(&mut store, &build, &mut events, &to_fetch) {
+            Substituted::All => {}
+            Substituted::No => return Err(no_substituter(&sd, &to_fetch)),
+            Substituted::Failed(e) => return Err(CliError::usage(e.to_string())),
+        }
+    }
     let mode = match args.check {
         true => BuildMode::Check,
         false => BuildMode::Normal,

@@ -830,6 +830,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         let status = match r.status {
             FirnStatus::Built => BuildStatus::Built,
             FirnStatus::AlreadyValid => BuildStatus::AlreadyValid,
+            FirnStatus::Substituted => BuildStatus::Substituted,
             FirnStatus::PermanentFailure => BuildStatus::PermanentFailure,
             FirnStatus::TimedOut => BuildStatus::TimedOut,
             FirnStatus::OutputRejected | FirnStatus::HashMismatch => BuildStatus::OutputRejected,

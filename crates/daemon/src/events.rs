@@ -241,6 +241,13 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
                 Verbosity::Error,
                 format!("note: keeping the differing output as '{}'", path.display()),
             ),
+            Message::Substituting { path, from } => (
+                Verbosity::Info,
+                format!(
+                    "copying path '{}' from '{from}'...",
+                    self.store_dir.display(path)
+                ),
+            ),
             Message::Warning { text } => (Verbosity::Warn, format!("warning: {text}")),
         };
         self.ch.line(level, &line);

@@ -624,6 +624,59 @@ impl Database {
         })
     }
 
+    /// The valid path whose hash part is `hash_part` (`queryPathFromHashPart`), if any.
+    pub fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>, DbError> {
+        let prefix = format!("{}/{hash_part}", self.store_dir.as_str());
+        let found: Option<String> = self
+            .conn
+            .query_row(
+                "select path from ValidPaths where path >= ? limit 1",
+                [&prefix],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match found {
+            Some(p) if p.starts_with(&prefix) && p.as_bytes().get(prefix.len()) == Some(&b'-') => {
+                Ok(Some(self.parse_path(&p)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Add `sigs` to the signatures of the valid path `path` (those it has already are
+    /// not repeated, as Nix's `addSignatures`); returns how many were new.
+    pub fn add_signatures(&mut self, path: &StorePath, sigs: &[String]) -> Result<usize, DbError> {
+        let full = self.display(path);
+        let Some(info) = self.query_path_info(path)? else {
+            return Ok(0);
+        };
+        let mut all = info.sigs;
+        let before = all.len();
+        for s in sigs {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        let added = all.len() - before;
+        if added == 0 {
+            return Ok(0);
+        }
+        let joined = all.join(" ");
+        self.write(|tx| {
+            tx.execute(
+                "update ValidPaths set sigs = ? where path = ?",
+                params![joined, full],
+            )
+            .map_err(|source| DbError::Sqlite {
+                path: String::new(),
+                source,
+            })?;
+            Ok(())
+        })?;
+        Ok(added)
+    }
+
     /// Forget `paths` (they must have no referrers outside the set).
     pub fn invalidate_paths(&mut self, paths: &BTreeSet<StorePath>) -> Result<(), DbError> {
         let sd = self.store_dir.clone();

@@ -78,6 +78,21 @@ pub enum StoreError {
     /// Something in the way of the store's layout is not a directory.
     #[error("'{path}' is not a directory")]
     NotADirectory { path: PathBuf },
+    /// An imported NAR (a substitute, `copy --from`) is not the one its metadata names.
+    #[error("hash mismatch importing path '{path}';\n  specified: sha256:{expected}\n  got:       sha256:{got}")]
+    NarHashMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
+    #[error("size mismatch importing path '{path}';\n  specified: {expected}\n  got:       {got}")]
+    NarSizeMismatch {
+        path: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("the NAR of '{path}' has data after its end")]
+    NarTrailingData { path: String },
     /// The store belongs to another user, whose files this one may not write.
     #[error("the store at '{root}' belongs to user '{}' and cannot be opened by '{}'", owner.name, user.name)]
     NotOwner {

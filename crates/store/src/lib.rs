@@ -8,6 +8,8 @@
 //! - [`store`]: a [`Store`] opened on a [`StoreLayout`];
 //! - [`gc`]: garbage collection: roots, liveness, deletion; [`temproots`]: temporary
 //!   roots and the GC lock; [`roots`]: permanent and indirect roots named as Nix does;
+//! - [`import`]: store objects arriving as NARs with their info (substitutes), staged
+//!   and checked, then registered together;
 //! - [`verify`]: `nix-store --verify`;
 //! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
@@ -17,6 +19,7 @@ pub mod canonical;
 pub mod db;
 pub mod error;
 pub mod gc;
+pub mod import;
 pub mod layout;
 pub mod lock;
 pub mod message;
@@ -30,6 +33,7 @@ pub mod verify;
 pub use db::{Database, DbError, Registration, ValidPathInfo};
 pub use error::StoreError;
 pub use gc::{AliveReason, GcAction, GcOptions, GcResults, Needer};
+pub use import::Staged;
 pub use layout::{LayoutError, StoreLayout};
 pub use message::{Reporter, StoreMessage};
 pub use store::{Store, StoreOptions};

@@ -1,0 +1,142 @@
+//! Substitution before building, as Nix 2.8's `DerivationGoal::haveDerivation` and
+//! `PathSubstitutionGoal` do it, with firn-cache doing the work: the missing wanted
+//! outputs of a derivation (and their closures) are looked up in the `substituters`,
+//! in priority order, each narinfo checked against `trusted-public-keys` when
+//! `require-sigs`; if every one has a substitute they are fetched and registered
+//! together, and the derivation is not built (nor are its inputs). A substitute that
+//! is not signed by a trusted key is skipped with Nix's warning (so the derivation is
+//! built); a download, decompression or hash failure fails the derivation, unless
+//! `fallback`, when it is built instead.
+
+use std::collections::BTreeMap;
+
+use firn_cache::substitute::{Plan, Substituters};
+use firn_derivation::{Derivation, StoreDir, StorePath};
+use firn_store::Store;
+
+use crate::error::BuildError;
+use crate::events::{BuildEvents, Message};
+use crate::settings::Settings;
+
+/// How substituting a goal's outputs went.
+#[derive(Debug)]
+pub enum Substituted {
+    /// Every path asked for is valid now.
+    All,
+    /// Not every path has a substitute: build.
+    No,
+    /// Substituting failed (and `fallback` is off).
+    Failed(BuildError),
+}
+
+/// The substituters of `settings`, or `None` when there are none. Caches that cannot
+/// be opened are left out with a warning, as Nix does.
+pub fn open(
+    sd: &StoreDir,
+    settings: &Settings,
+    events: &mut dyn BuildEvents,
+) -> Result<Option<Substituters>, BuildError> {
+    if settings.substituters.0.is_empty() {
+        return Ok(None);
+    }
+    let (subs, warnings) = Substituters::open(
+        sd,
+        &settings.substituters.0,
+        &settings.trusted_public_keys.0,
+        &settings.secret_key_files.0,
+        settings.require_sigs,
+        settings.fallback,
+    )
+    .map_err(|e| BuildError::Substitution {
+        path: String::new(),
+        source: Box::new(e),
+    })?;
+    for w in &warnings {
+        events.message(Message::Warning { text: w });
+    }
+    Ok((!subs.is_empty()).then_some(subs))
+}
+
+/// Whether the derivation lets its outputs be substituted (`allowSubstitutes`,
+/// default true).
+pub fn allowed(drv: &Derivation<'_>) -> bool {
+    drv.env
+        .get(b"allowSubstitutes".as_slice())
+        .is_none_or(|v| v.as_ref() == b"1")
+}
+
+/// What substituting `paths` would fetch (a dry run), `None` without substituters.
+pub fn plan(
+    store: &Store,
+    settings: &Settings,
+    paths: &[StorePath],
+) -> Result<Option<Plan>, BuildError> {
+    let Some(subs) = open(store.store_dir(), settings, &mut crate::events::NoEvents)? else {
+        return Ok(None);
+    };
+    subs.plan(store, paths)
+        .map(Some)
+        .map_err(|e| BuildError::Substitution {
+            path: String::new(),
+            source: Box::new(e),
+        })
+}
+
+/// Substitute `paths` (with their closures) into `store`, if all of them have
+/// substitutes.
+pub fn substitute(
+    store: &mut Store,
+    settings: &Settings,
+    events: &mut dyn BuildEvents,
+    paths: &[StorePath],
+) -> Substituted {
+    let sd = store.store_dir().clone();
+    let shown = paths
+        .iter()
+        .map(|p| sd.display(p))
+        .collect::<Vec<_>>()
+        .join("', '");
+    let fail = |e: firn_cache::CacheError| {
+        let err = BuildError::Substitution {
+            path: shown.clone(),
+            source: Box::new(e),
+        };
+        if settings.fallback {
+            Substituted::No
+        } else {
+            Substituted::Failed(err)
+        }
+    };
+    let subs = match open(&sd, settings, events) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Substituted::No,
+        Err(e) => return Substituted::Failed(e),
+    };
+    let plan = match subs.plan(store, paths) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    for w in &plan.warnings {
+        events.message(Message::Warning { text: w });
+    }
+    if !plan.missing.is_empty() {
+        return Substituted::No;
+    }
+    let mut from: BTreeMap<StorePath, String> = BTreeMap::new();
+    for (info, c) in &plan.fetch {
+        from.insert(info.path.clone(), subs.cache(*c).url.base.clone());
+    }
+    let fetched = subs.fetch(store, &plan, |p, url| {
+        events.message(Message::Substituting { path: p, from: url });
+    });
+    match fetched {
+        Ok(_) => Substituted::All,
+        Err(e) => {
+            if settings.fallback {
+                let text = format!("{e}; building from source instead ('fallback')");
+                events.message(Message::Warning { text: &text });
+            }
+            fail(e)
+        }
+    }
+}

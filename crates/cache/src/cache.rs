@@ -1,0 +1,383 @@
+//! A binary cache by URL. firn reads and writes `file:///DIR` caches and reads
+//! `http://HOST[:PORT][/PATH]` ones (GET with `ureq`; 404 and 403 mean absent, as in
+//! Nix; no TLS in this build, so `https://` is refused), with Nix's store parameters
+//! after `?`: `compression` (`xz`, `zstd`, `bzip2`, `none`),
+//! `secret-key` (a key file to sign every narinfo written), `priority`,
+//! `want-mass-query`, `trusted` (substitutes accepted without signatures); an unknown
+//! parameter is an error (Nix warns and ignores it).
+//!
+//! Files are written as `<file>.tmp.<pid>.<n>` and renamed, as Nix does: the NAR first,
+//! then the narinfo, so a reader that sees the narinfo finds the NAR. A NAR's `URL`
+//! must stay inside the cache: a relative path of plain components which, symlinks
+//! resolved, is still below the cache's directory.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use firn_derivation::{StoreDir, StorePath};
+
+use crate::cache_info::{CacheInfo, MAX_CACHE_INFO_SIZE};
+use crate::compression::{self, Compression};
+use crate::error::{io_err, CacheError};
+use crate::keys::SecretKey;
+use crate::narinfo::{NarInfo, MAX_NARINFO_SIZE};
+
+/// A directory, or an HTTP server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Dir(PathBuf),
+    /// The base URL, without a trailing `/`.
+    Http(String),
+}
+
+/// A parsed cache URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheUrl {
+    /// The URL without its parameters (how messages name the cache).
+    pub base: String,
+    /// Where the cache is.
+    pub location: Location,
+    pub compression: Compression,
+    pub secret_key: Option<PathBuf>,
+    pub priority: Option<u64>,
+    pub want_mass_query: Option<bool>,
+    pub trusted: bool,
+}
+
+impl CacheUrl {
+    pub fn parse(url: &str) -> Result<Self, CacheError> {
+        let bad = |reason: &str| CacheError::BadUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let location = if let Some(dir) = base.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(bad("the path of a file:// URL must be absolute"));
+            }
+            Location::Dir(PathBuf::from(dir))
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(bad("an http:// URL needs a host"));
+            }
+            Location::Http(base.trim_end_matches('/').to_owned())
+        } else {
+            return Err(bad(
+                "firn reads and writes file:// binary caches and reads http:// ones",
+            ));
+        };
+        let mut u = CacheUrl {
+            base: base.to_owned(),
+            location,
+            compression: Compression::Xz,
+            secret_key: None,
+            priority: None,
+            want_mass_query: None,
+            trusted: false,
+        };
+        let boolean = |k: &str, v: &str| match v {
+            "1" | "true" => Ok(true),
+            "0" | "false" => Ok(false),
+            _ => Err(bad(&format!("parameter '{k}' is not a Boolean: '{v}'"))),
+        };
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "compression" => u.compression = Compression::parse(v)?,
+                "secret-key" => u.secret_key = Some(PathBuf::from(v)),
+                "priority" => {
+                    u.priority = Some(v.parse().map_err(|_| {
+                        bad(&format!("parameter 'priority' is not a number: '{v}'"))
+                    })?)
+                }
+                "want-mass-query" => u.want_mass_query = Some(boolean(k, v)?),
+                "trusted" => u.trusted = boolean(k, v)?,
+                // Accepted, without effect here.
+                "compression-level" | "parallel-compression" => {}
+                _ => return Err(bad(&format!("unknown parameter '{k}'"))),
+            }
+        }
+        Ok(u)
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An opened binary cache.
+#[derive(Debug)]
+pub struct BinaryCache {
+    pub url: CacheUrl,
+    pub info: CacheInfo,
+    /// The key of `?secret-key=`.
+    pub secret_key: Option<SecretKey>,
+}
+
+impl BinaryCache {
+    /// Open the cache for reading: its `nix-cache-info` (if any) must be for `sd`.
+    pub fn open(url: &CacheUrl, sd: &StoreDir) -> Result<Self, CacheError> {
+        let info = match read_file(&url.location, "nix-cache-info", MAX_CACHE_INFO_SIZE)? {
+            Some(text) => CacheInfo::parse(&shown(&url.location, "nix-cache-info"), &text)?,
+            None => CacheInfo {
+                store_dir: None,
+                want_mass_query: false,
+                priority: None,
+            },
+        };
+        if let Some(theirs) = &info.store_dir {
+            if theirs != sd.as_str() {
+                return Err(CacheError::WrongStoreDir {
+                    url: url.base.clone(),
+                    theirs: theirs.clone(),
+                    ours: sd.as_str().to_owned(),
+                });
+            }
+        }
+        let secret_key = match &url.secret_key {
+            Some(f) => Some(SecretKey::read_file(f)?),
+            None => None,
+        };
+        Ok(Self {
+            url: url.clone(),
+            info,
+            secret_key,
+        })
+    }
+
+    /// Open the cache for writing: make its directories and its `nix-cache-info` if
+    /// they are missing.
+    pub fn create(url: &CacheUrl, sd: &StoreDir) -> Result<Self, CacheError> {
+        let Location::Dir(dir) = &url.location else {
+            return Err(CacheError::BadUrl {
+                url: url.base.clone(),
+                reason: "uploading to an HTTP binary cache is not supported".into(),
+            });
+        };
+        for d in ["", "nar", "log", "realisations"] {
+            let p = dir.join(d);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let info_file = dir.join("nix-cache-info");
+        if !info_file.exists() {
+            let cache = Self {
+                url: url.clone(),
+                info: CacheInfo::new(sd.as_str()),
+                secret_key: None,
+            };
+            cache.write_file("nix-cache-info", cache.info.to_text().as_bytes())?;
+        }
+        Self::open(url, sd)
+    }
+
+    /// Priority: the URL's, else the cache's, else Nix's default of 50.
+    pub fn priority(&self) -> u64 {
+        self.url.priority.or(self.info.priority).unwrap_or(50)
+    }
+
+    fn narinfo_rel(p: &StorePath) -> String {
+        format!("{}.narinfo", p.hash_part())
+    }
+
+    /// Whether the cache has a narinfo for `p` (an HTTP cache is asked for it).
+    pub fn has(&self, p: &StorePath) -> bool {
+        match &self.url.location {
+            Location::Dir(d) => d.join(Self::narinfo_rel(p)).is_file(),
+            Location::Http(_) => {
+                read_file(&self.url.location, &Self::narinfo_rel(p), MAX_NARINFO_SIZE)
+                    .is_ok_and(|f| f.is_some())
+            }
+        }
+    }
+
+    /// The narinfo of `p`, or `None` when the cache does not have it. A narinfo that
+    /// names another path is refused.
+    pub fn query(&self, sd: &StoreDir, p: &StorePath) -> Result<Option<NarInfo>, CacheError> {
+        let rel = Self::narinfo_rel(p);
+        let Some(text) = read_file(&self.url.location, &rel, MAX_NARINFO_SIZE)? else {
+            return Ok(None);
+        };
+        let shown = shown(&self.url.location, &rel);
+        let info = NarInfo::parse(sd, &shown, &text)?;
+        if &info.path != p {
+            return Err(CacheError::BadNarInfo {
+                file: shown,
+                msg: format!(
+                    "it is about '{}', not '{}'",
+                    sd.display(&info.path),
+                    sd.display(p)
+                ),
+            });
+        }
+        Ok(Some(info))
+    }
+
+    /// The NAR of `info`, decompressed. Its `URL` must name a file inside the cache.
+    pub fn open_nar<'a>(&self, info: &NarInfo) -> Result<Box<dyn Read + 'a>, CacheError> {
+        let outside = || CacheError::NarUrlOutsideCache {
+            file: shown(&self.url.location, &Self::narinfo_rel(&info.path)),
+            url: info.url.clone(),
+        };
+        let rel = Path::new(&info.url);
+        // An HTTP cache may add a query (harmonia's `nar/….nar?hash=…`): the path before
+        // it is what must stay inside the cache.
+        let path_part = match &self.url.location {
+            Location::Http(_) => info.url.split('?').next().unwrap_or(""),
+            Location::Dir(_) => info.url.as_str(),
+        };
+        if info.url.contains("://")
+            || info.url.contains('\0')
+            || info.url.contains('\\')
+            || info.url.contains('#')
+            || path_part.is_empty()
+            || Path::new(path_part)
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(outside());
+        }
+        let (input, file): (Box<dyn Read + 'a>, String) = match &self.url.location {
+            Location::Dir(dir) => {
+                let file = dir.join(rel);
+                let root = fs::canonicalize(dir).map_err(io_err(dir))?;
+                let real = match fs::canonicalize(&file) {
+                    Ok(real) if real.starts_with(&root) && real != root => real,
+                    Ok(_) => return Err(outside()),
+                    Err(e) => return Err(io_err(&file)(e)),
+                };
+                let f = fs::File::open(&real).map_err(io_err(&real))?;
+                (
+                    Box::new(std::io::BufReader::new(f)),
+                    real.display().to_string(),
+                )
+            }
+            Location::Http(base) => {
+                let url = format!("{base}/{}", info.url);
+                match http_get(&url)? {
+                    Some(r) => (r, url),
+                    None => {
+                        return Err(CacheError::Io {
+                            path: PathBuf::from(&url),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "the NAR is not in the cache",
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        compression::decoder(&info.compression, input, &file)
+    }
+
+    /// Write `rel` atomically (temporary file in the same directory, then rename).
+    pub fn write_file(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
+        let dest = self.dir()?.join(rel);
+        let tmp = self.tmp_name(&dest);
+        let r = (|| {
+            let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(data).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &dest).map_err(io_err(&dest))
+        })();
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// A fresh temporary name beside `dest`.
+    pub fn tmp_name(&self, dest: &Path) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut s = dest.as_os_str().to_owned();
+        s.push(format!(".tmp.{}.{n}", std::process::id()));
+        PathBuf::from(s)
+    }
+
+    /// The directory of a `file://` cache (the others cannot be written).
+    pub fn dir(&self) -> Result<&Path, CacheError> {
+        match &self.url.location {
+            Location::Dir(d) => Ok(d),
+            Location::Http(_) => Err(CacheError::BadUrl {
+                url: self.url.base.clone(),
+                reason: "uploading to an HTTP binary cache is not supported".into(),
+            }),
+        }
+    }
+}
+
+/// The contents of `path`, `None` if it does not exist; more than `limit` bytes is an
+/// error.
+fn read_limited(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, CacheError> {
+    let f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut buf = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(io_err(path))?;
+    if buf.len() as u64 > limit {
+        return Err(CacheError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {limit} bytes"),
+            ),
+        });
+    }
+    Ok(Some(buf))
+}
+
+/// How messages name the file `rel` of the cache at `loc`.
+fn shown(loc: &Location, rel: &str) -> String {
+    match loc {
+        Location::Dir(d) => d.join(rel).display().to_string(),
+        Location::Http(base) => format!("{base}/{rel}"),
+    }
+}
+
+/// The file `rel` of the cache (at most `limit` bytes), `None` if it has none.
+fn read_file(loc: &Location, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, CacheError> {
+    match loc {
+        Location::Dir(d) => read_limited(&d.join(rel), limit),
+        Location::Http(base) => {
+            let url = format!("{base}/{rel}");
+            let Some(r) = http_get(&url)? else {
+                return Ok(None);
+            };
+            let mut buf = Vec::new();
+            r.take(limit + 1)
+                .read_to_end(&mut buf)
+                .map_err(io_err(&url))?;
+            if buf.len() as u64 > limit {
+                return Err(CacheError::Io {
+                    path: PathBuf::from(url),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("larger than {limit} bytes"),
+                    ),
+                });
+            }
+            Ok(Some(buf))
+        }
+    }
+}
+
+/// GET `url`: its body, `None` on 404 or 403 (as Nix), an error otherwise.
+fn http_get(url: &str) -> Result<Option<Box<dyn Read>>, CacheError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(30)))
+        .timeout_recv_body(Some(std::time::Duration::from_secs(300)))
+        .build()
+        .into();
+    match agent.get(url).call() {
+        Ok(resp) => Ok(Some(Box::new(resp.into_body().into_reader()))),
+        Err(ureq::Error::StatusCode(404 | 403)) => Ok(None),
+        Err(e) => Err(CacheError::Http {
+            url: url.to_owned(),
+            msg: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,179 @@
+//! Substitution for builds, as Nix 2.8's `PathSubstitutionGoal` decides it: for each
+//! path, the substituters in priority order; a cache without the path is skipped; a
+//! narinfo not signed by a key of `trusted-public-keys` (when `require-sigs`) is
+//! skipped with Nix's warning; an unreadable cache is skipped with `fallback`, else an
+//! error. A closure is planned whole (every path of it must have a substitute), then
+//! fetched and registered in one transaction ([`crate::copy::import`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use firn_derivation::{StoreDir, StorePath};
+use firn_store::Store;
+
+use crate::cache::{BinaryCache, CacheUrl};
+use crate::copy::{acceptable, import};
+use crate::error::CacheError;
+use crate::keys::{PublicKeys, SecretKey};
+use crate::narinfo::NarInfo;
+
+/// The caches to substitute from and how to trust them.
+#[derive(Debug)]
+pub struct Substituters {
+    caches: Vec<BinaryCache>,
+    keys: PublicKeys,
+    require_sigs: bool,
+    fallback: bool,
+}
+
+/// What a plan fetches.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Each path with its narinfo and the index of the cache it comes from.
+    pub fetch: Vec<(NarInfo, usize)>,
+    /// Paths that have no (acceptable) substitute.
+    pub missing: BTreeSet<StorePath>,
+    /// Warnings (unsigned substitutes, caches that failed with `fallback`).
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Bytes to download (the compressed sizes that are known) and unpacked.
+    pub fn sizes(&self) -> (u64, u64) {
+        self.fetch.iter().fold((0, 0), |(d, u), (i, _)| {
+            (d + i.file_size.unwrap_or(0), u + i.nar_size)
+        })
+    }
+}
+
+impl Substituters {
+    /// Open the caches of `urls` (the `substituters` setting), ordered by priority.
+    /// A cache that cannot be opened is left out, with a warning (as Nix does).
+    /// `trusted_public_keys` are the words of that setting; the public halves of
+    /// `secret_key_files` are trusted too.
+    pub fn open(
+        sd: &StoreDir,
+        urls: &[String],
+        trusted_public_keys: &[String],
+        secret_key_files: &[String],
+        require_sigs: bool,
+        fallback: bool,
+    ) -> Result<(Self, Vec<String>), CacheError> {
+        let mut keys = PublicKeys::parse(
+            "trusted-public-keys",
+            trusted_public_keys.iter().map(|s| s.as_str()),
+        )?;
+        for f in secret_key_files {
+            keys.add(SecretKey::read_file(std::path::Path::new(f))?.public());
+        }
+        let mut warnings = Vec::new();
+        let mut caches = Vec::new();
+        for u in urls {
+            match CacheUrl::parse(u).and_then(|url| BinaryCache::open(&url, sd)) {
+                Ok(c) => caches.push(c),
+                Err(e) => warnings.push(format!("cannot use the substituter '{u}': {e}")),
+            }
+        }
+        caches.sort_by_key(|c| c.priority());
+        Ok((
+            Self {
+                caches,
+                keys,
+                require_sigs,
+                fallback,
+            },
+            warnings,
+        ))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.caches.is_empty()
+    }
+
+    pub fn cache(&self, i: usize) -> &BinaryCache {
+        &self.caches[i]
+    }
+
+    /// The substitute of `p`: the first cache with an acceptable narinfo.
+    fn find(
+        &self,
+        sd: &StoreDir,
+        p: &StorePath,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<(NarInfo, usize)>, CacheError> {
+        for (i, c) in self.caches.iter().enumerate() {
+            let info = match c.query(sd, p) {
+                Ok(Some(info)) => info,
+                Ok(None) => continue,
+                Err(e) if self.fallback => {
+                    warnings.push(e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !acceptable(sd, &info, &self.keys, self.require_sigs, c.url.trusted) {
+                warnings.push(format!(
+                    "the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
+                    sd.display(p),
+                    c.url.base
+                ));
+                continue;
+            }
+            return Ok(Some((info, i)));
+        }
+        Ok(None)
+    }
+
+    /// What substituting the closures of `paths` would fetch (paths valid in `store`
+    /// are not looked up).
+    pub fn plan(&self, store: &Store, paths: &[StorePath]) -> Result<Plan, CacheError> {
+        let sd = store.store_dir().clone();
+        let mut plan = Plan::default();
+        let mut found: BTreeMap<StorePath, (NarInfo, usize)> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        let mut work: Vec<StorePath> = paths.to_vec();
+        while let Some(p) = work.pop() {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            // Rooted before the check: a valid reference stays valid until it is used.
+            store.add_temp_root(&p)?;
+            if store
+                .db()
+                .is_valid_path(&p)
+                .map_err(firn_store::StoreError::from)?
+            {
+                continue;
+            }
+            match self.find(&sd, &p, &mut plan.warnings)? {
+                Some((info, i)) => {
+                    work.extend(info.references.iter().filter(|r| **r != p).cloned());
+                    found.insert(p, (info, i));
+                }
+                None => {
+                    plan.missing.insert(p);
+                }
+            }
+        }
+        plan.fetch = found.into_values().collect();
+        Ok(plan)
+    }
+
+    /// Fetch what `plan` says, all or nothing; `on_fetch` hears of each path as its
+    /// download starts (with the cache's URL).
+    pub fn fetch(
+        &self,
+        store: &mut Store,
+        plan: &Plan,
+        mut on_fetch: impl FnMut(&StorePath, &str),
+    ) -> Result<Vec<StorePath>, CacheError> {
+        let pairs: Vec<(NarInfo, &BinaryCache)> = plan
+            .fetch
+            .iter()
+            .map(|(i, c)| (i.clone(), &self.caches[*c]))
+            .collect();
+        for (i, _) in &pairs {
+            store.add_temp_root(&i.path)?;
+        }
+        import(store, &pairs, |p, c| on_fetch(p, &c.url.base))
+    }
+}

@@ -1,0 +1,931 @@
+//! Binary caches against real Nix 2.8: keys and signatures (`firn key`, `firn sign`
+//! against `nix-store --generate-binary-cache-key`, `nix store sign`, `nix key`),
+//! `firn copy --to file://` (narinfos as `nix copy --to` writes them; real Nix
+//! substitutes from them), `firn copy --from` (caches Nix wrote; hostile caches are
+//! refused with nothing registered), and substitution in `firn realise`.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+const EXPR: &str = r#"
+let sh = "/bin/sh";
+  dep = derivation { name = "cache-dep"; system = "x86_64-linux"; builder = sh; args = ["-c" "echo dep > $out"]; };
+  top = derivation { name = "cache-top"; system = "x86_64-linux"; builder = sh;
+    args = ["-c" "mkdir $out; echo ${dep} > $out/ref; echo hi > $out/hi; ln -s hi $out/link"]; };
+in { inherit dep top; }
+"#;
+
+/// A Nix program on the store at `root` (no substituters unless `args` set them).
+fn nix(root: &Path, cmd: &str, args: &[&str]) -> Output {
+    let mut all: Vec<&str> = Vec::new();
+    if cmd == "nix" {
+        all.extend(["--extra-experimental-features", "nix-command"]);
+    }
+    all.extend(["--store", root.to_str().unwrap()]);
+    if !args.contains(&"substituters") {
+        all.extend(["--option", "substituters", ""]);
+    }
+    all.extend(args);
+    let mut c = command(cmd);
+    c.args(&all).env("NIX_CONF_DIR", tempdir_none());
+    c.output().unwrap()
+}
+
+fn tempdir_none() -> PathBuf {
+    std::env::temp_dir().join("firn-tests-no-config")
+}
+
+fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let (sk, pk) = (
+        dir.join(format!("{name}.sk")),
+        dir.join(format!("{name}.pk")),
+    );
+    let out = command("nix-store")
+        .args(["--generate-binary-cache-key", name])
+        .arg(&sk)
+        .arg(&pk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = fs::read_to_string(&pk).unwrap();
+    (sk, pk, public)
+}
+
+/// A store at `dir/name` where real Nix built `top` (and so `dep`): (drv, top, dep).
+fn built_store(dir: &Path, name: &str) -> (PathBuf, String, String, String) {
+    let root = dir.join(name);
+    let expr = dir.join("cache.nix");
+    fs::write(&expr, EXPR).unwrap();
+    let inst = |attr: &str| {
+        let out = command("nix-instantiate")
+            .args([
+                "--store",
+                root.to_str().unwrap(),
+                "--option",
+                "substituters",
+                "",
+            ])
+            .arg(&expr)
+            .args(["-A", attr])
+            .output()
+            .unwrap();
+        ok(out).trim().to_owned()
+    };
+    let drv = inst("top");
+    let build = nix(
+        &root,
+        "nix-store",
+        &[
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "-r",
+            &drv,
+        ],
+    );
+    let top = ok(build).trim().to_owned();
+    let dep = ok(nix(&root, "nix-store", &["-q", "--references", &top]))
+        .trim()
+        .to_owned();
+    assert!(dep.ends_with("-cache-dep"), "{dep}");
+    (root, drv, top, dep)
+}
+
+fn narinfo_file(cache: &Path, path: &str) -> PathBuf {
+    let base = path.rsplit('/').next().unwrap();
+    cache.join(format!("{}.narinfo", &base[..32]))
+}
+
+fn narinfo(cache: &Path, path: &str) -> BTreeMap<String, String> {
+    let text = fs::read_to_string(narinfo_file(cache, path)).unwrap();
+    text.lines()
+        .map(|l| {
+            let (k, v) = l.split_once(": ").unwrap_or((l, ""));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+fn hash_of(root: &Path, path: &str) -> String {
+    ok(nix(root, "nix-store", &["-q", "--hash", path]))
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files(&e.path()).into_iter().map(|f| format!("{name}/{f}")));
+        } else {
+            out.push(name);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn keys_and_signatures_are_nixs() {
+    if !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-keys");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    // firn key public of Nix's secret key is Nix's public key, byte for byte.
+    let out = run(
+        firn_bin(),
+        &["key", "public"],
+        Some(&fs::read(&sk).unwrap()),
+    );
+    assert_eq!(ok(out), public);
+    // firn's secret keys are Nix's format: Nix derives the same public key from them.
+    let firn_sk = ok(run(firn_bin(), &["key", "generate", "firn-1"], None));
+    assert!(firn_sk.starts_with("firn-1:") && !firn_sk.ends_with('\n'));
+    let nix_pub = ok(run(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command",
+            "key",
+            "convert-secret-to-public",
+        ],
+        Some(firn_sk.as_bytes()),
+    ));
+    let firn_pub = ok(run(
+        firn_bin(),
+        &["key", "public"],
+        Some(firn_sk.as_bytes()),
+    ));
+    assert_eq!(firn_pub, nix_pub);
+    let firn_sk_file = dir.join("firn.sk");
+    fs::write(&firn_sk_file, &firn_sk).unwrap();
+
+    // The same path in a firn store and a Nix store, signed by each with both keys.
+    fs::write(dir.join("hello"), "hello\n").unwrap();
+    let (ours, theirs) = (dir.join("firn"), dir.join("nix"));
+    let p = ok(firn_at(
+        &ours,
+        &["add", dir.join("hello").to_str().unwrap()],
+        None,
+    ));
+    let p = p.trim();
+    assert_eq!(
+        ok(nix(
+            &theirs,
+            "nix-store",
+            &["--add", dir.join("hello").to_str().unwrap()]
+        ))
+        .trim(),
+        p
+    );
+    for key in [&sk, &firn_sk_file] {
+        let k = key.to_str().unwrap();
+        let f = firn_at(&ours, &["sign", "--key-file", k, p], None);
+        assert!(String::from_utf8_lossy(&f.stderr).contains("added 1 signatures"));
+        ok(nix(&theirs, "nix", &["store", "sign", "-k", k, p]));
+    }
+    // Signing again adds nothing.
+    let again = firn_at(
+        &ours,
+        &["sign", "--key-file", sk.to_str().unwrap(), p],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("added 0 signatures"));
+    let sigs = |root: &Path| ok(nix(root, "nix", &["path-info", "--sigs", p]));
+    let theirs_sigs = sigs(&theirs);
+    assert_eq!(sigs(&ours), theirs_sigs);
+    assert!(theirs_sigs.contains("test-1:") && theirs_sigs.contains("firn-1:"));
+    // Nix checks firn's signatures: `nix store verify` with only the firn key trusted.
+    let v = nix(
+        &ours,
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--trusted-public-keys",
+            firn_pub.as_str(),
+            "--sigs-needed",
+            "1",
+            p,
+        ],
+    );
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    // A content-addressed path needs no signature: copied through an unsigned cache into
+    // a store that trusts no key of ours, it is taken (its CA gives its path).
+    let unsigned = dir.join("unsigned");
+    let url = format!("file://{}", unsigned.display());
+    assert_eq!(
+        ok(firn_at(&ours, &["copy", "--to", &url, p], None)).trim(),
+        p
+    );
+    let other = dir.join("other");
+    assert_eq!(
+        ok(firn_at(&other, &["copy", "--from", &url, p], None)).trim(),
+        p
+    );
+    assert_verifies(&other, "content-addressed");
+    // A path whose contents no longer have the registered hash is not copied to a cache.
+    let real = ours.join(p.trim_start_matches('/'));
+    let mut perms = fs::metadata(&real).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&real, perms).unwrap();
+    fs::write(&real, "HELLO\n").unwrap();
+    let corrupt = dir.join("corrupt");
+    let url = format!("file://{}", corrupt.display());
+    let out = firn_at(&ours, &["copy", "--to", &url, p], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to copy corrupted path"));
+    assert!(!narinfo_file(&corrupt, p).exists());
+    assert_eq!(
+        files(&corrupt.join("nar")),
+        Vec::<String>::new(),
+        "no NAR or temporary left"
+    );
+    // A hostile key file is an error naming it, not a panic.
+    fs::write(dir.join("bad.sk"), "nope:AAAA").unwrap();
+    let bad = firn_at(
+        &ours,
+        &[
+            "sign",
+            "--key-file",
+            dir.join("bad.sk").to_str().unwrap(),
+            p,
+        ],
+        None,
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad.sk"));
+    remove(&dir);
+}
+
+#[test]
+fn copy_to_writes_what_nix_writes_and_nix_substitutes_it() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-to");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let sk = sk.to_str().unwrap();
+    for comp in ["xz", "zstd", "none"] {
+        let (ours, theirs) = (
+            dir.join(format!("firn-{comp}")),
+            dir.join(format!("nix-{comp}")),
+        );
+        let url = |d: &Path| format!("file://{}?compression={comp}&secret-key={sk}", d.display());
+        let copied = ok(firn_at(&src, &["copy", "--to", &url(&ours), &top], None));
+        assert_eq!(
+            copied,
+            format!("{dep}\n{top}\n"),
+            "{comp}: references first"
+        );
+        ok(nix(&src, "nix", &["copy", "--to", &url(&theirs), &top]));
+        for p in [&dep, &top] {
+            let (a, b) = (narinfo(&ours, p), narinfo(&theirs, p));
+            for (k, v) in &b {
+                // The compressed bytes may differ between compressor builds.
+                if comp != "none" && ["URL", "FileHash", "FileSize"].contains(&k.as_str()) {
+                    continue;
+                }
+                assert_eq!(a.get(k), Some(v), "{comp}: {p}: field {k}");
+            }
+            assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+            if comp == "none" {
+                assert_eq!(
+                    fs::read(narinfo_file(&ours, p)).unwrap(),
+                    fs::read(narinfo_file(&theirs, p)).unwrap(),
+                    "{comp}: byte-identical narinfo"
+                );
+            }
+        }
+        // Real Nix substitutes from firn's cache, checking firn's signatures.
+        let fresh = dir.join(format!("subst-{comp}"));
+        let out = nix(
+            &fresh,
+            "nix-store",
+            &[
+                "-r",
+                &top,
+                "--option",
+                "substituters",
+                &format!("file://{}", ours.display()),
+                "--option",
+                "trusted-public-keys",
+                &public,
+            ],
+        );
+        assert_eq!(ok(out).trim(), top, "{comp}");
+        for p in [&dep, &top] {
+            assert_eq!(hash_of(&fresh, p), hash_of(&src, p), "{comp}: {p}");
+        }
+        assert_verifies(&fresh, comp);
+        // The cache Nix wrote already has everything: firn copies nothing into it.
+        let before = files(&theirs);
+        let again = ok(firn_at(&src, &["copy", "--to", &url(&theirs), &top], None));
+        assert_eq!(again, "", "{comp}");
+        assert_eq!(files(&theirs), before);
+    }
+    remove(&dir);
+}
+
+/// `firn --store ROOT --option trusted-public-keys KEY copy --from URL ARGS…`.
+fn copy_from(root: &Path, key: &str, cache: &Path, extra: &[&str], paths: &[&str]) -> Output {
+    let url = format!("file://{}", cache.display());
+    let mut args = vec![
+        "--option",
+        "trusted-public-keys",
+        key,
+        "copy",
+        "--from",
+        &url,
+    ];
+    args.extend(extra);
+    args.extend(paths);
+    firn_at(root, &args, None)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let st = command("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn copy_from_takes_nixs_caches_and_refuses_hostile_ones() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-from");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let sk = sk.to_str().unwrap();
+    for comp in ["xz", "zstd", "none"] {
+        let cache = dir.join(format!("nix-{comp}"));
+        let url = format!(
+            "file://{}?compression={comp}&secret-key={sk}",
+            cache.display()
+        );
+        ok(nix(&src, "nix", &["copy", "--to", &url, &top]));
+        let ours = dir.join(format!("firn-{comp}"));
+        let out = ok(copy_from(&ours, &public, &cache, &[], &[&top]));
+        assert_eq!(out, format!("{dep}\n{top}\n"), "{comp}");
+        for p in [&dep, &top] {
+            assert_eq!(hash_of(&ours, p), hash_of(&src, p), "{comp}: {p}");
+        }
+        assert_verifies(&ours, comp);
+        // Already there: nothing to copy.
+        assert_eq!(ok(copy_from(&ours, &public, &cache, &[], &[&top])), "");
+    }
+    let good = dir.join("nix-none");
+    // Each case: a copy of the good cache, spoilt; the copy is refused, nothing of the
+    // closure is valid (dep's NAR was fine and staged first), no temporary is left.
+    let nar_of = |cache: &Path, p: &str| cache.join(&narinfo(cache, p)["URL"]);
+    type Spoil = Box<dyn Fn(&Path)>;
+    let edit = |p: String, from: &'static str, to: String| -> Spoil {
+        Box::new(move |c: &Path| {
+            let f = narinfo_file(c, &p);
+            let text = fs::read_to_string(&f).unwrap();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(from))
+                .unwrap()
+                .to_owned();
+            fs::write(&f, text.replace(&line, &to)).unwrap();
+        })
+    };
+    let (t1, t2) = (top.clone(), top.clone());
+    let cases: Vec<(&str, Vec<&str>, Spoil, &str)> = vec![
+        (
+            "untrusted key",
+            vec![],
+            Box::new(|_: &Path| {}),
+            "lacks a signature",
+        ),
+        (
+            "bad signature",
+            vec![],
+            edit(
+                top.clone(),
+                "Sig: ",
+                "Sig: test-1:".to_owned() + &"A".repeat(86) + "==",
+            ),
+            "lacks a signature",
+        ),
+        (
+            // A content address that does not give the path does not replace a signature.
+            "forged content address",
+            vec![],
+            edit(
+                top.clone(),
+                "Sig: ",
+                format!("CA: fixed:r:{}", narinfo(&good, &top)["NarHash"]),
+            ),
+            "lacks a signature",
+        ),
+        (
+            "wrong NAR hash",
+            vec!["--no-check-sigs"],
+            edit(
+                top.clone(),
+                "NarHash: ",
+                format!("NarHash: {}", narinfo(&good, &dep)["NarHash"]),
+            ),
+            "hash mismatch",
+        ),
+        (
+            "truncated NAR",
+            vec!["--no-check-sigs"],
+            Box::new(move |c: &Path| {
+                let f = nar_of(c, &t1);
+                let data = fs::read(&f).unwrap();
+                fs::write(&f, &data[..data.len() / 2]).unwrap();
+            }),
+            "",
+        ),
+        (
+            "URL ../x",
+            vec!["--no-check-sigs"],
+            edit(top.clone(), "URL: ", "URL: ../outside.nar".to_owned()),
+            "not inside the cache",
+        ),
+        (
+            "absolute URL",
+            vec!["--no-check-sigs"],
+            edit(top.clone(), "URL: ", "URL: /etc/passwd".to_owned()),
+            "not inside the cache",
+        ),
+        (
+            "symlink out of the cache",
+            vec!["--no-check-sigs"],
+            Box::new(move |c: &Path| {
+                let f = nar_of(c, &t2);
+                fs::remove_file(&f).unwrap();
+                std::os::unix::fs::symlink("/etc/passwd", &f).unwrap();
+            }),
+            "not inside the cache",
+        ),
+        (
+            "narinfo without final newline",
+            vec!["--no-check-sigs"],
+            {
+                let t = top.clone();
+                Box::new(move |c: &Path| {
+                    let f = narinfo_file(c, &t);
+                    let text = fs::read_to_string(&f).unwrap();
+                    fs::write(&f, text.trim_end()).unwrap();
+                })
+            },
+            "corrupt",
+        ),
+    ];
+    fs::write(dir.join("outside.nar"), b"not a nar").unwrap();
+    for (i, (what, extra, spoil, says)) in cases.into_iter().enumerate() {
+        let cache = dir.join(format!("spoilt-{i}"));
+        copy_tree(&good, &cache);
+        spoil(&cache);
+        let root = dir.join(format!("victim-{i}"));
+        let key = if what == "untrusted key" {
+            "other-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+        } else {
+            public.as_str()
+        };
+        let out = copy_from(&root, key, &cache, &extra, &[&top]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(
+            store_entries(&root),
+            Default::default(),
+            "{what}: nothing left"
+        );
+        for p in [&dep, &top] {
+            assert!(
+                !nix(&root, "nix-store", &["-q", "--hash", p])
+                    .status
+                    .success(),
+                "{what}"
+            );
+        }
+        assert_verifies(&root, what);
+    }
+    remove(&dir);
+}
+
+/// `firn realise` (or `nix-store -r`) of `drv` in `root` with `cache` as substituter,
+/// trusting `key`, in the sandbox.
+fn realise_from(
+    cmd: &str,
+    root: &Path,
+    cache: &Path,
+    key: &str,
+    extra: &[&str],
+    drv: &str,
+) -> Output {
+    let url = format!("file://{}", cache.display());
+    let mut args: Vec<&str> = vec![
+        "--option",
+        "substituters",
+        &url,
+        "--option",
+        "trusted-public-keys",
+        key,
+        "--option",
+        "sandbox",
+        "true",
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+    ];
+    args.extend(extra);
+    if cmd == "nix-store" {
+        args.extend(["-r", drv]);
+        nix(root, "nix-store", &args)
+    } else {
+        args.extend(["realise", drv]);
+        firn_at(root, &args, None)
+    }
+}
+
+fn instantiate_into(root: &Path, dir: &Path) -> String {
+    let out = command("nix-instantiate")
+        .args([
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "substituters",
+            "",
+        ])
+        .arg(dir.join("cache.nix"))
+        .args(["-A", "top"])
+        .output()
+        .unwrap();
+    ok(out).trim().to_owned()
+}
+
+#[test]
+fn realise_substitutes_from_caches_nix_wrote() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-subst");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    let (src, drv, top, dep) = built_store(&dir, "src");
+    let sk = sk.to_str().unwrap();
+    for comp in ["xz", "zstd", "none"] {
+        let cache = dir.join(format!("nix-{comp}"));
+        let url = format!(
+            "file://{}?compression={comp}&secret-key={sk}",
+            cache.display()
+        );
+        ok(nix(&src, "nix", &["copy", "--to", &url, &top]));
+        let ours = dir.join(format!("firn-{comp}"));
+        assert_eq!(instantiate_into(&ours, &dir), drv);
+        // The dry run says what Nix's says.
+        let theirs = dir.join(format!("nixdry-{comp}"));
+        instantiate_into(&theirs, &dir);
+        let said = |o: Output| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .filter(|l| !l.starts_with("warning:"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let firn_dry = said({
+            let url = format!("file://{}", cache.display());
+            firn_at(
+                &ours,
+                &[
+                    "--option",
+                    "substituters",
+                    &url,
+                    "--option",
+                    "trusted-public-keys",
+                    &public,
+                    "realise",
+                    "--dry-run",
+                    &drv,
+                ],
+                None,
+            )
+        });
+        let nix_dry = said(realise_from(
+            "nix-store",
+            &theirs,
+            &cache,
+            &public,
+            &["--dry-run"],
+            &drv,
+        ));
+        assert_eq!(firn_dry, nix_dry, "{comp}: dry run");
+        assert!(
+            firn_dry[0].starts_with("these 2 paths will be fetched ("),
+            "{firn_dry:?}"
+        );
+        // The real run fetches, builds nothing, and gives Nix's outputs.
+        let out = realise_from(firn_bin(), &ours, &cache, &public, &[], &drv);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(ok(out).trim(), top, "{comp}: {err}");
+        assert!(!err.contains("building"), "{comp}: built something: {err}");
+        assert!(
+            err.contains(&format!("copying path '{dep}' from 'file://")),
+            "{err}"
+        );
+        for p in [&dep, &top] {
+            assert_eq!(hash_of(&ours, p), hash_of(&src, p), "{comp}: {p}");
+        }
+        assert_verifies(&ours, comp);
+    }
+    let good = dir.join("nix-none");
+
+    // An output path itself (no derivation in the store) is fetched with its closure, as
+    // `nix-store -r PATH` does; the dry runs agree.
+    let (ours, theirs) = (dir.join("firn-path"), dir.join("nix-path"));
+    let url = format!("file://{}", good.display());
+    let with = [
+        "--option",
+        "substituters",
+        &url,
+        "--option",
+        "trusted-public-keys",
+        &public,
+    ];
+    let dry = |o: Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let firn_dry = dry(firn_at(
+        &ours,
+        &[&with[..], &["realise", "--dry-run", &top]].concat(),
+        None,
+    ));
+    let nix_dry = dry(nix(
+        &theirs,
+        "nix-store",
+        &[&with[..], &["-r", "--dry-run", &top]].concat(),
+    ));
+    assert_eq!(firn_dry, nix_dry);
+    let out = firn_at(&ours, &[&with[..], &["realise", &top]].concat(), None);
+    assert_eq!(ok(out).trim(), top);
+    assert_eq!(hash_of(&ours, &dep), hash_of(&src, &dep));
+    assert_verifies(&ours, "output path");
+    let absent = format!("/nix/store/{}-absent", "a".repeat(32));
+    let out = firn_at(&ours, &[&with[..], &["realise", &absent]].concat(), None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no substituter that can build it"));
+
+    // A bad signature: the cache is skipped (with Nix's warning) and the path is built.
+    let spoilt = dir.join("badsig");
+    copy_tree(&good, &spoilt);
+    for p in [&dep, &top] {
+        let f = narinfo_file(&spoilt, p);
+        let text = fs::read_to_string(&f).unwrap();
+        let sig = text
+            .lines()
+            .find(|l| l.starts_with("Sig: "))
+            .unwrap()
+            .to_owned();
+        fs::write(
+            &f,
+            text.replace(&sig, &format!("Sig: test-1:{}==", "A".repeat(86))),
+        )
+        .unwrap();
+    }
+    let root = dir.join("firn-badsig");
+    instantiate_into(&root, &dir);
+    let out = realise_from(firn_bin(), &root, &spoilt, &public, &[], &drv);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top);
+    assert!(
+        err.contains("is not signed by any of the keys in 'trusted-public-keys'"),
+        "{err}"
+    );
+    assert!(err.contains("building '"), "{err}");
+    assert_eq!(hash_of(&root, &top), hash_of(&src, &top));
+
+    // A truncated NAR: the derivation fails, nothing of the closure becomes valid; with
+    // `fallback` it is built instead.
+    let spoilt = dir.join("truncated");
+    copy_tree(&good, &spoilt);
+    let nar = spoilt.join(&narinfo(&spoilt, &top)["URL"]);
+    let data = fs::read(&nar).unwrap();
+    fs::write(&nar, &data[..data.len() - 10]).unwrap();
+    let root = dir.join("firn-truncated");
+    instantiate_into(&root, &dir);
+    let out = realise_from(firn_bin(), &root, &spoilt, &public, &[], &drv);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("substituting"), "{err}");
+    assert!(!err.contains("building '"), "{err}");
+    for p in [&dep, &top] {
+        assert!(
+            !nix(&root, "nix-store", &["-q", "--hash", p])
+                .status
+                .success(),
+            "{p}"
+        );
+    }
+    assert_verifies(&root, "truncated");
+    let out = realise_from(
+        firn_bin(),
+        &root,
+        &spoilt,
+        &public,
+        &["--option", "fallback", "true"],
+        &drv,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(err.contains("building '"), "{err}");
+    assert_eq!(hash_of(&root, &top), hash_of(&src, &top));
+    assert_verifies(&root, "fallback");
+    remove(&dir);
+}
+
+/// The status line of a raw HTTP/1.0 request to `addr`.
+fn http_status(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn serve_cache_is_a_binary_cache_real_nix_substitutes_from() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempdir("cache-serve");
+    let (sk, _pk, public) = keypair(&dir, "test-1");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let mut child = firn_command()
+        .args(["--store", src.to_str().unwrap()])
+        .args(["--option", "secret-key-files", sk.to_str().unwrap()])
+        .args(["serve-cache", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().to_owned();
+    let addr = url.strip_prefix("http://").unwrap().to_owned();
+    // Real Nix substitutes the closure over HTTP, checking the server's signatures.
+    let fresh = dir.join("fresh");
+    let out = command("nix-store")
+        .env("NIX_CONF_DIR", tempdir_none())
+        .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
+        .args(["--store", fresh.to_str().unwrap(), "-r", &top])
+        .args(["--option", "substituters", &url])
+        .args(["--option", "trusted-public-keys", &public])
+        .args(["--option", "narinfo-cache-negative-ttl", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains(&format!("copying path '{dep}' from '{url}'")),
+        "{err}"
+    );
+    for p in [&dep, &top] {
+        assert_eq!(hash_of(&fresh, p), hash_of(&src, p), "{p}");
+    }
+    assert_verifies(&fresh, "served");
+    // firn substitutes from it too: `realise` builds nothing, `copy --from` copies.
+    let ours = dir.join("firn-http");
+    let drv = instantiate_into(&ours, &dir);
+    let out = realise_from_url(&ours, &url, &public, &drv);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(!err.contains("building"), "{err}");
+    assert!(
+        err.contains(&format!("copying path '{dep}' from '{url}'")),
+        "{err}"
+    );
+    assert_eq!(hash_of(&ours, &top), hash_of(&src, &top));
+    assert_verifies(&ours, "firn from http");
+    let other = dir.join("firn-http-copy");
+    let out = firn_at(
+        &other,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+        None,
+    );
+    assert_eq!(ok(out), format!("{dep}\n{top}\n"));
+    assert_verifies(&other, "copy --from http");
+    // Read-only, and nothing but the cache's own files.
+    let hash = &top["/nix/store/".len()..][..32];
+    assert!(http_status(&addr, &format!("HEAD /{hash}.narinfo HTTP/1.0\r\n\r\n")).contains(" 200"));
+    for (req, status) in [
+        ("GET /../../../../etc/passwd HTTP/1.0\r\n\r\n", " 404"),
+        (
+            "GET /nar/../../../../etc/passwd.nar HTTP/1.0\r\n\r\n",
+            " 404",
+        ),
+        (
+            "GET /nar/00000000000000000000000000000000.nar HTTP/1.0\r\n\r\n",
+            " 404",
+        ),
+        (
+            "GET /00000000000000000000000000000000.narinfo HTTP/1.0\r\n\r\n",
+            " 404",
+        ),
+        ("GET /nix/store HTTP/1.0\r\n\r\n", " 404"),
+        (
+            &format!("PUT /{hash}.narinfo HTTP/1.0\r\nContent-Length: 1\r\n\r\nx"),
+            " 405",
+        ),
+        (&format!("DELETE /{hash}.narinfo HTTP/1.0\r\n\r\n"), " 405"),
+    ] {
+        assert!(http_status(&addr, req).contains(status), "{req:?}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    remove(&dir);
+}
+
+/// `firn realise DRV` in `root` with the substituter `url`, in the sandbox.
+fn realise_from_url(root: &Path, url: &str, key: &str, drv: &str) -> Output {
+    firn_at(
+        root,
+        &[
+            "--option",
+            "substituters",
+            url,
+            "--option",
+            "trusted-public-keys",
+            key,
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "realise",
+            drv,
+        ],
+        None,
+    )
+}
+
+#[test]
+fn an_unreachable_substituter_is_skipped_and_the_derivation_built() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-unreachable");
+    let (_src, drv, top, _dep) = built_store(&dir, "src");
+    let ours = dir.join("firn");
+    assert_eq!(instantiate_into(&ours, &dir), drv);
+    // Port 9 (discard) on localhost: nothing listens there.
+    let out = realise_from_url(
+        &ours,
+        "http://127.0.0.1:9",
+        "k:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        &drv,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains("warning: cannot use the substituter 'http://127.0.0.1:9'"),
+        "{err}"
+    );
+    assert!(err.contains("building '"), "{err}");
+    remove(&dir);
+}
