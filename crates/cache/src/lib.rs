@@ -17,6 +17,7 @@ pub mod cache_info;
 pub mod compression;
 pub mod copy;
 pub mod error;
+pub mod http_request;
 pub mod keys;
 pub mod narinfo;
 pub mod serve;

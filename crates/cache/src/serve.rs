@@ -14,7 +14,7 @@
 //! connection is closed). No `Content-Encoding` is sent (Nix 2.8 breaks on `identity`).
 //!
 //! Shape: one thread accepts, one thread per connection (at most [`MAX_CONNECTIONS`],
-//! idle ones closed after [`IDLE_TIMEOUT`]) reads requests with `httparse` and writes
+//! idle ones closed after [`IDLE_TIMEOUT`]) reads requests (`http_request`) and writes
 //! responses; the database is only touched by the thread that called
 //! [`CacheServer::serve`], which answers each request's lookup over a channel (the store
 //! is not `Sync`). Connections are kept alive as HTTP/1.1 says: Nix opens up to 25 at
@@ -22,7 +22,7 @@
 //! new keep-alive connections unread until older ones closed: the real Nix client
 //! stalled for its 300 s timeout on two first runs in three.)
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +34,7 @@ use firn_store::Store;
 
 use crate::cache_info::CacheInfo;
 use crate::error::CacheError;
+use crate::http_request::{read_request, Request};
 use crate::keys::{info_fingerprint, SecretKey};
 use crate::narinfo::NarInfo;
 
@@ -41,8 +42,6 @@ use crate::narinfo::NarInfo;
 pub const MAX_CONNECTIONS: usize = 256;
 /// A connection with no request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The longest request head read (request line and headers).
-const MAX_HEAD: usize = 16 * 1024;
 
 /// A server bound to its address, not yet serving.
 #[derive(Debug)]
@@ -53,7 +52,6 @@ pub struct CacheServer {
 
 /// What a connection asks the serving thread: the request's method and path.
 struct Lookup {
-    head: bool,
     path: String,
     reply: mpsc::Sender<Reply>,
 }
@@ -119,7 +117,7 @@ impl CacheServer {
             match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(l) => {
                     // A connection that went away is its own problem.
-                    let _ = l.reply.send(answer(store, keys, l.head, &l.path));
+                    let _ = l.reply.send(answer(store, keys, &l.path));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -159,106 +157,78 @@ fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Lookup>) {
 }
 
 /// One connection: requests answered in order until the peer closes, asks to close,
-/// goes idle, or sends something malformed.
+/// goes idle, or sends something we do not read on.
 fn connection(stream: TcpStream, tx: &mpsc::Sender<Lookup>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = BufWriter::with_capacity(64 * 1024, stream);
-    loop {
-        let Some(head) = read_head(&mut reader)? else {
-            return Ok(());
-        };
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        let parsed = req.parse(&head);
-        let (Ok(httparse::Status::Complete(_)), Some(method), Some(path), Some(version)) =
-            (parsed, req.method, req.path, req.version)
-        else {
-            write_text(
-                &mut out,
-                false,
-                400,
-                "malformed request\n",
-                "text/plain",
-                false,
-            )?;
-            return out.flush();
-        };
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
-        };
-        let connection_header = header("connection").unwrap_or_default();
-        let keep_alive = if version == 0 {
-            connection_header.contains("keep-alive")
-        } else {
-            !connection_header.contains("close")
-        };
-        // GET and HEAD carry no body; one we would have to skip is refused instead.
-        let has_body = header("transfer-encoding").is_some()
-            || header("content-length").is_some_and(|v| v.trim() != "0");
-        let head_only = method == "HEAD";
-        if method != "GET" && !head_only {
-            // The body, if any, is not read: the connection ends with the answer.
-            let keep_alive = keep_alive && !has_body;
-            write_text(
-                &mut out,
-                false,
-                405,
-                "read-only binary cache\n",
-                "text/plain",
+    while let Some(request) = read_request(&mut reader)? {
+        let (path, head_only, keep_alive) = match request {
+            Request::Get {
+                path,
+                head_only,
                 keep_alive,
-            )?;
-        } else if has_body {
-            write_text(
-                &mut out,
-                false,
-                400,
-                "a request body is not accepted\n",
-                "text/plain",
-                false,
-            )?;
-            return out.flush();
-        } else {
-            let (reply_tx, reply_rx) = mpsc::channel();
-            let path = path.split('?').next().unwrap_or("").to_owned();
-            if tx
-                .send(Lookup {
-                    head: head_only,
-                    path,
-                    reply: reply_tx,
-                })
-                .is_err()
-            {
+            } => (path, head_only, keep_alive),
+            Request::OtherMethod { keep_alive } => {
+                let body = "read-only binary cache\n";
+                write_text(&mut out, false, 405, body, "text/plain", keep_alive)?;
+                if keep_alive {
+                    continue;
+                }
                 return Ok(());
             }
-            let Ok(reply) = reply_rx.recv() else {
-                return Ok(());
-            };
-            match reply {
-                Reply::Text {
-                    status,
-                    body,
-                    content_type,
-                } => write_text(&mut out, head_only, status, &body, content_type, keep_alive)?,
-                Reply::Nar { real, size } => {
-                    write_head(&mut out, 200, "application/x-nix-nar", size, keep_alive)?;
-                    if !head_only {
-                        // A NAR that cannot be dumped whole (the path changed under us)
-                        // leaves the response short: the connection is closed so the
-                        // client sees a truncated body, never a wrong one.
-                        let mut counted = CountingWriter {
-                            inner: &mut out,
-                            n: 0,
-                        };
-                        let dumped = nar::dump_path(&real, &mut counted);
-                        if dumped.is_err() || counted.n != size {
-                            let _ = out.flush();
-                            return Ok(());
-                        }
+            // The body is not read: the connection ends with the answer.
+            Request::WithBody { get: false } => {
+                let body = "read-only binary cache\n";
+                return write_text(&mut out, false, 405, body, "text/plain", false);
+            }
+            Request::WithBody { get: true } => {
+                let body = "a request body is not accepted\n";
+                return write_text(&mut out, false, 400, body, "text/plain", false);
+            }
+            Request::Malformed => {
+                return write_text(
+                    &mut out,
+                    false,
+                    400,
+                    "malformed request\n",
+                    "text/plain",
+                    false,
+                );
+            }
+        };
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let lookup = Lookup {
+            path,
+            reply: reply_tx,
+        };
+        if tx.send(lookup).is_err() {
+            return Ok(());
+        }
+        let Ok(reply) = reply_rx.recv() else {
+            return Ok(());
+        };
+        match reply {
+            Reply::Text {
+                status,
+                body,
+                content_type,
+            } => write_text(&mut out, head_only, status, &body, content_type, keep_alive)?,
+            Reply::Nar { real, size } => {
+                write_head(&mut out, 200, "application/x-nix-nar", size, keep_alive)?;
+                if !head_only {
+                    // A NAR that cannot be dumped whole (the path changed under us)
+                    // leaves the response short: the connection is closed so the
+                    // client sees a truncated body, never a wrong one.
+                    let mut counted = CountingWriter {
+                        inner: &mut out,
+                        n: 0,
+                    };
+                    let dumped = nar::dump_path(&real, &mut counted);
+                    if dumped.is_err() || counted.n != size {
+                        let _ = out.flush();
+                        return Ok(());
                     }
                 }
             }
@@ -268,46 +238,7 @@ fn connection(stream: TcpStream, tx: &mpsc::Sender<Lookup>) -> std::io::Result<(
             return Ok(());
         }
     }
-}
-
-/// Read a request head (up to the empty line); `None` when the peer closed or went
-/// idle before sending one.
-fn read_head(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        let limit = (MAX_HEAD - head.len()) as u64 + 1;
-        let n = match Read::take(&mut *reader, limit).read_until(b'\n', &mut line) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            return Ok(None);
-        }
-        head.extend_from_slice(&line);
-        if head.len() > MAX_HEAD {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too long",
-            ));
-        }
-        // Blank lines before a request line are allowed (RFC 9112 section 2.2).
-        if line == b"\r\n" || line == b"\n" {
-            if head.len() == line.len() {
-                head.clear();
-                continue;
-            }
-            return Ok(Some(head));
-        }
-    }
+    Ok(())
 }
 
 fn write_head(
@@ -370,7 +301,7 @@ fn text(status: u16, body: impl Into<String>, content_type: &'static str) -> Rep
     }
 }
 
-fn answer(store: &Store, keys: &[SecretKey], _head: bool, url: &str) -> Reply {
+fn answer(store: &Store, keys: &[SecretKey], url: &str) -> Reply {
     let sd = store.store_dir();
     if url == "/nix-cache-info" {
         return text(
