@@ -881,16 +881,18 @@ fn serve_cache_is_a_binary_cache_real_nix_substitutes_from() {
             &format!("GET /{hash}.narinfo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
             " 400",
         ),
-        (
-            &format!(
-                "GET /{hash}.narinfo HTTP/1.1\r\nX: {}\r\n\r\n",
-                "y".repeat(20000)
-            ),
-            "",
-        ),
     ] {
         assert!(http_status(&addr, req).contains(status), "{req:?}");
     }
+    // A head over the limit: its answer may be lost to the reset of a socket closed
+    // with unread input, so what is asserted is that the server goes on serving.
+    let long = format!(
+        "GET /{hash}.narinfo HTTP/1.1\r\nX: {}\r\n\r\n",
+        "y".repeat(20000)
+    );
+    let _ = http_status(&addr, &long);
+    let again = http_status(&addr, &format!("HEAD /{hash}.narinfo HTTP/1.0\r\n\r\n"));
+    assert!(again.contains(" 200"), "{again:?}");
     keep_alive_burst(&addr, hash);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

@@ -213,8 +213,37 @@ pub fn closure_infos(
     keys: &PublicKeys,
 ) -> Result<Vec<NarInfo>, CacheError> {
     let sd = store.store_dir().clone();
-    let mut found: BTreeMap<StorePath, NarInfo> = BTreeMap::new();
-    let mut seen: BTreeSet<StorePath> = BTreeSet::new();
+    let (found, _) = walk_missing(store, paths, |p| {
+        let info = cache.query(&sd, p)?.ok_or_else(|| CacheError::NotInCache {
+            path: sd.display(p),
+            url: cache.url.base.clone(),
+        })?;
+        if !acceptable(&sd, &info, keys, check_sigs, cache.url.trusted) {
+            return Err(CacheError::NoTrustedSignature {
+                path: sd.display(p),
+                url: cache.url.base.clone(),
+            });
+        }
+        Ok(Some((info, ())))
+    })?;
+    Ok(found.into_values().map(|(info, ())| info).collect())
+}
+
+/// What [`walk_missing`] found: each path's narinfo with its lookup's tag.
+pub(crate) type Found<T> = BTreeMap<StorePath, (NarInfo, T)>;
+
+/// The found part of the closure of `paths` that `store` lacks, and the paths nothing
+/// was found for. Each path is rooted before its validity is checked (a valid reference
+/// stays valid until it is used); an invalid one goes to `lookup`, and the references
+/// of what it finds are walked in turn.
+pub(crate) fn walk_missing<T>(
+    store: &Store,
+    paths: &[StorePath],
+    mut lookup: impl FnMut(&StorePath) -> Result<Option<(NarInfo, T)>, CacheError>,
+) -> Result<(Found<T>, BTreeSet<StorePath>), CacheError> {
+    let mut found = BTreeMap::new();
+    let mut missing = BTreeSet::new();
+    let mut seen = BTreeSet::new();
     let mut work: Vec<StorePath> = paths.to_vec();
     while let Some(p) = work.pop() {
         if !seen.insert(p.clone()) {
@@ -228,22 +257,17 @@ pub fn closure_infos(
         {
             continue;
         }
-        let info = cache
-            .query(&sd, &p)?
-            .ok_or_else(|| CacheError::NotInCache {
-                path: sd.display(&p),
-                url: cache.url.base.clone(),
-            })?;
-        if !acceptable(&sd, &info, keys, check_sigs, cache.url.trusted) {
-            return Err(CacheError::NoTrustedSignature {
-                path: sd.display(&p),
-                url: cache.url.base.clone(),
-            });
+        match lookup(&p)? {
+            Some((info, tag)) => {
+                work.extend(info.references.iter().filter(|r| **r != p).cloned());
+                found.insert(p, (info, tag));
+            }
+            None => {
+                missing.insert(p);
+            }
         }
-        work.extend(info.references.iter().filter(|r| **r != p).cloned());
-        found.insert(p, info);
     }
-    Ok(found.into_values().collect())
+    Ok((found, missing))
 }
 
 /// Fetch `infos` (each from the cache `from` gives for it), stage them all and register

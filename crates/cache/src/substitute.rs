@@ -5,13 +5,13 @@
 //! error. A closure is planned whole (every path of it must have a substitute), then
 //! fetched and registered in one transaction ([`crate::copy::import`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use firn_derivation::{StoreDir, StorePath};
 use firn_store::Store;
 
 use crate::cache::{BinaryCache, CacheUrl};
-use crate::copy::{acceptable, import};
+use crate::copy::{acceptable, import, walk_missing};
 use crate::error::CacheError;
 use crate::keys::{PublicKeys, SecretKey};
 use crate::narinfo::NarInfo;
@@ -127,35 +127,13 @@ impl Substituters {
     /// are not looked up).
     pub fn plan(&self, store: &Store, paths: &[StorePath]) -> Result<Plan, CacheError> {
         let sd = store.store_dir().clone();
-        let mut plan = Plan::default();
-        let mut found: BTreeMap<StorePath, (NarInfo, usize)> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        let mut work: Vec<StorePath> = paths.to_vec();
-        while let Some(p) = work.pop() {
-            if !seen.insert(p.clone()) {
-                continue;
-            }
-            // Rooted before the check: a valid reference stays valid until it is used.
-            store.add_temp_root(&p)?;
-            if store
-                .db()
-                .is_valid_path(&p)
-                .map_err(firn_store::StoreError::from)?
-            {
-                continue;
-            }
-            match self.find(&sd, &p, &mut plan.warnings)? {
-                Some((info, i)) => {
-                    work.extend(info.references.iter().filter(|r| **r != p).cloned());
-                    found.insert(p, (info, i));
-                }
-                None => {
-                    plan.missing.insert(p);
-                }
-            }
-        }
-        plan.fetch = found.into_values().collect();
-        Ok(plan)
+        let mut warnings = Vec::new();
+        let (found, missing) = walk_missing(store, paths, |p| self.find(&sd, p, &mut warnings))?;
+        Ok(Plan {
+            fetch: found.into_values().collect(),
+            missing,
+            warnings,
+        })
     }
 
     /// Fetch what `plan` says, all or nothing; `on_fetch` hears of each path as its

@@ -333,6 +333,21 @@ impl Store {
         self.layout.real_path(p)
     }
 
+    /// Make room to write the invalid path `path` (its lock held): leftovers of an
+    /// interrupted write are not valid, so the path and this process's temporary copy
+    /// are removed. Returns both locations.
+    fn clear_for_write(&self, path: &StorePath) -> Result<(PathBuf, PathBuf), StoreError> {
+        let real = self.real_path(path);
+        delete_path(&real).map_err(io_err(&real))?;
+        let tmp = self.layout.real_store_dir.join(format!(
+            ".{}.tmp-{}",
+            path.base_name(),
+            std::process::id()
+        ));
+        delete_path(&tmp).map_err(io_err(&tmp))?;
+        Ok((real, tmp))
+    }
+
     /// Parse a path given on the command line: a logical store path, a physical path
     /// below the real store dir, anything inside a store object (the object is meant), or
     /// a symlink outside the store that leads into it, such as `./result`
@@ -418,15 +433,7 @@ impl Store {
         if let Some(info) = self.db.query_path_info(&path)? {
             return Ok(info);
         }
-        let real = self.real_path(&path);
-        // Leftovers of an interrupted add are not valid: remove them.
-        delete_path(&real).map_err(io_err(&real))?;
-        let tmp = self.layout.real_store_dir.join(format!(
-            ".{}.tmp-{}",
-            path.base_name(),
-            std::process::id()
-        ));
-        delete_path(&tmp).map_err(io_err(&tmp))?;
+        let (real, tmp) = self.clear_for_write(&path)?;
         let mut drv_outputs = drv_outputs;
         let result = (|| {
             write(&tmp)?;
@@ -565,14 +572,7 @@ impl Store {
         if self.db.is_valid_path(&path)? {
             return Ok(None);
         }
-        let real = self.real_path(&path);
-        delete_path(&real).map_err(io_err(&real))?;
-        let tmp = self.layout.real_store_dir.join(format!(
-            ".{}.tmp-{}",
-            path.base_name(),
-            std::process::id()
-        ));
-        delete_path(&tmp).map_err(io_err(&tmp))?;
+        let (real, tmp) = self.clear_for_write(&path)?;
         let shown = self.layout.store_dir.display(&path);
         let result = (|| {
             let mut hashing = HashingReader {
