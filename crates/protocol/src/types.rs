@@ -120,6 +120,19 @@ wire_enum! {
     }
 }
 
+impl Verbosity {
+    /// Read a level as Nix does (a plain cast, no check): `nix -vvvvvvvv` sends 8 and
+    /// more, which log exactly what `Vomit` logs (Nix compares `level <= verbosity`), so
+    /// anything above 7 reads as `Vomit`.
+    pub fn read_saturating<R: ::std::io::Read>(
+        r: &mut crate::wire::Reader<R>,
+        what: &'static str,
+    ) -> crate::wire::WireResult<Self> {
+        let v = r.read_u64(what)?;
+        Ok(Self::from_u64(v.min(7)).unwrap_or(Self::Vomit))
+    }
+}
+
 /// A content address (`ContentAddress`), written with a nixbase32 hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ContentAddress {

@@ -220,7 +220,7 @@ pub fn read_daemon_version<R: Read>(r: &mut Reader<R>) -> WireResult<String> {
 }
 
 /// SetOptions' fields (`ClientSettings`), including the obsolete ones, so that what was
-/// read is written back unchanged.
+/// read is written back unchanged (except levels above `Vomit`, read as `Vomit`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
     pub keep_failed: bool,
@@ -255,11 +255,11 @@ impl ClientSettings {
             keep_failed: r.read_bool("keepFailed")?,
             keep_going: r.read_bool("keepGoing")?,
             try_fallback: r.read_bool("tryFallback")?,
-            verbosity: Verbosity::read(r, "verbosity")?,
+            verbosity: Verbosity::read_saturating(r, "verbosity")?,
             max_build_jobs: r.read_u32("maxBuildJobs")?,
             max_silent_time: r.read_u32("maxSilentTime")?,
             use_build_hook: r.read_bool("useBuildHook")?,
-            verbose_build: Verbosity::read(r, "verboseBuild")?,
+            verbose_build: Verbosity::read_saturating(r, "verboseBuild")?,
             log_type: r.read_u32("logType")?,
             print_build_trace: r.read_u32("printBuildTrace")?,
             build_cores: r.read_u32("buildCores")?,

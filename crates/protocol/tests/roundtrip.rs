@@ -543,3 +543,23 @@ fn stderr_error_requires_nix_28_shape() {
     bad[16] = b'e';
     assert!(StderrMsg::read(&mut Reader::new(&bad[..])).is_err());
 }
+
+#[test]
+fn set_options_takes_verbosity_above_vomit() {
+    // `nix -vvvvvvvv …` (the `flakes` and `fetchurl` functional tests) sends level 8;
+    // Nix's daemon casts without a check, so it must not end the connection.
+    let b = bytes(|w| {
+        w.write_u64(19).unwrap(); // SetOptions
+        for v in [0u64, 0, 0, 8, 1, 0, 1, 12, 0, 0, 0, 1, 0] {
+            w.write_u64(v).unwrap();
+        }
+    });
+    match Request::read(&mut Reader::new(&b[..])).unwrap().unwrap() {
+        Request::SetOptions(s) => {
+            assert_eq!(s.verbosity, Verbosity::Vomit);
+            assert_eq!(s.verbose_build, Verbosity::Vomit);
+            assert_eq!(s.max_build_jobs, 1);
+        }
+        other => panic!("expected SetOptions, got {other:?}"),
+    }
+}
