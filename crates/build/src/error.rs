@@ -32,6 +32,15 @@ impl std::fmt::Display for BuilderExit {
     }
 }
 
+/// How Nix's `statusToString` words a program's end (for programs other than builders).
+fn program_status(exit: &BuilderExit) -> String {
+    match exit {
+        BuilderExit::Code(c) => format!("failed with exit code {c}"),
+        BuilderExit::Signal(s) => format!("killed by signal {s}"),
+        BuilderExit::Unknown => "died abnormally".to_owned(),
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum BuildError {
     /// Paths (not derivations) to realise that no substituter has.
@@ -138,6 +147,12 @@ pub enum BuildError {
     Io { path: PathBuf, source: io::Error },
     #[error("derivation '{drv}' may not be deterministic: output '{output}' differs")]
     NotDeterministic { drv: String, output: String },
+    /// The `post-build-hook` could not be started.
+    #[error("executing '{hook}': {source}")]
+    PostBuildHookStart { hook: String, source: io::Error },
+    /// The `post-build-hook` failed (the outputs stay registered).
+    #[error("program '{hook}' {}", program_status(exit))]
+    PostBuildHookFailed { hook: String, exit: BuilderExit },
     /// A top-level goal the worker never finished (a bug, reported, not a panic).
     #[error("not realised")]
     NotRealised,

@@ -59,6 +59,13 @@ pub trait BuildEvents {
     /// A goal finished on its own (built, found valid, or failed; not cancelled or
     /// interrupted).
     fn result(&mut self, _drv: &StorePath, _result: &BuildResult) {}
+    /// The `post-build-hook` starts for a built derivation (Nix: "running
+    /// post-build-hook '…'").
+    fn post_build_hook_started(&mut self, _drv: &StorePath, _hook: &str) {}
+    /// A line the hook wrote (standard output and error merged), without its newline.
+    fn post_build_hook_line(&mut self, _drv: &StorePath, _line: &str) {}
+    /// The hook exited.
+    fn post_build_hook_finished(&mut self, _drv: &StorePath) {}
     /// A message.
     fn message(&mut self, _message: Message<'_>) {}
     /// The state of the run changed (called at most once per turn of the loop).

@@ -818,6 +818,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         }
         drop(locks);
         let outputs = loaded.outputs;
+        let outcome = outcome.and_then(|()| self.run_post_build_hook(cx, &outputs));
         let (status, error) = match outcome {
             Ok(()) => (BuildStatus::Built, None),
             Err(e) => (e.status(), Some(Arc::new(e))),
@@ -836,6 +837,26 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 .collect(),
             usage,
         })
+    }
+
+    /// The `post-build-hook`, if one is set, after a successful build.
+    fn run_post_build_hook<B: Builder<Build = R>>(
+        &self,
+        cx: &mut Context<'_, B>,
+        outputs: &BTreeMap<OutputName, StorePath>,
+    ) -> Result<(), BuildError> {
+        let hook = cx.settings.post_build_hook.as_str();
+        if hook.is_empty() {
+            return Ok(());
+        }
+        let sd = cx.store.store_dir();
+        let run = crate::post_build_hook::HookRun {
+            hook,
+            drv: &self.drv_path,
+            drv_shown: sd.display(&self.drv_path),
+            outputs: outputs.values().map(|p| sd.display(p)).collect(),
+        };
+        crate::post_build_hook::run_post_build_hook(&run, cx.settings, cx.events)
     }
 
     /// `--repair`: put the rebuilt outputs in place of the registered ones, each in one

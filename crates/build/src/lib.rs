@@ -9,6 +9,7 @@
 //! - [`plan`]: the pure build plan (program, argv, environment, build-dir files) Nix 2.8
 //!   computes from a derivation before starting its builder;
 //! - [`outputs`]: `register_outputs`, what happens after a builder exits;
+//! - [`post_build_hook`]: the `post-build-hook` run after each build;
 //! - [`log`]: a build's log file; [`events`]: what the worker reports;
 //! - [`platform`]: what this machine builds (system, extra platforms, features);
 //! - [`settings`]: the typed settings, [`config`]: the files they come from in
@@ -27,6 +28,7 @@ pub mod missing;
 pub mod outputs;
 pub mod plan;
 pub mod platform;
+pub mod post_build_hook;
 pub mod result;
 pub mod settings;
 pub mod substitute;

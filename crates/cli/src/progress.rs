@@ -250,6 +250,17 @@ impl BuildEvents for TerminalEvents {
         }
     }
 
+    fn post_build_hook_started(&mut self, _drv: &StorePath, hook: &str) {
+        self.line(3, &format!("running post-build-hook '{hook}'..."));
+    }
+
+    fn post_build_hook_line(&mut self, _drv: &StorePath, line: &str) {
+        // As Nix's simple logger (`resPostBuildLogLine`), on stderr like build logs.
+        if self.print_build_logs {
+            self.line(0, &format!("post-build-hook: {line}"));
+        }
+    }
+
     fn message(&mut self, message: Message<'_>) {
         let line = match message {
             Message::WaitingForLocks { outputs } => {

@@ -93,6 +93,8 @@ pub struct DaemonEvents<'a, W: Write> {
     /// The goals the client asked for (their failures go into the op's error).
     tops: BTreeSet<StorePath>,
     activities: BTreeMap<StorePath, u64>,
+    /// Running post-build hooks' activities.
+    hooks: BTreeMap<StorePath, u64>,
     partial: BTreeMap<StorePath, Vec<u8>>,
     pub tails: BTreeMap<String, VecDeque<String>>,
 }
@@ -112,6 +114,7 @@ impl<'a, W: Write> DaemonEvents<'a, W> {
             store_dir,
             tops,
             activities: BTreeMap::new(),
+            hooks: BTreeMap::new(),
             partial: BTreeMap::new(),
             tails: BTreeMap::new(),
         }
@@ -216,6 +219,35 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
                 );
                 self.ch.line(Verbosity::Error, &text);
             }
+        }
+    }
+
+    fn post_build_hook_started(&mut self, drv: &StorePath, hook: &str) {
+        let id = activity_id();
+        self.ch.send(&StderrMsg::StartActivity {
+            id,
+            level: Verbosity::Info,
+            kind: ActivityType::PostBuildHook,
+            text: format!("running post-build-hook '{hook}'").into_bytes(),
+            fields: vec![Field::from(self.store_dir.display(drv).as_str())],
+            parent: 0,
+        });
+        self.hooks.insert(drv.clone(), id);
+    }
+
+    fn post_build_hook_line(&mut self, drv: &StorePath, line: &str) {
+        if let Some(&id) = self.hooks.get(drv) {
+            self.ch.send(&StderrMsg::Result {
+                id,
+                kind: ResultType::PostBuildLogLine,
+                fields: vec![Field::from(line)],
+            });
+        }
+    }
+
+    fn post_build_hook_finished(&mut self, drv: &StorePath) {
+        if let Some(id) = self.hooks.remove(drv) {
+            self.ch.send(&StderrMsg::StopActivity(id));
         }
     }
 
