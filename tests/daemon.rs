@@ -742,3 +742,83 @@ fn a_post_build_hook_runs_after_each_build_as_with_the_real_nix_daemon() {
     assert_verifies(&dir.join("root"), "after a failing hook");
     remove(&dir);
 }
+
+/// `nix-build --secret-key-files K` through firn and through the real nix-daemon: every
+/// built output is signed when registered (Nix's `signPathInfo`), with the very
+/// signature Nix makes (ed25519 is deterministic), and `nix store verify` accepts it.
+#[test]
+fn built_outputs_are_signed_with_secret_key_files_as_by_the_real_nix_daemon() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("daemon-sign");
+    let d = Daemon::start(&dir.join("root"), &[]);
+    let (mut nixd, nix_url) = real_daemon(&dir);
+    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
+    ok_out(
+        command_isolated("nix-store")
+            .args(["--generate-binary-cache-key", "test.example.org-1"])
+            .args([&sk, &pk])
+            .output()
+            .unwrap(),
+        "generate key",
+    );
+    let dep = drv_expr("sign-dep", "echo dep > $out", "");
+    let file = write_expr(
+        &dir,
+        "sign.nix",
+        &format!(
+            "let dep = {dep}; in {}",
+            drv_expr(
+                "sign-top",
+                "cat $dep > $out; echo $dep >> $out",
+                "inherit dep;"
+            )
+        ),
+    );
+    let info = |url: &str| {
+        let mut c = command_isolated("nix-build");
+        c.env("NIX_REMOTE", url)
+            .env("HOME", &dir)
+            .env("NIX_STATE_DIR", dir.join("client-state"))
+            .args(["--no-out-link", &file])
+            .args(["--secret-key-files", sk.to_str().unwrap()]);
+        let out = ok_out(c.output().unwrap(), "nix-build --secret-key-files");
+        let mut c = command_isolated("nix");
+        c.env("NIX_REMOTE", url)
+            .env("HOME", &dir)
+            .env("NIX_STATE_DIR", dir.join("client-state"))
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(["path-info", "--json", "--recursive", out.trim()]);
+        let json: serde_json::Value =
+            serde_json::from_str(&ok_out(c.output().unwrap(), "nix path-info")).unwrap();
+        let mut c = command_isolated("nix");
+        c.env("NIX_REMOTE", url)
+            .env("HOME", &dir)
+            .env("NIX_STATE_DIR", dir.join("client-state"))
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(["store", "verify", "--recursive", "--sigs-needed", "1"])
+            .args([
+                "--trusted-public-keys",
+                std::fs::read_to_string(&pk).unwrap().trim(),
+            ])
+            .arg(out.trim());
+        ok_out(c.output().unwrap(), "nix store verify --sigs-needed 1");
+        json.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["path"].to_string(), p["signatures"].to_string()))
+            .collect::<Vec<_>>()
+    };
+    let firn = info(&d.url());
+    let nix = info(&nix_url);
+    let _ = nixd.kill();
+    let _ = nixd.wait();
+    assert_eq!(firn.len(), 2, "{firn:?}");
+    assert!(
+        firn.iter().all(|(_, s)| s.contains("test.example.org-1:")),
+        "{firn:?}"
+    );
+    assert_eq!(firn, nix);
+    remove(&dir);
+}

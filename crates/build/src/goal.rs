@@ -903,6 +903,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let registered = swapped.and_then(|()| {
             let mut candidates = build.input_closure.clone();
             candidates.extend(loaded.outputs.values().cloned());
+            let keys = crate::outputs::load_secret_keys(&cx.settings.secret_key_files.0)?;
             let built = BuiltOutputs {
                 drv_path: &self.drv_path,
                 drv: &loaded.drv,
@@ -910,6 +911,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 input_closure: candidates,
                 build_uid: build.running.build_uid(),
                 missing_at: BTreeMap::new(),
+                secret_keys: &keys,
             };
             register_outputs(cx.store, &built)
                 .map(|_| ())
@@ -969,6 +971,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         }
         let mut candidates = build.input_closure.clone();
         candidates.extend(loaded.outputs.values().cloned());
+        let keys = crate::outputs::load_secret_keys(&cx.settings.secret_key_files.0)?;
         let built = BuiltOutputs {
             drv_path: &self.drv_path,
             drv: &loaded.drv,
@@ -976,6 +979,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             input_closure: candidates,
             build_uid: build.running.build_uid(),
             missing_at: collected.missing_at,
+            secret_keys: &keys,
         };
         register_outputs(cx.store, &built)?;
         Ok(())

@@ -12,6 +12,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use firn_cache::SecretKey;
 use firn_derivation::{
     Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, OutputName, StorePath,
 };
@@ -26,6 +27,9 @@ use thiserror::Error;
 /// Why the outputs of a finished build were not accepted.
 #[derive(Debug, Error)]
 pub enum OutputError {
+    /// A `secret-key-files` key could not be read.
+    #[error(transparent)]
+    Key(#[from] firn_cache::keys::KeyError),
     #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
     Missing {
         drv: String,
@@ -97,6 +101,9 @@ pub struct BuiltOutputs<'d> {
     pub build_uid: Option<u32>,
     /// Where a missing output should have been (inside the sandbox), for the message.
     pub missing_at: BTreeMap<OutputName, PathBuf>,
+    /// `secret-key-files`: every registered output is signed with each (Nix's
+    /// `signPathInfo`).
+    pub secret_keys: &'d [SecretKey],
 }
 
 /// Check, canonicalise, scan and register the outputs, which are at their final real
@@ -168,6 +175,7 @@ pub fn register_outputs(
                     delete_path(&actual_real).map_err(io_err(&actual_real))?;
                     fs::rename(&real, &actual_real).map_err(io_err(&actual_real))?;
                     info.path = actual_path;
+                    sign(&sd, &mut info, built.secret_keys);
                     regs.push(Registration {
                         info: info.clone(),
                         drv_outputs: BTreeMap::new(),
@@ -181,6 +189,7 @@ pub fn register_outputs(
                 continue;
             }
         }
+        sign(&sd, &mut info, built.secret_keys);
         regs.push(Registration {
             info,
             drv_outputs: BTreeMap::new(),
@@ -222,6 +231,22 @@ pub fn register_outputs(
         .register_valid_paths(&sorted)
         .map_err(StoreError::from)?;
     Ok(sorted.into_iter().map(|r| r.info).collect())
+}
+
+/// Read the `secret-key-files` (each build, as Nix: a key changed on disk applies to
+/// the next build).
+pub fn load_secret_keys(files: &[String]) -> Result<Vec<SecretKey>, OutputError> {
+    files
+        .iter()
+        .map(|f| SecretKey::read_file(Path::new(f)).map_err(OutputError::from))
+        .collect()
+}
+
+/// Add a signature by each key to `info` (a path of NAR size 0 has no fingerprint).
+fn sign(sd: &firn_derivation::StoreDir, info: &mut ValidPathInfo, keys: &[SecretKey]) {
+    if let Some(fp) = firn_cache::keys::info_fingerprint(sd, info) {
+        info.sigs.extend(keys.iter().map(|k| k.sign(&fp)));
+    }
 }
 
 /// The hash a fixed output actually has: its contents (flat) or its NAR (recursive),

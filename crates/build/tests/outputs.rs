@@ -66,6 +66,7 @@ fn built<'d>(drv_path: &'d StorePath, drv: &'d Derivation<'d>) -> BuiltOutputs<'
         input_closure: BTreeSet::new(),
         build_uid: None,
         missing_at: BTreeMap::new(),
+        secret_keys: &[],
     }
 }
 
