@@ -448,6 +448,17 @@ fn copy_from_takes_nixs_caches_and_refuses_hostile_ones() {
             "hash mismatch",
         ),
         (
+            // substitute-with-invalid-ca.sh: the content must hash to the CA field.
+            "content address of other content",
+            vec!["--no-check-sigs"],
+            edit(
+                top.clone(),
+                "Sig: ",
+                format!("CA: fixed:r:{}", narinfo(&good, &dep)["NarHash"]),
+            ),
+            "ca hash mismatch importing path",
+        ),
+        (
             "truncated NAR",
             vec!["--no-check-sigs"],
             Box::new(move |c: &Path| {

@@ -822,3 +822,67 @@ fn built_outputs_are_signed_with_secret_key_files_as_by_the_real_nix_daemon() {
     assert_eq!(firn, nix);
     remove(&dir);
 }
+
+/// `nix copy --from` a cache whose narinfo pairs a path's content address with another
+/// path's NAR (substitute-with-invalid-ca.sh): the daemon's AddToStoreNar refuses it with
+/// Nix's `ca hash mismatch importing path`, and nothing becomes valid.
+#[test]
+fn add_to_store_nar_checks_the_content_address() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("daemon-ca");
+    let d = Daemon::start(&dir.join("root"), &[]);
+    let cache = dir.join("cache");
+    let url = format!("file://{}", cache.display());
+    let nix = |args: &[&str]| {
+        let mut c = d.client("nix");
+        c.args(["--extra-experimental-features", "nix-command"])
+            .args(args);
+        c.output().unwrap()
+    };
+    let mut paths = Vec::new();
+    for name in ["good", "bad"] {
+        let f = dir.join(format!("{name}.txt"));
+        std::fs::write(&f, format!("I'm a {name} path\n")).unwrap();
+        let p = ok_out(d.run("nix-store", &["--add", f.to_str().unwrap()]), "add");
+        ok_out(nix(&["copy", "--to", &url, p.trim()]), "copy --to");
+        paths.push(p.trim().to_owned());
+    }
+    ok_out(d.run("nix-store", &["--delete", &paths[0]]), "delete good");
+    let narinfo = |p: &str| {
+        let hash = &p.rsplit('/').next().unwrap()[..32];
+        cache.join(format!("{hash}.narinfo"))
+    };
+    let bad_info = std::fs::read_to_string(narinfo(&paths[1])).unwrap();
+    let good_file = narinfo(&paths[0]);
+    let good_info = std::fs::read_to_string(&good_file).unwrap();
+    let fields = ["URL", "FileHash", "FileSize", "NarHash", "NarSize"];
+    let mut spoilt: Vec<String> = good_info
+        .lines()
+        .filter(|l| !fields.iter().any(|f| l.starts_with(&format!("{f}:"))))
+        .map(str::to_owned)
+        .collect();
+    spoilt.extend(
+        bad_info
+            .lines()
+            .filter(|l| fields.iter().any(|f| l.starts_with(&format!("{f}:"))))
+            .map(str::to_owned),
+    );
+    assert!(
+        spoilt.iter().any(|l| l.starts_with("CA: fixed:r:sha256:")),
+        "{good_info}"
+    );
+    std::fs::write(&good_file, spoilt.join("\n") + "\n").unwrap();
+    let out = nix(&["copy", "--from", &url, "--no-require-sigs", &paths[0]]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the forged path was imported: {err}");
+    assert!(err.contains("ca hash mismatch importing path"), "{err}");
+    assert!(!d
+        .run("nix-store", &["--check-validity", &paths[0]])
+        .status
+        .success());
+    drop(d);
+    assert_verifies(&dir.join("root"), "after a refused import");
+    remove(&dir);
+}

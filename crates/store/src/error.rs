@@ -91,6 +91,21 @@ pub enum StoreError {
         expected: u64,
         got: u64,
     },
+    /// An imported path's content is not what its content address says (Nix's words).
+    #[error(
+        "ca hash mismatch importing path '{path}';\n  specified: {specified}\n  got:       {got}"
+    )]
+    ContentAddressMismatch {
+        path: String,
+        specified: String,
+        got: String,
+    },
+    #[error("path '{path}' has a bad content address '{ca}': {why}")]
+    BadContentAddress {
+        path: String,
+        ca: String,
+        why: String,
+    },
     #[error("the NAR of '{path}' has data after its end")]
     NarTrailingData { path: String },
     /// The store belongs to another user, whose files this one may not write.

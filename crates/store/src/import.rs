@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use firn_derivation::{Hash, HashAlgo, Hasher, StorePath};
 
 use crate::canonical::{canonicalise_path_metadata, delete_path};
+use crate::content_address::check_content_address;
 use crate::db::{Registration, ValidPathInfo};
 use crate::error::{io_err, StoreError};
 use crate::lock::PathLocks;
@@ -109,6 +110,9 @@ impl Store {
                 expected: info.nar_hash.to_nixbase32(),
                 got: hash.to_nixbase32(),
             });
+        }
+        if let Some(ca) = &info.ca {
+            check_content_address(&shown, info.path.hash_part(), ca, &tmp)?;
         }
         canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
         Ok(staged)

@@ -10,12 +10,14 @@
 //!   roots and the GC lock; [`roots`]: permanent and indirect roots named as Nix does;
 //! - [`import`]: store objects arriving as NARs with their info (substitutes), staged
 //!   and checked, then registered together;
+//! - [`content_address`]: `ca` fields and the check of imported paths against them;
 //! - [`verify`]: `nix-store --verify`;
 //! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
 pub mod alive;
 pub mod canonical;
+pub mod content_address;
 pub mod db;
 pub mod error;
 pub mod gc;

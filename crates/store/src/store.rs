@@ -588,6 +588,9 @@ impl Store {
                     got: format!("{got} ({size} bytes)"),
                 });
             }
+            if let Some(ca) = &info.ca {
+                crate::content_address::check_content_address(&shown, path.hash_part(), ca, &tmp)?;
+            }
             let drv_outputs = match path.is_derivation() {
                 true => self.checked_drv_outputs(&path, &tmp)?,
                 false => BTreeMap::new(),
