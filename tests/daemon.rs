@@ -886,3 +886,61 @@ fn add_to_store_nar_checks_the_content_address() {
     assert_verifies(&dir.join("root"), "after a refused import");
     remove(&dir);
 }
+
+/// optimise-store.sh through firn: `--auto-optimise-store` from the client links the
+/// identical files of two builds, a build without it does not, `nix-store --optimise`
+/// (the OptimiseStore op) links the rest, `--gc` empties `.links` once nothing else uses
+/// its files, and the store verifies all along.
+#[test]
+fn optimisation_hard_links_identical_files_through_the_daemon() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("daemon-optimise");
+    let d = Daemon::start(&dir.join("root"), &[]);
+    let build = |name: &str, auto: bool| {
+        let f = write_expr(
+            &dir,
+            &format!("{name}.nix"),
+            &drv_expr(name, "mkdir $out; echo hello > $out/foo", ""),
+        );
+        let mut args = vec!["--no-out-link", f.as_str()];
+        if auto {
+            args.push("--auto-optimise-store");
+        }
+        let out = ok_out(d.run("nix-build", &args), "nix-build");
+        dir.join("root")
+            .join(out.trim().trim_start_matches('/'))
+            .join("foo")
+    };
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let (f1, f2) = (build("opt1", true), build("opt2", true));
+    assert_eq!(ino(&f1), ino(&f2), "auto-optimised outputs share the file");
+    assert_eq!(std::fs::metadata(&f1).unwrap().nlink(), 3);
+    let f3 = build("opt3", false);
+    assert_ne!(
+        ino(&f1),
+        ino(&f3),
+        "a build without auto-optimise is not linked"
+    );
+    let o = d.run("nix-store", &["--optimise"]);
+    ok_out(o.clone(), "nix-store --optimise");
+    assert!(
+        text(&o.stderr).contains("freed by hard-linking"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(ino(&f1), ino(&f3), "--optimise linked the third");
+    let links = dir.join("root/nix/store/.links");
+    assert!(std::fs::read_dir(&links).unwrap().count() > 0);
+    ok_out(d.run("nix-store", &["--gc"]), "nix-store --gc");
+    assert_eq!(
+        std::fs::read_dir(&links).unwrap().count(),
+        0,
+        ".links is empty after the collection"
+    );
+    drop(d);
+    assert_verifies(&dir.join("root"), "after optimising and collecting");
+    remove(&dir);
+}

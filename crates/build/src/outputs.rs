@@ -138,6 +138,7 @@ pub fn register_outputs(
         }
         canonicalise_path_metadata(&real).map_err(io_err(&real))?;
         let scan = scan_path(&real, &candidates).map_err(StoreError::from)?;
+        store.auto_optimise_path(&real)?;
         let mut info = ValidPathInfo {
             path: path.clone(),
             nar_hash: scan.nar_hash,

@@ -515,6 +515,8 @@ settings! {
     keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
     /// The garbage collector keeps the derivations of live outputs.
     keep_derivations: bool = true, "keep-derivations", ["gc-keep-derivations"];
+    /// Hard-link identical files of new store paths through `.links`.
+    auto_optimise_store: bool = false, "auto-optimise-store";
     /// A program run after each successful build, with `DRV_PATH` and `OUT_PATHS` set.
     post_build_hook: String = String::new(), "post-build-hook";
     /// Users (names, `@group`, `*`) who may connect to `firn daemon`.

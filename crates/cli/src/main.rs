@@ -242,6 +242,9 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Hard-link identical files of the store through `.links` (`nix-store --optimise`).
+    #[command(long_flag = "optimise")]
+    Optimise,
     /// Print a completion script for SHELL on stdout (e.g. `firn completions bash >
     /// /usr/share/bash-completion/completions/firn`).
     Completions {
@@ -352,6 +355,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Delete { paths } => gc::delete(&settings, &paths, &mut out)?,
+        Command::Optimise => {
+            let store = store_cmds::open(&settings)?;
+            let stats = store.optimise_store()?;
+            eprintln!("{stats}");
+        }
         Command::Run(args) => run::run(&settings, &args.command)?,
         Command::Shell => run::shell(&settings)?,
         Command::Daemon { stdio, version } => {

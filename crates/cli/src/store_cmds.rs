@@ -25,6 +25,7 @@ impl From<StoreError> for CliError {
 pub fn open(settings: &Settings) -> Result<Store, CliError> {
     let options = firn_store::StoreOptions {
         build_users_group: settings.build.build_users_group.clone(),
+        auto_optimise: settings.build.auto_optimise_store,
     };
     let mut store = Store::open_with(&settings.layout, &options).map_err(|e| match e {
         StoreError::NotOwner { .. } => {

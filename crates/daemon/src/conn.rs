@@ -99,6 +99,7 @@ pub fn serve_connection<R: Read, W: Write>(
         &config.layout,
         &firn_store::StoreOptions {
             build_users_group: config.settings.build_users_group.clone(),
+            auto_optimise: config.settings.auto_optimise_store,
         },
     );
     w.write_str(NIX_VERSION)?;
@@ -498,7 +499,10 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 ))
             }
             Request::OptimiseStore => {
-                return Err(client("firn daemon does not implement store optimisation"))
+                let stats = self.store.optimise_store()?;
+                let (mut ch, _) = self.channel();
+                ch.line(Verbosity::Info, &stats.to_string());
+                Reply::Ok
             }
             Request::RegisterDrvOutput(_) => {
                 return Err(client(
@@ -538,6 +542,8 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 Err(e) => warnings.push(e.to_string()),
             }
         }
+        self.store
+            .set_auto_optimise(self.settings.auto_optimise_store);
         let (mut ch, _) = self.channel();
         for w in warnings {
             ch.line(Verbosity::Warn, &format!("warning: {w}"));

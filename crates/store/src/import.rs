@@ -115,6 +115,7 @@ impl Store {
             check_content_address(&shown, info.path.hash_part(), ca, &tmp)?;
         }
         canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+        self.auto_optimise_path(&tmp)?;
         Ok(staged)
     }
 

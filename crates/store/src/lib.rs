@@ -11,6 +11,7 @@
 //! - [`import`]: store objects arriving as NARs with their info (substitutes), staged
 //!   and checked, then registered together;
 //! - [`content_address`]: `ca` fields and the check of imported paths against them;
+//! - [`optimise`]: identical files hard-linked through `.links` (`--optimise`);
 //! - [`verify`]: `nix-store --verify`;
 //! - [`message`]: what the store has to say, as typed events (it prints nothing);
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
@@ -26,6 +27,7 @@ pub mod layout;
 pub mod lock;
 pub mod message;
 pub mod nar;
+pub mod optimise;
 pub mod references;
 pub mod roots;
 pub mod store;

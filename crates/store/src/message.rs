@@ -45,6 +45,10 @@ pub enum StoreMessage {
     DeletingUnusedLinks,
     /// What hard linking in `.links` saves, in bytes (may be negative).
     HardLinkingSaves { bytes: i64 },
+    /// Optimisation skips a writable file of the store (someone modified it).
+    SkippingWritableFile { path: PathBuf },
+    /// A file of `.links` whose size is not its content's is removed.
+    RemovingCorruptedLink { link: PathBuf },
 }
 
 impl fmt::Display for StoreMessage {
@@ -71,6 +75,12 @@ impl fmt::Display for StoreMessage {
             ),
             Self::CannotReadRoot { path } => {
                 write!(f, "cannot read potential root '{}'", path.display())
+            }
+            Self::SkippingWritableFile { path } => {
+                write!(f, "skipping suspicious writable file '{}'", path.display())
+            }
+            Self::RemovingCorruptedLink { link } => {
+                write!(f, "removing corrupted link '{}'", link.display())
             }
             Self::DeletingGarbage => f.write_str("deleting garbage..."),
             Self::DeterminingLiveDead => f.write_str("determining live/dead paths..."),

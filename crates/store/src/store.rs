@@ -129,6 +129,7 @@ pub struct Store {
     temp_roots: std::sync::Mutex<Option<TempRootsHandle>>,
     /// Where messages go that are not the progress of one call (lock waits, …).
     reporter: Reporter,
+    auto_optimise: bool,
     _big_lock: Flock<File>,
 }
 
@@ -138,12 +139,15 @@ pub struct StoreOptions {
     /// `build-users-group`: as root, the store directory is handed to this group (1775),
     /// so that its members can create their outputs; empty: left alone.
     pub build_users_group: String,
+    /// `auto-optimise-store`: every path added or built is optimised (`optimise.rs`).
+    pub auto_optimise: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             build_users_group: "nixbld".to_owned(),
+            auto_optimise: false,
         }
     }
 }
@@ -248,8 +252,19 @@ impl Store {
             db,
             temp_roots: std::sync::Mutex::new(None),
             reporter: Reporter::discard(),
+            auto_optimise: options.auto_optimise,
             _big_lock: big_lock,
         })
+    }
+
+    /// Turn `auto-optimise-store` on or off for what this store adds from now on.
+    pub fn set_auto_optimise(&mut self, on: bool) {
+        self.auto_optimise = on;
+    }
+
+    /// Whether `auto-optimise-store` is on.
+    pub fn auto_optimise(&self) -> bool {
+        self.auto_optimise
     }
 
     /// Send the store's messages (waiting for a lock, a stale root removed, …) to
@@ -443,6 +458,7 @@ impl Store {
             }
             canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
             let (nar_hash, nar_size) = nar::hash_path(&tmp)?;
+            self.auto_optimise_path(&tmp)?;
             sync_tree(&tmp);
             fs::rename(&tmp, &real).map_err(io_err(&real))?;
             Ok((nar_hash, nar_size))
@@ -596,6 +612,7 @@ impl Store {
                 false => BTreeMap::new(),
             };
             canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+            self.auto_optimise_path(&tmp)?;
             sync_tree(&tmp);
             fs::rename(&tmp, &real).map_err(io_err(&real))?;
             Ok(drv_outputs)

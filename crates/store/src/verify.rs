@@ -51,6 +51,14 @@ pub enum VerifyEvent {
         expected: Hash,
         got: Hash,
     },
+    /// A file of `.links` does not hash to its name.
+    LinkModified {
+        link: std::path::PathBuf,
+        expected: String,
+        got: String,
+    },
+    /// `--repair`: a modified link is removed (the paths that share it stay modified).
+    RemovedLink { link: std::path::PathBuf },
     /// `--repair` of modified contents: impossible without substituters.
     CannotRepair { path: String },
     /// The verification ends with errors left.
@@ -84,6 +92,16 @@ impl fmt::Display for VerifyEvent {
                 f,
                 "path '{path}' was modified! expected hash '{expected}', got '{got}'"
             ),
+            Self::LinkModified {
+                link,
+                expected,
+                got,
+            } => write!(
+                f,
+                "link '{}' was modified! expected hash '{expected}', got '{got}'",
+                link.display()
+            ),
+            Self::RemovedLink { link } => write!(f, "removed link '{}'", link.display()),
             Self::CannotRepair { path } => {
                 write!(f, "warning: cannot repair '{path}': no substituters")
             }
@@ -103,12 +121,16 @@ pub struct VerifyReport {
     pub fixed_hashes: BTreeSet<StorePath>,
     /// Paths whose contents differ from their registered hash.
     pub modified: BTreeSet<StorePath>,
+    /// Files of `.links` that do not hash to their names (and were not removed).
+    pub modified_links: BTreeSet<std::path::PathBuf>,
 }
 
 impl VerifyReport {
     /// Whether every error found was fixed (`nix-store --verify` exits 0).
     pub fn all_fixed(&self) -> bool {
-        self.missing_with_referrers.is_empty() && self.modified.is_empty()
+        self.missing_with_referrers.is_empty()
+            && self.modified.is_empty()
+            && self.modified_links.is_empty()
     }
 }
 
@@ -160,8 +182,36 @@ impl Store {
             self.db_mut().invalidate_paths(&result.removed)?;
         }
         if opts.check_contents {
-            // firn does not hard-link identical files (no .links directory) yet.
             report(&VerifyEvent::CheckingLinkHashes);
+            let links = self.real_store_dir().join(".links");
+            if let Ok(entries) = fs::read_dir(&links) {
+                let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+                names.sort();
+                for link in names {
+                    let name = link
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let got = crate::nar::hash_path(&link)?.0.to_nixbase32();
+                    if got == name {
+                        continue;
+                    }
+                    report(&VerifyEvent::LinkModified {
+                        link: link.clone(),
+                        expected: name,
+                        got,
+                    });
+                    if opts.repair {
+                        fs::remove_file(&link).map_err(|source| StoreError::Io {
+                            path: link.clone(),
+                            source,
+                        })?;
+                        report(&VerifyEvent::RemovedLink { link });
+                    } else {
+                        result.modified_links.insert(link);
+                    }
+                }
+            }
             report(&VerifyEvent::CheckingHashes);
             for p in all.difference(&missing) {
                 let info = self
@@ -255,6 +305,63 @@ mod tests {
         assert_eq!(r.removed, BTreeSet::from([p.clone()]));
         assert!(r.all_fixed());
         assert!(!store.db().is_valid_path(&p).unwrap());
+        let _ = crate::canonical::delete_path(&dir);
+    }
+
+    #[test]
+    fn an_optimised_store_verifies_and_a_modified_link_is_found() {
+        let dir = tmp("links");
+        let src = dir.join("f");
+        fs::write(&src, "same").unwrap();
+        let mut store = Store::open_with(
+            &StoreLayout::chroot(&dir.join("root")),
+            &crate::StoreOptions {
+                auto_optimise: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let p = store
+            .add_to_store(&src, FileIngestionMethod::Flat, HashAlgo::Sha256)
+            .unwrap()
+            .path;
+        let opts = VerifyOptions {
+            check_contents: true,
+            repair: false,
+        };
+        let (_, r) = events(&mut store, opts.clone());
+        assert!(r.all_fixed(), "{r:?}");
+        let links: Vec<_> = fs::read_dir(store.real_store_dir().join(".links"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(links.len(), 1, "auto-optimise linked the new file");
+        let real = store.real_path(&p);
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&real, "diff").unwrap();
+        let (lines, r) = events(&mut store, opts);
+        assert_eq!(r.modified_links, BTreeSet::from([links[0].clone()]));
+        assert!(r.modified.contains(&p));
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!(
+                "link '{}' was modified! expected hash '",
+                links[0].display()
+            ))),
+            "{lines:?}"
+        );
+        let (lines, r) = events(
+            &mut store,
+            VerifyOptions {
+                check_contents: true,
+                repair: true,
+            },
+        );
+        assert!(r.modified_links.is_empty());
+        assert!(!links[0].exists());
+        assert!(
+            lines.contains(&format!("removed link '{}'", links[0].display())),
+            "{lines:?}"
+        );
         let _ = crate::canonical::delete_path(&dir);
     }
 
