@@ -781,7 +781,12 @@ impl<R: RunningBuild> DerivationGoal<R> {
             ),
             (None, None) => self.collect_and_register(cx, &loaded, &mut build),
         };
-        let keep = outcome.is_err() && cx.settings.keep_failed && self.mode == BuildMode::Normal;
+        // As Nix, never for builtins: their directory may hold privileged things.
+        let builtin = loaded.drv.builder.starts_with(b"builtin:");
+        let keep = outcome.is_err()
+            && cx.settings.keep_failed
+            && self.mode == BuildMode::Normal
+            && !builtin;
         let Build {
             running,
             mut log,
