@@ -832,6 +832,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             FirnStatus::AlreadyValid => BuildStatus::AlreadyValid,
             FirnStatus::Substituted => BuildStatus::Substituted,
             FirnStatus::PermanentFailure => BuildStatus::PermanentFailure,
+            FirnStatus::TransientFailure => BuildStatus::TransientFailure,
             FirnStatus::TimedOut => BuildStatus::TimedOut,
             FirnStatus::OutputRejected | FirnStatus::HashMismatch => BuildStatus::OutputRejected,
             FirnStatus::DependencyFailed => BuildStatus::DependencyFailed,

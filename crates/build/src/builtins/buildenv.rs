@@ -311,3 +311,121 @@ fn create_symlink(target: &Path, link: &Path) -> Result<(), BuiltinError> {
         target.display()
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("firn-buildenv-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        d
+    }
+
+    fn file(p: &Path, text: &str) {
+        fs::create_dir_all(p.parent().unwrap_or(Path::new("/"))).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(p, text).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn link(p: &Path) -> PathBuf {
+        fs::read_link(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn derivations_are_read_as_nix_reads_them() {
+        let pkgs = parse_derivations(b"true 5 1 /a\n false -3 2 /b /c  1 7x 0").unwrap_or_default();
+        assert_eq!(
+            pkgs,
+            [
+                Package { path: "/a".into(), active: true, priority: 5 },
+                Package { path: "/b".into(), active: false, priority: -3 },
+                Package { path: "/c".into(), active: false, priority: -3 },
+            ]
+        );
+        assert!(matches!(parse_derivations(b"true x 1 /a"), Err(BuiltinError::Stoi)));
+        assert!(matches!(parse_derivations(b"true 99999999999 1 /a"), Err(BuiltinError::Stoi)));
+        assert!(matches!(parse_derivations(b"true 5 2 /a"), Err(BuiltinError::TruncatedDerivations)));
+        assert_eq!(stoi(b"+12abc").ok(), Some(12));
+        assert_eq!(stoi(b"-2147483648").ok(), Some(i32::MIN));
+    }
+
+    #[test]
+    fn priorities_directories_and_propagation() {
+        let d = tmp("tree");
+        let (a, b, c, x) = (d.join("a"), d.join("b"), d.join("c"), d.join("x"));
+        file(&a.join("bin/tool"), "a");
+        file(&a.join("share/a/doc"), "a");
+        file(&a.join(".hidden"), "");
+        file(&a.join("nix-support/propagated-user-env-packages"), &format!("{}\n", c.display()));
+        file(&b.join("bin/tool"), "b");
+        file(&b.join("bin/b"), "b");
+        file(&b.join("log"), "skipped");
+        file(&c.join("bin/tool"), "c");
+        file(&c.join("bin/c"), "c");
+        file(&x.join("lib/x/one"), "x");
+        file(&c.join("lib/y/two"), "c");
+        std::os::unix::fs::symlink(x.join("lib/x"), c.join("lib/x")).unwrap_or_else(|e| panic!("{e}"));
+        file(&b.join("lib/x/three"), "b");
+        let out = d.join("out");
+        fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
+        let mut warnings = Vec::new();
+        let pkgs = vec![
+            Package { path: b.clone(), active: true, priority: 5 },
+            Package { path: a.clone(), active: true, priority: 3 },
+        ];
+        build_profile(&out, pkgs, &mut |w| warnings.push(w.to_owned())).unwrap_or_else(|e| panic!("{e}"));
+        // a (3) beats b (5); c comes later at 1000 and loses to both.
+        assert_eq!(link(&out.join("bin/tool")), a.join("bin/tool"));
+        assert_eq!(link(&out.join("bin/b")), b.join("bin/b"));
+        assert_eq!(link(&out.join("bin/c")), c.join("bin/c"));
+        // A directory only one package has is one link.
+        assert_eq!(link(&out.join("share")), a.join("share"));
+        // b's lib/x and c's link to x's lib/x are merged into a directory; the links
+        // go through the source's own path (only the existing link is resolved).
+        assert_eq!(link(&out.join("lib/x/three")), b.join("lib/x/three"));
+        assert_eq!(link(&out.join("lib/x/one")), c.join("lib/x/one"));
+        assert_eq!(link(&out.join("lib/y")), c.join("lib/y"));
+        assert!(!out.join(".hidden").exists() && !out.join("log").exists());
+        assert!(!out.join("nix-support").exists());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn collisions_fail_as_in_nix() {
+        let d = tmp("collide");
+        let (a, b) = (d.join("a"), d.join("b"));
+        file(&a.join("bin/tool"), "a");
+        file(&b.join("bin/tool"), "b");
+        file(&d.join("f"), "not a directory");
+        let out = d.join("out");
+        fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
+        let mut warnings = Vec::new();
+        let pkgs = vec![
+            Package { path: a.clone(), active: true, priority: 5 },
+            Package { path: b.clone(), active: true, priority: 5 },
+            Package { path: d.join("f"), active: true, priority: 1 },
+        ];
+        let e = build_profile(&out, pkgs, &mut |w| warnings.push(w.to_owned()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            e,
+            format!(
+                "packages '{}' and '{}' have the same priority 5; use 'nix-env --set-flag priority NUMBER INSTALLED_PKGNAME' to change the priority of one of the conflicting packages (0 being the highest priority)",
+                b.join("bin/tool").display(),
+                a.join("bin/tool").display()
+            )
+        );
+        assert_eq!(
+            warnings,
+            [format!(
+                "not including '{}' in the user environment because it's not a directory",
+                d.join("f").display()
+            )]
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+}
