@@ -94,7 +94,10 @@ fn build_all_ways(
             stderr(&nix)
         );
         if nix.status.success() {
-            assert_eq!(firn.stdout, nix.stdout, "{attr} ({how}): the same output path");
+            assert_eq!(
+                firn.stdout, nix.stdout,
+                "{attr} ({how}): the same output path"
+            );
             let out = String::from_utf8(nix.stdout.clone()).unwrap();
             let out = out.trim();
             assert_eq!(
@@ -173,7 +176,10 @@ fn buildenv_as_in_nix() {
     for attr in ["fileOverDir", "dirOverFile"] {
         let (nix, firns) = build_all_ways(&dir, &expr, attr, "/bin/busybox");
         assert_eq!(nix.status.code(), Some(100), "{attr}");
-        assert!(error_lines(&firns[0].1)[0].contains("collision between"), "{attr}");
+        assert!(
+            error_lines(&firns[0].1)[0].contains("collision between"),
+            "{attr}"
+        );
     }
     let (_, firns) = build_all_ways(&dir, &expr, "badPriority", "/bin/busybox");
     assert!(stderr(&firns[0].1).lines().any(|l| l == "stoi"));
@@ -242,16 +248,33 @@ fn fetchurl_as_in_nix() {
         None,
     ));
     fs::write(files.join("tree.nar"), &nar).unwrap();
-    ok(run("xz", &["--keep", files.join("tree.nar").to_str().unwrap()], None));
+    ok(run(
+        "xz",
+        &["--keep", files.join("tree.nar").to_str().unwrap()],
+        None,
+    ));
     // The executable's hash is over the NAR of the file with its x bit.
     fs::copy(files.join("hello.txt"), dir.join("hello-x")).unwrap();
-    fs::set_permissions(dir.join("hello-x"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let flat = nix_hash(&["--flat", "--type", "sha256", "--base32"], &files.join("hello.txt"));
+    fs::set_permissions(
+        dir.join("hello-x"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let flat = nix_hash(
+        &["--flat", "--type", "sha256", "--base32"],
+        &files.join("hello.txt"),
+    );
     let exe = nix_hash(&["--type", "sha256", "--base32"], &dir.join("hello-x"));
     let unpacked = nix_hash(&["--type", "sha256", "--base32"], &files.join("tree"));
     let port = serve(vec![
-        ("/hello.txt".into(), fs::read(files.join("hello.txt")).unwrap()),
-        ("/tree.nar.xz".into(), fs::read(files.join("tree.nar.xz")).unwrap()),
+        (
+            "/hello.txt".into(),
+            fs::read(files.join("hello.txt")).unwrap(),
+        ),
+        (
+            "/tree.nar.xz".into(),
+            fs::read(files.join("tree.nar.xz")).unwrap(),
+        ),
     ]);
     let f = files.display();
     let zero = "0".repeat(52);
@@ -274,7 +297,14 @@ fn fetchurl_as_in_nix() {
     )
     .unwrap();
     let paths = files.display().to_string();
-    for attr in ["flat", "executable", "unpack", "unpackXz", "http", "httpUnpack"] {
+    for attr in [
+        "flat",
+        "executable",
+        "unpack",
+        "unpackXz",
+        "http",
+        "httpUnpack",
+    ] {
         let (nix, _) = build_all_ways(&dir, &expr, attr, &paths);
         assert!(nix.status.success(), "{attr}: {}", stderr(&nix));
     }
@@ -282,7 +312,11 @@ fn fetchurl_as_in_nix() {
     assert_eq!(nix.status.code(), Some(102));
     assert!(stderr(&firns[0].1).contains("hash mismatch in fixed-output derivation"));
     let (nix, firns) = build_all_ways(&dir, &expr, "missing", &paths);
-    assert_eq!(nix.status.code(), Some(1), "a fixed-output builder's failure is transient");
+    assert_eq!(
+        nix.status.code(),
+        Some(1),
+        "a fixed-output builder's failure is transient"
+    );
     assert_eq!(
         error_lines(&firns[0].1),
         [format!(
@@ -301,7 +335,11 @@ fn fetchurl_as_in_nix() {
 }
 
 fn ok_bytes(out: Output) -> Vec<u8> {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 

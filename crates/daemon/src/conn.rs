@@ -15,8 +15,8 @@ use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::{BuildError, BuildStatus as FirnStatus, Settings, Wanted, Worker};
 use firn_derivation::{
-    hash_derivation_modulo, FileIngestionMethod, FixedOutputHash, HashAlgo, ModuloCache, OutputName,
-    StoreDir, StorePath,
+    hash_derivation_modulo, FileIngestionMethod, FixedOutputHash, HashAlgo, ModuloCache,
+    OutputName, StoreDir, StorePath,
 };
 use firn_protocol::types::GcAction;
 use firn_protocol::wire::FramedReader;

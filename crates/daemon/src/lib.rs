@@ -216,7 +216,10 @@ pub fn serve_socket(
 /// `nix-env`, `nix-channel` and `nix profile` keep the user's profiles.
 fn create_user_dirs(layout: &StoreLayout, peer: &trust::Peer) -> io::Result<()> {
     let state = &layout.state_dir;
-    for parent in [state.join("profiles/per-user"), state.join("gcroots/per-user")] {
+    for parent in [
+        state.join("profiles/per-user"),
+        state.join("gcroots/per-user"),
+    ] {
         let err = |what: &str, path: &Path, e: io::Error| {
             io::Error::new(e.kind(), format!("{what} '{}': {e}", path.display()))
         };

@@ -96,12 +96,11 @@ impl LocalBuilder {
     /// How to start builtin builder `name`.
     fn builtin_exec(&self, name: &[u8], sandboxed: bool) -> Result<BuiltinExec, ExecError> {
         let name = String::from_utf8_lossy(name).into_owned();
-        let runner = Runner::current(self.builtin_exe.as_deref()).map_err(|msg| {
-            ExecError::Builtin {
+        let runner =
+            Runner::current(self.builtin_exe.as_deref()).map_err(|msg| ExecError::Builtin {
                 builtin: name.clone(),
                 msg,
-            }
-        })?;
+            })?;
         Ok(runner.plan(&name, sandboxed))
     }
 

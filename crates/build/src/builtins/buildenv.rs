@@ -131,10 +131,7 @@ pub fn build_profile(
         let file = pkg_dir.join("nix-support/propagated-user-env-packages");
         match fs::read(&file) {
             Ok(text) => {
-                for p in text
-                    .split(|c| b" \n".contains(c))
-                    .filter(|t| !t.is_empty())
-                {
+                for p in text.split(|c| b" \n".contains(c)).filter(|t| !t.is_empty()) {
                     let p = PathBuf::from(OsString::from_vec(p.to_vec()));
                     if !done.contains(&p) {
                         postponed.insert(p);
@@ -148,7 +145,8 @@ pub fn build_profile(
     };
 
     pkgs.sort_by(|a, b| {
-        (a.priority, a.path.as_os_str().as_bytes()).cmp(&(b.priority, b.path.as_os_str().as_bytes()))
+        (a.priority, a.path.as_os_str().as_bytes())
+            .cmp(&(b.priority, b.path.as_os_str().as_bytes()))
     });
     for pkg in pkgs.iter().filter(|p| p.active) {
         add_pkg(&pkg.path, pkg.priority, &mut done, &mut postponed)?;
@@ -264,8 +262,10 @@ fn create_links(
             if d.file_type().is_symlink() {
                 let prev = state.priorities.get(&dst_file).copied().unwrap_or(0);
                 if prev == priority {
-                    let old = fs::read_link(&dst_file)
-                        .map_err(BuiltinError::sys(quoted("reading symbolic link", &dst_file)))?;
+                    let old = fs::read_link(&dst_file).map_err(BuiltinError::sys(quoted(
+                        "reading symbolic link",
+                        &dst_file,
+                    )))?;
                     return Err(BuiltinError::SamePriority {
                         new: src_file,
                         old,
@@ -338,14 +338,35 @@ mod tests {
         assert_eq!(
             pkgs,
             [
-                Package { path: "/a".into(), active: true, priority: 5 },
-                Package { path: "/b".into(), active: false, priority: -3 },
-                Package { path: "/c".into(), active: false, priority: -3 },
+                Package {
+                    path: "/a".into(),
+                    active: true,
+                    priority: 5
+                },
+                Package {
+                    path: "/b".into(),
+                    active: false,
+                    priority: -3
+                },
+                Package {
+                    path: "/c".into(),
+                    active: false,
+                    priority: -3
+                },
             ]
         );
-        assert!(matches!(parse_derivations(b"true x 1 /a"), Err(BuiltinError::Stoi)));
-        assert!(matches!(parse_derivations(b"true 99999999999 1 /a"), Err(BuiltinError::Stoi)));
-        assert!(matches!(parse_derivations(b"true 5 2 /a"), Err(BuiltinError::TruncatedDerivations)));
+        assert!(matches!(
+            parse_derivations(b"true x 1 /a"),
+            Err(BuiltinError::Stoi)
+        ));
+        assert!(matches!(
+            parse_derivations(b"true 99999999999 1 /a"),
+            Err(BuiltinError::Stoi)
+        ));
+        assert!(matches!(
+            parse_derivations(b"true 5 2 /a"),
+            Err(BuiltinError::TruncatedDerivations)
+        ));
         assert_eq!(stoi(b"+12abc").ok(), Some(12));
         assert_eq!(stoi(b"-2147483648").ok(), Some(i32::MIN));
     }
@@ -357,7 +378,10 @@ mod tests {
         file(&a.join("bin/tool"), "a");
         file(&a.join("share/a/doc"), "a");
         file(&a.join(".hidden"), "");
-        file(&a.join("nix-support/propagated-user-env-packages"), &format!("{}\n", c.display()));
+        file(
+            &a.join("nix-support/propagated-user-env-packages"),
+            &format!("{}\n", c.display()),
+        );
         file(&b.join("bin/tool"), "b");
         file(&b.join("bin/b"), "b");
         file(&b.join("log"), "skipped");
@@ -365,16 +389,26 @@ mod tests {
         file(&c.join("bin/c"), "c");
         file(&x.join("lib/x/one"), "x");
         file(&c.join("lib/y/two"), "c");
-        std::os::unix::fs::symlink(x.join("lib/x"), c.join("lib/x")).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(x.join("lib/x"), c.join("lib/x"))
+            .unwrap_or_else(|e| panic!("{e}"));
         file(&b.join("lib/x/three"), "b");
         let out = d.join("out");
         fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
         let mut warnings = Vec::new();
         let pkgs = vec![
-            Package { path: b.clone(), active: true, priority: 5 },
-            Package { path: a.clone(), active: true, priority: 3 },
+            Package {
+                path: b.clone(),
+                active: true,
+                priority: 5,
+            },
+            Package {
+                path: a.clone(),
+                active: true,
+                priority: 3,
+            },
         ];
-        build_profile(&out, pkgs, &mut |w| warnings.push(w.to_owned())).unwrap_or_else(|e| panic!("{e}"));
+        build_profile(&out, pkgs, &mut |w| warnings.push(w.to_owned()))
+            .unwrap_or_else(|e| panic!("{e}"));
         // a (3) beats b (5); c comes later at 1000 and loses to both.
         assert_eq!(link(&out.join("bin/tool")), a.join("bin/tool"));
         assert_eq!(link(&out.join("bin/b")), b.join("bin/b"));
@@ -403,9 +437,21 @@ mod tests {
         fs::create_dir(&out).unwrap_or_else(|e| panic!("{e}"));
         let mut warnings = Vec::new();
         let pkgs = vec![
-            Package { path: a.clone(), active: true, priority: 5 },
-            Package { path: b.clone(), active: true, priority: 5 },
-            Package { path: d.join("f"), active: true, priority: 1 },
+            Package {
+                path: a.clone(),
+                active: true,
+                priority: 5,
+            },
+            Package {
+                path: b.clone(),
+                active: true,
+                priority: 5,
+            },
+            Package {
+                path: d.join("f"),
+                active: true,
+                priority: 1,
+            },
         ];
         let e = build_profile(&out, pkgs, &mut |w| warnings.push(w.to_owned()))
             .err()

@@ -108,7 +108,10 @@ mod tests {
             "error: opening directory '/x': No such file or directory"
         );
         assert_eq!(BuiltinError::Stoi.log_text(), "stoi");
-        let e = BuiltinError::Download("unable to download 'u': HTTP error 404 ('Not Found')\n\nresponse body:\n\n<a>\n b".into());
+        let e = BuiltinError::Download(
+            "unable to download 'u': HTTP error 404 ('Not Found')\n\nresponse body:\n\n<a>\n b"
+                .into(),
+        );
         assert_eq!(
             e.log_text(),
             "error: unable to download 'u': HTTP error 404 ('Not Found')\n\n       response body:\n\n       <a>\n        b"

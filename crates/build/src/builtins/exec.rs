@@ -333,7 +333,12 @@ mod tests {
         let r = Runner::detect(PathBuf::from("/proc/self/exe")).unwrap_or_else(|e| panic!("{e}"));
         let libc = r.libs.iter().find(|(_, s)| s == "libc.so.6");
         assert!(libc.is_some(), "{r:?}");
-        assert!(r.interpreter.as_deref().is_some_and(|i| i.starts_with("ld-")), "{r:?}");
+        assert!(
+            r.interpreter
+                .as_deref()
+                .is_some_and(|i| i.starts_with("ld-")),
+            "{r:?}"
+        );
         assert!(elf_soname(b"not an elf").is_none());
     }
 
@@ -342,7 +347,10 @@ mod tests {
         let r = Runner {
             exe: PathBuf::from("/opt/firn/bin/firn"),
             libs: vec![
-                (PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"), "libc.so.6".into()),
+                (
+                    PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+                    "libc.so.6".into(),
+                ),
                 (
                     PathBuf::from("/usr/lib/x86_64-linux-gnu/liblzma.so.5.4.1"),
                     "liblzma.so.5".into(),
@@ -377,17 +385,26 @@ mod tests {
         )));
         assert_eq!(
             e.binds[0],
-            (PathBuf::from("/.firn-builtin/firn"), PathBuf::from("/opt/firn/bin/firn"))
+            (
+                PathBuf::from("/.firn-builtin/firn"),
+                PathBuf::from("/opt/firn/bin/firn")
+            )
         );
         let u = r.plan("fetchurl", false);
         assert_eq!(u.program, Path::new("/opt/firn/bin/firn"));
-        assert_eq!(u.argv, ["/opt/firn/bin/firn", "__builtin", "fetchurl"].map(OsString::from));
+        assert_eq!(
+            u.argv,
+            ["/opt/firn/bin/firn", "__builtin", "fetchurl"].map(OsString::from)
+        );
         assert!(u.binds.is_empty());
         let s = Runner {
             interpreter: None,
             libs: vec![],
             ..r
         };
-        assert_eq!(s.plan("x", true).argv, ["/.firn-builtin/firn", "__builtin", "x"].map(OsString::from));
+        assert_eq!(
+            s.plan("x", true).argv,
+            ["/.firn-builtin/firn", "__builtin", "x"].map(OsString::from)
+        );
     }
 }

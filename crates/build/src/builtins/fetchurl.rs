@@ -45,9 +45,8 @@ pub fn fetchurl(attrs: &Attrs, cx: &mut Context<'_>) -> Result<(), BuiltinError>
     } else {
         let mut file = File::create(&store_path)
             .map_err(BuiltinError::sys(quoted("opening file", &store_path)))?;
-        io::copy(&mut source, &mut file).map_err(|e| {
-            BuiltinError::Download(format!("unable to download '{url}': {e}"))
-        })?;
+        io::copy(&mut source, &mut file)
+            .map_err(|e| BuiltinError::Download(format!("unable to download '{url}': {e}")))?;
     }
     if executable {
         fs::set_permissions(&store_path, fs::Permissions::from_mode(0o755)).map_err(
@@ -183,7 +182,11 @@ pub fn file_url_path(rest: &str) -> Option<PathBuf> {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied(), bytes.get(i + 2).copied()) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
             (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
                 out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
                 i += 3;

@@ -23,7 +23,10 @@ pub fn unpack_channel(attrs: &Attrs) -> Result<(), BuiltinError> {
     fs::create_dir_all(&out).map_err(BuiltinError::sys(quoted("creating directory", &out)))?;
     unpack_tarfile(&src, &out)?;
     let entries: Vec<_> = fs::read_dir(&out)
-        .and_then(|rd| rd.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>())
+        .and_then(|rd| {
+            rd.map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()
+        })
         .map_err(BuiltinError::sys(quoted("reading directory", &out)))?;
     let [entry] = &entries[..] else {
         return Err(BuiltinError::ChannelEntries(src));
@@ -75,7 +78,9 @@ pub fn unpack_tarfile(tarball: &Path, dest: &Path) -> Result<(), BuiltinError> {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
         Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(input)),
         Compression::Xz => Box::new(xz2::bufread::XzDecoder::new_multi_decoder(input)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(archive_err)?),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(archive_err)?)
+        }
     };
     fs::create_dir_all(dest).map_err(BuiltinError::sys(quoted("creating directory", dest)))?;
     let mut archive = tar::Archive::new(reader);
@@ -95,7 +100,10 @@ mod tests {
             detect_compression(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0]),
             Compression::Xz
         );
-        assert_eq!(detect_compression(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(
+            detect_compression(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
         assert_eq!(detect_compression(b"nixexprs/"), Compression::None);
         assert_eq!(detect_compression(b""), Compression::None);
     }
