@@ -781,7 +781,12 @@ impl<R: RunningBuild> DerivationGoal<R> {
             ),
             (None, None) => self.collect_and_register(cx, &loaded, &mut build),
         };
-        let keep = outcome.is_err() && cx.settings.keep_failed && self.mode == BuildMode::Normal;
+        // As Nix, never for builtins: their directory may hold privileged things.
+        let builtin = loaded.drv.builder.starts_with(b"builtin:");
+        let keep = outcome.is_err()
+            && cx.settings.keep_failed
+            && self.mode == BuildMode::Normal
+            && !builtin;
         let Build {
             running,
             mut log,
@@ -817,11 +822,20 @@ impl<R: RunningBuild> DerivationGoal<R> {
             locks.set_deletion(true);
         }
         drop(locks);
+        // Nix 2.8 calls the failure of a builder that is not sandboxed in its terms (a
+        // fixed-output derivation's) transient: exit 1, not 100.
+        let fixed_output = loaded.drv.is_fixed_output();
         let outputs = loaded.outputs;
         let outcome = outcome.and_then(|()| self.run_post_build_hook(cx, &outputs));
         let (status, error) = match outcome {
             Ok(()) => (BuildStatus::Built, None),
-            Err(e) => (e.status(), Some(Arc::new(e))),
+            Err(e) => (
+                match e.status() {
+                    BuildStatus::PermanentFailure if fixed_output => BuildStatus::TransientFailure,
+                    status => status,
+                },
+                Some(Arc::new(e)),
+            ),
         };
         self.done(BuildResult {
             status,

@@ -6,6 +6,8 @@
 //! - [`missing`]: what a realisation would build (the dry run); [`check`]: `--check`;
 //! - [`substitute`]: fetching missing outputs from binary caches before building;
 //! - [`builder`]: the `Builder` trait, the local builder, build users and the sandbox;
+//! - [`builtins`]: Nix's `builtin:buildenv`, `builtin:fetchurl`, `builtin:unpack-channel`
+//!   and how they are started (an exec of firn's binary);
 //! - [`plan`]: the pure build plan (program, argv, environment, build-dir files) Nix 2.8
 //!   computes from a derivation before starting its builder;
 //! - [`outputs`]: `register_outputs`, what happens after a builder exits;
@@ -18,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod builder;
+pub mod builtins;
 pub mod check;
 pub mod config;
 pub mod error;

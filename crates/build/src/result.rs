@@ -17,6 +17,9 @@ pub enum BuildStatus {
     /// Every wanted output was fetched from a binary cache.
     Substituted,
     PermanentFailure,
+    /// A fixed-output derivation's builder failed (Nix: not worth remembering, and no
+    /// build-failure exit status).
+    TransientFailure,
     TimedOut,
     OutputRejected,
     HashMismatch,
@@ -40,6 +43,7 @@ impl BuildStatus {
             Self::AlreadyValid => "AlreadyValid",
             Self::Substituted => "Substituted",
             Self::PermanentFailure => "PermanentFailure",
+            Self::TransientFailure => "TransientFailure",
             Self::TimedOut => "TimedOut",
             Self::OutputRejected => "OutputRejected",
             Self::HashMismatch => "HashMismatch",

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod builtin_cmd;
 mod cache_cmds;
 mod derivation;
 mod error;
@@ -509,6 +510,10 @@ fn daemon(settings: Settings, stdio: bool, version: bool) -> Result<(), CliError
 }
 
 fn main() -> ExitCode {
+    // A builtin builder (`firn __builtin NAME`), before anything else is read.
+    if let Some(name) = builtin_cmd::invocation() {
+        return builtin_cmd::run(&name);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

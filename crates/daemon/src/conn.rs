@@ -15,8 +15,8 @@ use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::{BuildError, BuildStatus as FirnStatus, Settings, Wanted, Worker};
 use firn_derivation::{
-    hash_derivation_modulo, FileIngestionMethod, FixedOutputHash, ModuloCache, OutputName,
-    StoreDir, StorePath,
+    hash_derivation_modulo, FileIngestionMethod, FixedOutputHash, HashAlgo, ModuloCache,
+    OutputName, StoreDir, StorePath,
 };
 use firn_protocol::types::GcAction;
 use firn_protocol::wire::FramedReader;
@@ -838,6 +838,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             FirnStatus::AlreadyValid => BuildStatus::AlreadyValid,
             FirnStatus::Substituted => BuildStatus::Substituted,
             FirnStatus::PermanentFailure => BuildStatus::PermanentFailure,
+            FirnStatus::TransientFailure => BuildStatus::TransientFailure,
             FirnStatus::TimedOut => BuildStatus::TimedOut,
             FirnStatus::OutputRejected | FirnStatus::HashMismatch => BuildStatus::OutputRejected,
             FirnStatus::DependencyFailed => BuildStatus::DependencyFailed,
@@ -965,6 +966,16 @@ fn content_addressed(sd: &StoreDir, info: &ValidPathInfo) -> bool {
         Some(ContentAddress::Text(h)) => sd.make_text_path(name, &h, &info.info.references),
         Some(ContentAddress::Fixed { method, hash }) if info.info.references.is_empty() => {
             sd.make_fixed_output_path(&FixedOutputHash { method, hash }, name)
+        }
+        // Recursive sha256 with references (what `nix profile` adds): a `source` path
+        // over the references, a self-reference counted apart, as Nix's
+        // `makeFixedOutputPath`.
+        Some(ContentAddress::Fixed { method, hash })
+            if method == FileIngestionMethod::Recursive && hash.algo() == HashAlgo::Sha256 =>
+        {
+            let refs = info.info.references.iter().filter(|r| **r != info.path);
+            let self_ref = info.info.references.iter().any(|r| *r == info.path);
+            sd.make_source_path(name, &hash, refs, self_ref)
         }
         _ => return false,
     };

@@ -211,6 +211,35 @@ pub fn serve_socket(
     Ok(())
 }
 
+/// Nix's `LocalStore::createUser` for each client: `profiles/per-user/USER` and
+/// `gcroots/per-user/USER` (0755, owned by the user; their parents 1777), where
+/// `nix-env`, `nix-channel` and `nix profile` keep the user's profiles.
+fn create_user_dirs(layout: &StoreLayout, peer: &trust::Peer) -> io::Result<()> {
+    let state = &layout.state_dir;
+    for parent in [
+        state.join("profiles/per-user"),
+        state.join("gcroots/per-user"),
+    ] {
+        let err = |what: &str, path: &Path, e: io::Error| {
+            io::Error::new(e.kind(), format!("{what} '{}': {e}", path.display()))
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| err("creating directory", &parent, e))?;
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| err("could not set permissions on", &parent, e))?;
+        let dir = parent.join(&peer.user);
+        std::fs::create_dir_all(&dir).map_err(|e| err("creating directory", &dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| err("changing permissions of directory", &dir, e))?;
+        nix::unistd::chown(
+            &dir,
+            Some(nix::unistd::Uid::from_raw(peer.uid)),
+            Some(nix::unistd::Gid::effective()),
+        )
+        .map_err(|e| err("changing owner of directory", &dir, e.into()))?;
+    }
+    Ok(())
+}
+
 fn spawn_connection(
     stream: UnixStream,
     config: &Arc<DaemonConfig>,
@@ -231,6 +260,13 @@ fn spawn_connection(
         peer: peer.clone(),
         trusted,
     });
+    if let Err(e) = create_user_dirs(&config.layout, &peer) {
+        log(&DaemonLog::ConnectionError {
+            pid: Some(peer.pid),
+            error: e.to_string(),
+        });
+        return Ok(None);
+    }
     let reader = stream.try_clone()?;
     let watch = stream.try_clone()?;
     let config = Arc::clone(config);

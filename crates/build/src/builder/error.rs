@@ -27,6 +27,9 @@ pub enum ExecError {
     Plan(#[from] crate::plan::PlanError),
     #[error("making the build's cgroup: {source}")]
     Cgroup { source: io::Error },
+    /// firn's own binary or its libraries, which run builtin builders, were not found.
+    #[error("starting builder 'builtin:{builtin}': {msg}")]
+    Builtin { builtin: String, msg: String },
     #[error("building in a store whose real directory '{real}' is not its logical one needs root (the store is mounted at {logical} for the builder); run as root or use the sandbox")]
     NeedRoot { real: String, logical: String },
 }

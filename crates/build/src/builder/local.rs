@@ -7,6 +7,10 @@
 //! isolated.
 //!
 //! The builder's stdout and stderr go to one pipe, which the worker polls and reads.
+//!
+//! A `builtin:NAME` builder is firn's own binary run as `firn __builtin NAME`
+//! (`crate::builtins::exec`): the same fork, environment, directory, user and sandbox
+//! as any builder, with the binary and its libraries bound into the sandbox.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
@@ -33,6 +37,7 @@ use super::sandbox::child::{enter_sandbox, SandboxSetup};
 use super::sandbox::{plan_sandbox, RootPool, SandboxInput, SandboxRoot};
 use super::sys::{self, Forked};
 use super::{BuildDir, BuildJob, Builder, Collected, RunningBuild};
+use crate::builtins::exec::{BuiltinExec, Runner};
 use crate::plan::{BuildPlan, SANDBOX_BUILD_DIR};
 
 /// How the local builder runs builds.
@@ -61,6 +66,9 @@ pub struct LocalBuilder {
     cgroups: Cgroups,
     /// Whether the host has `/dev/kvm` (bound into the sandbox, as Nix does).
     kvm: bool,
+    /// The binary that runs builtin builders (`firn __builtin NAME`); `None`: this
+    /// process's own.
+    builtin_exe: Option<PathBuf>,
 }
 
 impl LocalBuilder {
@@ -74,7 +82,26 @@ impl LocalBuilder {
             pool: RootPool::new(),
             cgroups,
             kvm: Path::new("/dev/kvm").exists(),
+            builtin_exe: None,
         }
+    }
+
+    /// Run builtin builders with `exe` (a `firn` binary) instead of this process's
+    /// own binary (for embedders whose binary has no `__builtin` command).
+    pub fn with_builtin_exe(mut self, exe: PathBuf) -> Self {
+        self.builtin_exe = Some(exe);
+        self
+    }
+
+    /// How to start builtin builder `name`.
+    fn builtin_exec(&self, name: &[u8], sandboxed: bool) -> Result<BuiltinExec, ExecError> {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let runner =
+            Runner::current(self.builtin_exe.as_deref()).map_err(|msg| ExecError::Builtin {
+                builtin: name.clone(),
+                msg,
+            })?;
+        Ok(runner.plan(&name, sandboxed))
     }
 
     /// Why the limits asked for cannot be enforced here, if they cannot (builds then
@@ -243,15 +270,23 @@ impl Builder for LocalBuilder {
             .unwrap_or_else(|| (Uid::effective().as_raw(), Gid::effective().as_raw()));
         let (step_reader, step_writer) = io::pipe().map_err(io_err(&real_build_dir))?;
         let real_store = self.real_store();
+        let builtin = match plan.builtin() {
+            Some(name) => Some(self.builtin_exec(name, job.sandboxed)?),
+            None => None,
+        };
         let mut sandbox = None;
         let mut sandbox_setup = None;
         if job.sandboxed {
             let inputs: Vec<StorePath> = job.inputs.iter().cloned().collect();
-            let sandbox_paths: Vec<(PathBuf, PathBuf, bool)> = job
+            let mut sandbox_paths: Vec<(PathBuf, PathBuf, bool)> = job
                 .sandbox_paths
                 .iter()
                 .map(|p| (p.target.clone(), p.source.clone(), p.optional))
                 .collect();
+            // A builtin's binary and libraries, read-only like every sandbox path.
+            if let Some(b) = &builtin {
+                sandbox_paths.extend(b.binds.iter().map(|(t, s)| (t.clone(), s.clone(), false)));
+            }
             let sandbox_plan = plan_sandbox(&SandboxInput {
                 real_store: &real_store,
                 store_dir: opts.store_dir.as_str(),
@@ -286,6 +321,7 @@ impl Builder for LocalBuilder {
             .unwrap_or_default();
         let spawned = spawn(
             plan,
+            builtin.as_ref(),
             &real_build_dir,
             relocated.then_some(real_store.as_path()),
             opts.store_dir.as_str(),
@@ -394,6 +430,7 @@ fn write_build_files(
 #[allow(clippy::too_many_arguments)]
 fn spawn(
     plan: &BuildPlan,
+    builtin: Option<&BuiltinExec>,
     build_dir: &Path,
     relocated_store: Option<&Path>,
     store_dir: &str,
@@ -410,12 +447,24 @@ fn spawn(
         .map_err(io_err(Path::new("/dev/null")))?;
     let (reader, writer) = io::pipe().map_err(io_err(build_dir))?;
     let writer2 = writer.try_clone().map_err(io_err(build_dir))?;
-    let program = OsStr::from_bytes(&plan.program);
-    let mut cmd = Command::new(program);
-    if let Some((argv0, rest)) = plan.argv.split_first() {
-        cmd.arg0(OsStr::from_bytes(argv0));
-        cmd.args(rest.iter().map(|a| OsStr::from_bytes(a)));
-    }
+    let mut cmd = match builtin {
+        // firn's binary runs the builtin: `firn __builtin NAME`.
+        Some(b) => {
+            let mut cmd = Command::new(&b.program);
+            if let Some((argv0, rest)) = b.argv.split_first() {
+                cmd.arg0(argv0).args(rest);
+            }
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(OsStr::from_bytes(&plan.program));
+            if let Some((argv0, rest)) = plan.argv.split_first() {
+                cmd.arg0(OsStr::from_bytes(argv0));
+                cmd.args(rest.iter().map(|a| OsStr::from_bytes(a)));
+            }
+            cmd
+        }
+    };
     cmd.env_clear()
         .envs(
             plan.env
