@@ -154,6 +154,8 @@ pub enum BuildError {
         drv: String,
         source: firn_derivation::ResolveError,
     },
+    #[error("pure derivation '{drv}' depends on impure derivation '{input}'")]
+    DependsOnImpure { drv: String, input: String },
     /// An input output whose realisation is not known (`drvOutputReferences`).
     #[error("output '{output}' of derivation '{drv}' isn't realised")]
     InputNotRealised { drv: String, output: String },

@@ -510,6 +510,24 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Substituted::Failed(e) => return self.fail(e),
             }
         }
+        // A pure derivation that is not fixed-output may not depend on an impure one
+        // (Nix's `gaveUpOnSubstitution`).
+        if let Ok(ty) = loaded.drv.derivation_type() {
+            if ty.is_pure() && ty != firn_derivation::DerivationType::FixedOutput {
+                for input in loaded.drv.input_drvs.keys() {
+                    let impure = cx.store.read_derivation(input).is_ok_and(|d| {
+                        d.derivation_type()
+                            .is_ok_and(|t| t == firn_derivation::DerivationType::Impure)
+                    });
+                    if impure {
+                        return self.fail(BuildError::DependsOnImpure {
+                            drv: shown,
+                            input: sd.display(input),
+                        });
+                    }
+                }
+            }
+        }
         let inputs = loaded.inputs.clone();
         self.state = GoalState::WaitingForInputs(Box::new(loaded));
         Next::Inputs(inputs)
@@ -1497,7 +1515,7 @@ fn use_sandbox(
         }),
         SandboxMode::On => Ok(true),
         SandboxMode::Off => Ok(false),
-        SandboxMode::Relaxed => Ok(!drv.is_fixed_output() && !no_chroot),
+        SandboxMode::Relaxed => Ok(drv.is_sandboxed() && !no_chroot),
     }
 }
 

@@ -524,7 +524,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     ));
                 }
                 self.store.db_mut().register_drv_output(&r)?;
-                Reply::Ok
+                Reply::Nothing
             }
         }))
     }

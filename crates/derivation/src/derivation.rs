@@ -265,6 +265,17 @@ impl Derivation<'_> {
             .any(|o| matches!(o, DerivationOutput::CAFixed(_)))
     }
 
+    /// Whether the derivation builds sandboxed (`isSandboxed`): all but fixed-output and
+    /// impure ones, which get the caller's `impureEnvVars` and the host's network.
+    pub fn is_sandboxed(&self) -> bool {
+        !self.outputs.values().any(|o| {
+            matches!(
+                o,
+                DerivationOutput::CAFixed(_) | DerivationOutput::Impure { .. }
+            )
+        })
+    }
+
     /// Whether the derivation uses `__structuredAttrs` (its env has `__json`).
     pub fn has_structured_attrs(&self) -> bool {
         self.env.contains_key(b"__json".as_slice())
