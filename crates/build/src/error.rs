@@ -156,4 +156,22 @@ pub enum BuildError {
     /// A top-level goal the worker never finished (a bug, reported, not a panic).
     #[error("not realised")]
     NotRealised,
+    /// The derivation needs an experimental feature that is not enabled (Nix's
+    /// `MissingExperimentalFeature`).
+    #[error("experimental Nix feature '{feature}' is disabled; use '--extra-experimental-features {feature}' to override")]
+    MissingFeature { feature: &'static str },
+    /// The hashes standing for the outputs (`staticOutputHashes`) cannot be computed.
+    #[error("cannot compute the output hashes of '{drv}': {msg}")]
+    OutputHashes { drv: String, msg: String },
+    /// Resolving a derivation with content-addressed inputs failed.
+    #[error("cannot resolve derivation '{drv}': {source}")]
+    Resolve {
+        drv: String,
+        source: firn_derivation::ResolveError,
+    },
+    #[error("pure derivation '{drv}' depends on impure derivation '{input}'")]
+    DependsOnImpure { drv: String, input: String },
+    /// An input output whose realisation is not known (`drvOutputReferences`).
+    #[error("output '{output}' of derivation '{drv}' isn't realised")]
+    InputNotRealised { drv: String, output: String },
 }

@@ -34,7 +34,7 @@ use crate::builder::{AcquiredUser, BuildJob, Builder, ExecError, RunningBuild, S
 use crate::error::{BuildError, BuilderExit};
 use crate::events::{BuildEvents, Message};
 use crate::log::BuildLog;
-use crate::outputs::{register_outputs, rewrite_hashes, BuiltOutputs};
+use crate::outputs::{register_outputs, register_outputs_with_paths, rewrite_hashes, BuiltOutputs};
 use crate::plan::{plan, PlanInput};
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::{SandboxMode, Settings};
@@ -79,10 +79,82 @@ pub enum BuildMode {
 #[derive(Debug)]
 pub struct Loaded {
     pub drv: Derivation<'static>,
-    /// Every output's path.
+    /// Every output's path: as the derivation states it, as a realisation records it
+    /// (`ca-derivations`), or — for an output whose path is known only once it is
+    /// built — the scratch path it is built at (listed in `unknown`).
     pub outputs: BTreeMap<OutputName, StorePath>,
+    /// Outputs whose path is not known yet: floating content-addressed, impure, or
+    /// deferred, and not realised.
+    pub unknown: BTreeSet<OutputName>,
+    /// The hash standing for each output (`staticOutputHashes`), which with its name is
+    /// its `DrvOutput`: computed when the store knows realisations or a path is unknown.
+    pub hashes: BTreeMap<OutputName, firn_derivation::Hash>,
     /// The input derivations and the outputs wanted of each.
     pub inputs: Vec<(StorePath, Wanted)>,
+}
+
+impl Loaded {
+    /// The outputs whose paths are known, by name.
+    pub fn known_outputs(&self) -> BTreeMap<OutputName, StorePath> {
+        self.outputs
+            .iter()
+            .filter(|(n, _)| !self.unknown.contains(*n))
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect()
+    }
+
+    /// The `DrvOutput` of output `name`, if its hash is known.
+    pub fn drv_output(&self, name: &OutputName) -> Option<firn_derivation::DrvOutput> {
+        self.hashes
+            .get(name)
+            .map(|h| firn_derivation::DrvOutput::new(*h, name.as_str()))
+    }
+}
+
+/// Nix's `makeFallbackPath(outputName)`: where an output whose path is not known is
+/// built (`rewrite:<drv>:name:<output>` with a zero hash).
+pub fn scratch_path(
+    sd: &firn_derivation::StoreDir,
+    drv_path: &StorePath,
+    drv_name: &str,
+    output: &str,
+) -> Result<StorePath, firn_derivation::StorePathError> {
+    use firn_derivation::{Hash, HashAlgo};
+    let zero = Hash::from_slice(HashAlgo::Sha256, &[0; 32]).unwrap_or_else(|| Hash::sha256(b""));
+    sd.make_store_path(
+        &format!("rewrite:{}:name:{output}", drv_path.base_name()),
+        &zero,
+        &firn_derivation::store_path::output_path_name(drv_name, output),
+    )
+}
+
+/// `staticOutputHashes` of `drv`, reading its input derivations from the store.
+pub fn output_hashes(
+    store: &Store,
+    drv_path: &StorePath,
+    drv: &Derivation<'_>,
+) -> Result<BTreeMap<OutputName, firn_derivation::Hash>, BuildError> {
+    let sd = store.store_dir();
+    let mut cache = firn_derivation::ModuloCache::new();
+    let mut read = |p: &StorePath| store.read_derivation(p);
+    let mut lookup = |p: &StorePath| cache.get(sd, p, &mut read);
+    let hashes = firn_derivation::static_output_hashes(sd, drv, &mut lookup).map_err(|e| {
+        BuildError::OutputHashes {
+            drv: sd.display(drv_path),
+            msg: e.to_string(),
+        }
+    })?;
+    hashes
+        .into_iter()
+        .map(|(n, h)| {
+            firn_derivation::output_name(&n)
+                .map(|n| (n, h))
+                .map_err(|source| BuildError::Derivation {
+                    drv: sd.display(drv_path),
+                    source,
+                })
+        })
+        .collect()
 }
 
 /// Read `drv_path` and compute its outputs and inputs (shared by the goal and the dry
@@ -101,12 +173,41 @@ pub fn load(store: &Store, drv_path: &StorePath) -> Result<Loaded, BuildError> {
             })
         }
     };
-    let outputs = drv
-        .output_paths_by_name(sd)
-        .map_err(|source| BuildError::Derivation {
-            drv: sd.display(drv_path),
-            source,
-        })?;
+    let derr = |source| BuildError::Derivation {
+        drv: sd.display(drv_path),
+        source,
+    };
+    let mut outputs = drv.output_paths_by_name(sd).map_err(derr)?;
+    let mut unknown = BTreeSet::new();
+    for name in drv.output_names().map_err(derr)? {
+        if !outputs.contains_key(&name) {
+            let p =
+                scratch_path(sd, drv_path, &drv.name, name.as_str()).map_err(|e| derr(e.into()))?;
+            outputs.insert(name.clone(), p);
+            unknown.insert(name);
+        }
+    }
+    let mut hashes = BTreeMap::new();
+    if store.ca_derivations() || !unknown.is_empty() {
+        hashes = output_hashes(store, drv_path, &drv)?;
+    }
+    // What the realisations say (`checkPathValidity`): a realised output's path is
+    // known. Impure outputs are never realised.
+    let pure = drv.derivation_type().map_err(derr)?.is_pure();
+    if store.ca_derivations() && pure {
+        for name in unknown.clone() {
+            let Some(h) = hashes.get(&name) else { continue };
+            let id = firn_derivation::DrvOutput::new(*h, name.as_str());
+            if let Some(r) = store
+                .db()
+                .query_realisation(&id)
+                .map_err(StoreError::from)?
+            {
+                outputs.insert(name.clone(), r.out_path);
+                unknown.remove(&name);
+            }
+        }
+    }
     let mut inputs = Vec::new();
     for (p, outs) in &drv.input_drvs {
         let names = outs
@@ -122,7 +223,27 @@ pub fn load(store: &Store, drv_path: &StorePath) -> Result<Loaded, BuildError> {
     Ok(Loaded {
         drv,
         outputs,
+        unknown,
+        hashes,
         inputs,
+    })
+}
+
+/// Whether `drv` is built through the derivation it resolves to (Nix's
+/// `inputsRealised`): deferred input-addressed, floating and impure derivations with
+/// input derivations must be; fixed-output ones are when `ca-derivations` is on.
+fn needs_resolving(
+    drv: &Derivation<'_>,
+    ca: bool,
+) -> Result<bool, firn_derivation::DerivationError> {
+    use firn_derivation::DerivationType as T;
+    if drv.input_drvs.is_empty() {
+        return Ok(false);
+    }
+    Ok(match drv.derivation_type()? {
+        T::InputAddressed { deferred } => deferred,
+        T::FixedOutput => ca,
+        T::Floating | T::Impure => true,
     })
 }
 
@@ -165,6 +286,11 @@ pub enum GoalState<R> {
     Building {
         loaded: Box<Loaded>,
         build: Box<Build<R>>,
+    },
+    /// Waiting for the goal of the derivation this one resolved to.
+    WaitingForResolved {
+        loaded: Box<Loaded>,
+        resolved: StorePath,
     },
     Done(BuildResult),
 }
@@ -283,6 +409,48 @@ impl<R: RunningBuild> DerivationGoal<R> {
             Ok(l) => l,
             Err(e) => return self.fail(e),
         };
+        // Content-addressed and impure derivations need their experimental features
+        // (Nix asks when it reads them, and again for outputs not known in advance).
+        match loaded.drv.derivation_type() {
+            Ok(ty) => {
+                let mut needed = Vec::new();
+                needed.extend(ty.required_feature());
+                if !ty.has_known_output_paths() {
+                    needed.push("ca-derivations");
+                }
+                if let Some(f) = needed.into_iter().find(|f| !cx.settings.has_feature(f)) {
+                    return self.fail(BuildError::MissingFeature { feature: f });
+                }
+            }
+            Err(source) => {
+                return self.fail(BuildError::Derivation {
+                    drv: shown.clone(),
+                    source,
+                })
+            }
+        }
+        // A valid output known from the derivation alone, without its realisation
+        // (built without `ca-derivations`): record it, as Nix does.
+        if cx.store.ca_derivations() && loaded.drv.derivation_type().is_ok_and(|t| t.is_pure()) {
+            for (name, p) in &loaded.outputs {
+                if loaded.unknown.contains(name) {
+                    continue;
+                }
+                let Some(id) = loaded.drv_output(name) else {
+                    continue;
+                };
+                let recorded = match cx.store.db().query_realisation(&id) {
+                    Ok(r) => r.is_some(),
+                    Err(e) => return self.fail(StoreError::from(e).into()),
+                };
+                if !recorded && cx.store.db().is_valid_path(p).unwrap_or(false) {
+                    let r = firn_derivation::Realisation::new(id, p.clone());
+                    if let Err(e) = cx.store.db_mut().register_drv_output(&r) {
+                        return self.fail(StoreError::from(e).into());
+                    }
+                }
+            }
+        }
         let rooted = loaded
             .outputs
             .values()
@@ -303,7 +471,11 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let mut every_valid = true;
         let mut missing_wanted = Vec::new();
         for (name, p) in &loaded.outputs {
-            match cx.store.db().is_valid_path(p) {
+            let valid = match loaded.unknown.contains(name) {
+                true => Ok(false),
+                false => cx.store.db().is_valid_path(p),
+            };
+            match valid {
                 Ok(valid) => {
                     every_valid &= valid;
                     if self.wanted.contains(name.as_str()) {
@@ -327,8 +499,8 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Err(e) => return self.fail(e),
             }
         } else if all_wanted_valid {
-            return self.done(BuildResult::already_valid(loaded.outputs));
-        } else if crate::substitute::allowed(&loaded.drv) {
+            return self.done(BuildResult::already_valid(loaded.known_outputs()));
+        } else if loaded.unknown.is_empty() && crate::substitute::allowed(&loaded.drv) {
             // The binary caches before building (Nix's `haveDerivation`): if they have
             // every missing wanted output, neither this nor its inputs are built.
             use crate::substitute::Substituted;
@@ -338,18 +510,39 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Substituted::Failed(e) => return self.fail(e),
             }
         }
+        // A pure derivation that is not fixed-output may not depend on an impure one
+        // (Nix's `gaveUpOnSubstitution`).
+        if let Ok(ty) = loaded.drv.derivation_type() {
+            if ty.is_pure() && ty != firn_derivation::DerivationType::FixedOutput {
+                for input in loaded.drv.input_drvs.keys() {
+                    let impure = cx.store.read_derivation(input).is_ok_and(|d| {
+                        d.derivation_type()
+                            .is_ok_and(|t| t == firn_derivation::DerivationType::Impure)
+                    });
+                    if impure {
+                        return self.fail(BuildError::DependsOnImpure {
+                            drv: shown,
+                            input: sd.display(input),
+                        });
+                    }
+                }
+            }
+        }
         let inputs = loaded.inputs.clone();
         self.state = GoalState::WaitingForInputs(Box::new(loaded));
         Next::Inputs(inputs)
     }
 
     /// `WaitingForInputs`, once every input goal is done (`result` gives their
-    /// results): fail if one failed, else wait for a build slot.
-    pub fn inputs_done<'r>(
+    /// results): fail if one failed; resolve the derivation if its inputs are
+    /// content-addressed (then wait for the goal of the resolved one); else wait for a
+    /// build slot.
+    pub fn inputs_done<'r, B: Builder<Build = R>>(
         &mut self,
-        store_dir: &firn_derivation::StoreDir,
+        cx: &mut Context<'_, B>,
         result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
     ) -> Next {
+        let store_dir = &cx.store.store_dir().clone();
         let GoalState::WaitingForInputs(loaded) =
             std::mem::replace(&mut self.state, GoalState::Init)
         else {
@@ -366,12 +559,108 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 count: failed,
             });
         }
+        let ca = cx.settings.ca_derivations();
+        match needs_resolving(&loaded.drv, ca) {
+            Ok(false) => {}
+            Ok(true) if !ca => {
+                return self.fail(BuildError::MissingFeature {
+                    feature: "ca-derivations",
+                })
+            }
+            Ok(true) => return self.resolve(cx, loaded, result),
+            Err(source) => {
+                return self.fail(BuildError::Derivation {
+                    drv: store_dir.display(&self.drv_path),
+                    source,
+                })
+            }
+        }
         self.state = GoalState::TryToBuild {
             loaded,
             said_waiting_lock: false,
             said_waiting_user: false,
         };
         Next::Slot
+    }
+
+    /// Resolve the derivation with its inputs' realised outputs, write the resolved one
+    /// to the store and wait for its goal (Nix's `inputsRealised` and
+    /// `resolvedFinished`).
+    fn resolve<'r, B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        loaded: Box<Loaded>,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Next {
+        let sd = cx.store.store_dir().clone();
+        let shown = sd.display(&self.drv_path);
+        let mut realised = |input: &StorePath, output: &str| {
+            result(input).and_then(|r| r.outputs.get(output).cloned())
+        };
+        let resolved = match firn_derivation::resolve(&sd, &loaded.drv, &mut realised) {
+            Ok(d) => d,
+            Err(source) => return self.fail(BuildError::Resolve { drv: shown, source }),
+        };
+        let path = match cx.store.add_derivation(resolved, false) {
+            Ok(p) => p,
+            Err(e) => return self.fail(e.into()),
+        };
+        if let Err(e) = cx.store.add_temp_root(&path) {
+            return self.fail(e.into());
+        }
+        let wanted = self.wanted.clone();
+        self.state = GoalState::WaitingForResolved {
+            loaded,
+            resolved: path.clone(),
+        };
+        Next::Inputs(vec![(path, wanted)])
+    }
+
+    /// `WaitingForResolved`, once the resolved derivation's goal is done: its outputs
+    /// are this derivation's, and realisations record them (with the realisations of
+    /// the inputs they refer to).
+    pub fn resolved_done<'r, B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        result: impl Fn(&StorePath) -> Option<&'r BuildResult>,
+    ) -> Next {
+        let GoalState::WaitingForResolved { loaded, resolved } =
+            std::mem::replace(&mut self.state, GoalState::Init)
+        else {
+            return Next::Done;
+        };
+        let Some(r) = result(&resolved).cloned() else {
+            return self.fail(BuildError::NotRealised);
+        };
+        if !r.status.success() {
+            return self.done(BuildResult {
+                outputs: BTreeMap::new(),
+                ..r
+            });
+        }
+        let ty = loaded.drv.derivation_type().ok();
+        if cx.settings.ca_derivations() && ty.is_some_and(|t| t.is_pure()) {
+            let fixed = ty == Some(firn_derivation::DerivationType::FixedOutput);
+            for (name, path) in &r.outputs {
+                if !self.wanted.contains(name.as_str()) {
+                    continue;
+                }
+                let Some(id) = loaded.drv_output(name) else {
+                    continue;
+                };
+                let mut realisation = firn_derivation::Realisation::new(id, path.clone());
+                if !fixed {
+                    match drv_output_references(cx.store, &loaded.drv, path) {
+                        Ok(deps) => realisation.dependent_realisations = deps,
+                        Err(e) => return self.fail(e),
+                    }
+                }
+                if let Err(e) = cx.store.db_mut().register_drv_output(&realisation) {
+                    return self.fail(StoreError::from(e).into());
+                }
+            }
+        }
+        self.done(r)
     }
 
     /// `TryToBuild`, with a build slot: take the output locks and a build user without
@@ -421,6 +710,9 @@ impl<R: RunningBuild> DerivationGoal<R> {
         // not "not valid" (that could delete a valid output), it fails the goal.
         let mut valid = BTreeSet::new();
         for (name, p) in &loaded.outputs {
+            if loaded.unknown.contains(name) {
+                continue;
+            }
             match cx.store.db().is_valid_path(p) {
                 Ok(true) => {
                     valid.insert(name.clone());
@@ -431,7 +723,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         }
         if valid.len() == loaded.outputs.len() && self.mode == BuildMode::Normal {
             locks.set_deletion(true);
-            return self.done(BuildResult::already_valid(loaded.outputs));
+            return self.done(BuildResult::already_valid(loaded.known_outputs()));
         }
         // A build user, or wait for one: never build as the caller instead.
         let user = match cx.builder.acquire_user() {
@@ -747,6 +1039,8 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let sd = cx.store.store_dir().clone();
         let shown = sd.display(&self.drv_path);
         let failed_exit = status.filter(|s| !s.success()).map(builder_exit);
+        // The final paths of the outputs built (for floating ones, known only now).
+        let mut finals: BTreeMap<OutputName, StorePath> = BTreeMap::new();
         let usage = build.running.usage();
         let limits = (cx.settings.build_memory_max.0, cx.settings.build_pids_max.0);
         let outcome: Result<(), BuildError> = match (killed, failed_exit) {
@@ -779,7 +1073,9 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 cx.settings.keep_failed,
                 cx.events,
             ),
-            (None, None) => self.collect_and_register(cx, &loaded, &mut build),
+            (None, None) => self
+                .collect_and_register(cx, &loaded, &mut build, &mut finals)
+                .and_then(|()| register_realisations(cx.store, cx.settings, &loaded, &finals)),
         };
         // As Nix, never for builtins: their directory may hold privileged things.
         let builtin = loaded.drv.builder.starts_with(b"builtin:");
@@ -825,7 +1121,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
         // Nix 2.8 calls the failure of a builder that is not sandboxed in its terms (a
         // fixed-output derivation's) transient: exit 1, not 100.
         let fixed_output = loaded.drv.is_fixed_output();
-        let outputs = loaded.outputs;
+        let mut outputs = loaded.known_outputs();
+        if outcome.is_ok() {
+            outputs.extend(finals);
+        }
         let outcome = outcome.and_then(|()| self.run_post_build_hook(cx, &outputs));
         let (status, error) = match outcome {
             Ok(()) => (BuildStatus::Built, None),
@@ -955,6 +1254,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         cx: &mut Context<'_, B>,
         loaded: &Loaded,
         build: &mut Build<R>,
+        finals: &mut BTreeMap<OutputName, StorePath>,
     ) -> Result<(), BuildError> {
         let to_register: BTreeMap<OutputName, StorePath> = loaded
             .outputs
@@ -995,7 +1295,8 @@ impl<R: RunningBuild> DerivationGoal<R> {
             missing_at: collected.missing_at,
             secret_keys: &keys,
         };
-        register_outputs(cx.store, &built)?;
+        let (_, paths) = register_outputs_with_paths(cx.store, &built)?;
+        *finals = paths;
         Ok(())
     }
 
@@ -1039,6 +1340,92 @@ impl<R: RunningBuild> DerivationGoal<R> {
         self.fail(why);
         was_building
     }
+}
+
+/// With `ca-derivations`, the realisations of the outputs a pure derivation just built
+/// (`registerOutputs`): `DrvOutput` (its hash, the output) → the path.
+fn register_realisations(
+    store: &mut Store,
+    settings: &Settings,
+    loaded: &Loaded,
+    finals: &BTreeMap<OutputName, StorePath>,
+) -> Result<(), BuildError> {
+    let pure = loaded.drv.derivation_type().is_ok_and(|t| t.is_pure());
+    if !settings.ca_derivations() || !pure {
+        return Ok(());
+    }
+    for (name, path) in finals {
+        if let Some(id) = loaded.drv_output(name) {
+            let r = firn_derivation::Realisation::new(id, path.clone());
+            store
+                .db_mut()
+                .register_drv_output(&r)
+                .map_err(StoreError::from)?;
+        }
+    }
+    Ok(())
+}
+
+/// Nix's `drvOutputReferences`: the realisations, among those of `drv`'s input
+/// derivations' wanted outputs and the realisations they depend on (transitively),
+/// whose paths `out_path` refers to.
+fn drv_output_references(
+    store: &Store,
+    drv: &Derivation<'_>,
+    out_path: &StorePath,
+) -> Result<BTreeMap<firn_derivation::DrvOutput, StorePath>, BuildError> {
+    let sd = store.store_dir();
+    let mut work = Vec::new();
+    for (input, outputs) in &drv.input_drvs {
+        let input_drv = store.read_derivation(input)?;
+        let hashes = output_hashes(store, input, &input_drv)?;
+        for o in outputs {
+            let name = String::from_utf8_lossy(o).into_owned();
+            let missing = || BuildError::InputNotRealised {
+                drv: sd.display(input),
+                output: name.clone(),
+            };
+            let h = hashes
+                .iter()
+                .find(|(n, _)| n.as_str() == name)
+                .map(|(_, h)| *h)
+                .ok_or_else(missing)?;
+            let id = firn_derivation::DrvOutput::new(h, name.as_str());
+            let r = store
+                .db()
+                .query_realisation(&id)
+                .map_err(StoreError::from)?
+                .ok_or_else(missing)?;
+            work.push(r);
+        }
+    }
+    // `Realisation::closure`.
+    let mut closure: BTreeMap<firn_derivation::DrvOutput, StorePath> = BTreeMap::new();
+    while let Some(r) = work.pop() {
+        if closure.insert(r.id.clone(), r.out_path.clone()).is_some() {
+            continue;
+        }
+        for dep in r.dependent_realisations.keys() {
+            if closure.contains_key(dep) {
+                continue;
+            }
+            if let Some(d) = store
+                .db()
+                .query_realisation(dep)
+                .map_err(StoreError::from)?
+            {
+                work.push(d);
+            }
+        }
+    }
+    let refs = store
+        .db()
+        .query_references(out_path)
+        .map_err(StoreError::from)?;
+    Ok(closure
+        .into_iter()
+        .filter(|(_, p)| refs.contains(p))
+        .collect())
 }
 
 /// The closures `exportReferencesGraph` asks for (Nix's `exportReferences`): each named
@@ -1167,7 +1554,7 @@ fn use_sandbox(
         }),
         SandboxMode::On => Ok(true),
         SandboxMode::Off => Ok(false),
-        SandboxMode::Relaxed => Ok(!drv.is_fixed_output() && !no_chroot),
+        SandboxMode::Relaxed => Ok(drv.is_sandboxed() && !no_chroot),
     }
 }
 

@@ -17,6 +17,7 @@ use firn_derivation::{
     Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash, Hash, OutputName, StorePath,
 };
 use firn_store::canonical::{canonicalise_path_metadata, delete_path};
+use firn_store::content_address::HashModuloSink;
 use firn_store::db::{topo_sort, Registration, ValidPathInfo};
 use firn_store::nar::HashSink;
 use firn_store::references::scan_path;
@@ -45,6 +46,9 @@ pub enum OutputError {
     FlatNotRegular(String),
     #[error("illegal path references in fixed-output derivation '{0}'")]
     FixedOutputReferences(String),
+    /// Only recursive sha256 content may have references (`makeFixedOutputPath`).
+    #[error("output '{output}' of '{drv}' has references, which only recursive sha256 content-addressed outputs may have")]
+    FloatingReferences { drv: String, output: String },
     #[error("hash mismatch in fixed-output derivation '{drv}': specified: {specified} got: {got}")]
     HashMismatch {
         drv: String,
@@ -109,6 +113,34 @@ pub struct BuiltOutputs<'d> {
 /// Check, canonicalise, scan and register the outputs, which are at their final real
 /// paths. Returns the registered infos (in registration order).
 pub fn register_outputs(
+    store: &mut Store,
+    built: &BuiltOutputs<'_>,
+) -> Result<Vec<ValidPathInfo>, OutputError> {
+    register_outputs_with_paths(store, built).map(|(infos, _)| infos)
+}
+
+/// [`register_outputs`], also giving each output's final path: a floating
+/// content-addressed output is built at a scratch path and moved to the path its
+/// contents give.
+pub fn register_outputs_with_paths(
+    store: &mut Store,
+    built: &BuiltOutputs<'_>,
+) -> Result<(Vec<ValidPathInfo>, BTreeMap<OutputName, StorePath>), OutputError> {
+    let floating = built.outputs.keys().any(|n| {
+        matches!(
+            built.drv.outputs.get(n.as_bytes()),
+            Some(DerivationOutput::CAFloating { .. } | DerivationOutput::Impure { .. })
+        )
+    });
+    if floating {
+        return register_floating_outputs(store, built);
+    }
+    let infos = register_static_outputs(store, built)?;
+    Ok((infos, built.outputs.clone()))
+}
+
+/// Outputs whose paths the derivation states.
+fn register_static_outputs(
     store: &mut Store,
     built: &BuiltOutputs<'_>,
 ) -> Result<Vec<ValidPathInfo>, OutputError> {
@@ -248,6 +280,264 @@ fn sign(sd: &firn_derivation::StoreDir, info: &mut ValidPathInfo, keys: &[Secret
     if let Some(fp) = firn_cache::keys::info_fingerprint(sd, info) {
         info.sigs.extend(keys.iter().map(|k| k.sign(&fp)));
     }
+}
+
+/// Floating content-addressed (and impure) outputs, built at scratch paths (Nix's
+/// `registerOutputs`, `newInfoFromCA`): in the order of their references to each other,
+/// each output has the scratch hashes of the outputs moved before it rewritten to their
+/// final ones, is hashed modulo its own scratch hash part, gets the path
+/// `makeFixedOutputPath` gives that hash with its references (and itself), has its own
+/// scratch hash part rewritten to the final one, and is moved there and registered with
+/// `ca = fixed:…` right away. An output whose path is valid already (the same content
+/// built before) is dropped for the valid one.
+fn register_floating_outputs(
+    store: &mut Store,
+    built: &BuiltOutputs<'_>,
+) -> Result<(Vec<ValidPathInfo>, BTreeMap<OutputName, StorePath>), OutputError> {
+    let sd = store.store_dir().clone();
+    let drv_shown = sd.display(built.drv_path);
+    let mut candidates: BTreeSet<StorePath> = built.input_closure.clone();
+    candidates.extend(built.outputs.values().cloned());
+    let mut refs_of: BTreeMap<OutputName, BTreeSet<StorePath>> = BTreeMap::new();
+    for (name, path) in &built.outputs {
+        let real = store.real_path(path);
+        let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
+            drv: drv_shown.clone(),
+            output: name.to_string(),
+            path: built
+                .missing_at
+                .get(name)
+                .unwrap_or(&real)
+                .display()
+                .to_string(),
+        })?;
+        let owner_ok = built.build_uid.is_none_or(|uid| meta.uid() == uid);
+        if !meta.file_type().is_symlink() && (meta.mode() & 0o022 != 0 || !owner_ok) {
+            return Err(OutputError::Suspicious(real.display().to_string()));
+        }
+        canonicalise_path_metadata(&real).map_err(io_err(&real))?;
+        let scan = scan_path(&real, &candidates).map_err(StoreError::from)?;
+        refs_of.insert(name.clone(), scan.references);
+    }
+    let order =
+        output_order(&built.outputs, &refs_of).map_err(|(output, from)| OutputError::Cycle {
+            drv: drv_shown.clone(),
+            output,
+            from,
+        })?;
+    let mut rewrites: Vec<(String, String)> = Vec::new();
+    let mut finals: BTreeMap<OutputName, StorePath> = BTreeMap::new();
+    let mut infos = Vec::new();
+    let mut regs = Vec::new();
+    for name in order {
+        let scratch = &built.outputs[&name];
+        let real = store.real_path(scratch);
+        let (method, algo) = match built.drv.outputs.get(name.as_bytes()) {
+            Some(
+                DerivationOutput::CAFloating { method, algo }
+                | DerivationOutput::Impure { method, algo },
+            ) => (*method, *algo),
+            _ => continue,
+        };
+        if method == FileIngestionMethod::Flat {
+            let meta = fs::symlink_metadata(&real).map_err(io_err(&real))?;
+            if !meta.is_file() || meta.mode() & 0o100 != 0 {
+                return Err(OutputError::FlatNotRegular(real.display().to_string()));
+            }
+        }
+        rewrite_in_nar(&real, &rewrites)?;
+        let mut sink = HashModuloSink::new(algo, scratch.hash_part().as_bytes());
+        match method {
+            FileIngestionMethod::Recursive => {
+                firn_store::nar::dump_path(&real, &mut sink).map_err(StoreError::from)?
+            }
+            FileIngestionMethod::Flat => {
+                let mut f = fs::File::open(&real).map_err(io_err(&real))?;
+                io::copy(&mut f, &mut sink).map_err(io_err(&real))?;
+            }
+        }
+        let got = sink.finish();
+        // The references with the scratch paths of earlier outputs renamed; a
+        // reference to itself is `self`.
+        let mut self_ref = false;
+        let mut refs = BTreeSet::new();
+        for r in &refs_of[&name] {
+            if r == scratch {
+                self_ref = true;
+                continue;
+            }
+            let renamed = rewrites
+                .iter()
+                .find(|(from, _)| from == r.hash_part())
+                .and_then(|(_, to)| {
+                    StorePath::from_base_name(format!("{to}-{}", r.name()).as_bytes()).ok()
+                });
+            refs.insert(renamed.unwrap_or_else(|| r.clone()));
+        }
+        let fixed = FixedOutputHash { method, hash: got };
+        let path_name = scratch.name().to_owned();
+        let final_path = sd
+            .make_fixed_output_path_with_references(&fixed, &path_name, &refs, self_ref)
+            .map_err(StoreError::from)?
+            .ok_or_else(|| OutputError::FloatingReferences {
+                drv: drv_shown.clone(),
+                output: name.to_string(),
+            })?;
+        if &final_path != scratch {
+            rewrite_in_nar(
+                &real,
+                &[(
+                    scratch.hash_part().to_owned(),
+                    final_path.hash_part().to_owned(),
+                )],
+            )?;
+            rewrites.push((
+                scratch.hash_part().to_owned(),
+                final_path.hash_part().to_owned(),
+            ));
+        }
+        canonicalise_path_metadata(&real).map_err(io_err(&real))?;
+        let final_real = store.real_path(&final_path);
+        let _lock = firn_store::lock::PathLocks::lock([final_real.clone()], true, |_| {})
+            .map_err(StoreError::from)?;
+        let already = store
+            .db()
+            .is_valid_path(&final_path)
+            .map_err(StoreError::from)?;
+        if already {
+            // The same content was built before: keep what is registered.
+            delete_path(&real).map_err(io_err(&real))?;
+        } else {
+            if final_real != real {
+                delete_path(&final_real).map_err(io_err(&final_real))?;
+                fs::rename(&real, &final_real).map_err(io_err(&final_real))?;
+            }
+            let mut hasher = HashSink::new();
+            firn_store::nar::dump_path(&final_real, &mut hasher).map_err(StoreError::from)?;
+            let (nar_hash, nar_size) = hasher.finish();
+            if self_ref {
+                refs.insert(final_path.clone());
+            }
+            store.auto_optimise_path(&final_real)?;
+            let mut info = ValidPathInfo {
+                path: final_path.clone(),
+                nar_hash,
+                nar_size,
+                references: refs,
+                deriver: Some(built.drv_path.clone()),
+                registration_time: now(),
+                ultimate: true,
+                sigs: Vec::new(),
+                ca: Some(fixed_ca(&fixed)),
+            };
+            sign(&sd, &mut info, built.secret_keys);
+            let reg = Registration {
+                info: info.clone(),
+                drv_outputs: BTreeMap::new(),
+            };
+            // Registered right away, as Nix does: its path was not known before.
+            store
+                .db_mut()
+                .register_valid_paths(std::slice::from_ref(&reg))
+                .map_err(StoreError::from)?;
+            regs.push(reg);
+            infos.push(info);
+        }
+        finals.insert(name, final_path);
+    }
+    let checked = BuiltOutputs {
+        drv_path: built.drv_path,
+        drv: built.drv,
+        outputs: finals.clone(),
+        input_closure: built.input_closure.clone(),
+        build_uid: built.build_uid,
+        missing_at: BTreeMap::new(),
+        secret_keys: built.secret_keys,
+    };
+    check_constraints(store, &checked, &regs)?;
+    Ok((infos, finals))
+}
+
+/// Nix's `rewriteOutput`: the NAR of `real` with each `from` replaced by its `to`
+/// (file contents, symlink targets and names alike), restored in its place. Works on
+/// canonicalised (read-only) outputs, which are replaced rather than written.
+fn rewrite_in_nar(real: &Path, rewrites: &[(String, String)]) -> Result<(), OutputError> {
+    if rewrites.is_empty() {
+        return Ok(());
+    }
+    let mut nar = Vec::new();
+    firn_store::nar::dump_path(real, &mut nar).map_err(StoreError::from)?;
+    let mut changed = false;
+    for (from, to) in rewrites {
+        let finder = memchr::memmem::Finder::new(from.as_bytes());
+        let hits: Vec<usize> = finder.find_iter(&nar).collect();
+        for at in hits {
+            nar[at..at + to.len()].copy_from_slice(to.as_bytes());
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    let mut tmp = real.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    delete_path(&tmp).map_err(io_err(&tmp))?;
+    firn_store::nar::restore_path(&mut nar.as_slice(), &tmp).map_err(StoreError::from)?;
+    delete_path(real).map_err(io_err(real))?;
+    fs::rename(&tmp, real).map_err(io_err(real))?;
+    Ok(())
+}
+
+/// The outputs in an order where an output comes after those it refers to (by their
+/// scratch paths); a cycle is `(output, from)`.
+fn output_order(
+    outputs: &BTreeMap<OutputName, StorePath>,
+    refs_of: &BTreeMap<OutputName, BTreeSet<StorePath>>,
+) -> Result<Vec<OutputName>, (String, String)> {
+    let by_path: BTreeMap<&StorePath, &OutputName> = outputs.iter().map(|(n, p)| (p, n)).collect();
+    let deps = |n: &OutputName| -> Vec<OutputName> {
+        refs_of
+            .get(n)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| by_path.get(r).copied())
+            .filter(|d| *d != n)
+            .cloned()
+            .collect()
+    };
+    // 0 unvisited, 1 on the stack, 2 done.
+    let mut state: BTreeMap<OutputName, u8> = BTreeMap::new();
+    let mut order = Vec::new();
+    fn visit(
+        n: &OutputName,
+        parent: Option<&OutputName>,
+        deps: &dyn Fn(&OutputName) -> Vec<OutputName>,
+        state: &mut BTreeMap<OutputName, u8>,
+        order: &mut Vec<OutputName>,
+    ) -> Result<(), (String, String)> {
+        match state.get(n).copied().unwrap_or(0) {
+            2 => return Ok(()),
+            1 => {
+                return Err((
+                    n.to_string(),
+                    parent.map(|p| p.to_string()).unwrap_or_default(),
+                ))
+            }
+            _ => {}
+        }
+        state.insert(n.clone(), 1);
+        for d in deps(n) {
+            visit(&d, Some(n), deps, state, order)?;
+        }
+        state.insert(n.clone(), 2);
+        order.push(n.clone());
+        Ok(())
+    }
+    for n in outputs.keys() {
+        visit(n, None, &deps, &mut state, &mut order)?;
+    }
+    Ok(order)
 }
 
 /// The hash a fixed output actually has: its contents (flat) or its NAR (recursive),

@@ -308,7 +308,11 @@ pub enum PlanError {
 /// Compute the plan for building `input.drv`. Pure: the same input gives the same plan.
 pub fn plan(input: &PlanInput<'_>) -> Result<BuildPlan, PlanError> {
     let drv = input.drv;
-    let fixed_output = matches!(drv.derivation_type()?, DerivationType::FixedOutput);
+    // Fixed-output and impure derivations are not sandboxed (`isSandboxed`).
+    let fixed_output = matches!(
+        drv.derivation_type()?,
+        DerivationType::FixedOutput | DerivationType::Impure
+    );
     let structured = structured_attrs(drv)?;
     let is_structured = structured.is_some();
     let outputs = output_paths(input)?;

@@ -113,7 +113,6 @@ pub const NIX_SETTINGS: &[&str] = &[
     "enforce-determinism",
     "env-keep-derivations",
     "eval-cache",
-    "experimental-features",
     "extra-platforms",
     "fallback",
     "filter-syscalls",
@@ -491,6 +490,8 @@ settings! {
     extra_platforms: StringSet = crate::platform::default_extra_platforms().into_iter().collect(), "extra-platforms", ["build-extra-platforms"];
     /// Features this machine offers to `requiredSystemFeatures`.
     system_features: StringSet = crate::platform::default_system_features().into_iter().collect(), "system-features";
+    /// Experimental features enabled (`ca-derivations`, `impure-derivations` change builds).
+    experimental_features: StringSet = StringSet::default(), "experimental-features";
     /// How many lines of a failed build's log its error shows when the log was not.
     log_lines: u64 = 10, "log-lines";
     /// Each build in a cgroup of its own (limits, accounting, killing all it started).
@@ -523,6 +524,19 @@ settings! {
     allowed_users: Strings = Strings(vec!["*".to_owned()]), "allowed-users";
     /// Users (names, `@group`, `*`) whom `firn daemon` trusts (any setting, unsigned paths).
     trusted_users: Strings = Strings(vec!["root".to_owned()]), "trusted-users";
+}
+
+impl Settings {
+    /// Whether the experimental feature `name` is enabled.
+    pub fn has_feature(&self, name: &str) -> bool {
+        self.experimental_features.0.contains(name)
+    }
+
+    /// Whether `ca-derivations` is enabled: content-addressed derivations are built and
+    /// realisations recorded.
+    pub fn ca_derivations(&self) -> bool {
+        self.has_feature("ca-derivations")
+    }
 }
 
 impl Settings {

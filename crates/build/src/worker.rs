@@ -141,6 +141,21 @@ impl<'s, B: Builder> Worker<'s, B> {
         tops: &[(StorePath, Wanted)],
         mode: BuildMode,
     ) -> Vec<(StorePath, BuildResult)> {
+        // With `ca-derivations`, the store's realisation tables are made (as Nix makes
+        // them on opening the store) and asked.
+        if self.settings.ca_derivations() && !self.store.ca_derivations() {
+            if let Err(e) = self.store.enable_ca_derivations() {
+                let e = std::sync::Arc::new(BuildError::from(e));
+                return tops
+                    .iter()
+                    .map(|(p, _)| {
+                        let mut r = BuildResult::failure(BuildError::NotRealised);
+                        r.error = Some(e.clone());
+                        (p.clone(), r)
+                    })
+                    .collect();
+            }
+        }
         for (p, w) in tops {
             self.add_goal(p, w);
             if let Some(g) = self.goals.get_mut(p) {
@@ -220,10 +235,8 @@ impl<'s, B: Builder> Worker<'s, B> {
             let result_of = |p: &StorePath| goals.get(p).and_then(|g| g.result());
             match &goal.state {
                 GoalState::Init => goal.init(&mut cx),
-                GoalState::WaitingForInputs(_) => {
-                    let sd = cx.store.store_dir().clone();
-                    goal.inputs_done(&sd, result_of)
-                }
+                GoalState::WaitingForInputs(_) => goal.inputs_done(&mut cx, result_of),
+                GoalState::WaitingForResolved { .. } => goal.resolved_done(&mut cx, result_of),
                 GoalState::TryToBuild { .. } => {
                     let slots = settings.max_jobs.0.max(1);
                     let running = goals.values().filter(|g| g.is_building()).count();
@@ -295,6 +308,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                     Some(GoalState::WaitingForInputs(loaded)) => {
                         loaded.inputs.iter().all(|(p, _)| self.is_done(p))
                     }
+                    Some(GoalState::WaitingForResolved { resolved, .. }) => self.is_done(resolved),
                     _ => false,
                 };
                 if all_done {

@@ -103,6 +103,14 @@ pub fn serve_connection<R: Read, W: Write>(
         },
     );
     w.write_str(NIX_VERSION)?;
+    // With `ca-derivations` (the daemon's own setting: clients cannot set it), the
+    // realisation tables are made on opening, as Nix's LocalStore does.
+    let store = store.and_then(|mut s| {
+        if config.settings.ca_derivations() {
+            s.enable_ca_derivations()?;
+        }
+        Ok(s)
+    });
     let store = match store {
         Ok(s) => {
             // Nix's LocalStore makes the hard-link directory on open; clients and
@@ -245,10 +253,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             Request::QueryDeriver(p) => {
                 Reply::OptPath(self.store.db().query_path_info(&p)?.and_then(|i| i.deriver))
             }
-            Request::QueryDerivationOutputMap(p) => {
-                let m = self.output_map(&p)?;
-                Reply::OutputMap(m.into_iter().map(|(k, v)| (k, Some(v))).collect())
-            }
+            Request::QueryDerivationOutputMap(p) => Reply::OutputMap(self.partial_output_map(&p)?),
             Request::QueryDerivationOutputs(p) => {
                 Reply::Paths(self.output_map(&p)?.into_values().collect())
             }
@@ -274,8 +279,17 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             Request::QuerySubstitutablePaths(_) => Reply::Paths(Vec::new()),
             Request::QuerySubstitutablePathInfo(_) => Reply::SubstitutablePathInfo(None),
             Request::QuerySubstitutablePathInfos(_) => Reply::SubstitutablePathInfos(Vec::new()),
-            // No content-addressed derivations: no realisations.
-            Request::QueryRealisation(_) => Reply::Strings(Vec::new()),
+            Request::QueryRealisation(id) => {
+                Reply::Realisations(match self.store.ca_derivations() {
+                    true => self
+                        .store
+                        .db()
+                        .query_realisation(&id)?
+                        .into_iter()
+                        .collect(),
+                    false => Vec::new(),
+                })
+            }
             Request::QueryMissing(paths) => Reply::Missing(self.query_missing(&paths)?),
             Request::AddTempRoot(p) => {
                 self.store.add_temp_root(&p)?;
@@ -504,10 +518,17 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 ch.line(Verbosity::Info, &stats.to_string());
                 Reply::Ok
             }
-            Request::RegisterDrvOutput(_) => {
-                return Err(client(
-                    "firn does not support content-addressed derivations (RegisterDrvOutput)",
-                ))
+            Request::RegisterDrvOutput(r) => {
+                if !self.store.ca_derivations() {
+                    return Err(client(
+                        firn_build::BuildError::MissingFeature {
+                            feature: "ca-derivations",
+                        }
+                        .to_string(),
+                    ));
+                }
+                self.store.db_mut().register_drv_output(&r)?;
+                Reply::Nothing
             }
         }))
     }
@@ -569,6 +590,38 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             .into_iter()
             .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
             .collect())
+    }
+
+    /// Nix's `queryPartialDerivationOutputMap`: the `DerivationOutputs` rows (else the
+    /// paths the derivation states), and with `ca-derivations` each output's
+    /// realisation, or none when it is not realised.
+    fn partial_output_map(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, Option<StorePath>>, OpError> {
+        let mut m: BTreeMap<String, Option<StorePath>> = self
+            .output_map(drv)?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        if !self.store.ca_derivations() {
+            return Ok(m);
+        }
+        let d = self.store.read_derivation(drv)?;
+        let hashes = firn_build::goal::output_hashes(&self.store, drv, &d)
+            .map_err(|e| client(e.to_string()))?;
+        for (name, h) in hashes {
+            let id = firn_derivation::DrvOutput::new(h, name.as_str());
+            match self.store.db().query_realisation(&id)? {
+                Some(r) => {
+                    m.insert(name.to_string(), Some(r.out_path));
+                }
+                None => {
+                    m.entry(name.to_string()).or_insert(None);
+                }
+            }
+        }
+        Ok(m)
     }
 
     fn query_missing(&self, paths: &[DerivedPath]) -> Result<Missing, OpError> {
@@ -881,12 +934,16 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             let Some(oh) = h.for_output(&parsed, name.as_str().as_bytes()) else {
                 continue;
             };
-            let id = format!("sha256:{}!{}", oh.to_base16(), name.as_str());
-            let json = format!(
-                "{{\"dependentRealisations\":{{}},\"id\":\"{id}\",\"outPath\":\"{}\",\"signatures\":[]}}",
-                path.base_name()
-            );
-            m.insert(id, json);
+            let id = firn_derivation::DrvOutput::new(oh, name.as_str());
+            // The recorded realisation (with what it depends on), if there is one.
+            let recorded = match self.store.ca_derivations() {
+                true => self.store.db().query_realisation(&id).ok().flatten(),
+                false => None,
+            };
+            let r = recorded
+                .filter(|r| &r.out_path == *path)
+                .unwrap_or_else(|| firn_derivation::Realisation::new(id.clone(), (*path).clone()));
+            m.insert(id.to_string(), r.to_json());
         }
         Some(m)
     }

@@ -24,8 +24,9 @@
 //!   base16, nixbase32 or base64, and is printed back as base16;
 //! - an output with an empty hashAlgo is input-addressed and its hash field is dropped.
 //!
-//! Where Nix 2.8 loops forever (an unterminated string) or needs an experimental feature
-//! (floating content-addressed outputs), firn reports an error.
+//! Where Nix 2.8 loops forever (an unterminated string), firn reports an error. Floating
+//! content-addressed and impure outputs are read (Nix needs their experimental feature
+//! even to read them; firn asks for it when building: `DerivationType::required_feature`).
 //!
 //! Writing mirrors `Derivation::unparse`, which does *not* escape output names, paths,
 //! hash fields, input-derivation output names or the system: a system containing `"`
@@ -55,11 +56,6 @@ pub enum ParseErrorKind {
     StorePath(#[from] StorePathError),
     #[error(transparent)]
     Hash(#[from] HashError),
-    #[error(
-        "output '{0}' is floating content-addressed, which needs the experimental \
-         feature 'ca-derivations' (not supported by Nix 2.8 by default, nor by firn)"
-    )]
-    FloatingContentAddressed(String),
     #[error("fixed output '{0}' has a hash algorithm but an empty hash")]
     FloatingWithPath(String),
 }
@@ -191,13 +187,18 @@ impl<'a> Parser<'a, '_> {
                 let a = String::from_utf8_lossy(algo_name).into_owned();
                 self.err(algo_pos, HashError::UnknownAlgo(a))
             })?;
-            if hash.is_empty() {
-                let kind = if path.is_empty() {
-                    ParseErrorKind::FloatingContentAddressed(shown())
+            if hash.is_empty() || hash.as_ref() == b"impure" {
+                // Floating (`ca-derivations`) and impure (`impure-derivations`) outputs
+                // have no path; which feature building them needs is the builder's
+                // business (the derivation type says).
+                if !path.is_empty() {
+                    return Err(self.err(hash_pos, ParseErrorKind::FloatingWithPath(shown())));
+                }
+                return Ok(if hash.is_empty() {
+                    DerivationOutput::CAFloating { method, algo }
                 } else {
-                    ParseErrorKind::FloatingWithPath(shown())
-                };
-                return Err(self.err(hash_pos, kind));
+                    DerivationOutput::Impure { method, algo }
+                });
             }
             if path.first() != Some(&b'/') {
                 let p = String::from_utf8_lossy(&path).into_owned();
@@ -460,6 +461,16 @@ impl Derivation<'_> {
                     out.push(b',');
                     print_unquoted(out, fixed.hash.to_base16().as_bytes());
                 }
+                DerivationOutput::CAFloating { .. } | DerivationOutput::Impure { .. } => {
+                    let algo = output.method_algo().unwrap_or_default();
+                    print_unquoted(out, algo.as_bytes());
+                    out.push(b',');
+                    let hash: &[u8] = match output {
+                        DerivationOutput::Impure { .. } => b"impure",
+                        _ => b"",
+                    };
+                    print_unquoted(out, hash);
+                }
                 _ => out.extend_from_slice(b"\"\",\"\""),
             }
             out.push(b')');
@@ -585,10 +596,25 @@ mod tests {
         let e = parse(br#"Derive([("out","nix/store/x","","")],[],[],"s","b",[],[])"#).unwrap_err();
         assert_eq!(e.pos, 15);
         assert_eq!(e.kind.to_string(), "bad path 'nix/store/x' in derivation");
-        let e = parse(br#"Derive([("out","","r:sha256","")],[],[],"s","b",[],[])"#).unwrap_err();
-        assert!(matches!(
-            e.kind,
-            ParseErrorKind::FloatingContentAddressed(_)
-        ));
+        let e = parse(br#"Derive([("out","/nix/store/x","r:sha256","")],[],[],"s","b",[],[])"#)
+            .unwrap_err();
+        assert!(matches!(e.kind, ParseErrorKind::FloatingWithPath(_)));
+    }
+
+    #[test]
+    fn floating_and_impure_outputs_print_back() {
+        for text in [
+            &br#"Derive([("out","","r:sha256","")],[],[],"s","b",[],[])"#[..],
+            br#"Derive([("out","","sha1","impure")],[],[],"s","b",[],[])"#,
+        ] {
+            let d = parse(text).unwrap();
+            assert!(d.output_paths(&StoreDir::default()).unwrap().is_empty());
+            assert_eq!(print(&d), text);
+        }
+        let d = parse(br#"Derive([("out","","r:sha256","")],[],[],"s","b",[],[])"#).unwrap();
+        assert_eq!(
+            d.derivation_type().unwrap(),
+            crate::DerivationType::Floating
+        );
     }
 }

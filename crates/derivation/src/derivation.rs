@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use crate::ca::FixedOutputHash;
+use crate::ca::{FileIngestionMethod, FixedOutputHash};
+use crate::hash::HashAlgo;
 use crate::output_name::OutputName;
 use crate::store_path::{StoreDir, StorePath, StorePathError};
 
@@ -28,8 +29,34 @@ pub enum DerivationOutput {
     /// hash and the derivation's name; the path written in the `.drv` is not kept
     /// (Nix 2.8 recomputes it, so a wrong one is silently corrected on printing).
     CAFixed(FixedOutputHash),
-    /// `("out","","","")`: an input-addressed output whose path is not computed yet.
+    /// `("out","","r:sha256","")`: a floating content-addressed output (experimental
+    /// feature `ca-derivations`): its path is known once it is built, from its contents.
+    CAFloating {
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    },
+    /// `("out","","","")`: an input-addressed output whose path is not computed yet
+    /// (or cannot be before its content-addressed inputs are built).
     Deferred,
+    /// `("out","","r:sha256","impure")`: an impure output (experimental feature
+    /// `impure-derivations`), content-addressed like a floating one but never cached.
+    Impure {
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    },
+}
+
+impl DerivationOutput {
+    /// `[r:]algo` of a content-addressed output (the `.drv`'s hashAlgo field).
+    pub fn method_algo(&self) -> Option<String> {
+        match self {
+            Self::CAFixed(f) => Some(f.method_algo().to_string()),
+            Self::CAFloating { method, algo } | Self::Impure { method, algo } => {
+                Some(format!("{}{}", method.prefix(), algo))
+            }
+            Self::InputAddressed(_) | Self::Deferred => None,
+        }
+    }
 }
 
 /// What kind of derivation this is, from the kinds of its outputs (`Derivation::type`).
@@ -39,6 +66,35 @@ pub enum DerivationType {
     InputAddressed { deferred: bool },
     /// A single fixed output named `out`.
     FixedOutput,
+    /// Floating content-addressed outputs only (`ca-derivations`).
+    Floating,
+    /// Impure outputs only (`impure-derivations`).
+    Impure,
+}
+
+impl DerivationType {
+    /// Whether every output path is known from the derivation alone
+    /// (`hasKnownOutputPaths`).
+    pub fn has_known_output_paths(self) -> bool {
+        matches!(
+            self,
+            Self::InputAddressed { deferred: false } | Self::FixedOutput
+        )
+    }
+
+    /// Not impure (`isPure`): its outputs may be cached and realisations recorded.
+    pub fn is_pure(self) -> bool {
+        !matches!(self, Self::Impure)
+    }
+
+    /// The experimental feature building such a derivation needs, if any.
+    pub fn required_feature(self) -> Option<&'static str> {
+        match self {
+            Self::InputAddressed { deferred: false } | Self::FixedOutput => None,
+            Self::InputAddressed { deferred: true } | Self::Floating => Some("ca-derivations"),
+            Self::Impure => Some("impure-derivations"),
+        }
+    }
 }
 
 /// Why a derivation is not well-formed. Messages follow Nix 2.8's where it has one.
@@ -52,6 +108,8 @@ pub enum DerivationError {
     MultipleFixedOutputs,
     #[error("single fixed output must be named \"out\"")]
     FixedOutputNotOut,
+    #[error("all floating outputs must use the same hash type")]
+    FloatingHashTypes,
     #[error("output name '{0}' is not valid UTF-8")]
     NonUtf8OutputName(String),
     #[error("derivation name '{0}' must not be empty")]
@@ -115,23 +173,33 @@ impl Derivation<'_> {
 
     /// Classify the derivation by its outputs (Nix's `BasicDerivation::type`).
     pub fn derivation_type(&self) -> Result<DerivationType, DerivationError> {
-        let (mut ia, mut fixed, mut deferred) = (0, 0, 0);
+        let (mut ia, mut fixed, mut floating, mut deferred, mut impure) = (0, 0, 0, 0, 0);
+        let mut floating_algo = None;
         for out in self.outputs.values() {
             match out {
                 DerivationOutput::InputAddressed(_) => ia += 1,
                 DerivationOutput::CAFixed(_) => fixed += 1,
+                DerivationOutput::CAFloating { algo, .. } => {
+                    floating += 1;
+                    if *floating_algo.get_or_insert(*algo) != *algo {
+                        return Err(DerivationError::FloatingHashTypes);
+                    }
+                }
                 DerivationOutput::Deferred => deferred += 1,
+                DerivationOutput::Impure { .. } => impure += 1,
             }
         }
-        match (ia, fixed, deferred) {
-            (0, 0, 0) => Err(DerivationError::NoOutputs),
-            (_, 0, 0) => Ok(DerivationType::InputAddressed { deferred: false }),
-            (0, 0, _) => Ok(DerivationType::InputAddressed { deferred: true }),
-            (0, 1, 0) if self.outputs.contains_key(b"out".as_slice()) => {
+        match (ia, fixed, floating, deferred, impure) {
+            (0, 0, 0, 0, 0) => Err(DerivationError::NoOutputs),
+            (_, 0, 0, 0, 0) => Ok(DerivationType::InputAddressed { deferred: false }),
+            (0, 1, 0, 0, 0) if self.outputs.contains_key(b"out".as_slice()) => {
                 Ok(DerivationType::FixedOutput)
             }
-            (0, 1, 0) => Err(DerivationError::FixedOutputNotOut),
-            (0, _, 0) => Err(DerivationError::MultipleFixedOutputs),
+            (0, 1, 0, 0, 0) => Err(DerivationError::FixedOutputNotOut),
+            (0, _, 0, 0, 0) => Err(DerivationError::MultipleFixedOutputs),
+            (0, 0, _, 0, 0) => Ok(DerivationType::Floating),
+            (0, 0, 0, _, 0) => Ok(DerivationType::InputAddressed { deferred: true }),
+            (0, 0, 0, 0, _) => Ok(DerivationType::Impure),
             _ => Err(DerivationError::MixedOutputTypes),
         }
     }
@@ -153,7 +221,9 @@ impl Derivation<'_> {
                     &crate::store_path::output_path_name(&self.name, out_name),
                 )?)
             }
-            DerivationOutput::Deferred => None,
+            DerivationOutput::Deferred
+            | DerivationOutput::CAFloating { .. }
+            | DerivationOutput::Impure { .. } => None,
         })
     }
 
@@ -193,6 +263,17 @@ impl Derivation<'_> {
         self.outputs
             .values()
             .any(|o| matches!(o, DerivationOutput::CAFixed(_)))
+    }
+
+    /// Whether the derivation builds sandboxed (`isSandboxed`): all but fixed-output and
+    /// impure ones, which get the caller's `impureEnvVars` and the host's network.
+    pub fn is_sandboxed(&self) -> bool {
+        !self.outputs.values().any(|o| {
+            matches!(
+                o,
+                DerivationOutput::CAFixed(_) | DerivationOutput::Impure { .. }
+            )
+        })
     }
 
     /// Whether the derivation uses `__structuredAttrs` (its env has `__json`).

@@ -171,9 +171,20 @@ fn write_derivation_object(
         if let Some(path) = drv.output_path(store_dir, name, output)? {
             p.string_attr(b"path", store_dir.display(&path).as_bytes());
         }
-        if let DerivationOutput::CAFixed(fixed) = output {
-            p.string_attr(b"hashAlgo", fixed.method_algo().to_string().as_bytes());
-            p.string_attr(b"hash", fixed.hash.to_base16().as_bytes());
+        match output {
+            DerivationOutput::CAFixed(fixed) => {
+                p.string_attr(b"hashAlgo", fixed.method_algo().to_string().as_bytes());
+                p.string_attr(b"hash", fixed.hash.to_base16().as_bytes());
+            }
+            DerivationOutput::CAFloating { .. } | DerivationOutput::Impure { .. } => {
+                let algo = output.method_algo().unwrap_or_default();
+                p.string_attr(b"hashAlgo", algo.as_bytes());
+                if let DerivationOutput::Impure { .. } = output {
+                    p.key(b"impure");
+                    p.out.extend_from_slice(b"true");
+                }
+            }
+            DerivationOutput::InputAddressed(_) | DerivationOutput::Deferred => {}
         }
         p.close(b'}');
     }
@@ -537,7 +548,16 @@ fn read_output(
     at: &At,
 ) -> Result<DerivationOutput, JsonError> {
     let obj = as_object(v, at)?;
-    let ([], opt) = fields(obj, at, [], &["path", "hashAlgo", "hash"])?;
+    let ([], opt) = fields(obj, at, [], &["path", "hashAlgo", "hash", "impure"])?;
+    let impure = match opt[3] {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return at
+                .push(b"impure")
+                .fail(format!("expected a boolean, got {}", v.kind()))
+        }
+    };
     let output = match (opt[0], opt[1], opt[2]) {
         (None, None, None) => DerivationOutput::Deferred,
         (Some(path), None, None) => {
@@ -551,11 +571,21 @@ fn read_output(
                 },
             }
         }
-        (_, Some(_), None) => {
-            return at.fail(
-                "a floating content-addressed output (hashAlgo without hash) needs the \
-                 experimental feature 'ca-derivations', which firn does not support",
-            )
+        (None, Some(algo), None) => {
+            let algo_at = at.push(b"hashAlgo");
+            let algo = as_str(algo, &algo_at)?;
+            let (method, algo) = match algo.strip_prefix("r:") {
+                Some(a) => (FileIngestionMethod::Recursive, a),
+                None => (FileIngestionMethod::Flat, algo),
+            };
+            let algo = HashAlgo::parse(algo).or_else(|e| algo_at.fail(e.to_string()))?;
+            match impure {
+                true => DerivationOutput::Impure { method, algo },
+                false => DerivationOutput::CAFloating { method, algo },
+            }
+        }
+        (Some(_), Some(_), None) => {
+            return at.fail("a content-addressed output without a hash has no path")
         }
         (path, Some(algo), Some(hash)) => {
             let algo_at = at.push(b"hashAlgo");

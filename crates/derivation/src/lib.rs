@@ -4,7 +4,9 @@
 //! - [`store_path`]: [`StorePath`], [`StoreDir`] and the path constructors;
 //! - [`derivation`]: the [`Derivation`] model; [`aterm`]: the `.drv` format;
 //!   [`json`]: the `nix show-derivation` JSON;
-//! - [`modulo`]: `hashDerivationModulo`, output paths and the `.drv`'s own path.
+//! - [`modulo`]: `hashDerivationModulo`, output paths and the `.drv`'s own path;
+//! - [`realisation`]: `DrvOutput` and `Realisation` (content-addressed derivations);
+//!   [`resolve`]: resolving a derivation whose inputs are content-addressed.
 //!
 //! This crate does no I/O: whatever must be read (input derivations) comes in through
 //! callbacks, so the caller decides where from and memoises.
@@ -19,6 +21,8 @@ pub mod json;
 pub mod modulo;
 pub mod nixbase32;
 pub mod output_name;
+pub mod realisation;
+pub mod resolve;
 pub mod store_path;
 
 pub use aterm::{parse_derivation, ParseError, ParseErrorKind};
@@ -30,8 +34,10 @@ pub use derivation::{
 pub use hash::{Encoding, Hash, HashAlgo, HashError, Hasher};
 pub use json::{parse_show_derivation, write_show_derivation, JsonError};
 pub use modulo::{
-    compute_output_paths, hash_derivation_modulo, DrvHashModulo, InputDrvHash, ModuloCache,
-    ModuloError,
+    compute_output_paths, hash_derivation_modulo, impure_output_hash, static_output_hashes,
+    DrvHashModulo, InputDrvHash, ModuloCache, ModuloError,
 };
 pub use output_name::OutputName;
+pub use realisation::{DrvOutput, Realisation, RealisationError};
+pub use resolve::{downstream_placeholder, resolve, ResolveError};
 pub use store_path::{StoreDir, StorePath, StorePathError};

@@ -5,9 +5,13 @@
 //! bytes:
 //!
 //! - fixed-output: `sha256("fixed:out:" [r:]algo ":" hex ":" outPath)`, per output;
+//! - impure: `sha256("impure")`, deferred;
 //! - otherwise: sha256 of the ATerm with every input derivation replaced by the hex of
 //!   its own (unmasked) modulo hash — entries with equal hashes merge — and, when
-//!   `mask_outputs`, the output paths and their env entries emptied.
+//!   `mask_outputs`, the output paths and their env entries emptied. The hash is
+//!   *deferred* (Nix's `DrvHash::Kind::Deferred`) when the derivation is floating
+//!   content-addressed or an input's hash is deferred: its outputs' paths are not known
+//!   before the content-addressed inputs are built (the derivation is then resolved).
 //!
 //! Input derivations are looked up through a callback; [`ModuloCache`] memoises.
 
@@ -29,6 +33,10 @@ pub enum DrvHashModulo {
     FixedOutput(Hash),
     /// Any other derivation: one hash, the same for every output.
     Regular(Hash),
+    /// A floating content-addressed or impure derivation, or one depending on such:
+    /// one hash for every output, which stands for the outputs (as a `DrvOutput`) but
+    /// gives no output path.
+    Deferred(Hash),
 }
 
 impl DrvHashModulo {
@@ -37,9 +45,19 @@ impl DrvHashModulo {
         match self {
             Self::FixedOutput(h) if output == b"out" => Some(*h),
             Self::FixedOutput(_) => None,
-            Self::Regular(h) => drv.outputs.contains_key(output).then_some(*h),
+            Self::Regular(h) | Self::Deferred(h) => drv.outputs.contains_key(output).then_some(*h),
         }
     }
+
+    /// Whether the outputs' paths follow from the hash (not deferred).
+    pub fn is_deferred(&self) -> bool {
+        matches!(self, Self::Deferred(_))
+    }
+}
+
+/// Nix's `impureOutputHash`: sha256 of `impure`.
+pub fn impure_output_hash() -> Hash {
+    Hash::sha256(b"impure")
 }
 
 /// Why a modulo hash or output path could not be computed.
@@ -87,7 +105,11 @@ pub fn hash_derivation_modulo<E>(
     mask_outputs: bool,
     lookup: &mut dyn FnMut(&StorePath) -> Result<InputDrvHash, E>,
 ) -> Result<DrvHashModulo, ModuloError<E>> {
-    if drv.derivation_type()? == DerivationType::FixedOutput {
+    let ty = drv.derivation_type()?;
+    if ty == DerivationType::Impure {
+        return Ok(DrvHashModulo::Deferred(impure_output_hash()));
+    }
+    if ty == DerivationType::FixedOutput {
         let (name, output) = drv
             .outputs
             .iter()
@@ -108,9 +130,11 @@ pub fn hash_derivation_modulo<E>(
         return Ok(DrvHashModulo::FixedOutput(Hash::sha256(s.as_bytes())));
     }
 
+    let mut deferred = ty == DerivationType::Floating;
     let mut inputs: BTreeMap<String, BTreeSet<ByteStr<'_>>> = BTreeMap::new();
     for (path, wanted) in &drv.input_drvs {
         let input = lookup(path).map_err(ModuloError::Lookup)?;
+        deferred |= input.hash.is_deferred();
         for output in wanted {
             let h = input
                 .hash_for(output)
@@ -133,7 +157,26 @@ pub fn hash_derivation_modulo<E>(
         },
         &mut text,
     )?;
-    Ok(DrvHashModulo::Regular(Hash::sha256(&text)))
+    let h = Hash::sha256(&text);
+    Ok(match deferred {
+        true => DrvHashModulo::Deferred(h),
+        false => DrvHashModulo::Regular(h),
+    })
+}
+
+/// Nix's `staticOutputHashes`: the hash standing for each output (masked), which with
+/// the output's name is its `DrvOutput`.
+pub fn static_output_hashes<E>(
+    store_dir: &StoreDir,
+    drv: &Derivation<'_>,
+    lookup: &mut dyn FnMut(&StorePath) -> Result<InputDrvHash, E>,
+) -> Result<BTreeMap<Vec<u8>, Hash>, ModuloError<E>> {
+    let h = hash_derivation_modulo(store_dir, drv, true, lookup)?;
+    Ok(drv
+        .outputs
+        .keys()
+        .filter_map(|name| Some((name.to_vec(), h.for_output(drv, name)?)))
+        .collect())
 }
 
 /// What `hash_derivation_modulo` needs to know about an input derivation: its modulo
@@ -160,7 +203,9 @@ impl InputDrvHash {
     fn hash_for(&self, output: &[u8]) -> Option<Hash> {
         match self.hash {
             DrvHashModulo::FixedOutput(h) => (output == b"out").then_some(h),
-            DrvHashModulo::Regular(h) => self.outputs.contains(output).then_some(h),
+            DrvHashModulo::Regular(h) | DrvHashModulo::Deferred(h) => {
+                self.outputs.contains(output).then_some(h)
+            }
         }
     }
 }
@@ -234,6 +279,8 @@ fn flatten<E>(e: ModuloError<ModuloError<E>>) -> ModuloError<E> {
 
 /// The paths every output should have: input-addressed outputs from the masked modulo
 /// hash, fixed outputs from their hash (what `derivation add` fills in and Nix checks).
+/// Outputs without a path are left out: floating and impure ones, and deferred ones
+/// whose hash is deferred (they depend on content-addressed derivations).
 pub fn compute_output_paths<E>(
     store_dir: &StoreDir,
     drv: &Derivation<'_>,
@@ -246,16 +293,18 @@ pub fn compute_output_paths<E>(
             DerivationOutput::CAFixed(_) => drv
                 .output_path(store_dir, name, output)?
                 .ok_or(DerivationError::NoOutputs)?,
+            DerivationOutput::CAFloating { .. } | DerivationOutput::Impure { .. } => continue,
             DerivationOutput::InputAddressed(_) | DerivationOutput::Deferred => {
                 let h = match masked {
                     Some(h) => h,
-                    None => {
-                        let DrvHashModulo::Regular(h) =
-                            hash_derivation_modulo(store_dir, drv, true, lookup)?
-                        else {
-                            return Err(DerivationError::MixedOutputTypes.into());
-                        };
-                        *masked.insert(h)
+                    None => *masked.insert(hash_derivation_modulo(store_dir, drv, true, lookup)?),
+                };
+                let h = match (h, output) {
+                    (DrvHashModulo::Regular(h), _) => h,
+                    (DrvHashModulo::Deferred(_), DerivationOutput::Deferred) => continue,
+                    (DrvHashModulo::Deferred(h), _) => h,
+                    (DrvHashModulo::FixedOutput(_), _) => {
+                        return Err(DerivationError::MixedOutputTypes.into())
                     }
                 };
                 store_dir
@@ -316,7 +365,10 @@ impl Derivation<'_> {
                 DerivationOutput::Deferred => {
                     *output = DerivationOutput::InputAddressed(want.clone());
                 }
-                DerivationOutput::InputAddressed(_) | DerivationOutput::CAFixed(_) => {}
+                DerivationOutput::InputAddressed(_)
+                | DerivationOutput::CAFixed(_)
+                | DerivationOutput::CAFloating { .. }
+                | DerivationOutput::Impure { .. } => {}
             }
             let var = filled
                 .env
@@ -355,7 +407,10 @@ impl Derivation<'_> {
             let Some(want) = expected.get(&name[..]) else {
                 continue;
             };
-            if let DerivationOutput::Deferred = output {
+            if let DerivationOutput::Deferred
+            | DerivationOutput::CAFloating { .. }
+            | DerivationOutput::Impure { .. } = output
+            {
                 continue;
             }
             if let DerivationOutput::InputAddressed(actual) = output {

@@ -295,6 +295,27 @@ impl StoreDir {
         self.make_store_path(&ty, nar_hash, name)
     }
 
+    /// `makeFixedOutputPath` with references: recursive sha256 content may refer to
+    /// other paths and itself (a `source` path); other content may not (`None`).
+    pub fn make_fixed_output_path_with_references<'a>(
+        &self,
+        fixed: &FixedOutputHash,
+        name: &str,
+        references: impl IntoIterator<Item = &'a StorePath>,
+        has_self_reference: bool,
+    ) -> Result<Option<StorePath>, StorePathError> {
+        let references: Vec<&StorePath> = references.into_iter().collect();
+        if fixed.method == FileIngestionMethod::Recursive && fixed.hash.algo() == HashAlgo::Sha256 {
+            return self
+                .make_source_path(name, &fixed.hash, references, has_self_reference)
+                .map(Some);
+        }
+        if !references.is_empty() || has_self_reference {
+            return Ok(None);
+        }
+        self.make_fixed_output_path(fixed, name).map(Some)
+    }
+
     /// `makeFixedOutputPath` for content without references: recursive sha256 is a
     /// `source` path; anything else hashes `fixed:out:[r:]<algo>:<hex>:`.
     pub fn make_fixed_output_path(

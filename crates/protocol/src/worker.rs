@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Read, Write};
 
-use firn_derivation::StorePath;
+use firn_derivation::{DrvOutput, Realisation, StorePath};
 use thiserror::Error;
 
 use crate::stderr::StderrMsg;
@@ -376,10 +376,10 @@ pub enum Request {
     },
     QueryMissing(Vec<DerivedPath>),
     QueryDerivationOutputMap(StorePath),
-    /// A `Realisation` as JSON.
-    RegisterDrvOutput(String),
+    /// A `Realisation`, sent as its JSON (clients at 1.31 or newer).
+    RegisterDrvOutput(Realisation),
     /// A `DrvOutput` (`sha256:<hex>!out`).
-    QueryRealisation(String),
+    QueryRealisation(DrvOutput),
     /// Followed by a framed stream: int count, count × (ValidPathInfo with path, NAR).
     AddMultipleToStore {
         repair: bool,
@@ -588,8 +588,18 @@ impl Request {
                 },
                 Op::QueryMissing => Self::QueryMissing(DerivedPath::read_list(r, "targets")?),
                 Op::QueryDerivationOutputMap => Self::QueryDerivationOutputMap(path(r)?),
-                Op::RegisterDrvOutput => Self::RegisterDrvOutput(r.read_string("realisation")?),
-                Op::QueryRealisation => Self::QueryRealisation(r.read_string("drv output")?),
+                Op::RegisterDrvOutput => Self::RegisterDrvOutput(read_realisation(r)?),
+                Op::QueryRealisation => {
+                    let pos = r.position();
+                    let s = r.read_string("drv output")?;
+                    Self::QueryRealisation(DrvOutput::parse(&s).map_err(|e| {
+                        WireError::Invalid {
+                            pos,
+                            what: "drv output",
+                            message: e.to_string(),
+                        }
+                    })?)
+                }
                 Op::AddMultipleToStore => Self::AddMultipleToStore {
                     repair: r.read_bool("repair")?,
                     dont_check_sigs: r.read_bool("dontCheckSigs")?,
@@ -661,7 +671,8 @@ impl Request {
                 w.write_u64(mode.to_u64())
             }
             Self::AddIndirectRoot(s) | Self::QueryPathFromHashPart(s) => w.write_str(s),
-            Self::RegisterDrvOutput(s) | Self::QueryRealisation(s) => w.write_str(s),
+            Self::RegisterDrvOutput(r) => w.write_str(&r.to_json()),
+            Self::QueryRealisation(id) => w.write_str(&id.to_string()),
             Self::SyncWithGC
             | Self::FindRoots
             | Self::QueryAllValidPaths
@@ -803,8 +814,10 @@ pub enum Reply {
     /// QueryReferences, QueryReferrers, QueryValidDerivers, QueryDerivationOutputs,
     /// QueryAllValidPaths, QueryValidPaths, QuerySubstitutablePaths, ImportPaths.
     Paths(Vec<StorePath>),
-    /// QueryDerivationOutputNames; QueryRealisation (Realisation JSON).
+    /// QueryDerivationOutputNames.
     Strings(Vec<String>),
+    /// QueryRealisation: none or one, each sent as its JSON.
+    Realisations(Vec<Realisation>),
     /// QueryDerivationOutputMap.
     OutputMap(BTreeMap<String, Option<StorePath>>),
     /// QueryPathInfo: `None` for an invalid path.
@@ -873,8 +886,14 @@ impl Reply {
             | Op::QueryValidPaths
             | Op::QuerySubstitutablePaths
             | Op::ImportPaths => Self::Paths(r.read_store_path_list("paths")?),
-            Op::QueryDerivationOutputNames | Op::QueryRealisation => {
-                Self::Strings(r.read_string_list("strings")?)
+            Op::QueryDerivationOutputNames => Self::Strings(r.read_string_list("strings")?),
+            Op::QueryRealisation => {
+                let n = r.read_count("realisations")?;
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    v.push(read_realisation(r)?);
+                }
+                Self::Realisations(v)
             }
             Op::QueryDerivationOutputMap => {
                 let n = r.read_count("outputs")?;
@@ -965,6 +984,10 @@ impl Reply {
             Self::OptPath(p) => w.write_opt_store_path(p.as_ref()),
             Self::Paths(ps) => w.write_store_paths(ps),
             Self::Strings(s) => w.write_strings(s),
+            Self::Realisations(v) => {
+                let json: Vec<String> = v.iter().map(Realisation::to_json).collect();
+                w.write_strings(&json)
+            }
             Self::OutputMap(m) => {
                 w.write_u64(m.len() as u64)?;
                 for (name, p) in m {
@@ -1029,4 +1052,15 @@ impl fmt::Display for ClientHello {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", major(self.version) >> 8, minor(self.version))
     }
+}
+
+/// A `Realisation` sent as its JSON (`worker_proto::read<Realisation>`).
+fn read_realisation<R: Read>(r: &mut Reader<R>) -> Result<Realisation, WireError> {
+    let pos = r.position();
+    let s = r.read_string("realisation")?;
+    Realisation::from_json(&s, "remote-protocol").map_err(|e| WireError::Invalid {
+        pos,
+        what: "realisation",
+        message: e.to_string(),
+    })
 }

@@ -167,8 +167,8 @@ fn all_requests() -> Vec<Request> {
         },
         Request::QueryMissing(derived()),
         Request::QueryDerivationOutputMap(p.clone()),
-        Request::RegisterDrvOutput("{}".into()),
-        Request::QueryRealisation("sha256:00!out".into()),
+        Request::RegisterDrvOutput(realisation()),
+        Request::QueryRealisation(realisation().id),
         Request::AddMultipleToStore {
             repair: false,
             dont_check_sigs: false,
@@ -225,7 +225,11 @@ fn every_reply_round_trips() {
         (Op::QueryDeriver, Reply::OptPath(None)),
         (Op::QueryPathFromHashPart, Reply::OptPath(Some(sp("a")))),
         (Op::QueryReferrers, Reply::Paths(vec![sp("a"), sp("b")])),
-        (Op::QueryRealisation, Reply::Strings(vec!["{}".into()])),
+        (
+            Op::QueryRealisation,
+            Reply::Realisations(vec![realisation()]),
+        ),
+        (Op::QueryRealisation, Reply::Realisations(Vec::new())),
         (
             Op::QueryDerivationOutputMap,
             Reply::OutputMap([("out".into(), Some(sp("o"))), ("dev".into(), None)].into()),
@@ -562,4 +566,51 @@ fn set_options_takes_verbosity_above_vomit() {
         }
         other => panic!("expected SetOptions, got {other:?}"),
     }
+}
+
+/// A realisation as Nix 2.8 sends it (`nix copy` of a content-addressed path).
+fn realisation() -> firn_derivation::Realisation {
+    firn_derivation::Realisation::from_json(REALISATION, "test").unwrap()
+}
+
+/// Recorded from real Nix 2.8 (`nix realisation info --json` of a dependent CA drv).
+const REALISATION: &str = r#"{"dependentRealisations":{"sha256:832e7629c9c9c1cb3a7e8f9c4b01d6e5c974b2471bc0deb47dd6d879874a4415!out":"gcmwkijy6kj05lcnwaccw97hi1dj0c1w-ca-dependent"},"id":"sha256:0926cdaf3ec9d1532f28bff0f377316cc45cb32bd4149407e431c76e38c212e6!out","outPath":"hnr0n28mzjgxb1qhamwi3ydb6y0ib2i3-ia-on-ca","signatures":[]}"#;
+
+#[test]
+fn register_drv_output_and_query_realisation_are_nixs_bytes() {
+    use firn_protocol::wire::Limits;
+    // What Nix 2.8's RemoteStore writes: the op, then the realisation's JSON (or the
+    // DrvOutput) as one string: length, bytes, padding to 8.
+    let wire_string = |s: &str| {
+        let mut v = (s.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v.resize(v.len().div_ceil(8) * 8, 0);
+        v
+    };
+    let mut bytes = 42u64.to_le_bytes().to_vec();
+    bytes.extend(wire_string(REALISATION));
+    let id = "sha256:0926cdaf3ec9d1532f28bff0f377316cc45cb32bd4149407e431c76e38c212e6!out";
+    bytes.extend(43u64.to_le_bytes());
+    bytes.extend(wire_string(id));
+    let sd = firn_derivation::StoreDir::default();
+    let mut r = Reader::with_config(bytes.as_slice(), sd, Limits::default());
+    let Some(Request::RegisterDrvOutput(got)) = Request::read(&mut r).unwrap() else {
+        panic!("not RegisterDrvOutput")
+    };
+    assert_eq!(got.to_json(), REALISATION);
+    assert_eq!(got.dependent_realisations.len(), 1);
+    let Some(Request::QueryRealisation(got)) = Request::read(&mut r).unwrap() else {
+        panic!("not QueryRealisation")
+    };
+    assert_eq!(got.to_string(), id);
+    // A corrupt realisation is an error naming what was read, not a panic.
+    let mut bad = 42u64.to_le_bytes().to_vec();
+    bad.extend(wire_string("{\"id\":\"x\"}"));
+    let mut r = Reader::with_config(
+        bad.as_slice(),
+        firn_derivation::StoreDir::default(),
+        Limits::default(),
+    );
+    let e = Request::read(&mut r).unwrap_err().to_string();
+    assert!(e.contains("realisation"), "{e}");
 }

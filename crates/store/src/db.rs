@@ -22,6 +22,9 @@ use rusqlite::{
 };
 use thiserror::Error;
 
+mod realisations;
+pub use realisations::{RealisationDbError, CA_SCHEMA, CA_SCHEMA_VERSION};
+
 /// The schema, verbatim from Nix 2.8's `schema.sql` (SQLite keeps the comments).
 pub const SCHEMA: &str = r#"create table if not exists ValidPaths (
     id               integer primary key autoincrement not null,
@@ -85,6 +88,8 @@ pub enum DbError {
     Cycle { path: String, from: String },
     #[error("cannot delete path '{path}' since it is still referenced by '{referrer}'")]
     StillReferenced { path: String, referrer: String },
+    #[error(transparent)]
+    Realisation(Box<RealisationDbError>),
 }
 
 /// What the database knows about one valid path (`ValidPathInfo`).

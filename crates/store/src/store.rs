@@ -130,6 +130,8 @@ pub struct Store {
     /// Where messages go that are not the progress of one call (lock waits, …).
     reporter: Reporter,
     auto_optimise: bool,
+    /// `ca-derivations` is enabled: the realisation tables are there and asked.
+    ca_derivations: bool,
     _big_lock: Flock<File>,
 }
 
@@ -253,6 +255,7 @@ impl Store {
             temp_roots: std::sync::Mutex::new(None),
             reporter: Reporter::discard(),
             auto_optimise: options.auto_optimise,
+            ca_derivations: false,
             _big_lock: big_lock,
         })
     }
@@ -265,6 +268,20 @@ impl Store {
     /// Whether `auto-optimise-store` is on.
     pub fn auto_optimise(&self) -> bool {
         self.auto_optimise
+    }
+
+    /// Make the tables of content-addressed derivations (`ca-derivations`) if they are
+    /// not there, as Nix does when it opens a store with the feature enabled.
+    pub fn enable_ca_derivations(&mut self) -> Result<(), StoreError> {
+        let file = self.layout.db_dir().join("ca-schema");
+        self.db.init_ca_schema(&file)?;
+        self.ca_derivations = true;
+        Ok(())
+    }
+
+    /// Whether [`Store::enable_ca_derivations`] was called: realisations are known.
+    pub fn ca_derivations(&self) -> bool {
+        self.ca_derivations
     }
 
     /// Send the store's messages (waiting for a lock, a stale root removed, …) to

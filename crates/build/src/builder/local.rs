@@ -294,7 +294,7 @@ impl Builder for LocalBuilder {
                 inputs: &inputs,
                 build_dir: &real_build_dir,
                 sandbox_paths: &sandbox_paths,
-                fixed_output: job.drv.is_fixed_output(),
+                fixed_output: !job.drv.is_sandboxed(),
                 kvm: self.kvm,
             });
             let (root, mut setup) = self.pool.prepare(&sandbox_plan, user.as_ref(), host_ids)?;
