@@ -126,6 +126,19 @@ fn show(drvs: &[PathBuf], settings: &Settings, out: &mut impl Write) -> Result<(
         let base = key.rsplit('/').next().unwrap_or_default();
         let drv = parse_derivation(sd, text, name_from_drv_base_name(base))
             .map_err(|e| CliError::usage(format!("parsing derivation '{}' {e}", file.display())))?;
+        // Nix asks for the features when it reads such outputs (`parseDerivationOutput`).
+        for o in drv.outputs.values() {
+            let feature = match o {
+                firn_derivation::DerivationOutput::CAFloating { .. } => "ca-derivations",
+                firn_derivation::DerivationOutput::Impure { .. } => "impure-derivations",
+                _ => continue,
+            };
+            if !settings.build.has_feature(feature) {
+                return Err(CliError::usage(
+                    firn_build::BuildError::MissingFeature { feature }.to_string(),
+                ));
+            }
+        }
         parsed.push((key, drv));
     }
     // JSON is a little larger than the ATerm: reserve once.
