@@ -944,3 +944,69 @@ fn optimisation_hard_links_identical_files_through_the_daemon() {
     assert_verifies(&dir.join("root"), "after optimising and collecting");
     remove(&dir);
 }
+
+/// `nix copy --from` a signed cache into the daemon: refused while the signing key is
+/// not trusted (and the path is not content-addressed), accepted once the client (a
+/// trusted user) passes `--trusted-public-keys`, with the signature kept.
+#[test]
+fn imported_paths_need_a_signature_by_a_trusted_key() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("daemon-sigcheck");
+    let d = Daemon::start(&dir.join("root"), &[]);
+    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
+    ok_out(
+        command_isolated("nix-store")
+            .args(["--generate-binary-cache-key", "cache.example.org-1"])
+            .args([&sk, &pk])
+            .output()
+            .unwrap(),
+        "generate key",
+    );
+    let pk = std::fs::read_to_string(&pk).unwrap();
+    let nix = |args: &[&str]| {
+        let mut c = d.client("nix");
+        c.args(["--extra-experimental-features", "nix-command"])
+            .args(args);
+        c.output().unwrap()
+    };
+    let file = write_expr(
+        &dir,
+        "s.nix",
+        &drv_expr("sigcheck", "echo signed > $out", ""),
+    );
+    let out = ok_out(d.run("nix-build", &["--no-out-link", &file]), "nix-build");
+    let out = out.trim();
+    let url = format!(
+        "file://{}?secret-key={}",
+        dir.join("cache").display(),
+        sk.display()
+    );
+    ok_out(nix(&["copy", "--to", &url, out]), "copy --to");
+    ok_out(d.run("nix-store", &["--delete", out]), "delete");
+    let from = format!("file://{}", dir.join("cache").display());
+    let refused = nix(&["copy", "--from", &from, out]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("lacks a signature by a trusted key"),
+        "{}",
+        text(&refused.stderr)
+    );
+    ok_out(
+        nix(&[
+            "copy",
+            "--from",
+            &from,
+            "--trusted-public-keys",
+            pk.trim(),
+            out,
+        ]),
+        "copy --from with the key trusted",
+    );
+    let info = ok_out(nix(&["path-info", "--sigs", out]), "path-info --sigs");
+    assert!(info.contains("cache.example.org-1:"), "{info}");
+    drop(d);
+    assert_verifies(&dir.join("root"), "after the imports");
+    remove(&dir);
+}

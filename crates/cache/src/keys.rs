@@ -238,6 +238,22 @@ impl PublicKeys {
     }
 }
 
+/// The keys a store trusts (`getDefaultPublicKeys`): the words of
+/// `trusted-public-keys` and the public halves of the `secret-key-files`.
+pub fn trusted_keys(
+    trusted_public_keys: &[String],
+    secret_key_files: &[String],
+) -> Result<PublicKeys, KeyError> {
+    let mut keys = PublicKeys::parse(
+        "trusted-public-keys",
+        trusted_public_keys.iter().map(|s| s.as_str()),
+    )?;
+    for f in secret_key_files {
+        keys.add(SecretKey::read_file(std::path::Path::new(f))?.public());
+    }
+    Ok(keys)
+}
+
 /// `ValidPathInfo::fingerprint`: `1;<path>;sha256:<nixbase32>;<narSize>;<refs>`. `None`
 /// when the NAR size is 0 (Nix refuses to make that fingerprint).
 pub fn fingerprint(

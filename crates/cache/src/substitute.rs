@@ -13,7 +13,7 @@ use firn_store::Store;
 use crate::cache::{BinaryCache, CacheUrl};
 use crate::copy::{acceptable, import, walk_missing};
 use crate::error::CacheError;
-use crate::keys::{PublicKeys, SecretKey};
+use crate::keys::PublicKeys;
 use crate::narinfo::NarInfo;
 
 /// The caches to substitute from and how to trust them.
@@ -58,13 +58,7 @@ impl Substituters {
         require_sigs: bool,
         fallback: bool,
     ) -> Result<(Self, Vec<String>), CacheError> {
-        let mut keys = PublicKeys::parse(
-            "trusted-public-keys",
-            trusted_public_keys.iter().map(|s| s.as_str()),
-        )?;
-        for f in secret_key_files {
-            keys.add(SecretKey::read_file(std::path::Path::new(f))?.public());
-        }
+        let keys = crate::keys::trusted_keys(trusted_public_keys, secret_key_files)?;
         let mut warnings = Vec::new();
         let mut caches = Vec::new();
         for u in urls {

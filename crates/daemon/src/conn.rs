@@ -383,9 +383,10 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 ..
             } => {
                 let check = self.check_sigs(dont_check_sigs);
+                let keys = self.trusted_keys(check);
                 let Self { r, store, .. } = self;
                 let mut fr = r.framed();
-                let res = add_nar(store, &info, check, &mut fr);
+                let res = keys.and_then(|k| add_nar(store, &info, k.as_ref(), &mut fr));
                 finish_payload(&mut fr, res)?;
                 Reply::Nothing
             }
@@ -393,16 +394,18 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 dont_check_sigs, ..
             } => {
                 let check = self.check_sigs(dont_check_sigs);
+                let keys = self.trusted_keys(check);
                 let Self { r, store, .. } = self;
                 let limits = r.limits();
                 let sd = r.store_dir().clone();
                 let mut fr = r.framed();
                 let res = (|| {
+                    let keys = keys?;
                     let mut inner = Reader::with_config(&mut fr, sd, limits);
                     let n = inner.read_u64("count").map_err(payload_err)?;
                     for _ in 0..n {
                         let info = ValidPathInfo::read(&mut inner).map_err(payload_err)?;
-                        add_nar(store, &info, check, inner.get_mut())?;
+                        add_nar(store, &info, keys.as_ref(), inner.get_mut())?;
                     }
                     Ok(())
                 })();
@@ -569,6 +572,19 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         for w in warnings {
             ch.line(Verbosity::Warn, &format!("warning: {w}"));
         }
+    }
+
+    /// The keys a path's signatures are checked against, when they are to be checked.
+    fn trusted_keys(&self, check: bool) -> Result<Option<firn_cache::PublicKeys>, OpError> {
+        if !check {
+            return Ok(None);
+        }
+        firn_cache::keys::trusted_keys(
+            &self.settings.trusted_public_keys.0,
+            &self.settings.secret_key_files.0,
+        )
+        .map(Some)
+        .map_err(|e| client(e.to_string()))
     }
 
     /// Whether signatures are to be checked: an untrusted client cannot say no.
@@ -1044,14 +1060,19 @@ fn content_addressed(sd: &StoreDir, info: &ValidPathInfo) -> bool {
 fn add_nar(
     store: &mut Store,
     info: &ValidPathInfo,
-    check_sigs: bool,
+    keys: Option<&firn_cache::PublicKeys>,
     input: &mut dyn Read,
 ) -> Result<(), OpError> {
     let sd = store.store_dir().clone();
     let mut nar = NarBounded::new(input);
-    if check_sigs && !content_addressed(&sd, info) {
-        // firn checks no signatures (docs/daemon.md): a path that would need one is
-        // refused, as Nix refuses one without a valid signature.
+    // Nix's `pathInfoIsUntrusted`: content-addressed, or one valid signature by a
+    // trusted key.
+    let signed = |keys: &firn_cache::PublicKeys| {
+        let info = from_wire(info);
+        firn_cache::keys::info_fingerprint(&sd, &info)
+            .is_some_and(|fp| keys.count_valid(&fp, &info.sigs) > 0)
+    };
+    if keys.is_some_and(|k| !content_addressed(&sd, info) && !signed(k)) {
         return Err(client(format!(
             "cannot add path '{}' because it lacks a signature by a trusted key",
             hl(&sd.display(&info.path))
