@@ -1010,3 +1010,82 @@ fn an_unreachable_substituter_is_skipped_and_the_derivation_built() {
     assert!(err.contains("building '"), "{err}");
     remove(&dir);
 }
+
+/// fetchurl.sh's "substitute from a different store dir": a cache real Nix wrote for
+/// `/fnord/store` (`?store=/fnord/store`) provides a fixed output under the path its
+/// content gives in our store, though its builder could only fail; an input-addressed
+/// path is not looked up there (its path says nothing about its content).
+#[test]
+fn fixed_outputs_substitute_from_a_cache_of_another_store_dir() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-foreign");
+    let file = dir.join("payload.txt");
+    fs::write(&file, "fetched from /fnord/store\n").unwrap();
+    let cache = dir.join("other");
+    let other = format!("file://{}?store=/fnord/store", cache.display());
+    let mut c = command("nix");
+    c.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "--store",
+        &other,
+    ])
+    .args(["store", "add-file"])
+    .arg(&file)
+    .env("NIX_CONF_DIR", tempdir_none());
+    let theirs = ok(c.output().unwrap());
+    assert!(theirs.starts_with("/fnord/store/"), "{theirs}");
+    let hash = ok(nix(
+        &dir.join("tmp"),
+        "nix-hash",
+        &["--flat", "--type", "sha256", file.to_str().unwrap()],
+    ));
+    let expr = dir.join("fod.nix");
+    fs::write(
+        &expr,
+        format!(
+            "{{ fod = derivation {{ name = \"payload.txt\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; \
+             args = [\"-c\" \"exit 1\"]; outputHashMode = \"flat\"; outputHashAlgo = \"sha256\"; outputHash = \"{}\"; }}; \
+             ia = derivation {{ name = \"payload.txt\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [\"-c\" \"exit 1\"]; }}; }}",
+            hash.trim()
+        ),
+    )
+    .unwrap();
+    let root = dir.join("root");
+    let run = |attr: &str| {
+        let drv = instantiate_attr(&root, &expr, attr);
+        firn_at(
+            &root,
+            &[
+                "--option",
+                "substituters",
+                &other,
+                "--option",
+                "sandbox-paths",
+                "/bin/sh=/bin/busybox",
+                "realise",
+                &drv,
+            ],
+            None,
+        )
+    };
+    let out = ok(run("fod"));
+    let out = out.trim();
+    assert!(
+        out.starts_with("/nix/store/") && out.ends_with("-payload.txt"),
+        "{out}"
+    );
+    let real = root.join(out.trim_start_matches('/'));
+    assert_eq!(fs::read(&real).unwrap(), fs::read(&file).unwrap());
+    let ia = run("ia");
+    assert_eq!(
+        ia.status.code(),
+        Some(100),
+        "{}",
+        String::from_utf8_lossy(&ia.stderr)
+    );
+    assert_verifies(&root, "after a foreign-store substitution");
+    remove(&dir);
+}

@@ -26,7 +26,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use firn_derivation::{Derivation, OutputName, StorePath};
+use firn_derivation::{Derivation, DerivationOutput, OutputName, StorePath};
 use firn_store::lock::PathLocks;
 use firn_store::{Store, StoreError};
 
@@ -504,7 +504,22 @@ impl<R: RunningBuild> DerivationGoal<R> {
             // The binary caches before building (Nix's `haveDerivation`): if they have
             // every missing wanted output, neither this nor its inputs are built.
             use crate::substitute::Substituted;
-            match crate::substitute::substitute(cx.store, cx.settings, cx.events, &missing_wanted) {
+            // Fixed outputs are known by content: caches of other store dirs have them.
+            let cas: BTreeMap<StorePath, firn_derivation::FixedOutputHash> = loaded
+                .outputs
+                .iter()
+                .filter_map(|(name, p)| match loaded.drv.outputs.get(name.as_bytes()) {
+                    Some(DerivationOutput::CAFixed(fixed)) => Some((p.clone(), *fixed)),
+                    _ => None,
+                })
+                .collect();
+            match crate::substitute::substitute(
+                cx.store,
+                cx.settings,
+                cx.events,
+                &missing_wanted,
+                &cas,
+            ) {
                 Substituted::All => return self.done(BuildResult::substituted(loaded.outputs)),
                 Substituted::No => {}
                 Substituted::Failed(e) => return self.fail(e),

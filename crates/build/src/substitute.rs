@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use firn_cache::substitute::{Plan, Substituters};
-use firn_derivation::{Derivation, StoreDir, StorePath};
+use firn_derivation::{Derivation, FixedOutputHash, StoreDir, StorePath};
 use firn_store::Store;
 
 use crate::error::BuildError;
@@ -83,12 +83,14 @@ pub fn plan(
 }
 
 /// Substitute `paths` (with their closures) into `store`, if all of them have
-/// substitutes.
+/// substitutes; `cas` are the content addresses known of some of them (fixed outputs),
+/// for caches of other store directories.
 pub fn substitute(
     store: &mut Store,
     settings: &Settings,
     events: &mut dyn BuildEvents,
     paths: &[StorePath],
+    cas: &BTreeMap<StorePath, FixedOutputHash>,
 ) -> Substituted {
     let sd = store.store_dir().clone();
     let shown = paths
@@ -112,7 +114,7 @@ pub fn substitute(
         Ok(None) => return Substituted::No,
         Err(e) => return Substituted::Failed(e),
     };
-    let plan = match subs.plan(store, paths) {
+    let plan = match subs.plan_with_cas(store, paths, cas) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };

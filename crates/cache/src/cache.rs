@@ -3,8 +3,11 @@
 //! Nix; no TLS in this build, so `https://` is refused), with Nix's store parameters
 //! after `?`: `compression` (`xz`, `zstd`, `bzip2`, `none`),
 //! `secret-key` (a key file to sign every narinfo written), `priority`,
-//! `want-mass-query`, `trusted` (substitutes accepted without signatures); an unknown
-//! parameter is an error (Nix warns and ignores it).
+//! `want-mass-query`, `trusted` (substitutes accepted without signatures), `store` (the
+//! store directory the cache holds paths of, when it is not ours: only
+//! content-addressed paths can be substituted from it, under the path their content
+//! gives in our store, as Nix does); an unknown parameter is an error (Nix warns and
+//! ignores it).
 //!
 //! Files are written as `<file>.tmp.<pid>.<n>` and renamed, as Nix does: the NAR first,
 //! then the narinfo, so a reader that sees the narinfo finds the NAR. A NAR's `URL`
@@ -44,6 +47,8 @@ pub struct CacheUrl {
     pub priority: Option<u64>,
     pub want_mass_query: Option<bool>,
     pub trusted: bool,
+    /// `?store=DIR`: the store directory of the cache's paths.
+    pub store: Option<String>,
 }
 
 impl CacheUrl {
@@ -76,6 +81,7 @@ impl CacheUrl {
             priority: None,
             want_mass_query: None,
             trusted: false,
+            store: None,
         };
         let boolean = |k: &str, v: &str| match v {
             "1" | "true" => Ok(true),
@@ -94,6 +100,10 @@ impl CacheUrl {
                 }
                 "want-mass-query" => u.want_mass_query = Some(boolean(k, v)?),
                 "trusted" => u.trusted = boolean(k, v)?,
+                "store" => {
+                    StoreDir::new(v).map_err(|e| bad(&format!("parameter 'store': {e}")))?;
+                    u.store = Some(v.to_owned());
+                }
                 // Accepted, without effect here.
                 "compression-level" | "parallel-compression" => {}
                 _ => return Err(bad(&format!("unknown parameter '{k}'"))),
@@ -125,12 +135,13 @@ impl BinaryCache {
                 priority: None,
             },
         };
+        let expected = url.store.as_deref().unwrap_or(sd.as_str());
         if let Some(theirs) = &info.store_dir {
-            if theirs != sd.as_str() {
+            if theirs != expected {
                 return Err(CacheError::WrongStoreDir {
                     url: url.base.clone(),
                     theirs: theirs.clone(),
-                    ours: sd.as_str().to_owned(),
+                    ours: expected.to_owned(),
                 });
             }
         }
@@ -168,6 +179,15 @@ impl BinaryCache {
             cache.write_file("nix-cache-info", cache.info.to_text().as_bytes())?;
         }
         Self::open(url, sd)
+    }
+
+    /// The store directory of the cache's paths (`?store=`), if not the given one.
+    pub fn foreign_store_dir(&self, ours: &StoreDir) -> Option<StoreDir> {
+        let theirs = self.url.store.as_deref()?;
+        if theirs == ours.as_str() {
+            return None;
+        }
+        StoreDir::new(theirs).ok()
     }
 
     /// Priority: the URL's, else the cache's, else Nix's default of 50.

@@ -5,9 +5,9 @@
 //! error. A closure is planned whole (every path of it must have a substitute), then
 //! fetched and registered in one transaction ([`crate::copy::import`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use firn_derivation::{StoreDir, StorePath};
+use firn_derivation::{FixedOutputHash, StoreDir, StorePath};
 use firn_store::Store;
 
 use crate::cache::{BinaryCache, CacheUrl};
@@ -92,10 +92,21 @@ impl Substituters {
         &self,
         sd: &StoreDir,
         p: &StorePath,
+        cas: &BTreeMap<StorePath, FixedOutputHash>,
         warnings: &mut Vec<String>,
     ) -> Result<Option<(NarInfo, usize)>, CacheError> {
         for (i, c) in self.caches.iter().enumerate() {
-            let info = match c.query(sd, p) {
+            let found = match c.foreign_store_dir(sd) {
+                None => c.query(sd, p),
+                Some(theirs) => match cas.get(p) {
+                    // Only a path whose content address is known can be looked up in
+                    // a cache of another store directory (Nix's
+                    // `makeFixedOutputPathFromCA`), and it is taken under our path.
+                    Some(fixed) => query_foreign(c, &theirs, fixed, p),
+                    None => continue,
+                },
+            };
+            let info = match found {
                 Ok(Some(info)) => info,
                 Ok(None) => continue,
                 Err(e) if self.fallback => {
@@ -120,9 +131,22 @@ impl Substituters {
     /// What substituting the closures of `paths` would fetch (paths valid in `store`
     /// are not looked up).
     pub fn plan(&self, store: &Store, paths: &[StorePath]) -> Result<Plan, CacheError> {
+        self.plan_with_cas(store, paths, &BTreeMap::new())
+    }
+
+    /// [`Substituters::plan`], knowing the content addresses `cas` of some paths (the
+    /// fixed outputs of a derivation), which caches of other store directories can
+    /// then provide.
+    pub fn plan_with_cas(
+        &self,
+        store: &Store,
+        paths: &[StorePath],
+        cas: &BTreeMap<StorePath, FixedOutputHash>,
+    ) -> Result<Plan, CacheError> {
         let sd = store.store_dir().clone();
         let mut warnings = Vec::new();
-        let (found, missing) = walk_missing(store, paths, |p| self.find(&sd, p, &mut warnings))?;
+        let (found, missing) =
+            walk_missing(store, paths, |p| self.find(&sd, p, cas, &mut warnings))?;
         Ok(Plan {
             fetch: found.into_values().collect(),
             missing,
@@ -148,4 +172,30 @@ impl Substituters {
         }
         import(store, &pairs, |p, c| on_fetch(p, &c.url.base))
     }
+}
+
+/// The narinfo of the fixed-output path `p` in a cache of the store directory `theirs`:
+/// looked up under the path `fixed` gives there, and returned as ours (no deriver: it
+/// names a file of the other store). A path with references (a fixed output has none)
+/// cannot move between store directories this way.
+fn query_foreign(
+    c: &BinaryCache,
+    theirs: &StoreDir,
+    fixed: &FixedOutputHash,
+    p: &StorePath,
+) -> Result<Option<NarInfo>, CacheError> {
+    // `p`'s name is a valid store path name, so this cannot fail; if it did, the cache
+    // simply has no such path.
+    let Ok(their_path) = theirs.make_fixed_output_path(fixed, p.name()) else {
+        return Ok(None);
+    };
+    let Some(mut info) = c.query(theirs, &their_path)? else {
+        return Ok(None);
+    };
+    if !info.references.is_empty() {
+        return Ok(None);
+    }
+    info.path = p.clone();
+    info.deriver = None;
+    Ok(Some(info))
 }

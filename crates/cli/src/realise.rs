@@ -213,7 +213,13 @@ pub fn realise(
     events.begin();
     if !to_fetch.is_empty() {
         use firn_build::substitute::{substitute, Substituted};
-        match substitute(&mut store, &build, &mut events, &to_fetch) {
+        match substitute(
+            &mut store,
+            &build,
+            &mut events,
+            &to_fetch,
+            &Default::default(),
+        ) {
             Substituted::All => {}
             Substituted::No => return Err(no_substituter(&sd, &to_fetch)),
             Substituted::Failed(e) => return Err(CliError::usage(e.to_string())),
