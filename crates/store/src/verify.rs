@@ -329,7 +329,7 @@ mod tests {
             check_contents: true,
             repair: false,
         };
-        let (_, r) = events(&mut store, opts.clone());
+        let (_, r) = events(&mut store, opts);
         assert!(r.all_fixed(), "{r:?}");
         let links: Vec<_> = fs::read_dir(store.real_store_dir().join(".links"))
             .unwrap()
