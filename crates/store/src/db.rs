@@ -373,11 +373,8 @@ impl Database {
 
     pub fn is_valid_path(&self, path: &StorePath) -> Result<bool, DbError> {
         self.conn
-            .query_row(
-                "select 1 from ValidPaths where path = ?",
-                [self.display(path)],
-                |_| Ok(()),
-            )
+            .prepare_cached("select 1 from ValidPaths where path = ?")
+            .and_then(|mut s| s.query_row([self.display(path)], |_| Ok(())))
             .optional()
             .map(|o| o.is_some())
             .map_err(|e| self.err(e))
@@ -388,10 +385,11 @@ impl Database {
         let full = self.display(path);
         let row = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?",
-                [&full],
-                |r| {
+            )
+            .and_then(|mut s| {
+                s.query_row([&full], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, String>(1)?,
@@ -402,8 +400,8 @@ impl Database {
                         r.get::<_, Option<String>>(6)?,
                         r.get::<_, Option<String>>(7)?,
                     ))
-                },
-            )
+                })
+            })
             .optional()
             .map_err(|e| self.err(e))?;
         let Some((id, hash, time, deriver, size, ultimate, sigs, ca)) = row else {
