@@ -449,6 +449,7 @@ impl Store {
         references: BTreeSet<StorePath>,
         ca: Option<String>,
         drv_outputs: BTreeMap<String, StorePath>,
+        known_nar: Option<(Hash, u64)>,
         write: impl FnOnce(&Path) -> Result<(), StoreError>,
     ) -> Result<ValidPathInfo, StoreError> {
         // Before the validity check: from here on no collector deletes the path, so
@@ -474,7 +475,12 @@ impl Store {
                 drv_outputs = self.checked_drv_outputs(&path, &tmp)?;
             }
             canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
-            let (nar_hash, nar_size) = nar::hash_path(&tmp)?;
+            // A tree restored from a NAR whose hash was taken on the way is that NAR
+            // (canonicalisation keeps the execute bits): no second read.
+            let (nar_hash, nar_size) = match known_nar {
+                Some(known) => known,
+                None => nar::hash_path(&tmp)?,
+            };
             self.auto_optimise_path(&tmp)?;
             sync_tree(&tmp);
             fs::rename(&tmp, &real).map_err(io_err(&real))?;
@@ -522,26 +528,22 @@ impl Store {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let hash = match method {
-            FileIngestionMethod::Recursive => {
-                let mut h = nar::HashSink::with_algo(algo);
-                nar::dump_path_pipelined(src, &mut h)?;
-                h.finish().0
-            }
-            FileIngestionMethod::Flat => {
-                let meta = fs::symlink_metadata(src).map_err(io_err(src))?;
-                if !meta.is_file() {
-                    return Err(StoreError::NotRegularFile {
-                        path: src.to_path_buf(),
-                    });
-                }
-                let mut h = nar::HashSink::with_algo(algo);
-                let mut f = File::open(src).map_err(io_err(src))?;
-                io::copy(&mut f, &mut h).map_err(io_err(src))?;
-                h.finish().0
-            }
+        if method == FileIngestionMethod::Recursive {
+            return self.add_recursive(src, &name, algo);
+        }
+        let meta = fs::symlink_metadata(src).map_err(io_err(src))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotRegularFile {
+                path: src.to_path_buf(),
+            });
+        }
+        let mut h = nar::HashSink::with_algo(algo);
+        let mut f = File::open(src).map_err(io_err(src))?;
+        io::copy(&mut f, &mut h).map_err(io_err(src))?;
+        let fixed = FixedOutputHash {
+            method,
+            hash: h.finish().0,
         };
-        let fixed = FixedOutputHash { method, hash };
         let path = self
             .layout
             .store_dir
@@ -552,8 +554,48 @@ impl Store {
             BTreeSet::new(),
             Some(fixed_ca(&fixed)),
             BTreeMap::new(),
+            None,
             |tmp| copy_via_nar(&src, tmp),
         )
+    }
+
+    /// `--add` (recursive): one read of `src`. Its NAR is restored into a staging entry
+    /// of the store directory while hashed (sha256 for the NAR hash, `algo` for the
+    /// path); the path follows from the hash, and the staging tree is renamed to it
+    /// (or dropped, if the path is valid already). The staging name
+    /// (`.add-N.tmp-PID`) is one the collector leaves alone while this process lives.
+    fn add_recursive(
+        &mut self,
+        src: &Path,
+        name: &str,
+        algo: HashAlgo,
+    ) -> Result<ValidPathInfo, StoreError> {
+        let n = ADD_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = self
+            .layout
+            .real_store_dir
+            .join(format!(".add-{n}.tmp-{}", std::process::id()));
+        delete_path(&staging).map_err(io_err(&staging))?;
+        let copied = copy_via_nar_hashing(src, &staging, algo);
+        let result = copied.and_then(|(nar_hash, nar_size, hash)| {
+            let fixed = FixedOutputHash {
+                method: FileIngestionMethod::Recursive,
+                hash,
+            };
+            let path = self.layout.store_dir.make_fixed_output_path(&fixed, name)?;
+            let staged = staging.clone();
+            self.add_content(
+                path,
+                BTreeSet::new(),
+                Some(fixed_ca(&fixed)),
+                BTreeMap::new(),
+                Some((nar_hash, nar_size)),
+                move |tmp| fs::rename(&staged, tmp).map_err(io_err(tmp)),
+            )
+        });
+        // Renamed into place, or not needed (valid already, or failed).
+        let _ = delete_path(&staging);
+        result
     }
 
     /// `addTextToStore`: a text file with references (a `.drv`, `builtins.toFile`).
@@ -569,16 +611,23 @@ impl Store {
             .layout
             .store_dir
             .make_text_path(name, &hash, &references)?;
-        self.add_content(path, references, Some(text_ca(&hash)), drv_outputs, |tmp| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o444)
-                .open(tmp)
-                .map_err(io_err(tmp))?;
-            f.write_all(contents).map_err(io_err(tmp))?;
-            Ok(())
-        })
+        self.add_content(
+            path,
+            references,
+            Some(text_ca(&hash)),
+            drv_outputs,
+            None,
+            |tmp| {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o444)
+                    .open(tmp)
+                    .map_err(io_err(tmp))?;
+                f.write_all(contents).map_err(io_err(tmp))?;
+                Ok(())
+            },
+        )
     }
 
     /// Add a path that arrives as a NAR with its metadata (Nix's `addToStore(info,
@@ -801,6 +850,76 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
         }
     })
 }
+
+/// [`copy_via_nar`], hashing the NAR on the way: its sha256 and size, and its hash with
+/// `algo` (the same as the sha256 when `algo` is sha256).
+fn copy_via_nar_hashing(
+    src: &Path,
+    dst: &Path,
+    algo: HashAlgo,
+) -> Result<(Hash, u64, Hash), StoreError> {
+    let (reader, mut writer) = io::pipe().map_err(io_err(src))?;
+    // A larger pipe than the 64 KiB default: far fewer hand-overs between the threads
+    // (best effort: the system may refuse the size).
+    let _ = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&writer),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+    );
+    std::thread::scope(|scope| {
+        let dumper = scope.spawn(move || {
+            let r = nar::dump_path(src, &mut writer);
+            drop(writer);
+            r
+        });
+        let mut hashing = TwoHashReader {
+            inner: reader,
+            sha256: nar::HashSink::new(),
+            other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
+        };
+        let restored = nar::restore_path(&mut hashing, dst);
+        let TwoHashReader {
+            inner,
+            sha256,
+            other,
+        } = hashing;
+        drop(inner);
+        let dumped = dumper.join().unwrap_or_else(|_| {
+            Err(NarError::Format {
+                offset: 0,
+                msg: "the NAR writer thread panicked".into(),
+            })
+        });
+        match (dumped, restored) {
+            (Ok(()), Ok(())) => {
+                let (nar_hash, nar_size) = sha256.finish();
+                let hash = other.map_or(nar_hash, |o| o.finish().0);
+                Ok((nar_hash, nar_size, hash))
+            }
+            (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
+            (Err(d), _) => Err(d.into()),
+        }
+    })
+}
+
+/// Passes a reader's bytes through a sha256 sink and, optionally, another.
+struct TwoHashReader<R> {
+    inner: R,
+    sha256: nar::HashSink,
+    other: Option<nar::HashSink>,
+}
+
+impl<R: Read> Read for TwoHashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha256.write_all(&buf[..n])?;
+        if let Some(o) = &mut self.other {
+            o.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+}
+
+static ADD_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Passes a reader's bytes through a hash sink.
 struct HashingReader<'a> {
