@@ -5,7 +5,8 @@
 //! serialisation (so the execute bit counts, and a symlink is its target text); the
 //! link `.links/<nixbase32 sha256>` is created as a hard link to the file if it does not
 //! exist, otherwise the file is atomically replaced by a hard link to it (a link made
-//! beside it in the store directory, renamed over the file). Files that are writable
+//! beside it in the store directory, `.link-N.tmp-PID`, which the collector leaves alone
+//! while this process lives, renamed over the file). Files that are writable
 //! are skipped (Nix: "skipping suspicious writable file"); a link whose size differs
 //! from the file is corrupt and replaced; too many links (`EMLINK`) and a full
 //! directory index (`ENOSPC`) only skip the file. The directory holding a replaced
@@ -199,7 +200,8 @@ impl Store {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let temp = self
             .real_store_dir()
-            .join(format!(".tmp-link-{}-{n}", std::process::id()));
+            // A name the collector leaves alone while this process lives.
+            .join(format!(".link-{n}.tmp-{}", std::process::id()));
         match fs::hard_link(link, &temp) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(Errno::EMLINK as i32) => return Ok(()),
