@@ -1010,3 +1010,78 @@ fn imported_paths_need_a_signature_by_a_trusted_key() {
     assert_verifies(&dir.join("root"), "after the imports");
     remove(&dir);
 }
+
+/// Each connection has its own temporary roots (`temproots/<pid>-<n>`): when one ends,
+/// what it rooted can be collected although another connection (with roots of its own)
+/// is still open. (With one file per daemon process, the open connection kept the
+/// finished one's roots alive; Nix forks per connection.)
+#[test]
+fn a_finished_connections_temporary_roots_go_with_it() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("daemon-temproots");
+    let d = Daemon::start(&dir.join("root"), &[]);
+    // A connection that stays open, with a temporary root of its own.
+    let mut held = UnixStream::connect(&d.socket).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut msg = Vec::new();
+    for v in [0x6e69_7863u64, 0x122, 0, 0] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    held.write_all(&msg).unwrap();
+    let mut hello = [0u8; 16];
+    held.read_exact(&mut hello).unwrap();
+    // The version string and the first STDERR_LAST follow; then AddTempRoot (11).
+    let frame = |s: &str| {
+        let mut v = (s.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v.resize(v.len().div_ceil(8) * 8, 0);
+        v
+    };
+    let other = "/nix/store/00000000000000000000000000000000-other";
+    let mut op = 11u64.to_le_bytes().to_vec();
+    op.extend(frame(other));
+    held.write_all(&op).unwrap();
+    // Wait for AddTempRoot's reply (STDERR_LAST, then 1) so the root is written.
+    let mut seen = Vec::new();
+    let last_then_one: Vec<u8> = [0x616c_7473u64, 1]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut buf = [0u8; 256];
+    while !seen.ends_with(&last_then_one) {
+        let n = held.read(&mut buf).unwrap();
+        assert!(n > 0, "the daemon closed the held connection");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let f = dir.join("unrooted.txt");
+    std::fs::write(&f, "nothing keeps me\n").unwrap();
+    let p = ok_out(d.run("nix-store", &["--add", f.to_str().unwrap()]), "add");
+    let p = p.trim();
+    // The adding connection has ended: nothing roots the path any more.
+    let roots = ok_out(
+        d.run("nix-store", &["--gc", "--print-roots"]),
+        "print-roots",
+    );
+    assert!(
+        !roots.contains(p),
+        "still rooted after its connection ended: {roots}"
+    );
+    assert!(
+        roots.contains(other),
+        "the open connection's root is listed: {roots}"
+    );
+    ok_out(d.run("nix-store", &["--gc"]), "gc");
+    assert!(
+        !d.run("nix-store", &["--check-validity", p])
+            .status
+            .success(),
+        "the path of a finished connection was not collected"
+    );
+    drop(held);
+    drop(d);
+    assert_verifies(&dir.join("root"), "after the collection");
+    remove(&dir);
+}

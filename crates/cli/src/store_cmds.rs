@@ -26,6 +26,7 @@ pub fn open(settings: &Settings) -> Result<Store, CliError> {
     let options = firn_store::StoreOptions {
         build_users_group: settings.build.build_users_group.clone(),
         auto_optimise: settings.build.auto_optimise_store,
+        own_temp_roots: false,
     };
     let mut store = Store::open_with(&settings.layout, &options).map_err(|e| match e {
         StoreError::NotOwner { .. } => {

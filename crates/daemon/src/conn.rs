@@ -100,6 +100,7 @@ pub fn serve_connection<R: Read, W: Write>(
         &firn_store::StoreOptions {
             build_users_group: config.settings.build_users_group.clone(),
             auto_optimise: config.settings.auto_optimise_store,
+            own_temp_roots: true,
         },
     );
     w.write_str(NIX_VERSION)?;

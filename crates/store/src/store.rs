@@ -130,6 +130,7 @@ pub struct Store {
     /// Where messages go that are not the progress of one call (lock waits, …).
     reporter: Reporter,
     auto_optimise: bool,
+    own_temp_roots: bool,
     /// `ca-derivations` is enabled: the realisation tables are there and asked.
     ca_derivations: bool,
     _big_lock: Flock<File>,
@@ -143,6 +144,10 @@ pub struct StoreOptions {
     pub build_users_group: String,
     /// `auto-optimise-store`: every path added or built is optimised (`optimise.rs`).
     pub auto_optimise: bool,
+    /// Temporary roots in a file of this store's own (`temproots/<pid>-<n>`, removed
+    /// when the store is dropped) rather than the process's shared one: for a daemon,
+    /// whose connections each open a store and end before the process.
+    pub own_temp_roots: bool,
 }
 
 impl Default for StoreOptions {
@@ -150,6 +155,7 @@ impl Default for StoreOptions {
         Self {
             build_users_group: "nixbld".to_owned(),
             auto_optimise: false,
+            own_temp_roots: false,
         }
     }
 }
@@ -255,6 +261,7 @@ impl Store {
             temp_roots: std::sync::Mutex::new(None),
             reporter: Reporter::discard(),
             auto_optimise: options.auto_optimise,
+            own_temp_roots: options.own_temp_roots,
             ca_derivations: false,
             _big_lock: big_lock,
         })
@@ -321,7 +328,10 @@ impl Store {
             match &*slot {
                 Some(h) => h.clone(),
                 None => {
-                    let h = temproots::temp_roots_handle(&self.state_dir())?;
+                    let h = match self.own_temp_roots {
+                        true => temproots::own_temp_roots_handle(&self.state_dir())?,
+                        false => temproots::temp_roots_handle(&self.state_dir())?,
+                    };
                     *slot = Some(h.clone());
                     h
                 }

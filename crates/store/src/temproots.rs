@@ -172,12 +172,30 @@ pub(crate) fn temp_roots_handle(state: &Path) -> Result<TempRootsHandle, StoreEr
     Ok(h)
 }
 
+/// A handle on a temporary-roots file of its own (`temproots/<pid>-<n>`), shared with
+/// no other store of this process: a daemon connection's roots go when it ends, though
+/// the daemon lives on (Nix forks per connection for the same effect; Nix's collector
+/// reads the leading digits of the name as the pid, as firn's does).
+pub(crate) fn own_temp_roots_handle(state: &Path) -> Result<TempRootsHandle, StoreError> {
+    static OWN_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let key = fs::canonicalize(state).map_err(|e| io_err(state, e))?;
+    let n = OWN_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{}-{n}", std::process::id());
+    Ok(Arc::new(Mutex::new(TempRootsFile::create_named(
+        &key, &name,
+    )?)))
+}
+
 impl TempRootsFile {
     fn create(state: &Path) -> Result<Self, StoreError> {
+        Self::create_named(state, &std::process::id().to_string())
+    }
+
+    fn create_named(state: &Path, name: &str) -> Result<Self, StoreError> {
         let dir = state.join("temproots");
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
         let pid = std::process::id();
-        let path = dir.join(pid.to_string());
+        let path = dir.join(name);
         loop {
             // A file with our pid is stale: no two live processes share a pid.
             match fs::remove_file(&path) {
