@@ -1085,3 +1085,96 @@ fn a_finished_connections_temporary_roots_go_with_it() {
     assert_verifies(&dir.join("root"), "after the collection");
     remove(&dir);
 }
+
+/// The substitution queries through the daemon: with a trusted client's `substituters`
+/// (a file:// cache real Nix wrote), `nix-store -r --dry-run` says what will be fetched
+/// exactly as real Nix does on a local store, `nix path-info` style queries see the
+/// substitute, and the build then fetches instead of building.
+#[test]
+fn the_daemon_answers_substitution_queries_from_its_caches() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("daemon-substq");
+    let file = write_expr(
+        &dir,
+        "s.nix",
+        &format!(
+            "let dep = {}; in {}",
+            drv_expr("subst-dep", "echo dep > $out", ""),
+            drv_expr("subst-top", "echo $dep > $out", "inherit dep;")
+        ),
+    );
+    // Real Nix builds it in a store of its own and copies it to a cache.
+    let src = dir.join("src");
+    let nix_local = |root: &Path, cmd: &str, args: &[&str]| {
+        let mut c = command_isolated(cmd);
+        c.args(["--store", root.to_str().unwrap()])
+            .args(["--option", "sandbox-paths", BUSYBOX])
+            .args(args);
+        c.output().unwrap()
+    };
+    let out = ok_out(
+        nix_local(&src, "nix-build", &["--no-out-link", &file]),
+        "nix-build",
+    );
+    let cache = format!("file://{}", dir.join("cache").display());
+    ok_out(
+        nix_local(
+            &src,
+            "nix",
+            &[
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--to",
+                &cache,
+                out.trim(),
+            ],
+        ),
+        "copy --to",
+    );
+    let subst = [
+        "--option",
+        "substituters",
+        cache.as_str(),
+        "--option",
+        "require-sigs",
+        "false",
+    ];
+    let d = Daemon::start(&dir.join("root"), &[]);
+    let drv = ok_out(d.run("nix-instantiate", &[&file]), "instantiate");
+    let mut args = subst.to_vec();
+    args.extend(["-r", "--dry-run", drv.trim()]);
+    let firn = d.run("nix-store", &args);
+    let fresh = dir.join("fresh");
+    ok_out(
+        nix_local(&fresh, "nix-instantiate", &[&file]),
+        "instantiate locally",
+    );
+    let nix = nix_local(&fresh, "nix-store", &args);
+    let firn_err = text(&firn.stderr);
+    assert!(
+        firn_err.contains("these 2 paths will be fetched"),
+        "{firn_err}"
+    );
+    assert_eq!(
+        firn_err.replace(&*dir.join("root").to_string_lossy(), ""),
+        text(&nix.stderr).replace(&*fresh.to_string_lossy(), ""),
+        "dry run as real Nix's"
+    );
+    // The build fetches both paths.
+    let mut args = subst.to_vec();
+    args.extend(["--no-out-link", file.as_str()]);
+    let built = d.run("nix-build", &args);
+    let err = text(&built.stderr);
+    assert_eq!(ok_out(built, "nix-build from the cache").trim(), out.trim());
+    assert!(err.contains("copying path"), "{err}");
+    assert!(
+        !err.contains("building '"),
+        "built instead of fetched: {err}"
+    );
+    drop(d);
+    assert_verifies(&dir.join("root"), "after substituting through the daemon");
+    remove(&dir);
+}

@@ -20,7 +20,9 @@ use firn_derivation::{
 };
 use firn_protocol::types::GcAction;
 use firn_protocol::wire::FramedReader;
-use firn_protocol::worker::{self, ClientSettings, GcResult, Missing, Request, NIX_VERSION};
+use firn_protocol::worker::{
+    self, ClientSettings, GcResult, Missing, Request, SubstitutablePathInfo, NIX_VERSION,
+};
 use firn_protocol::{
     BuildMode, BuildResult, BuildStatus, ClientHello, ContentAddress, ContentAddressMethod,
     DerivedPath, Limits, Reader, RemoteError, Reply, StderrMsg, UnkeyedValidPathInfo,
@@ -276,10 +278,28 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     .find(|p| p.hash_part() == h),
             ),
             // No substituters: nothing is substitutable.
-            Request::HasSubstitutes(_) => Reply::Bool(false),
-            Request::QuerySubstitutablePaths(_) => Reply::Paths(Vec::new()),
-            Request::QuerySubstitutablePathInfo(_) => Reply::SubstitutablePathInfo(None),
-            Request::QuerySubstitutablePathInfos(_) => Reply::SubstitutablePathInfos(Vec::new()),
+            Request::HasSubstitutes(p) => Reply::Bool(self.substitutable_info(&p)?.is_some()),
+            Request::QuerySubstitutablePaths(paths) => {
+                let mut found = Vec::new();
+                for p in paths {
+                    if self.substitutable_info(&p)?.is_some() {
+                        found.push(p);
+                    }
+                }
+                Reply::Paths(found)
+            }
+            Request::QuerySubstitutablePathInfo(p) => {
+                Reply::SubstitutablePathInfo(self.substitutable_info(&p)?)
+            }
+            Request::QuerySubstitutablePathInfos(paths) => {
+                let mut found = Vec::new();
+                for p in paths.into_keys() {
+                    if let Some(info) = self.substitutable_info(&p)? {
+                        found.push((p, info));
+                    }
+                }
+                Reply::SubstitutablePathInfos(found)
+            }
             Request::QueryRealisation(id) => {
                 Reply::Realisations(match self.store.ca_derivations() {
                     true => self
@@ -641,13 +661,39 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         Ok(m)
     }
 
+    /// What the connection's substituters know of the invalid path `p` (the first
+    /// cache with an acceptable narinfo), for the substitution queries.
+    fn substitutable_info(&self, p: &StorePath) -> Result<Option<SubstitutablePathInfo>, OpError> {
+        if self.store.db().is_valid_path(p)? {
+            return Ok(None);
+        }
+        let plan = firn_build::substitute::plan(&self.store, &self.settings, &[p.clone()])
+            .map_err(|e| client(e.to_string()))?;
+        let Some(plan) = plan else { return Ok(None) };
+        Ok(plan
+            .fetch
+            .iter()
+            .find(|(i, _)| &i.path == p)
+            .map(|(i, _)| SubstitutablePathInfo {
+                deriver: i.deriver.clone(),
+                references: i.references.clone(),
+                download_size: i.file_size.unwrap_or(0),
+                nar_size: i.nar_size,
+            }))
+    }
+
+    /// QueryMissing as Nix's `queryMissing`: derivations whose missing outputs the
+    /// substituters have (closures included) are fetched, the others built; an invalid
+    /// opaque path is fetched if its closure can be, else unknown.
     fn query_missing(&self, paths: &[DerivedPath]) -> Result<Missing, OpError> {
         let mut m = Missing::default();
+        let mut tops = Vec::new();
+        let mut opaque = Vec::new();
         for p in paths {
             match p {
                 DerivedPath::Opaque(p) => {
                     if !self.store.db().is_valid_path(p)? {
-                        m.unknown.insert(p.clone());
+                        opaque.push(p.clone());
                     }
                 }
                 DerivedPath::Built { drv_path, outputs } => {
@@ -655,12 +701,37 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                         m.unknown.insert(drv_path.clone());
                         continue;
                     }
-                    let tops = [(drv_path.clone(), wanted(outputs))];
-                    m.will_build
-                        .extend(firn_build::missing::derivations_to_build(
-                            &self.store,
-                            &tops,
-                        )?);
+                    tops.push((drv_path.clone(), wanted(outputs)));
+                }
+            }
+        }
+        let found = firn_build::missing::query_missing(&self.store, &self.settings, &tops)
+            .map_err(|e| client(e.to_string()))?;
+        m.will_build = found.will_build;
+        m.will_substitute = found.will_substitute;
+        m.download_size = found.download_size;
+        m.nar_size = found.nar_size;
+        for p in opaque {
+            // Each on its own: one path no cache has is unknown, not an error.
+            let mut trial = firn_build::missing::Missing {
+                will_substitute: m.will_substitute.clone(),
+                download_size: m.download_size,
+                nar_size: m.nar_size,
+                ..Default::default()
+            };
+            match firn_build::missing::add_paths(
+                &self.store,
+                &self.settings,
+                &[p.clone()],
+                &mut trial,
+            ) {
+                Ok(()) => {
+                    m.will_substitute = trial.will_substitute;
+                    m.download_size = trial.download_size;
+                    m.nar_size = trial.nar_size;
+                }
+                Err(_) => {
+                    m.unknown.insert(p);
                 }
             }
         }
