@@ -12,7 +12,7 @@ use common::*;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
 const EXPR: &str = r#"
 let sh = "/bin/sh";
@@ -1087,5 +1087,60 @@ fn fixed_outputs_substitute_from_a_cache_of_another_store_dir() {
         String::from_utf8_lossy(&ia.stderr)
     );
     assert_verifies(&root, "after a foreign-store substitution");
+    remove(&dir);
+}
+
+/// `firn copy` shows a status line on a terminal (`[n/N] copying '…'`, cleared at the
+/// end) and nothing on stderr otherwise; stdout lists the copied paths either way.
+#[test]
+fn copy_shows_progress_on_a_terminal_only() {
+    let dir = tempdir("cache-progress");
+    let f = dir.join("f");
+    fs::write(&f, "progress\n").unwrap();
+    let root = dir.join("root");
+    let p = ok(firn_at(&root, &["add", f.to_str().unwrap()], None));
+    let p = p.trim();
+    let plain = firn_at(
+        &root,
+        &[
+            "copy",
+            "--to",
+            &format!("file://{}", dir.join("c1").display()),
+            p,
+        ],
+        None,
+    );
+    assert_eq!(ok(plain.clone()).trim(), p);
+    assert!(
+        plain.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(!is_ci(), "script(1) (util-linux) is needed in CI");
+        println!("SKIPPED: no script(1) to run firn on a terminal");
+        remove(&dir);
+        return;
+    }
+    let log = dir.join("typescript");
+    let cmd = format!(
+        "{} --store {} copy --to file://{} {p}",
+        firn_bin(),
+        root.display(),
+        dir.join("c2").display()
+    );
+    let st = Command::new("script")
+        .args(["-qec", &cmd])
+        .arg(&log)
+        .env("COLUMNS", "200")
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let seen = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
+    assert!(seen.contains(&format!("[1/1] copying '{p}'")), "{seen:?}");
+    assert!(
+        seen.contains("\r\x1b[K"),
+        "the status line is cleared: {seen:?}"
+    );
     remove(&dir);
 }

@@ -91,11 +91,21 @@ pub fn acceptable(
 
 /// Copy the closures of `paths` into `cache`, signing with `keys` (and the cache's
 /// `?secret-key=`). Returns the paths copied (those the cache lacked), references first.
+/// Where a copy is, for a progress display: `path` is being copied, the `done`-th of
+/// (at most) `total`.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyProgress<'a> {
+    pub path: &'a StorePath,
+    pub done: usize,
+    pub total: usize,
+}
+
 pub fn copy_to(
     store: &Store,
     cache: &BinaryCache,
     paths: &[StorePath],
     keys: &[SecretKey],
+    on_copy: &mut dyn FnMut(CopyProgress<'_>),
 ) -> Result<Vec<StorePath>, CacheError> {
     let sd = store.store_dir().clone();
     let graph = store
@@ -105,10 +115,17 @@ pub fn copy_to(
     let mut all_keys: Vec<&SecretKey> = keys.iter().collect();
     all_keys.extend(cache.secret_key.as_ref());
     let mut copied = Vec::new();
-    for p in graph.topo_sorted() {
+    let order = graph.topo_sorted();
+    let total = order.len();
+    for (i, p) in order.into_iter().enumerate() {
         if cache.has(p) {
             continue;
         }
+        on_copy(CopyProgress {
+            path: p,
+            done: i + 1,
+            total,
+        });
         let info = store
             .db()
             .query_path_info(p)
@@ -308,8 +325,18 @@ pub fn copy_from(
     paths: &[StorePath],
     check_sigs: bool,
     keys: &PublicKeys,
+    on_copy: &mut dyn FnMut(CopyProgress<'_>),
 ) -> Result<Vec<StorePath>, CacheError> {
     let infos = closure_infos(store, cache, paths, check_sigs, keys)?;
     let pairs: Vec<(NarInfo, &BinaryCache)> = infos.into_iter().map(|i| (i, cache)).collect();
-    import(store, &pairs, |_, _| {})
+    let total = pairs.len();
+    let mut done = 0;
+    import(store, &pairs, |p, _| {
+        done += 1;
+        on_copy(CopyProgress {
+            path: p,
+            done,
+            total,
+        })
+    })
 }

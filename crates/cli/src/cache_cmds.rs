@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use firn_cache::keys::{info_fingerprint, PublicKeys};
+use firn_cache::keys::info_fingerprint;
 use firn_cache::{BinaryCache, CacheError, CacheUrl, SecretKey};
 use firn_derivation::StorePath;
 use firn_store::StoreError;
@@ -138,7 +138,13 @@ pub fn copy(settings: &Settings, args: &CopyArgs, out: &mut impl Write) -> Resul
             .map(|a| store.valid_path_arg(a))
             .collect::<Result<_, _>>()?;
         let cache = BinaryCache::create(&CacheUrl::parse(to)?, &sd)?;
-        let copied = firn_cache::copy::copy_to(&store, &cache, &paths, &secret_keys(settings)?)?;
+        let mut progress = crate::progress::Progress::new();
+        let copied =
+            firn_cache::copy::copy_to(&store, &cache, &paths, &secret_keys(settings)?, &mut |c| {
+                progress.status(&copy_status(&sd, &c, to))
+            });
+        progress.finish();
+        let copied = copied?;
         for p in copied {
             writeln!(out, "{}", sd.display(&p)).map_err(CliError::stdout)?;
         }
@@ -149,25 +155,21 @@ pub fn copy(settings: &Settings, args: &CopyArgs, out: &mut impl Write) -> Resul
             .map(|a| store.parse_path_arg(a))
             .collect::<Result<_, _>>()?;
         let cache = BinaryCache::open(&CacheUrl::parse(from)?, &sd)?;
-        let mut keys = PublicKeys::parse(
-            "trusted-public-keys",
-            settings
-                .build
-                .trusted_public_keys
-                .0
-                .iter()
-                .map(|s| s.as_str()),
+        let keys = firn_cache::keys::trusted_keys(
+            &settings.build.trusted_public_keys.0,
+            &settings.build.secret_key_files.0,
         )?;
-        for k in secret_keys(settings)? {
-            keys.add(k.public());
-        }
+        let mut progress = crate::progress::Progress::new();
         let copied = firn_cache::copy::copy_from(
             &mut store,
             &cache,
             &paths,
             !args.no_check_sigs && settings.build.require_sigs,
             &keys,
-        )?;
+            &mut |c| progress.status(&copy_status(&sd, &c, from)),
+        );
+        progress.finish();
+        let copied = copied?;
         for p in copied {
             writeln!(out, "{}", sd.display(&p)).map_err(CliError::stdout)?;
         }
@@ -190,4 +192,19 @@ pub fn serve(settings: &Settings, args: &ServeArgs, out: &mut impl Write) -> Res
     crate::interrupt::install_handlers();
     server.serve(&store, &keys, crate::interrupt::interrupted)?;
     Ok(())
+}
+
+/// The status line of a copy on a terminal (`[3/10] copying '…' to/from 'URL'`).
+fn copy_status(
+    sd: &firn_derivation::StoreDir,
+    c: &firn_cache::copy::CopyProgress<'_>,
+    url: &str,
+) -> String {
+    format!(
+        "[{}/{}] copying '{}' ({})",
+        c.done,
+        c.total,
+        sd.display(c.path),
+        url.split('?').next().unwrap_or(url)
+    )
 }
