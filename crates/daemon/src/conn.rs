@@ -667,8 +667,9 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         if self.store.db().is_valid_path(p)? {
             return Ok(None);
         }
-        let plan = firn_build::substitute::plan(&self.store, &self.settings, &[p.clone()])
-            .map_err(|e| client(e.to_string()))?;
+        let plan =
+            firn_build::substitute::plan(&self.store, &self.settings, std::slice::from_ref(p))
+                .map_err(|e| client(e.to_string()))?;
         let Some(plan) = plan else { return Ok(None) };
         Ok(plan
             .fetch
@@ -722,7 +723,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             match firn_build::missing::add_paths(
                 &self.store,
                 &self.settings,
-                &[p.clone()],
+                std::slice::from_ref(&p),
                 &mut trial,
             ) {
                 Ok(()) => {
