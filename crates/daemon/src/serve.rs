@@ -21,7 +21,7 @@ use firn_derivation::{
     FixedOutputHash, Hash, HashAlgo, OutputName, StoreDir, StorePath,
 };
 use firn_protocol::serve::{
-    self, BuildSettings, ExportTrailer, ServeError, ServePathInfo, ServeRequest,
+    self, BuildSettings, Command, ExportTrailer, ServeError, ServePathInfo, ServeRequest,
 };
 use firn_protocol::types::WireOutput;
 use firn_protocol::{
@@ -134,11 +134,28 @@ pub fn serve_session<R: Read, W: Write>(
         gone,
         stop,
     };
-    while let Some(req) = ServeRequest::read(&mut s.r, version)? {
+    loop {
+        let start = s.r.position();
+        let n = match s.r.read_u64("command") {
+            Ok(n) => n,
+            Err(e) if e.is_eof() && s.r.position() == start => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let cmd = Command::from_u64(n).ok_or(ServeError::UnknownCommand(n))?;
+        // As Nix: a write is refused before its arguments are read.
+        match cmd {
+            Command::ImportPaths | Command::AddToStoreNar => {
+                s.need_write("importing paths is not allowed")?
+            }
+            Command::BuildPaths | Command::BuildDerivation => {
+                s.need_write("building paths is not allowed")?
+            }
+            _ => {}
+        }
+        let req = ServeRequest::read_command(cmd, &mut s.r, version)?;
         s.perform(req)?;
         s.w.flush()?;
     }
-    Ok(())
 }
 
 struct Session<'a, R: Read, W: Write> {

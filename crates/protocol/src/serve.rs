@@ -245,6 +245,16 @@ impl ServeRequest {
             .map_err(|source| ServeError::Command { cmd, source })
     }
 
+    /// The arguments of `cmd`, whose number was read already (a server that decides on
+    /// the command before its arguments, as Nix's refuses writes without `--write`).
+    pub fn read_command<R: Read>(
+        cmd: Command,
+        r: &mut Reader<R>,
+        version: u64,
+    ) -> Result<Self, ServeError> {
+        Self::read_args(cmd, r, version).map_err(|source| ServeError::Command { cmd, source })
+    }
+
     fn read_args<R: Read>(cmd: Command, r: &mut Reader<R>, version: u64) -> WireResult<Self> {
         Ok(match cmd {
             Command::QueryValidPaths => Self::QueryValidPaths {
