@@ -17,8 +17,8 @@ use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::events::BuildEvents;
 use firn_build::{BuildStatus as FirnStatus, Wanted, Worker};
 use firn_derivation::{
-    hash_derivation_modulo, Derivation, DerivationOutput, FileIngestionMethod,
-    FixedOutputHash, Hash, HashAlgo, OutputName, StoreDir, StorePath,
+    hash_derivation_modulo, Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash,
+    Hash, HashAlgo, OutputName, StoreDir, StorePath,
 };
 use firn_protocol::serve::{
     self, BuildSettings, Command, ExportTrailer, ServeError, ServePathInfo, ServeRequest,
@@ -265,7 +265,9 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 }
                 let size = info.info.nar_size;
                 let mut sized = self.r.get_mut().take(size);
-                let res = self.store.add_nar(&crate::conn::from_wire(&info), &mut sized);
+                let res = self
+                    .store
+                    .add_nar(&crate::conn::from_wire(&info), &mut sized);
                 // Consume what was sent before going on (Nix's `drainAll`), whatever
                 // became of it.
                 let left = io::copy(&mut sized, &mut io::sink())?;
@@ -457,8 +459,10 @@ impl<R: Read, W: Write> Session<'_, R, W> {
             false => self.run_worker(&tops, None, settings),
         };
         let sd = self.sd().clone();
-        let failed: Vec<&(StorePath, firn_build::BuildResult)> =
-            results.iter().filter(|(_, r)| !r.status.success()).collect();
+        let failed: Vec<&(StorePath, firn_build::BuildResult)> = results
+            .iter()
+            .filter(|(_, r)| !r.status.success())
+            .collect();
         let status = u64::from(firn_build::result::exit_status(
             &failed.iter().map(|(_, r)| r).collect::<Vec<_>>(),
         ));
@@ -493,11 +497,9 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         b: &BuildSettings,
     ) -> Res<BuildResult> {
         let sd = self.sd().clone();
-        let drv = to_derivation(drv_path, basic).map_err(|msg| {
-            ServeFailure::BadDerivation {
-                drv: sd.display(drv_path),
-                msg,
-            }
+        let drv = to_derivation(drv_path, basic).map_err(|msg| ServeFailure::BadDerivation {
+            drv: sd.display(drv_path),
+            msg,
         })?;
         let settings = self.build_settings(b);
         self.store.add_temp_root(drv_path)?;
@@ -532,7 +534,12 @@ fn failure_text(r: &firn_build::BuildResult) -> String {
 fn wanted(outputs: &BTreeSet<String>) -> Wanted {
     match outputs.is_empty() {
         true => Wanted::All,
-        false => Wanted::Some(outputs.iter().map(|o| OutputName::from(o.as_str())).collect()),
+        false => Wanted::Some(
+            outputs
+                .iter()
+                .map(|o| OutputName::from(o.as_str()))
+                .collect(),
+        ),
     }
 }
 

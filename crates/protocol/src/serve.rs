@@ -38,8 +38,8 @@ use firn_derivation::{Hash, HashAlgo, StorePath};
 use thiserror::Error;
 
 use crate::types::{
-    read_opt_ca, wire_enum, write_opt_ca, BasicDerivation, BuildResult,
-    ContentAddress, DerivedPath, UnkeyedValidPathInfo, ValidPathInfo,
+    read_opt_ca, wire_enum, write_opt_ca, BasicDerivation, BuildResult, ContentAddress,
+    DerivedPath, UnkeyedValidPathInfo, ValidPathInfo,
 };
 use crate::wire::{Reader, WireError, WireResult, Writer};
 
