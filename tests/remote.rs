@@ -5,6 +5,8 @@
 //! root, Nix, busybox and OpenSSH's server (`.ci/run` installs them): in CI these tests
 //! must run; elsewhere they print SKIPPED.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::{TcpListener, TcpStream};

@@ -699,3 +699,86 @@ impl BuildEvents for LogEvents<'_> {
         self.flush(drv);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn path(s: &str) -> StorePath {
+        StoreDir::default()
+            .parse(&format!("/nix/store/{s}"))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_basic_derivation_becomes_a_derivation_with_its_outputs_read_as_in_a_drv() {
+        let drv_path = path("9f8ybc553mfy693dwvw1j9wnk6haq9ab-top.drv");
+        let out = path("mb6l93qbm9lkxa98dvwjacnys5i1cdvz-top");
+        let mut basic = BasicDerivation {
+            platform: b"x86_64-linux".to_vec(),
+            builder: b"/bin/sh".to_vec(),
+            ..BasicDerivation::default()
+        };
+        basic.outputs.insert(
+            "out".into(),
+            WireOutput {
+                path: Some(out.clone()),
+                hash_algo: String::new(),
+                hash: String::new(),
+            },
+        );
+        let d = to_derivation(&drv_path, &basic).unwrap();
+        assert_eq!(d.name, "top");
+        assert!(d.input_drvs.is_empty());
+        assert_eq!(
+            d.outputs.get(&b"out"[..]),
+            Some(&DerivationOutput::InputAddressed(out))
+        );
+        let fixed = WireOutput {
+            path: None,
+            hash_algo: "r:sha256".into(),
+            hash: Hash::sha256(b"x").to_base16(),
+        };
+        assert!(matches!(
+            to_output("out", &fixed),
+            Ok(DerivationOutput::CAFixed(_))
+        ));
+        let bad = WireOutput {
+            hash_algo: "r:sha3".into(),
+            ..fixed.clone()
+        };
+        assert!(to_output("out", &bad).is_err());
+        let floating = WireOutput {
+            hash: String::new(),
+            ..fixed
+        };
+        assert!(matches!(
+            to_output("out", &floating),
+            Ok(DerivationOutput::CAFloating { .. })
+        ));
+        basic.outputs.insert(
+            "bad/name".into(),
+            WireOutput {
+                path: None,
+                hash_algo: String::new(),
+                hash: String::new(),
+            },
+        );
+        assert!(to_derivation(&drv_path, &basic).is_err());
+    }
+
+    #[test]
+    fn build_logs_are_split_into_lines_and_carriage_returns_overwrite() {
+        let drv = path("9f8ybc553mfy693dwvw1j9wnk6haq9ab-top.drv");
+        let mut out = Vec::new();
+        let mut ev = LogEvents {
+            out: &mut out,
+            partial: BTreeMap::new(),
+        };
+        ev.build_log(&drv, b"one\ntw");
+        ev.build_log(&drv, b"o\n10%\r50%\rdone\nlast");
+        ev.flush_all();
+        assert_eq!(out, b"one\ntwo\ndone\nlast\n");
+    }
+}
