@@ -748,7 +748,7 @@ mod tests {
             hash_algo: "r:sha3".into(),
             ..fixed.clone()
         };
-        assert!(to_output("out", &bad).is_err());
+        assert!(to_output("dev", &bad).is_err());
         let floating = WireOutput {
             hash: String::new(),
             ..fixed
@@ -757,14 +757,8 @@ mod tests {
             to_output("out", &floating),
             Ok(DerivationOutput::CAFloating { .. })
         ));
-        basic.outputs.insert(
-            "bad/name".into(),
-            WireOutput {
-                path: None,
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
-        );
+        // A bad output is an error of the whole derivation.
+        basic.outputs.insert("dev".into(), bad);
         assert!(to_derivation(&drv_path, &basic).is_err());
     }
 
