@@ -173,6 +173,17 @@ pub fn load(store: &Store, drv_path: &StorePath) -> Result<Loaded, BuildError> {
             })
         }
     };
+    load_given(store, drv_path, drv)
+}
+
+/// [`load`] for a derivation given rather than read from the store (a `BasicDerivation`
+/// sent by BuildDerivation, whose `.drv` the store need not have): `drv_path` names it.
+pub fn load_given(
+    store: &Store,
+    drv_path: &StorePath,
+    drv: Derivation<'static>,
+) -> Result<Loaded, BuildError> {
+    let sd = store.store_dir();
     let derr = |source| BuildError::Derivation {
         drv: sd.display(drv_path),
         source,
@@ -335,6 +346,9 @@ pub struct DerivationGoal<R> {
     /// to replace them (`--repair`): for top-level goals.
     pub mode: BuildMode,
     pub state: GoalState<R>,
+    /// The derivation, when it is given rather than read from the store
+    /// ([`crate::Worker::give`]).
+    pub given: Option<Box<Derivation<'static>>>,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -359,6 +373,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             wanted,
             mode: BuildMode::Normal,
             state: GoalState::Init,
+            given: None,
         }
     }
 
@@ -405,7 +420,11 @@ impl<R: RunningBuild> DerivationGoal<R> {
         if let Err(e) = cx.store.add_temp_root(&self.drv_path) {
             return self.fail(e.into());
         }
-        let loaded = match load(cx.store, &self.drv_path) {
+        let loaded = match &self.given {
+            Some(d) => load_given(cx.store, &self.drv_path, (**d).clone()),
+            None => load(cx.store, &self.drv_path),
+        };
+        let loaded = match loaded {
             Ok(l) => l,
             Err(e) => return self.fail(e),
         };

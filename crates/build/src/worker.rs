@@ -59,6 +59,8 @@ pub struct Worker<'s, B: Builder> {
     failed: bool,
     /// The builds that were running when an interrupt stopped the run.
     interrupted_builds: Vec<StorePath>,
+    /// Derivations given rather than read from the store ([`Self::give`]).
+    given: BTreeMap<StorePath, firn_derivation::Derivation<'static>>,
 }
 
 impl<B: Builder> std::fmt::Debug for Worker<'_, B> {
@@ -93,7 +95,15 @@ impl<'s, B: Builder> Worker<'s, B> {
             waiting_a_while: BTreeSet::new(),
             failed: false,
             interrupted_builds: Vec::new(),
+            given: BTreeMap::new(),
         }
+    }
+
+    /// Build `drv_path` from `drv` instead of reading its `.drv` from the store (Nix's
+    /// `buildDerivation` of a `BasicDerivation`: the serve protocol sends the
+    /// derivation, not the file). Call before [`Self::run`].
+    pub fn give(&mut self, drv_path: StorePath, drv: firn_derivation::Derivation<'static>) {
+        self.given.insert(drv_path, drv);
     }
 
     /// The derivations whose builds an interrupt stopped.
@@ -122,10 +132,9 @@ impl<'s, B: Builder> Worker<'s, B> {
                 }
             }
             None => {
-                self.goals.insert(
-                    drv_path.clone(),
-                    DerivationGoal::new(drv_path.clone(), wanted.clone()),
-                );
+                let mut goal = DerivationGoal::new(drv_path.clone(), wanted.clone());
+                goal.given = self.given.get(drv_path).cloned().map(Box::new);
+                self.goals.insert(drv_path.clone(), goal);
                 self.ready.insert(key_of(drv_path));
             }
         }

@@ -274,6 +274,19 @@ enum Command {
         #[arg(long)]
         version: bool,
     },
+    /// Serve Nix's legacy serve protocol on stdin/stdout, as `nix-store --serve`: what a
+    /// Nix client runs over ssh for `ssh://` stores and remote builds
+    /// (`remote-program=firn` makes it run `firn --serve --write [--store ROOT]`).
+    #[command(long_flag = "serve")]
+    Serve {
+        /// Serve on stdin/stdout (the only transport; accepted for `firn serve --stdio`).
+        #[arg(long)]
+        stdio: bool,
+        /// Allow the commands that change the store: importing paths and building
+        /// (refused without it, as by `nix-store --serve`).
+        #[arg(long)]
+        write: bool,
+    },
     /// Copy closures to or from a binary cache (`nix copy --to/--from file:///DIR`);
     /// prints each path copied.
     Copy(cache_cmds::CopyArgs),
@@ -366,6 +379,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Daemon { stdio, version } => {
             drop(out);
             return daemon(settings, stdio, version);
+        }
+        Command::Serve { stdio: _, write } => {
+            drop(out);
+            return serve(settings, write);
         }
         Command::Completions { shell } => {
             let shell = match shell {
@@ -507,6 +524,19 @@ fn daemon(settings: Settings, stdio: bool, version: bool) -> Result<(), CliError
         )
     };
     result.map_err(|e| CliError::usage(e.to_string()))
+}
+
+/// `firn serve` / `firn --serve`: one session on stdin/stdout; an error ends it as
+/// `nix-store --serve` ends (`error: …`, exit 1).
+fn serve(settings: Settings, write: bool) -> Result<(), CliError> {
+    interrupt::install_handlers();
+    let config = firn_daemon::DaemonConfig {
+        layout: settings.layout.clone(),
+        settings: settings.build.clone(),
+        userpool: settings.userpool.clone(),
+    };
+    firn_daemon::serve::serve_stdio(&config, write, &interrupt::interrupted)
+        .map_err(|e| CliError::Usage(e.to_string()))
 }
 
 fn main() -> ExitCode {

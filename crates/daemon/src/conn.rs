@@ -1076,7 +1076,7 @@ fn finish_payload<R: Read, T>(
 }
 
 /// A database path info on the wire.
-fn to_wire(i: &firn_store::ValidPathInfo) -> UnkeyedValidPathInfo {
+pub(crate) fn to_wire(i: &firn_store::ValidPathInfo) -> UnkeyedValidPathInfo {
     UnkeyedValidPathInfo {
         deriver: i.deriver.clone(),
         nar_hash: i.nar_hash,
@@ -1090,7 +1090,7 @@ fn to_wire(i: &firn_store::ValidPathInfo) -> UnkeyedValidPathInfo {
 }
 
 /// A wire path info for the database.
-fn from_wire(i: &ValidPathInfo) -> firn_store::ValidPathInfo {
+pub(crate) fn from_wire(i: &ValidPathInfo) -> firn_store::ValidPathInfo {
     firn_store::ValidPathInfo {
         path: i.path.clone(),
         nar_hash: i.info.nar_hash,

@@ -8,6 +8,8 @@
 //!   ([`trust`]);
 //! - [`serve_stdio`]: one trusted connection on stdin/stdout (`nix-daemon --stdio`);
 //! - [`conn`]: one connection: the handshake and the operations;
+//! - [`serve`]: `firn serve` / `firn --serve`, Nix's legacy serve protocol on
+//!   stdin/stdout (remote builds and `ssh://` copies);
 //! - [`events`]: the worker's events as stderr messages; [`nar_bound`]: finding where
 //!   a NAR ends in a stream.
 //!
@@ -19,6 +21,7 @@
 pub mod conn;
 pub mod events;
 pub mod nar_bound;
+pub mod serve;
 pub mod trust;
 
 use std::fmt;

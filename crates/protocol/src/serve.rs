@@ -38,8 +38,8 @@ use firn_derivation::{Hash, HashAlgo, StorePath};
 use thiserror::Error;
 
 use crate::types::{
-    read_opt_ca, wire_enum, write_opt_ca, BasicDerivation, BuildResult, BuildStatus,
-    ContentAddress, DerivedPath, UnkeyedValidPathInfo, ValidPathInfo,
+    read_opt_ca, wire_enum, write_opt_ca, BasicDerivation, BuildResult, ContentAddress,
+    DerivedPath, UnkeyedValidPathInfo, ValidPathInfo,
 };
 use crate::wire::{Reader, WireError, WireResult, Writer};
 
@@ -245,6 +245,16 @@ impl ServeRequest {
             .map_err(|source| ServeError::Command { cmd, source })
     }
 
+    /// The arguments of `cmd`, whose number was read already (a server that decides on
+    /// the command before its arguments, as Nix's refuses writes without `--write`).
+    pub fn read_command<R: Read>(
+        cmd: Command,
+        r: &mut Reader<R>,
+        version: u64,
+    ) -> Result<Self, ServeError> {
+        Self::read_args(cmd, r, version).map_err(|source| ServeError::Command { cmd, source })
+    }
+
     fn read_args<R: Read>(cmd: Command, r: &mut Reader<R>, version: u64) -> WireResult<Self> {
         Ok(match cmd {
             Command::QueryValidPaths => Self::QueryValidPaths {
@@ -422,35 +432,29 @@ pub fn read_path_infos<R: Read>(r: &mut Reader<R>) -> WireResult<Vec<ServePathIn
     }
 }
 
-/// The BuildPaths reply: `Ok` is int 0, a failure int status + message.
+/// The BuildPaths reply: `Ok` is int 0, a failure the exit status Nix's `buildPaths`
+/// gives (`Worker::exitStatus`: 100 build failure, 101 timeout, 102 hash mismatch, 104
+/// not deterministic, 1 otherwise; not a `BuildStatus`) and the message.
 pub fn write_build_paths_reply<W: Write>(
     w: &mut Writer<W>,
-    result: Result<(), (BuildStatus, &str)>,
+    result: Result<(), (u64, &str)>,
 ) -> io::Result<()> {
     match result {
         Ok(()) => w.write_u64(0),
         Err((status, msg)) => {
-            w.write_u64(status.to_u64())?;
+            w.write_u64(status)?;
             w.write_str(msg)
         }
     }
 }
 
 /// Read the BuildPaths reply (the client reads the message for any nonzero int).
-pub fn read_build_paths_reply<R: Read>(
-    r: &mut Reader<R>,
-) -> WireResult<Result<(), (BuildStatus, String)>> {
-    let pos = r.position();
+pub fn read_build_paths_reply<R: Read>(r: &mut Reader<R>) -> WireResult<Result<(), (u64, String)>> {
     let v = r.read_u64("status")?;
     if v == 0 {
         return Ok(Ok(()));
     }
-    let status = BuildStatus::from_u64(v).ok_or_else(|| WireError::Invalid {
-        pos,
-        what: "status",
-        message: format!("unknown build status {v}"),
-    })?;
-    Ok(Err((status, r.read_string("errorMsg")?)))
+    Ok(Err((v, r.read_string("errorMsg")?)))
 }
 
 /// The BuildDerivation reply for a client of `version` (times from 2.3; builtOutputs

@@ -375,7 +375,7 @@ fn serve_commands_round_trip() {
     serve::write_path_infos(&mut w, &infos).unwrap();
     tr.write(&mut w).unwrap();
     serve::write_build_result(&mut w, &br, v).unwrap();
-    serve::write_build_paths_reply(&mut w, Err((BuildStatus::TimedOut, "slow"))).unwrap();
+    serve::write_build_paths_reply(&mut w, Err((101, "slow"))).unwrap();
     let b = w.into_inner();
     let hash = format!("sha256:{}", Hash::sha256(b"nar").to_nixbase32());
     assert!(b.windows(hash.len()).any(|x| x == hash.as_bytes()));
@@ -385,7 +385,7 @@ fn serve_commands_round_trip() {
     assert_eq!(serve::read_build_result(&mut r).unwrap(), br);
     assert_eq!(
         serve::read_build_paths_reply(&mut r).unwrap(),
-        Err((BuildStatus::TimedOut, "slow".to_owned()))
+        Err((101, "slow".to_owned()))
     );
     assert_eq!(r.position(), b.len() as u64);
 }

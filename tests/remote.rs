@@ -1,0 +1,381 @@
+//! firn as a Nix remote builder: a real `sshd` on 127.0.0.1 (its own host key, user key
+//! and config, made here), real Nix 2.8 as the client (`nix-build --builders
+//! 'ssh://root@127.0.0.1?remote-program=firn&remote-store=R …' --max-jobs 0`, `nix copy
+//! --to/--from ssh://…`), and firn's `--serve --write --store R` at the other end. Needs
+//! root, Nix, busybox and OpenSSH's server (`.ci/run` installs them): in CI these tests
+//! must run; elsewhere they print SKIPPED.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// A derivation DAG built by busybox: `top` needs `a` and `b`, `b` a source file.
+const DAG: &str = r#"
+let
+  mk = name: script: derivation {
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ];
+  };
+  src = builtins.toFile "input.txt" "hello from a source\n";
+  a = mk "a" "echo building a; echo a > $out";
+  b = mk "b" "echo building b; mkdir $out; echo b > $out/b; cat ${src} > $out/src";
+  top = mk "top" "echo building top; mkdir $out; cat ${a} > $out/a; ln -s ${b} $out/b";
+  fail = mk "fail" "echo about to fail; echo oops >&2; exit 3";
+in { inherit a b top fail; }
+"#;
+
+fn can_ssh() -> bool {
+    if !can_build() {
+        return false;
+    }
+    let have = Path::new(SSHD).exists()
+        && Command::new("ssh-keygen").arg("-?").output().is_ok()
+        && Command::new("ssh").arg("-V").output().is_ok();
+    if have {
+        return true;
+    }
+    assert!(
+        !is_ci(),
+        "CI must run the remote tests: install openssh-server"
+    );
+    eprintln!("SKIPPED: remote building needs {SSHD}, ssh and ssh-keygen (openssh-server)");
+    false
+}
+
+/// A throw-away sshd for root on 127.0.0.1, and the settings both ends read.
+struct Sshd {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl Sshd {
+    fn start(tag: &str) -> Self {
+        let dir = tempdir(tag);
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("nix.conf"),
+            "sandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\nsubstituters =\nbuild-users-group =\n",
+        )
+        .unwrap();
+        for key in ["hostkey", "userkey"] {
+            let o = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", ""])
+                .arg("-f")
+                .arg(dir.join(key))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "ssh-keygen: {}", text(&o.stderr));
+        }
+        std::fs::copy(dir.join("userkey.pub"), dir.join("authorized_keys")).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.display();
+        let conf_d = conf.display();
+        // The remote firn (and nix-store) read the test's settings, not this machine's.
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPermitRootLogin yes\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPidFile {d}/sshd.pid\n\
+             SetEnv NIX_CONF_DIR={conf_d} FIRN_CONF_DIR={conf_d} NIX_USER_CONF_FILES= \
+             XDG_CONFIG_HOME={conf_d}\n"
+        );
+        std::fs::write(dir.join("sshd_config"), config).unwrap();
+        // sshd's privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { dir, port, child }
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("conf")
+    }
+
+    /// A store root under the test directory.
+    fn root(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `ssh://root@127.0.0.1?remote-program=PROG&remote-store=ROOT`.
+    fn url(&self, program: &str, remote: &Path) -> String {
+        format!(
+            "ssh://root@127.0.0.1?remote-program={program}&remote-store={}",
+            remote.display()
+        )
+    }
+
+    /// A Nix client with the test's settings and ssh options.
+    fn nix(&self, cmd: &str) -> Command {
+        let mut c = command(cmd);
+        let conf = self.conf();
+        c.env("NIX_CONF_DIR", &conf)
+            .env("NIX_USER_CONF_FILES", "")
+            .env("XDG_CONFIG_HOME", &conf)
+            .env_remove("NIX_CONFIG")
+            .env(
+                "NIX_SSHOPTS",
+                format!(
+                    "-p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+                     -o LogLevel=ERROR",
+                    self.port,
+                    self.dir.join("userkey").display()
+                ),
+            )
+            .args(["--option", "substituters", ""]);
+        c
+    }
+
+    fn expr(&self) -> PathBuf {
+        let p = self.dir.join("dag.nix");
+        std::fs::write(&p, DAG).unwrap();
+        p
+    }
+
+    /// `nix-build ATTR` into `local`, every build on the remote through `program`.
+    fn remote_build(&self, local: &Path, remote: &Path, program: &str, attr: &str) -> Output {
+        let builders = format!("{} x86_64-linux", self.url(program, remote));
+        self.nix("nix-build")
+            .arg("--store")
+            .arg(local)
+            .arg(self.expr())
+            .args(["-A", attr, "--no-out-link", "--max-jobs", "0", "--builders"])
+            .arg(builders)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok_out(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}\n{}",
+        o.status,
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// Each path of `top`'s closure in `root` with its NAR hash, as `nix-store -q --hash`.
+fn closure_hashes(root: &Path, top: &str) -> Vec<(String, String)> {
+    let r = root.to_str().unwrap();
+    let paths = ok_out(
+        run("nix-store", &["--store", r, "-qR", top], None),
+        "nix-store -qR",
+    );
+    paths
+        .lines()
+        .map(|p| {
+            let h = ok_out(
+                run("nix-store", &["--store", r, "-q", "--hash", p], None),
+                "nix-store -q --hash",
+            );
+            (p.to_owned(), h.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn nix_builds_a_dag_on_firn_over_ssh_as_it_builds_locally() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("remote-dag");
+    let (local, remote, plain) = (sshd.root("local"), sshd.root("remote"), sshd.root("plain"));
+    let o = sshd.remote_build(&local, &remote, firn_bin(), "top");
+    let err = text(&o.stderr);
+    let top = ok_out(o, "nix-build through firn").trim().to_owned();
+    // Every derivation was built on the remote, its log shown by the client.
+    for name in ["a", "b", "top"] {
+        assert!(
+            err.contains(&format!("-{name}.drv' on 'ssh://root@127.0.0.1")),
+            "{name} not built remotely:\n{err}"
+        );
+        assert!(
+            err.contains(&format!("building {name}\n")),
+            "{name}'s log:\n{err}"
+        );
+    }
+    // The same build by Nix alone.
+    let o = sshd
+        .nix("nix-build")
+        .arg("--store")
+        .arg(&plain)
+        .arg(sshd.expr())
+        .args(["-A", "top", "--no-out-link"])
+        .output()
+        .unwrap();
+    assert_eq!(ok_out(o, "local nix-build").trim(), top);
+    let want = closure_hashes(&plain, &top);
+    assert_eq!(closure_hashes(&local, &top), want);
+    assert_eq!(closure_hashes(&remote, &top), want);
+    // The remote records the derivation it was sent as the deriver, as Nix's serve.
+    let deriver = ok_out(
+        run(
+            "nix-store",
+            &["--store", remote.to_str().unwrap(), "-q", "--deriver", &top],
+            None,
+        ),
+        "deriver",
+    );
+    assert!(deriver.trim().ends_with("-top.drv"), "{deriver}");
+    for root in [&local, &remote, &plain] {
+        assert_verifies(root, &root.display().to_string());
+    }
+}
+
+#[test]
+fn a_failing_remote_build_fails_as_with_nix_store_serve() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("remote-fail");
+    let mut seen = Vec::new();
+    for (i, program) in ["nix-store", firn_bin()].into_iter().enumerate() {
+        let local = sshd.root(&format!("local{i}"));
+        let remote = sshd.root(&format!("remote{i}"));
+        let o = sshd.remote_build(&local, &remote, program, "fail");
+        let err = text(&o.stderr)
+            .replace(program, "PROG")
+            .replace(&format!("remote{i}"), "REMOTE");
+        assert!(
+            err.contains("failed: builder for '"),
+            "{program}: no remote failure:\n{err}"
+        );
+        assert!(
+            err.contains("about to fail\noops\n"),
+            "{program}: log:\n{err}"
+        );
+        seen.push((o.status.code(), err));
+        assert_verifies(&remote, program);
+    }
+    assert_eq!(seen[1], seen[0], "firn (right) against nix-store (left)");
+}
+
+#[test]
+fn nix_copy_to_and_from_firn_over_ssh() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("remote-copy");
+    let (src, remote, back) = (sshd.root("src"), sshd.root("remote"), sshd.root("back"));
+    let o = sshd
+        .nix("nix-build")
+        .arg("--store")
+        .arg(&src)
+        .arg(sshd.expr())
+        .args(["-A", "top", "--no-out-link"])
+        .output()
+        .unwrap();
+    let top = ok_out(o, "nix-build").trim().to_owned();
+    let want = closure_hashes(&src, &top);
+    let url = sshd.url(firn_bin(), &remote);
+    let copy = |store: &Path, dir: &str| {
+        let o = sshd
+            .nix("nix")
+            .args(["--extra-experimental-features", "nix-command", "copy"])
+            .arg("--store")
+            .arg(store)
+            .args(["--no-check-sigs", dir, &url, &top])
+            .output()
+            .unwrap();
+        ok_out(o, &format!("nix copy {dir}"));
+    };
+    copy(&src, "--to");
+    assert_eq!(closure_hashes(&remote, &top), want);
+    copy(&back, "--from");
+    assert_eq!(closure_hashes(&back, &top), want);
+    // Asked again, nothing is missing: the queries alone.
+    copy(&src, "--to");
+    let o = sshd
+        .nix("nix")
+        .args(["--extra-experimental-features", "nix-command", "path-info"])
+        .args(["--store", &url, "-r", &top])
+        .output()
+        .unwrap();
+    let listed = ok_out(o, "nix path-info");
+    let mut paths: Vec<&str> = listed.lines().collect();
+    paths.sort_unstable();
+    let mut want_paths: Vec<&str> = want.iter().map(|(p, _)| p.as_str()).collect();
+    want_paths.sort_unstable();
+    assert_eq!(paths, want_paths);
+    for root in [&src, &remote, &back] {
+        assert_verifies(root, &root.display().to_string());
+    }
+}
+
+/// The hello, then `cmd`, to `PROG --serve` (no `--write`).
+fn serve_without_write(program: &str, root: &Path, cmd: u64) -> Output {
+    let mut input = Vec::new();
+    for n in [0x390c_9deb_u64, 0x207, cmd] {
+        input.extend_from_slice(&n.to_le_bytes());
+    }
+    let r = root.to_str().unwrap();
+    run(program, &["--serve", "--store", r], Some(&input))
+}
+
+#[test]
+fn serve_without_write_refuses_imports_and_builds_as_nix_store() {
+    if !have_nix() {
+        return;
+    }
+    let dir = tempdir("serve-readonly");
+    // ImportPaths, BuildPaths, BuildDerivation, AddToStoreNar; an unknown command.
+    for cmd in [4, 6, 8, 9, 99] {
+        let nix = serve_without_write("nix-store", &dir.join("nix"), cmd);
+        let firn = serve_without_write(firn_bin(), &dir.join("firn"), cmd);
+        assert_eq!(firn.status.code(), nix.status.code(), "command {cmd}");
+        assert_eq!(text(&firn.stderr), text(&nix.stderr), "command {cmd}");
+        assert_eq!(firn.stdout, nix.stdout, "command {cmd}");
+    }
+    // `firn serve --stdio` is the same server.
+    let o = run(
+        firn_bin(),
+        &[
+            "--store",
+            dir.join("firn").to_str().unwrap(),
+            "serve",
+            "--stdio",
+        ],
+        Some(&[0x390c_9deb_u64, 0x207, 6].map(u64::to_le_bytes).concat()),
+    );
+    assert_eq!(text(&o.stderr), "error: building paths is not allowed\n");
+}
