@@ -121,6 +121,8 @@ pub fn serve_session<R: Read, W: Write>(
         &firn_store::StoreOptions {
             build_users_group: config.settings.build_users_group.clone(),
             auto_optimise: config.settings.auto_optimise_store,
+            // One process per session (the ssh command): the process's file will do.
+            own_temp_roots: false,
         },
     )?;
     let mut s = Session {
