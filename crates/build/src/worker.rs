@@ -20,6 +20,7 @@
 //! build, removes what they left, and ends the run.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use firn_derivation::StorePath;
@@ -30,6 +31,7 @@ use crate::builder::{Builder, RunningBuild};
 use crate::error::BuildError;
 use crate::events::{BuildEvents, Progress};
 use crate::goal::{BuildMode, Context, DerivationGoal, GoalState, Next, Wanted};
+use crate::recursive::RecursiveNix;
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::Settings;
 
@@ -59,6 +61,8 @@ pub struct Worker<'s, B: Builder> {
     failed: bool,
     /// The builds that were running when an interrupt stopped the run.
     interrupted_builds: Vec<StorePath>,
+    /// Serves the private daemon of recursive-Nix builds, if this worker has one.
+    recursive: Option<Arc<dyn RecursiveNix>>,
 }
 
 impl<B: Builder> std::fmt::Debug for Worker<'_, B> {
@@ -93,7 +97,15 @@ impl<'s, B: Builder> Worker<'s, B> {
             waiting_a_while: BTreeSet::new(),
             failed: false,
             interrupted_builds: Vec::new(),
+            recursive: None,
         }
+    }
+
+    /// Give recursive-Nix builds (`requiredSystemFeatures = ["recursive-nix"]`) their
+    /// private daemon through `hook`; without one, such a build fails to start.
+    pub fn with_recursive_nix(mut self, hook: Arc<dyn RecursiveNix>) -> Self {
+        self.recursive = Some(hook);
+        self
     }
 
     /// The derivations whose builds an interrupt stopped.
@@ -224,6 +236,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 builder,
                 events,
                 goals,
+                recursive,
                 ..
             } = self;
             let mut cx = Context {
@@ -231,6 +244,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 settings,
                 builder,
                 events: &mut **events,
+                recursive: recursive.as_deref(),
             };
             let result_of = |p: &StorePath| goals.get(p).and_then(|g| g.result());
             match &goal.state {
@@ -343,6 +357,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                     settings: &self.settings,
                     builder: &mut self.builder,
                     events: &mut *self.events,
+                    recursive: self.recursive.as_deref(),
                 };
                 if goal.stop(&mut cx, why) {
                     stopped.push(key.clone());
@@ -401,6 +416,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                     settings: &self.settings,
                     builder: &mut self.builder,
                     events: &mut *self.events,
+                    recursive: self.recursive.as_deref(),
                 };
                 goal.service(&mut cx, readable)
             };

@@ -8,6 +8,8 @@
 //!   ([`trust`]);
 //! - [`serve_stdio`]: one trusted connection on stdin/stdout (`nix-daemon --stdio`);
 //! - [`conn`]: one connection: the handshake and the operations;
+//! - [`restrict`]: what a connection may do ([`Policy`]: everything, or a recursive-Nix
+//!   build's restricted store); [`recursive`]: the private socket of such a build;
 //! - [`events`]: the worker's events as stderr messages; [`nar_bound`]: finding where
 //!   a NAR ends in a stream.
 //!
@@ -19,6 +21,8 @@
 pub mod conn;
 pub mod events;
 pub mod nar_bound;
+pub mod recursive;
+pub mod restrict;
 pub mod trust;
 
 use std::fmt;
@@ -35,7 +39,9 @@ use firn_store::StoreLayout;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 
-pub use conn::serve_connection;
+pub use conn::{serve_connection, serve_connection_with};
+pub use recursive::RecursiveDaemon;
+pub use restrict::Policy;
 pub use trust::{Access, Peer};
 
 /// The version `firn daemon --version` and the handshake give: Nix's, so that clients
