@@ -147,3 +147,70 @@ fn realise_a_recursive_nix_build_restricted_to_its_closure() {
     assert_verifies(&root, "after the recursive build");
     remove(&dir);
 }
+
+/// In the sandbox: the paths the build adds (a file and a directory) appear in its
+/// store (copied into the sandbox's root) and its output refers to them.
+#[test]
+fn added_paths_appear_in_the_sandbox() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("recursive-sandbox");
+    let root = dir.join("root");
+    let script = dir.join("s.sh");
+    fs::write(
+        &script,
+        r#"set -e
+mkdir $out
+nix="nix --experimental-features nix-command"
+echo foobar > foobar
+foobar=$($nix store add-path ./foobar)
+test "$(cat $foobar)" = foobar
+mkdir d; echo inside > d/f
+d=$($nix store add-path ./d)
+test "$(cat $d/f)" = inside
+ln -s $foobar $out/foobar
+ln -s $d $out/d
+echo SANDBOX-OK
+"#,
+    )
+    .unwrap();
+    let e = dir.join("r.nix");
+    fs::write(
+        &e,
+        format!(
+            r#"derivation {{ name = "recursive-sandboxed"; system = "x86_64-linux";
+  builder = "/bin/sh"; args = [ "-e" {} ]; PATH = "/usr/bin:/bin";
+  requiredSystemFeatures = [ "recursive-nix" ]; }}"#,
+            script.display()
+        ),
+    )
+    .unwrap();
+    let drv = instantiate(&root, &e, "");
+    let out = realise_in_sandbox(
+        firn_bin(),
+        &root,
+        &[
+            ("experimental-features", "recursive-nix"),
+            // The nix client and its libraries.
+            (
+                "sandbox-paths",
+                "/bin/sh=/bin/busybox /usr /lib /lib64? /etc/nix?",
+            ),
+        ],
+        &[],
+        &drv,
+    );
+    let log = String::from_utf8_lossy(&firn_at(&root, &["log", &drv], None).stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("SANDBOX-OK"), "{log}");
+    let output = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let refs = ok(firn_at(&root, &["query", "--references", &output], None));
+    assert_eq!(refs.lines().count(), 2, "{refs}");
+    assert!(refs.contains("-foobar") && refs.contains("-d\n"), "{refs}");
+    remove(&dir);
+}

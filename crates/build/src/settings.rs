@@ -544,7 +544,7 @@ impl Settings {
     pub fn effective_system_features(&self) -> std::collections::BTreeSet<String> {
         let mut f: std::collections::BTreeSet<String> =
             self.system_features.0.iter().cloned().collect();
-        for x in ["ca-derivations", crate::recursive::FEATURE] {
+        for x in ["ca-derivations", "recursive-nix"] {
             if self.has_feature(x) {
                 f.insert(x.to_owned());
             }

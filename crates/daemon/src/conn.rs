@@ -10,7 +10,6 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
@@ -32,7 +31,6 @@ use firn_store::{GcOptions, Store, StoreError, StoreMessage, VerifyEvent, Verify
 
 use crate::events::{hl, Channel, DaemonEvents};
 use crate::nar_bound::NarBounded;
-use crate::recursive::RecursiveDaemon;
 use crate::restrict::{censor, foreign_message, Gate, Policy};
 use crate::{DaemonConfig, DaemonError};
 
@@ -943,7 +941,6 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         });
         let sd = self.sd().clone();
         let (gone, stop) = (self.gone, self.stop);
-        let (self_layout, self_userpool) = (&self.config.layout, &self.config.userpool);
         let Self {
             store,
             w,
@@ -963,10 +960,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             Vec::new()
         } else {
             let b2 = Rc::clone(&broken);
-            let hook = Arc::new(RecursiveDaemon::new(
-                self_layout.clone(),
-                self_userpool.clone(),
-            ));
+            let hook = self.config.recursive_nix();
             let mut worker = Worker::new(store, settings, builder, &mut events, move || {
                 b2.get() || gone() || stop()
             })

@@ -58,6 +58,17 @@ pub struct DaemonConfig {
     pub userpool: PathBuf,
 }
 
+impl DaemonConfig {
+    /// What serves the private sockets of recursive-Nix builds on this store (given to
+    /// every worker of the daemon, restricted connections' included).
+    pub fn recursive_nix(&self) -> Arc<dyn firn_build::recursive::RecursiveNix> {
+        Arc::new(RecursiveDaemon::new(
+            self.layout.clone(),
+            self.userpool.clone(),
+        ))
+    }
+}
+
 /// Where a daemon listens by default: `<state dir>/daemon-socket/socket`.
 pub fn default_socket_path(layout: &StoreLayout) -> PathBuf {
     layout.state_dir.join("daemon-socket/socket")
