@@ -160,6 +160,18 @@ pub enum BuildError {
     /// `MissingExperimentalFeature`).
     #[error("experimental Nix feature '{feature}' is disabled; use '--extra-experimental-features {feature}' to override")]
     MissingFeature { feature: &'static str },
+    /// A recursive-Nix build, but this worker was given no server for its socket.
+    #[error(
+        "cannot build '{drv}': recursive Nix is not available here (no daemon to serve its socket)"
+    )]
+    NoRecursiveNix { drv: String },
+    /// The private daemon of a recursive-Nix build could not be started.
+    #[error("cannot start the recursive Nix daemon of '{drv}' at '{}': {source}", socket.display())]
+    RecursiveNixStart {
+        drv: String,
+        socket: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The hashes standing for the outputs (`staticOutputHashes`) cannot be computed.
     #[error("cannot compute the output hashes of '{drv}': {msg}")]
     OutputHashes { drv: String, msg: String },

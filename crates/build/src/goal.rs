@@ -36,6 +36,7 @@ use crate::events::{BuildEvents, Message};
 use crate::log::BuildLog;
 use crate::outputs::{register_outputs, register_outputs_with_paths, rewrite_hashes, BuiltOutputs};
 use crate::plan::{plan, PlanInput};
+use crate::recursive::{AllowedPaths, RecursiveNix, RecursiveRequest, RunningRecursive};
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::{SandboxMode, Settings};
 
@@ -273,6 +274,8 @@ pub struct Build<R> {
     redirected: BTreeMap<OutputName, StorePath>,
     /// End of file on the builder's output.
     eof: bool,
+    /// A recursive-Nix build's private daemon.
+    recursive: Option<RunningRecursive>,
 }
 
 /// What [`DerivationGoal::spawn`] started, before it becomes a [`Build`] with the locks.
@@ -282,6 +285,7 @@ struct Spawned<R> {
     input_closure: BTreeSet<StorePath>,
     valid: BTreeSet<OutputName>,
     redirected: BTreeMap<OutputName, StorePath>,
+    recursive: Option<RunningRecursive>,
 }
 
 /// A goal's state, with the data the goal has in it.
@@ -329,6 +333,8 @@ pub struct Context<'a, B: Builder> {
     pub settings: &'a Settings,
     pub builder: &'a mut B,
     pub events: &'a mut dyn BuildEvents,
+    /// Serves the private daemon of recursive-Nix builds, if the worker has one.
+    pub recursive: Option<&'a dyn RecursiveNix>,
 }
 
 impl<B: Builder> std::fmt::Debug for Context<'_, B> {
@@ -843,6 +849,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 valid: s.valid,
                 redirected: s.redirected,
                 eof: false,
+                recursive: s.recursive,
             }),
             Err(e) => {
                 locks.set_deletion(true);
@@ -935,6 +942,43 @@ impl<R: RunningBuild> DerivationGoal<R> {
             .collect();
         let mut build_plan = build_plan;
         build_plan.rewrite_hashes(&input_rewrites);
+        // Recursive Nix: the build's private daemon, listening before the builder starts
+        // (Nix's `startDaemon`); it stops with the build (dropped on every error path).
+        let builtin = loaded.drv.builder.starts_with(b"builtin:");
+        let recursive = match !builtin
+            && crate::platform::required_system_features(&loaded.drv)
+                .contains(crate::recursive::FEATURE)
+        {
+            false => None,
+            true => {
+                if !cx.settings.has_feature(crate::recursive::FEATURE) {
+                    return Err(BuildError::MissingFeature {
+                        feature: crate::recursive::FEATURE,
+                    });
+                }
+                let Some(hook) = cx.recursive else {
+                    return Err(BuildError::NoRecursiveNix { drv: shown.clone() });
+                };
+                let allowed = AllowedPaths::new(input_closure.clone());
+                let socket = build_dir.real().join(crate::recursive::SOCKET_NAME);
+                let server = hook
+                    .start(RecursiveRequest {
+                        drv_path: &self.drv_path,
+                        socket: socket.clone(),
+                        owner: user.as_ref().map(|u| (u.uid, u.gid)),
+                        allowed: allowed.clone(),
+                        settings: cx.settings,
+                    })
+                    .map_err(|source| BuildError::RecursiveNixStart {
+                        drv: shown.clone(),
+                        socket,
+                        source,
+                    })?;
+                let remote = crate::recursive::nix_remote(build_dir.seen());
+                build_plan.set_env(b"NIX_REMOTE", remote.as_bytes());
+                Some(RunningRecursive::new(server, allowed))
+            }
+        };
         let log_path = crate::log::log_path(&cx.store.layout().log_dir, &self.drv_path);
         let log = BuildLog::with_tail(log_path.clone(), cx.settings.log_lines as usize)
             .map_err(io(log_path))?;
@@ -955,6 +999,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 sandbox_paths: &sandbox_paths,
                 user,
                 sandboxed,
+                recursive: recursive.as_ref().map(RunningRecursive::allowed),
             })
             .map_err(|source| match (sandboxed, source) {
                 // The builder is not there for the sandbox: Nix fails the build (exit
@@ -976,6 +1021,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             input_closure,
             valid,
             redirected,
+            recursive,
         })
     }
 
@@ -1070,6 +1116,12 @@ impl<R: RunningBuild> DerivationGoal<R> {
             return Next::Done;
         };
         let mut build = *build;
+        // The builder has exited: its private daemon goes (Nix's `stopDaemon`), and
+        // what it added may be referenced by the outputs.
+        if let Some(r) = build.recursive.as_mut() {
+            let added = r.stop();
+            build.input_closure.extend(added);
+        }
         let sd = cx.store.store_dir().clone();
         let shown = sd.display(&self.drv_path);
         let failed_exit = status.filter(|s| !s.success()).map(builder_exit);
@@ -1350,9 +1402,11 @@ impl<R: RunningBuild> DerivationGoal<R> {
                     mut log,
                     valid,
                     redirected,
+                    recursive,
                     ..
                 } = *build;
                 running.kill();
+                drop(recursive);
                 let _ = cx.builder.release(running, false);
                 let _ = log.finish();
                 for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
@@ -1609,11 +1663,12 @@ fn can_build_locally<B: Builder>(
     let platform = String::from_utf8_lossy(&drv.platform).into_owned();
     let required = crate::platform::required_system_features(drv);
     let platform_ok = builtin || platform == s.system || s.extra_platforms.0.contains(&platform);
-    let features_ok = required.iter().all(|f| s.system_features.0.contains(f));
+    let features = s.effective_system_features();
+    let features_ok = required.iter().all(|f| features.contains(f));
     if platform_ok && features_ok {
         return Ok(());
     }
-    let have: Vec<String> = s.system_features.0.iter().cloned().collect();
+    let have: Vec<String> = features.into_iter().collect();
     Err(BuildError::WrongPlatform {
         drv: shown,
         platform,

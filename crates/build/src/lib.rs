@@ -12,6 +12,8 @@
 //!   computes from a derivation before starting its builder;
 //! - [`outputs`]: `register_outputs`, what happens after a builder exits;
 //! - [`post_build_hook`]: the `post-build-hook` run after each build;
+//! - [`recursive`]: recursive Nix: what a build's private daemon may see, and the
+//!   trait the server above this crate implements;
 //! - [`log`]: a build's log file; [`events`]: what the worker reports;
 //! - [`platform`]: what this machine builds (system, extra platforms, features);
 //! - [`settings`]: the typed settings, [`config`]: the files they come from in
@@ -32,6 +34,7 @@ pub mod outputs;
 pub mod plan;
 pub mod platform;
 pub mod post_build_hook;
+pub mod recursive;
 pub mod result;
 pub mod settings;
 pub mod substitute;

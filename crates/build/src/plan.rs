@@ -241,6 +241,15 @@ impl BuildPlan {
             .map(|(_, v)| v.as_slice())
     }
 
+    /// Set environment variable `name` (replacing it if the plan has it), keeping the
+    /// environment sorted by name as Nix's `std::map` is.
+    pub fn set_env(&mut self, name: &[u8], value: &[u8]) {
+        match self.env.binary_search_by(|(k, _)| k.as_slice().cmp(name)) {
+            Ok(i) => self.env[i].1 = value.to_vec(),
+            Err(i) => self.env.insert(i, (name.to_vec(), value.to_vec())),
+        }
+    }
+
     /// The environment as `execve` takes it: `name=value` (without the trailing NUL; a
     /// NUL inside a string would truncate it in Nix, an executor should refuse it).
     pub fn env_strings(&self) -> Vec<Vec<u8>> {

@@ -537,6 +537,20 @@ impl Settings {
     pub fn ca_derivations(&self) -> bool {
         self.has_feature("ca-derivations")
     }
+
+    /// The system features this machine has: `system-features`, plus `ca-derivations`
+    /// and `recursive-nix` when those experimental features are on (Nix's
+    /// `StoreConfig::getDefaultSystemFeatures`).
+    pub fn effective_system_features(&self) -> std::collections::BTreeSet<String> {
+        let mut f: std::collections::BTreeSet<String> =
+            self.system_features.0.iter().cloned().collect();
+        for x in ["ca-derivations", "recursive-nix"] {
+            if self.has_feature(x) {
+                f.insert(x.to_owned());
+            }
+        }
+        f
+    }
 }
 
 impl Settings {

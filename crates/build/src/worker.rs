@@ -20,6 +20,7 @@
 //! build, removes what they left, and ends the run.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use firn_derivation::StorePath;
@@ -30,6 +31,7 @@ use crate::builder::{Builder, RunningBuild};
 use crate::error::BuildError;
 use crate::events::{BuildEvents, Progress};
 use crate::goal::{BuildMode, Context, DerivationGoal, GoalState, Next, Wanted};
+use crate::recursive::RecursiveNix;
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::Settings;
 
@@ -61,6 +63,8 @@ pub struct Worker<'s, B: Builder> {
     interrupted_builds: Vec<StorePath>,
     /// Derivations given rather than read from the store ([`Self::give`]).
     given: BTreeMap<StorePath, firn_derivation::Derivation<'static>>,
+    /// Serves the private daemon of recursive-Nix builds, if this worker has one.
+    recursive: Option<Arc<dyn RecursiveNix>>,
 }
 
 impl<B: Builder> std::fmt::Debug for Worker<'_, B> {
@@ -96,6 +100,7 @@ impl<'s, B: Builder> Worker<'s, B> {
             failed: false,
             interrupted_builds: Vec::new(),
             given: BTreeMap::new(),
+            recursive: None,
         }
     }
 
@@ -104,6 +109,13 @@ impl<'s, B: Builder> Worker<'s, B> {
     /// derivation, not the file). Call before [`Self::run`].
     pub fn give(&mut self, drv_path: StorePath, drv: firn_derivation::Derivation<'static>) {
         self.given.insert(drv_path, drv);
+    }
+
+    /// Give recursive-Nix builds (`requiredSystemFeatures = ["recursive-nix"]`) their
+    /// private daemon through `hook`; without one, such a build fails to start.
+    pub fn with_recursive_nix(mut self, hook: Arc<dyn RecursiveNix>) -> Self {
+        self.recursive = Some(hook);
+        self
     }
 
     /// The derivations whose builds an interrupt stopped.
@@ -233,6 +245,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 builder,
                 events,
                 goals,
+                recursive,
                 ..
             } = self;
             let mut cx = Context {
@@ -240,6 +253,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 settings,
                 builder,
                 events: &mut **events,
+                recursive: recursive.as_deref(),
             };
             let result_of = |p: &StorePath| goals.get(p).and_then(|g| g.result());
             match &goal.state {
@@ -352,6 +366,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                     settings: &self.settings,
                     builder: &mut self.builder,
                     events: &mut *self.events,
+                    recursive: self.recursive.as_deref(),
                 };
                 if goal.stop(&mut cx, why) {
                     stopped.push(key.clone());
@@ -410,6 +425,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                     settings: &self.settings,
                     builder: &mut self.builder,
                     events: &mut *self.events,
+                    recursive: self.recursive.as_deref(),
                 };
                 goal.service(&mut cx, readable)
             };

@@ -31,3 +31,15 @@ pub fn local_builder(
     }
     builder
 }
+
+/// The private daemon of recursive-Nix builds (`requiredSystemFeatures =
+/// ["recursive-nix"]`), served by firn-daemon's connection loop on `store`.
+pub fn recursive_nix(
+    settings: &Settings,
+    store: &firn_store::Store,
+) -> std::sync::Arc<dyn firn_build::recursive::RecursiveNix> {
+    std::sync::Arc::new(firn_daemon::RecursiveDaemon::new(
+        store.layout().clone(),
+        settings.userpool.clone(),
+    ))
+}

@@ -210,6 +210,7 @@ pub fn realise(
     }
     crate::interrupt::install_handlers();
     let builder = crate::local_builder::local_builder(settings, &build, &store);
+    let recursive = crate::local_builder::recursive_nix(settings, &store);
     events.begin();
     if !to_fetch.is_empty() {
         use firn_build::substitute::{substitute, Substituted};
@@ -235,7 +236,8 @@ pub fn realise(
         builder,
         &mut events,
         crate::interrupt::interrupted,
-    );
+    )
+    .with_recursive_nix(recursive);
     let results = worker.run(&drv_tops, mode);
     if crate::interrupt::interrupted() {
         let stopped: Vec<String> = results

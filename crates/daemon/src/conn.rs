@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
+use firn_build::recursive::AllowedPaths;
 use firn_build::{BuildError, BuildStatus as FirnStatus, Settings, Wanted, Worker};
 use firn_derivation::{
     hash_derivation_modulo, FileIngestionMethod, FixedOutputHash, HashAlgo, ModuloCache,
@@ -32,6 +33,7 @@ use firn_store::{GcOptions, Store, StoreError, StoreMessage, VerifyEvent, Verify
 
 use crate::events::{hl, Channel, DaemonEvents};
 use crate::nar_bound::NarBounded;
+use crate::restrict::{censor, foreign_message, Gate, Policy};
 use crate::{DaemonConfig, DaemonError};
 
 /// Largest text (AddTextToStore payloads, logs) taken into memory.
@@ -88,6 +90,21 @@ pub fn serve_connection<R: Read, W: Write>(
     gone: &dyn Fn() -> bool,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), DaemonError> {
+    serve_connection_with(r, w, config, trusted, Policy::Unrestricted, gone, stop)
+}
+
+/// [`serve_connection`] under `policy`: [`Policy::Restricted`] is the connection of a
+/// recursive-Nix build (untrusted, its options ignored, as Nix's `daemon::Recursive`).
+pub fn serve_connection_with<R: Read, W: Write>(
+    r: R,
+    w: W,
+    config: &DaemonConfig,
+    trusted: bool,
+    policy: Policy,
+    gone: &dyn Fn() -> bool,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), DaemonError> {
+    let trusted = trusted && policy.restricted().is_none();
     let store_dir = config.layout.store_dir.clone();
     let mut r = Reader::with_config(r, store_dir.clone(), Limits::default());
     let mut w = Writer::with_store_dir(w, store_dir);
@@ -140,6 +157,7 @@ pub fn serve_connection<R: Read, W: Write>(
         gone,
         stop,
         tmp_counter: AtomicU64::new(0),
+        policy,
     };
     conn.run()
 }
@@ -155,6 +173,7 @@ struct Conn<'a, R: Read, W: Write> {
     gone: &'a dyn Fn() -> bool,
     stop: &'a dyn Fn() -> bool,
     tmp_counter: AtomicU64,
+    policy: Policy,
 }
 
 impl<R: Read, W: Write> Conn<'_, R, W> {
@@ -171,7 +190,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     return Err(e.into());
                 }
             };
-            match self.perform(req) {
+            match self.perform_gated(req) {
                 Ok(Some(reply)) => {
                     StderrMsg::Last.write(&mut self.w)?;
                     reply.write(&mut self.w)?;
@@ -216,6 +235,116 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
 
     fn info_of(&self, p: &StorePath) -> Result<Option<UnkeyedValidPathInfo>, OpError> {
         Ok(self.store.db().query_path_info(p)?.map(|i| to_wire(&i)))
+    }
+
+    /// Run one op under the connection's [`Policy`]: decided by [`Policy::gate`], then
+    /// served, then the restriction's after-effects (Nix's `RestrictedStore`).
+    fn perform_gated(&mut self, req: Request) -> Result<Option<Reply>, OpError> {
+        let Some(allowed) = self.policy.restricted().cloned() else {
+            return self.perform(req);
+        };
+        match self.policy.gate(&req, self.sd()) {
+            Gate::Serve => {}
+            Gate::Answer(r) => return Ok(Some(*r)),
+            Gate::Refuse(m) => return Err(client(m)),
+        }
+        let sd = self.sd().clone();
+        let added = |p: &StorePath| {
+            allowed.add(p).map(|_| ()).map_err(|e| {
+                client(format!(
+                    "could not add path '{}' to sandbox: {e}",
+                    hl(&sd.display(p))
+                ))
+            })
+        };
+        match req {
+            Request::QueryMissing(paths) => {
+                let (ok, unknown): (Vec<DerivedPath>, Vec<DerivedPath>) = paths
+                    .into_iter()
+                    .partition(|p| allowed.is_allowed(path_part(p)));
+                let mut m = self.query_missing(&ok)?;
+                m.unknown
+                    .extend(unknown.iter().map(|p| path_part(p).clone()));
+                Ok(Some(Reply::Missing(m)))
+            }
+            Request::BuildPaths { ref paths, .. } => {
+                let paths = paths.clone();
+                let reply = self.perform(req)?;
+                // Every path was built (else the op failed): their outputs are the build's.
+                let mut roots = Vec::new();
+                for p in &paths {
+                    if let DerivedPath::Built { drv_path, outputs } = p {
+                        let want = wanted(outputs);
+                        let map = self.partial_output_map(drv_path)?;
+                        roots.extend(
+                            map.into_iter()
+                                .filter(|(n, _)| want.contains(n))
+                                .filter_map(|(_, p)| p),
+                        );
+                    }
+                }
+                self.add_closure(&allowed, &roots)?;
+                Ok(reply)
+            }
+            Request::BuildPathsWithResults { .. } => {
+                let reply = self.perform(req)?;
+                if let Some(Reply::BuildResults(results)) = &reply {
+                    let mut roots = Vec::new();
+                    for (_, r) in results.iter().filter(|(_, r)| r.status.is_success()) {
+                        for (id, json) in &r.built_outputs {
+                            if let Ok(real) = firn_derivation::Realisation::from_json(json, id) {
+                                roots.push(real.out_path);
+                                allowed.add_drv_output(id);
+                            }
+                        }
+                    }
+                    self.add_closure(&allowed, &roots)?;
+                }
+                Ok(reply)
+            }
+            other => {
+                let reply = self.perform(other)?;
+                Ok(match reply {
+                    Some(Reply::Paths(v)) => Some(Reply::Paths(
+                        v.into_iter().filter(|p| allowed.is_allowed(p)).collect(),
+                    )),
+                    Some(Reply::PathInfo(Some(mut i))) => {
+                        censor(&mut i);
+                        Some(Reply::PathInfo(Some(i)))
+                    }
+                    Some(Reply::Path(p)) => {
+                        added(&p)?;
+                        Some(Reply::Path(p))
+                    }
+                    Some(Reply::AddedPath(info)) => {
+                        added(&info.path)?;
+                        Some(Reply::AddedPath(info))
+                    }
+                    r => r,
+                })
+            }
+        }
+    }
+
+    /// Allow the closure of `roots` (what a restricted connection built).
+    fn add_closure(&self, allowed: &AllowedPaths, roots: &[StorePath]) -> Result<(), OpError> {
+        if roots.is_empty() {
+            return Ok(());
+        }
+        let closure = self
+            .store
+            .db()
+            .query_closure(roots, false)
+            .map_err(StoreError::from)?;
+        for p in &closure {
+            allowed.add(p).map_err(|e| {
+                client(format!(
+                    "could not add path '{}' to sandbox: {e}",
+                    hl(&self.show(p))
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// Run one op: `Some(reply)` to send after `STDERR_LAST`, `None` if it was sent.
@@ -389,9 +518,13 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 ..
             } => {
                 let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+                let foreign = self.policy.foreign(&references, None);
                 let Self { r, store, .. } = self;
                 let mut fr = r.framed();
-                let res = add_to_store(store, &name, method, references, &mut fr, n);
+                let res = match foreign {
+                    Some(p) => Err(client(foreign_message(store.store_dir(), &p))),
+                    None => add_to_store(store, &name, method, references, &mut fr, n),
+                };
                 let info = finish_payload(&mut fr, res)?;
                 Reply::AddedPath(ValidPathInfo {
                     path: info.path.clone(),
@@ -405,9 +538,11 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             } => {
                 let check = self.check_sigs(dont_check_sigs);
                 let keys = self.trusted_keys(check);
-                let Self { r, store, .. } = self;
+                let Self {
+                    r, store, policy, ..
+                } = self;
                 let mut fr = r.framed();
-                let res = keys.and_then(|k| add_nar(store, &info, k.as_ref(), &mut fr));
+                let res = keys.and_then(|k| add_nar(store, &info, k.as_ref(), policy, &mut fr));
                 finish_payload(&mut fr, res)?;
                 Reply::Nothing
             }
@@ -416,7 +551,9 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             } => {
                 let check = self.check_sigs(dont_check_sigs);
                 let keys = self.trusted_keys(check);
-                let Self { r, store, .. } = self;
+                let Self {
+                    r, store, policy, ..
+                } = self;
                 let limits = r.limits();
                 let sd = r.store_dir().clone();
                 let mut fr = r.framed();
@@ -426,7 +563,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     let n = inner.read_u64("count").map_err(payload_err)?;
                     for _ in 0..n {
                         let info = ValidPathInfo::read(&mut inner).map_err(payload_err)?;
-                        add_nar(store, &info, keys.as_ref(), inner.get_mut())?;
+                        add_nar(store, &info, keys.as_ref(), policy, inner.get_mut())?;
                     }
                     Ok(())
                 })();
@@ -561,6 +698,10 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     /// trusted client, only the harmless ones for others (the rest ignored, as Nix).
     fn set_options(&mut self, s: &ClientSettings) {
         self.verbosity = s.verbosity;
+        // Nix's recursive daemon applies no client settings: builds use the outer one's.
+        if self.policy.restricted().is_some() {
+            return;
+        }
         let st = &mut self.settings;
         st.keep_failed = s.keep_failed;
         st.keep_going = s.keep_going;
@@ -892,9 +1033,11 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             Vec::new()
         } else {
             let b2 = Rc::clone(&broken);
+            let hook = self.config.recursive_nix();
             let mut worker = Worker::new(store, settings, builder, &mut events, move || {
                 b2.get() || gone() || stop()
-            });
+            })
+            .with_recursive_nix(hook);
             let r = worker.run(&tops, mode);
             // Goals that failed on their own (not stopped because another failed).
             for (p, res) in worker.results() {
@@ -1134,10 +1277,15 @@ fn add_nar(
     store: &mut Store,
     info: &ValidPathInfo,
     keys: Option<&firn_cache::PublicKeys>,
+    policy: &Policy,
     input: &mut dyn Read,
 ) -> Result<(), OpError> {
     let sd = store.store_dir().clone();
     let mut nar = NarBounded::new(input);
+    // A restricted connection: only references it may use; the path is then its own.
+    if let Some(p) = policy.foreign(&info.info.references, Some(&info.path)) {
+        return Err(client(foreign_message(&sd, &p)));
+    }
     // Nix's `pathInfoIsUntrusted`: content-addressed, or one valid signature by a
     // trusted key.
     let signed = |keys: &firn_cache::PublicKeys| {
@@ -1156,6 +1304,14 @@ fn add_nar(
         Ok(_) => {
             // Valid already: the NAR was not read.
             nar.skip().map_err(|e| OpError::Fatal(e.to_string()))?;
+            if let Some(a) = policy.restricted() {
+                a.add(&info.path).map_err(|e| {
+                    client(format!(
+                        "could not add path '{}' to sandbox: {e}",
+                        hl(&sd.display(&info.path))
+                    ))
+                })?;
+            }
             Ok(())
         }
         Err(e) => Err(OpError::Fatal(e.to_string())),
@@ -1217,4 +1373,12 @@ fn add_to_store<R: Read>(
     })();
     let _ = std::fs::remove_dir_all(&dir);
     res
+}
+
+/// The store path a `DerivedPath` names (Nix's `pathPartOfReq`).
+fn path_part(p: &DerivedPath) -> &StorePath {
+    match p {
+        DerivedPath::Opaque(p) => p,
+        DerivedPath::Built { drv_path, .. } => drv_path,
+    }
 }

@@ -10,6 +10,8 @@
 //! - [`conn`]: one connection: the handshake and the operations;
 //! - [`serve`]: `firn serve` / `firn --serve`, Nix's legacy serve protocol on
 //!   stdin/stdout (remote builds and `ssh://` copies);
+//! - [`restrict`]: what a connection may do ([`Policy`]: everything, or a recursive-Nix
+//!   build's restricted store); [`recursive`]: the private socket of such a build;
 //! - [`events`]: the worker's events as stderr messages; [`nar_bound`]: finding where
 //!   a NAR ends in a stream.
 //!
@@ -21,6 +23,8 @@
 pub mod conn;
 pub mod events;
 pub mod nar_bound;
+pub mod recursive;
+pub mod restrict;
 pub mod serve;
 pub mod trust;
 
@@ -38,7 +42,9 @@ use firn_store::StoreLayout;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 
-pub use conn::serve_connection;
+pub use conn::{serve_connection, serve_connection_with};
+pub use recursive::RecursiveDaemon;
+pub use restrict::Policy;
 pub use trust::{Access, Peer};
 
 /// The version `firn daemon --version` and the handshake give: Nix's, so that clients
@@ -53,6 +59,17 @@ pub struct DaemonConfig {
     pub settings: firn_build::Settings,
     /// Where build users are locked.
     pub userpool: PathBuf,
+}
+
+impl DaemonConfig {
+    /// What serves the private sockets of recursive-Nix builds on this store (given to
+    /// every worker of the daemon, restricted connections' included).
+    pub fn recursive_nix(&self) -> Arc<dyn firn_build::recursive::RecursiveNix> {
+        Arc::new(RecursiveDaemon::new(
+            self.layout.clone(),
+            self.userpool.clone(),
+        ))
+    }
 }
 
 /// Where a daemon listens by default: `<state dir>/daemon-socket/socket`.

@@ -299,6 +299,15 @@ impl Builder for LocalBuilder {
             });
             let (root, mut setup) = self.pool.prepare(&sandbox_plan, user.as_ref(), host_ids)?;
             setup.step_fd = step_writer.as_raw_fd();
+            // Paths a recursive-Nix build adds appear in its store dir as copies.
+            if let Some(allowed) = job.recursive {
+                let (from, to) = (real_store.clone(), root.store_inside().to_path_buf());
+                let uid = Some(host_ids.0);
+                allowed.set_materialise(Box::new(move |p: &StorePath| {
+                    let name = p.base_name();
+                    crate::recursive::materialise_copy(&from.join(name), &to.join(name), uid)
+                }));
+            }
             sandbox = Some(root);
             sandbox_setup = Some(setup);
         }

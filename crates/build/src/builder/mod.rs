@@ -31,6 +31,7 @@ use std::process::ExitStatus;
 use firn_derivation::{Derivation, OutputName, StorePath};
 
 use crate::plan::BuildPlan;
+use crate::recursive::AllowedPaths;
 
 pub use build_user::{AcquiredUser, BuildUser};
 pub use error::ExecError;
@@ -107,6 +108,9 @@ pub struct BuildJob<'a> {
     pub user: Option<BuildUser>,
     /// In the sandbox, or (`sandbox = false`, or `relaxed` for this derivation) not.
     pub sandboxed: bool,
+    /// A recursive-Nix build's allowed paths: a sandboxing builder sets how the paths
+    /// the build adds are made visible to it ([`AllowedPaths::set_materialise`]).
+    pub recursive: Option<&'a AllowedPaths>,
 }
 
 /// A builder process that was started.
