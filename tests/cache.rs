@@ -1144,3 +1144,57 @@ fn copy_shows_progress_on_a_terminal_only() {
     );
     remove(&dir);
 }
+
+/// `copy --to` compresses NARs on several threads but writes narinfos in references-
+/// first order, each after its NAR: when a path's content is corrupt, the copy fails
+/// with Nix's error, that path and everything referring to it get no narinfo, and what
+/// it refers to (already copied) stays readable.
+#[test]
+fn copy_to_a_corrupt_path_fails_without_narinfos_for_it_or_its_referrers() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-corrupt");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let real_top = src.join(top.trim_start_matches('/'));
+    // Damage the top path's content (its dep is copied first and stays fine).
+    let hi = real_top.join("hi");
+    fs::set_permissions(
+        &real_top,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    fs::set_permissions(&hi, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    fs::write(&hi, "changed\n").unwrap();
+    let cache = dir.join("cache");
+    let out = firn_at(
+        &src,
+        &["copy", "--to", &format!("file://{}", cache.display()), &top],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        !narinfo_file(&cache, &top).exists(),
+        "a narinfo for the corrupt path"
+    );
+    assert!(
+        narinfo_file(&cache, &dep).exists(),
+        "the reference was copied first"
+    );
+    // What is there is a cache real Nix reads.
+    let fresh = dir.join("fresh");
+    ok(nix(
+        &fresh,
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &format!("file://{}", cache.display()),
+            "--no-check-sigs",
+            &dep,
+        ],
+    ));
+    remove(&dir);
+}

@@ -114,51 +114,101 @@ pub fn copy_to(
         .map_err(firn_store::StoreError::from)?;
     let mut all_keys: Vec<&SecretKey> = keys.iter().collect();
     all_keys.extend(cache.secret_key.as_ref());
-    let mut copied = Vec::new();
     let order = graph.topo_sorted();
     let total = order.len();
+    // What the cache lacks, references first, with what compressing needs (the store's
+    // database stays on this thread).
+    let mut todo: Vec<(usize, ValidPathInfo, std::path::PathBuf)> = Vec::new();
     for (i, p) in order.into_iter().enumerate() {
         if cache.has(p) {
             continue;
         }
-        on_copy(CopyProgress {
-            path: p,
-            done: i + 1,
-            total,
-        });
         let info = store
             .db()
             .query_path_info(p)
             .map_err(firn_store::StoreError::from)?
             .ok_or_else(|| firn_store::StoreError::NotValid(sd.display(p)))?;
-        let narinfo = write_nar(store, cache, &info, &all_keys)?;
-        cache.write_file(
-            &format!("{}.narinfo", p.hash_part()),
-            narinfo.to_text(&sd).as_bytes(),
-        )?;
-        copied.push(p.clone());
+        let real = store.real_path(p);
+        todo.push((i, info, real));
     }
+    // NARs are compressed and written by up to one thread per core, in that order; the
+    // narinfos are written here, in that order too, each once its NAR is in place: a
+    // reader never sees a narinfo before its NAR, nor before its references' narinfos.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(todo.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let done: std::sync::Mutex<BTreeMap<usize, Result<NarInfo, CacheError>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let ready = std::sync::Condvar::new();
+    let mut copied = Vec::new();
+    std::thread::scope(|scope| -> Result<(), CacheError> {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if k >= todo.len() || stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Wake the writer in case it waits for an entry never to come.
+                    ready.notify_all();
+                    break;
+                }
+                let (_, info, real) = &todo[k];
+                let r = write_nar(&sd, real, cache, info, &all_keys);
+                let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                d.insert(k, r);
+                ready.notify_all();
+            });
+        }
+        let result = (|| {
+            for (k, (i, info, _)) in todo.iter().enumerate() {
+                let narinfo = {
+                    let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if let Some(r) = d.remove(&k) {
+                            break r?;
+                        }
+                        d = ready.wait(d).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                on_copy(CopyProgress {
+                    path: &info.path,
+                    done: i + 1,
+                    total,
+                });
+                cache.write_file(
+                    &format!("{}.narinfo", info.path.hash_part()),
+                    narinfo.to_text(&sd).as_bytes(),
+                )?;
+                copied.push(info.path.clone());
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
+    })?;
     Ok(copied)
 }
 
 /// Write the compressed NAR of `info` into `cache/nar/` and give its narinfo.
 fn write_nar(
-    store: &Store,
+    sd: &StoreDir,
+    real: &std::path::Path,
     cache: &BinaryCache,
     info: &ValidPathInfo,
     keys: &[&SecretKey],
 ) -> Result<NarInfo, CacheError> {
-    let sd = store.store_dir();
     let compression = cache.url.compression;
     let nar_dir = cache.dir()?.join("nar");
     let tmp = cache.tmp_name(&nar_dir.join("upload"));
-    let real = store.real_path(&info.path);
     let result = (|| {
         let file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         let counted = Tee(HashSink::new(), BufWriter::new(file));
         let encoder = compression.encoder(counted).map_err(io_err(&tmp))?;
         let mut sink = Tee(HashSink::new(), encoder);
-        nar::dump_path(&real, &mut sink).map_err(firn_store::StoreError::from)?;
+        nar::dump_path(real, &mut sink).map_err(firn_store::StoreError::from)?;
         let Tee(nar_sink, encoder) = sink;
         let Tee(file_sink, mut file) = encoder.finish().map_err(io_err(&tmp))?;
         file.flush().map_err(io_err(&tmp))?;
