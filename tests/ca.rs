@@ -156,5 +156,10 @@ fn without_the_feature_firn_refuses_as_nix_does() {
     let firn_err = String::from_utf8_lossy(&by_firn.stderr);
     assert!(firn_err.lines().any(|l| l == want), "{firn_err}");
     assert!(!firn_err.contains("panicked"));
+    // Refused before saying what would be built, as Nix (which reads it first).
+    assert_eq!(
+        firn_err.trim(),
+        String::from_utf8_lossy(&by_nix.stderr).trim()
+    );
     remove(&dir);
 }

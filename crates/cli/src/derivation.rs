@@ -110,6 +110,27 @@ fn closure_drvs(drvs: &[PathBuf], settings: &Settings) -> Result<Vec<PathBuf>, C
     Ok(files)
 }
 
+/// Nix asks for the experimental features of floating and impure outputs when it reads
+/// a derivation (`parseDerivationOutput`), before anything else happens.
+pub fn check_output_features(
+    drv: &Derivation<'_>,
+    settings: &firn_build::Settings,
+) -> Result<(), CliError> {
+    for o in drv.outputs.values() {
+        let feature = match o {
+            firn_derivation::DerivationOutput::CAFloating { .. } => "ca-derivations",
+            firn_derivation::DerivationOutput::Impure { .. } => "impure-derivations",
+            _ => continue,
+        };
+        if !settings.has_feature(feature) {
+            return Err(CliError::usage(
+                firn_build::BuildError::MissingFeature { feature }.to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn show(drvs: &[PathBuf], settings: &Settings, out: &mut impl Write) -> Result<(), CliError> {
     let sd = &settings.store_dir;
     let mut files = Vec::with_capacity(drvs.len());
@@ -126,19 +147,7 @@ fn show(drvs: &[PathBuf], settings: &Settings, out: &mut impl Write) -> Result<(
         let base = key.rsplit('/').next().unwrap_or_default();
         let drv = parse_derivation(sd, text, name_from_drv_base_name(base))
             .map_err(|e| CliError::usage(format!("parsing derivation '{}' {e}", file.display())))?;
-        // Nix asks for the features when it reads such outputs (`parseDerivationOutput`).
-        for o in drv.outputs.values() {
-            let feature = match o {
-                firn_derivation::DerivationOutput::CAFloating { .. } => "ca-derivations",
-                firn_derivation::DerivationOutput::Impure { .. } => "impure-derivations",
-                _ => continue,
-            };
-            if !settings.build.has_feature(feature) {
-                return Err(CliError::usage(
-                    firn_build::BuildError::MissingFeature { feature }.to_string(),
-                ));
-            }
-        }
+        check_output_features(&drv, &settings.build)?;
         parsed.push((key, drv));
     }
     // JSON is a little larger than the ATerm: reserve once.

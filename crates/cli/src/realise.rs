@@ -152,6 +152,16 @@ pub fn realise(
         .map_err(|e| CliError::usage(e.to_string()))?;
     let to_build = firn_build::missing::build_order(&store, &missing.will_build)
         .map_err(|e| CliError::usage(e.to_string()))?;
+    // As Nix, which reads every derivation before it says what it will build.
+    for p in &to_build {
+        let real = store.real_path(p);
+        if let Ok(text) = std::fs::read(&real) {
+            let name = firn_derivation::name_from_drv_base_name(p.base_name());
+            if let Ok(drv) = firn_derivation::parse_derivation(&sd, &text, name) {
+                crate::derivation::check_output_features(&drv, &build)?;
+            }
+        }
+    }
     let mut events = TerminalEvents::with_format(
         sd.clone(),
         !settings.quiet,
