@@ -93,8 +93,29 @@ fn a_ca_chain_builds_as_in_nix() {
     let drv = instantiate(&firn_root, &expr, "legacy");
     assert_eq!(instantiate(&nix_root, &expr, "legacy"), drv);
 
-    let by_firn = ok(realise_in_sandbox(firn_bin(), &firn_root, &[CA], &[], &drv));
-    let by_nix = ok(realise_in_sandbox("nix-store", &nix_root, &[CA], &[], &drv));
+    // Signed as they are registered (paths and realisations): ed25519 is deterministic,
+    // so the signatures must be Nix's too.
+    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
+    ok(command("nix-store")
+        .args(["--generate-binary-cache-key", "ca-test-1"])
+        .args([&sk, &pk])
+        .output()
+        .unwrap());
+    let sign = ("secret-key-files", sk.to_str().unwrap());
+    let by_firn = ok(realise_in_sandbox(
+        firn_bin(),
+        &firn_root,
+        &[CA, sign],
+        &[],
+        &drv,
+    ));
+    let by_nix = ok(realise_in_sandbox(
+        "nix-store",
+        &nix_root,
+        &[CA, sign],
+        &[],
+        &drv,
+    ));
     assert_eq!(by_firn, by_nix);
 
     // The content-addressed outputs: same paths, NAR hashes, sizes, references, `ca`.
@@ -108,11 +129,17 @@ fn a_ca_chain_builds_as_in_nix() {
         "select a.drvPath || '!' || a.outputName, b.drvPath || '!' || b.outputName \
                             from RealisationsRefs x join Realisations a on a.id = x.referrer \
                             join Realisations b on b.id = x.realisationReference order by 1, 2";
-    for q in [paths, refs, realisations, realisation_refs] {
+    let sigs =
+        "select path, coalesce(sigs, 'NULL') from ValidPaths where ca like 'fixed:%' order by path";
+    for q in [paths, refs, realisations, realisation_refs, sigs] {
         let (f, n) = (sql(&firn_root, q), sql(&nix_root, q));
         assert!(!n.is_empty(), "{q}: Nix has no rows");
         assert_eq!(f, n, "{q}");
     }
+    assert!(
+        sql(&firn_root, realisations).contains("ca-test-1:"),
+        "realisations signed"
+    );
     // The root refers to itself, under its final path.
     let self_ref = sql(
         &firn_root,

@@ -695,6 +695,9 @@ impl<R: RunningBuild> DerivationGoal<R> {
                         Err(e) => return self.fail(e),
                     }
                 }
+                if let Err(e) = sign_realisation(&mut realisation, cx.settings) {
+                    return self.fail(e);
+                }
                 if let Err(e) = cx.store.db_mut().register_drv_output(&realisation) {
                     return self.fail(StoreError::from(e).into());
                 }
@@ -1430,6 +1433,18 @@ impl<R: RunningBuild> DerivationGoal<R> {
     }
 }
 
+/// Sign a realisation with every key of `secret-key-files` (Nix's `signRealisation`:
+/// the signed text is the realisation's JSON without its signatures).
+fn sign_realisation(
+    r: &mut firn_derivation::Realisation,
+    settings: &Settings,
+) -> Result<(), BuildError> {
+    let keys = crate::outputs::load_secret_keys(&settings.secret_key_files.0)?;
+    let fp = r.fingerprint();
+    r.signatures.extend(keys.iter().map(|k| k.sign(&fp)));
+    Ok(())
+}
+
 /// With `ca-derivations`, the realisations of the outputs a pure derivation just built
 /// (`registerOutputs`): `DrvOutput` (its hash, the output) → the path.
 fn register_realisations(
@@ -1444,7 +1459,8 @@ fn register_realisations(
     }
     for (name, path) in finals {
         if let Some(id) = loaded.drv_output(name) {
-            let r = firn_derivation::Realisation::new(id, path.clone());
+            let mut r = firn_derivation::Realisation::new(id, path.clone());
+            sign_realisation(&mut r, settings)?;
             store
                 .db_mut()
                 .register_drv_output(&r)
