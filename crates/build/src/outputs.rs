@@ -153,23 +153,7 @@ fn register_static_outputs(
     let mut regs = Vec::new();
     let mut mismatch = None;
     for (name, path) in &built.outputs {
-        let real = store.real_path(path);
-        let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
-            drv: drv_shown.clone(),
-            output: name.to_string(),
-            path: built
-                .missing_at
-                .get(name)
-                .unwrap_or(&real)
-                .display()
-                .to_string(),
-        })?;
-        let owner_ok = built.build_uid.is_none_or(|uid| meta.uid() == uid);
-        if !meta.file_type().is_symlink() && (meta.mode() & 0o022 != 0 || !owner_ok) {
-            return Err(OutputError::Suspicious(real.display().to_string()));
-        }
-        canonicalise_path_metadata(&real).map_err(io_err(&real))?;
-        let scan = scan_path(&real, &candidates).map_err(StoreError::from)?;
+        let (real, scan) = check_and_scan(store, built, &drv_shown, name, path, &candidates)?;
         store.auto_optimise_path(&real)?;
         let mut info = ValidPathInfo {
             path: path.clone(),
@@ -266,6 +250,37 @@ fn register_static_outputs(
     Ok(sorted.into_iter().map(|r| r.info).collect())
 }
 
+/// An output as the builder left it: there, not writable by others nor owned by anyone
+/// but the build user (`suspicious ownership or permission`), then canonicalised and
+/// scanned for references among `candidates` (with its NAR hash). Returns its real path.
+fn check_and_scan(
+    store: &Store,
+    built: &BuiltOutputs<'_>,
+    drv_shown: &str,
+    name: &OutputName,
+    path: &StorePath,
+    candidates: &BTreeSet<StorePath>,
+) -> Result<(PathBuf, firn_store::references::PathScan), OutputError> {
+    let real = store.real_path(path);
+    let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
+        drv: drv_shown.to_owned(),
+        output: name.to_string(),
+        path: built
+            .missing_at
+            .get(name)
+            .unwrap_or(&real)
+            .display()
+            .to_string(),
+    })?;
+    let owner_ok = built.build_uid.is_none_or(|uid| meta.uid() == uid);
+    if !meta.file_type().is_symlink() && (meta.mode() & 0o022 != 0 || !owner_ok) {
+        return Err(OutputError::Suspicious(real.display().to_string()));
+    }
+    canonicalise_path_metadata(&real).map_err(io_err(&real))?;
+    let scan = scan_path(&real, candidates).map_err(StoreError::from)?;
+    Ok((real, scan))
+}
+
 /// Read the `secret-key-files` (each build, as Nix: a key changed on disk applies to
 /// the next build).
 pub fn load_secret_keys(files: &[String]) -> Result<Vec<SecretKey>, OutputError> {
@@ -300,23 +315,7 @@ fn register_floating_outputs(
     candidates.extend(built.outputs.values().cloned());
     let mut refs_of: BTreeMap<OutputName, BTreeSet<StorePath>> = BTreeMap::new();
     for (name, path) in &built.outputs {
-        let real = store.real_path(path);
-        let meta = fs::symlink_metadata(&real).map_err(|_| OutputError::Missing {
-            drv: drv_shown.clone(),
-            output: name.to_string(),
-            path: built
-                .missing_at
-                .get(name)
-                .unwrap_or(&real)
-                .display()
-                .to_string(),
-        })?;
-        let owner_ok = built.build_uid.is_none_or(|uid| meta.uid() == uid);
-        if !meta.file_type().is_symlink() && (meta.mode() & 0o022 != 0 || !owner_ok) {
-            return Err(OutputError::Suspicious(real.display().to_string()));
-        }
-        canonicalise_path_metadata(&real).map_err(io_err(&real))?;
-        let scan = scan_path(&real, &candidates).map_err(StoreError::from)?;
+        let (_, scan) = check_and_scan(store, built, &drv_shown, name, path, &candidates)?;
         refs_of.insert(name.clone(), scan.references);
     }
     let order =

@@ -1118,20 +1118,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     /// The wire `BuildResult` of a goal, with the realisations of the wanted outputs.
     fn wire_result(&self, p: &DerivedPath, b: &Built) -> BuildResult {
         let r = &b.result;
-        let status = match r.status {
-            FirnStatus::Built => BuildStatus::Built,
-            FirnStatus::AlreadyValid => BuildStatus::AlreadyValid,
-            FirnStatus::Substituted => BuildStatus::Substituted,
-            FirnStatus::PermanentFailure => BuildStatus::PermanentFailure,
-            FirnStatus::TransientFailure => BuildStatus::TransientFailure,
-            FirnStatus::TimedOut => BuildStatus::TimedOut,
-            FirnStatus::OutputRejected | FirnStatus::HashMismatch => BuildStatus::OutputRejected,
-            FirnStatus::DependencyFailed => BuildStatus::DependencyFailed,
-            FirnStatus::MiscFailure => BuildStatus::MiscFailure,
-            FirnStatus::LogLimitExceeded => BuildStatus::LogLimitExceeded,
-            FirnStatus::InputRejected => BuildStatus::InputRejected,
-            FirnStatus::NotDeterministic => BuildStatus::NotDeterministic,
-        };
+        let status = crate::events::wire_status(r.status);
         let mut out = BuildResult::new(status, b.error.clone().unwrap_or_default());
         out.times_built = u32::from(r.status == FirnStatus::Built);
         out.start_time = r.start_time;

@@ -285,3 +285,24 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
         self.ch.line(level, &line);
     }
 }
+
+/// A goal's status as the protocols carry it (firn's `HashMismatch` is Nix 2.8's
+/// `OutputRejected` on the wire).
+pub fn wire_status(s: firn_build::BuildStatus) -> firn_protocol::BuildStatus {
+    match s {
+        firn_build::BuildStatus::Built => firn_protocol::BuildStatus::Built,
+        firn_build::BuildStatus::AlreadyValid => firn_protocol::BuildStatus::AlreadyValid,
+        firn_build::BuildStatus::Substituted => firn_protocol::BuildStatus::Substituted,
+        firn_build::BuildStatus::PermanentFailure => firn_protocol::BuildStatus::PermanentFailure,
+        firn_build::BuildStatus::TransientFailure => firn_protocol::BuildStatus::TransientFailure,
+        firn_build::BuildStatus::TimedOut => firn_protocol::BuildStatus::TimedOut,
+        firn_build::BuildStatus::OutputRejected | firn_build::BuildStatus::HashMismatch => {
+            firn_protocol::BuildStatus::OutputRejected
+        }
+        firn_build::BuildStatus::DependencyFailed => firn_protocol::BuildStatus::DependencyFailed,
+        firn_build::BuildStatus::MiscFailure => firn_protocol::BuildStatus::MiscFailure,
+        firn_build::BuildStatus::LogLimitExceeded => firn_protocol::BuildStatus::LogLimitExceeded,
+        firn_build::BuildStatus::InputRejected => firn_protocol::BuildStatus::InputRejected,
+        firn_build::BuildStatus::NotDeterministic => firn_protocol::BuildStatus::NotDeterministic,
+    }
+}

@@ -30,7 +30,7 @@ use firn_protocol::{
 use firn_store::{Store, StoreError};
 use thiserror::Error;
 
-use crate::events::error_text;
+use crate::events::{error_text, wire_status};
 use crate::nar_bound::NarBounded;
 use crate::DaemonConfig;
 
@@ -542,23 +542,6 @@ fn wanted(outputs: &BTreeSet<String>) -> Wanted {
                 .map(|o| OutputName::from(o.as_str()))
                 .collect(),
         ),
-    }
-}
-
-fn wire_status(s: FirnStatus) -> BuildStatus {
-    match s {
-        FirnStatus::Built => BuildStatus::Built,
-        FirnStatus::AlreadyValid => BuildStatus::AlreadyValid,
-        FirnStatus::Substituted => BuildStatus::Substituted,
-        FirnStatus::PermanentFailure => BuildStatus::PermanentFailure,
-        FirnStatus::TransientFailure => BuildStatus::TransientFailure,
-        FirnStatus::TimedOut => BuildStatus::TimedOut,
-        FirnStatus::OutputRejected | FirnStatus::HashMismatch => BuildStatus::OutputRejected,
-        FirnStatus::DependencyFailed => BuildStatus::DependencyFailed,
-        FirnStatus::MiscFailure => BuildStatus::MiscFailure,
-        FirnStatus::LogLimitExceeded => BuildStatus::LogLimitExceeded,
-        FirnStatus::InputRejected => BuildStatus::InputRejected,
-        FirnStatus::NotDeterministic => BuildStatus::NotDeterministic,
     }
 }
 

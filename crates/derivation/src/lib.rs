@@ -26,7 +26,7 @@ pub mod resolve;
 pub mod store_path;
 
 pub use aterm::{parse_derivation, ParseError, ParseErrorKind};
-pub use ca::{FileIngestionMethod, FixedOutputHash};
+pub use ca::{ContentAddress, FileIngestionMethod, FixedOutputHash};
 pub use derivation::{
     hash_placeholder, name_from_drv_base_name, output_name, ByteStr, Derivation, DerivationError,
     DerivationOutput, DerivationType,

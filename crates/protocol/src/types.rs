@@ -133,77 +133,8 @@ impl Verbosity {
     }
 }
 
-/// A content address (`ContentAddress`), written with a nixbase32 hash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ContentAddress {
-    /// `text:sha256:…`: text with references (`.drv` files, `builtins.toFile`).
-    Text(Hash),
-    /// `fixed:[r:]algo:…`.
-    Fixed {
-        method: FileIngestionMethod,
-        hash: Hash,
-    },
-}
-
-impl ContentAddress {
-    /// Parse as `parseContentAddress` does.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("content address '{s}' {why}");
-        if let Some(rest) = s.strip_prefix("text:") {
-            let body = rest
-                .strip_prefix("sha256:")
-                .ok_or_else(|| bad("must use sha256 for text"))?;
-            let hash = Hash::parse_non_sri_unprefixed(body, HashAlgo::Sha256)
-                .map_err(|e| bad(&e.to_string()))?;
-            Ok(Self::Text(hash))
-        } else if let Some(rest) = s.strip_prefix("fixed:") {
-            let (method, rest) = match rest.strip_prefix("r:") {
-                Some(r) => (FileIngestionMethod::Recursive, r),
-                None => (FileIngestionMethod::Flat, rest),
-            };
-            let (algo, body) = rest
-                .split_once(':')
-                .ok_or_else(|| bad("lacks a hash algorithm"))?;
-            let algo = HashAlgo::parse(algo).map_err(|e| bad(&e.to_string()))?;
-            let hash =
-                Hash::parse_non_sri_unprefixed(body, algo).map_err(|e| bad(&e.to_string()))?;
-            Ok(Self::Fixed { method, hash })
-        } else {
-            Err(bad("has an unknown prefix"))
-        }
-    }
-
-    pub fn method(&self) -> ContentAddressMethod {
-        match self {
-            Self::Text(_) => ContentAddressMethod::Text,
-            Self::Fixed { method, hash } => ContentAddressMethod::Fixed {
-                method: *method,
-                algo: hash.algo(),
-            },
-        }
-    }
-
-    pub fn hash(&self) -> &Hash {
-        match self {
-            Self::Text(h) | Self::Fixed { hash: h, .. } => h,
-        }
-    }
-}
-
-impl fmt::Display for ContentAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Text(h) => write!(f, "text:sha256:{}", h.to_nixbase32()),
-            Self::Fixed { method, hash } => write!(
-                f,
-                "fixed:{}{}:{}",
-                method.prefix(),
-                hash.algo(),
-                hash.to_nixbase32()
-            ),
-        }
-    }
-}
+/// A content address (`ContentAddress`): the derivation crate's, shared with the store.
+pub use firn_derivation::ContentAddress;
 
 /// How AddToStore's data is to be added (`ContentAddressMethod`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

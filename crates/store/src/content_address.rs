@@ -1,5 +1,6 @@
-//! Content addresses (`ca` in the database and in narinfos) and the check Nix makes when
-//! a path arrives with one: the content must hash to it (`LocalStore::hashCAPath`).
+//! The check Nix makes when a path arrives with a content address (`ca` in the database
+//! and in narinfos; parsed as `firn_derivation::ContentAddress`): the content must hash
+//! to it (`LocalStore::hashCAPath`).
 //!
 //! Grammar (`parseContentAddress`): `text:sha256:<nixbase32>` (text with references:
 //! `.drv` files, `builtins.toFile`) or `fixed:[r:]<algo>:<hash>` (flat file bytes, or
@@ -14,50 +15,16 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use firn_derivation::{FileIngestionMethod, Hash, HashAlgo, Hasher};
+use firn_derivation::{ContentAddress, FileIngestionMethod, Hash, HashAlgo, Hasher};
 
 use crate::error::{io_err, StoreError};
 use crate::nar;
 
-/// A parsed content address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContentAddress {
-    /// `text:sha256:…`
-    Text(Hash),
-    /// `fixed:[r:]algo:…`
-    Fixed {
-        method: FileIngestionMethod,
-        hash: Hash,
-    },
-}
-
-impl ContentAddress {
-    /// Parse as `parseContentAddress` does; the error says what is wrong.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Some(rest) = s.strip_prefix("text:") {
-            let hash = Hash::parse_any(rest, None).map_err(|e| e.to_string())?;
-            if hash.algo() != HashAlgo::Sha256 {
-                return Err("text content address hash should use sha256".to_owned());
-            }
-            return Ok(Self::Text(hash));
-        }
-        if let Some(rest) = s.strip_prefix("fixed:") {
-            let (method, rest) = match rest.strip_prefix("r:") {
-                Some(r) => (FileIngestionMethod::Recursive, r),
-                None => (FileIngestionMethod::Flat, rest),
-            };
-            let hash = Hash::parse_any(rest, None).map_err(|e| e.to_string())?;
-            return Ok(Self::Fixed { method, hash });
-        }
-        Err("is not a content address ('text:' or 'fixed:' expected)".to_owned())
-    }
-
-    /// How the content is hashed, and with which algorithm.
-    fn method_algo(&self) -> (FileIngestionMethod, Hash) {
-        match *self {
-            Self::Text(hash) => (FileIngestionMethod::Flat, hash),
-            Self::Fixed { method, hash } => (method, hash),
-        }
+/// How a content address hashes, and the hash it names.
+fn method_and_hash(ca: &ContentAddress) -> (FileIngestionMethod, Hash) {
+    match *ca {
+        ContentAddress::Text(hash) => (FileIngestionMethod::Flat, hash),
+        ContentAddress::Fixed { method, hash } => (method, hash),
     }
 }
 
@@ -134,7 +101,7 @@ impl Write for HashModuloSink {
 /// The hash of the tree or file at `real` as content address `ca` computes it, modulo
 /// `hash_part` (the path's own hash part).
 pub fn hash_ca_path(real: &Path, ca: &ContentAddress, hash_part: &str) -> Result<Hash, StoreError> {
-    let (method, expected) = ca.method_algo();
+    let (method, expected) = method_and_hash(ca);
     let mut sink = HashModuloSink::new(expected.algo(), hash_part.as_bytes());
     match method {
         FileIngestionMethod::Recursive => nar::dump_path(real, &mut sink)?,
@@ -160,7 +127,7 @@ pub fn check_content_address(
         why,
     })?;
     let got = hash_ca_path(real, &parsed, hash_part)?;
-    let specified = parsed.method_algo().1;
+    let specified = method_and_hash(&parsed).1;
     if got != specified {
         return Err(StoreError::ContentAddressMismatch {
             path: shown.to_owned(),
