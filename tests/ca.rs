@@ -95,12 +95,7 @@ fn a_ca_chain_builds_as_in_nix() {
 
     // Signed as they are registered (paths and realisations): ed25519 is deterministic,
     // so the signatures must be Nix's too.
-    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
-    ok(command("nix-store")
-        .args(["--generate-binary-cache-key", "ca-test-1"])
-        .args([&sk, &pk])
-        .output()
-        .unwrap());
+    let (sk, _, _) = keypair(&dir, "ca-test-1");
     let sign = ("secret-key-files", sk.to_str().unwrap());
     let by_firn = ok(realise_in_sandbox(
         firn_bin(),

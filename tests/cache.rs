@@ -42,26 +42,6 @@ fn tempdir_none() -> PathBuf {
     std::env::temp_dir().join("firn-tests-no-config")
 }
 
-fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
-    let (sk, pk) = (
-        dir.join(format!("{name}.sk")),
-        dir.join(format!("{name}.pk")),
-    );
-    let out = command("nix-store")
-        .args(["--generate-binary-cache-key", name])
-        .arg(&sk)
-        .arg(&pk)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let public = fs::read_to_string(&pk).unwrap();
-    (sk, pk, public)
-}
-
 /// A store at `dir/name` where real Nix built `top` (and so `dep`): (drv, top, dep).
 fn built_store(dir: &Path, name: &str) -> (PathBuf, String, String, String) {
     let root = dir.join(name);

@@ -754,15 +754,7 @@ fn built_outputs_are_signed_with_secret_key_files_as_by_the_real_nix_daemon() {
     let dir = tempdir("daemon-sign");
     let d = Daemon::start(&dir.join("root"), &[]);
     let (mut nixd, nix_url) = real_daemon(&dir);
-    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
-    ok_out(
-        command_isolated("nix-store")
-            .args(["--generate-binary-cache-key", "test.example.org-1"])
-            .args([&sk, &pk])
-            .output()
-            .unwrap(),
-        "generate key",
-    );
+    let (sk, pk, _) = keypair(&dir, "test.example.org-1");
     let dep = drv_expr("sign-dep", "echo dep > $out", "");
     let file = write_expr(
         &dir,
@@ -955,16 +947,7 @@ fn imported_paths_need_a_signature_by_a_trusted_key() {
     }
     let dir = tempdir("daemon-sigcheck");
     let d = Daemon::start(&dir.join("root"), &[]);
-    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
-    ok_out(
-        command_isolated("nix-store")
-            .args(["--generate-binary-cache-key", "cache.example.org-1"])
-            .args([&sk, &pk])
-            .output()
-            .unwrap(),
-        "generate key",
-    );
-    let pk = std::fs::read_to_string(&pk).unwrap();
+    let (sk, _, pk) = keypair(&dir, "cache.example.org-1");
     let nix = |args: &[&str]| {
         let mut c = d.client("nix");
         c.args(["--extra-experimental-features", "nix-command"])

@@ -256,3 +256,25 @@ pub fn realise_in_sandbox(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run(cmd, &args, None)
 }
+
+/// A key pair made by real Nix (`nix-store --generate-binary-cache-key NAME`) in `dir`:
+/// the secret and public key files and the public key's text.
+pub fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let (sk, pk) = (
+        dir.join(format!("{name}.sk")),
+        dir.join(format!("{name}.pk")),
+    );
+    let out = command("nix-store")
+        .args(["--generate-binary-cache-key", name])
+        .arg(&sk)
+        .arg(&pk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = std::fs::read_to_string(&pk).unwrap();
+    (sk, pk, public)
+}

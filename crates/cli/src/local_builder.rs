@@ -1,7 +1,6 @@
 //! The builder of this machine, as the CLI's commands that build (`realise`, `verify
 //! --repair`) set it up from the settings.
 
-use firn_build::builder::cgroup::Limits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 
 use crate::settings::Settings;
@@ -13,17 +12,11 @@ pub fn local_builder(
     build: &firn_build::Settings,
     store: &firn_store::Store,
 ) -> LocalBuilder {
-    let builder = LocalBuilder::new(LocalOptions {
-        real_store: store.real_store_dir().to_path_buf(),
-        store_dir: store.store_dir().clone(),
-        userpool: settings.userpool.clone(),
-        build_users_group: build.build_users_group.clone(),
-        use_cgroups: build.use_cgroups,
-        limits: Limits {
-            memory_max: build.build_memory_max.0,
-            pids_max: build.build_pids_max.0,
-        },
-    });
+    let builder = LocalBuilder::new(LocalOptions::for_store(
+        store,
+        build,
+        settings.userpool.clone(),
+    ));
     if let Some(why) = builder.cannot_enforce_limits() {
         eprintln!(
             "warning: build-memory-max and build-pids-max cannot be enforced here ({why}); builds run without them"

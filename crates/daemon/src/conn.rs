@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::recursive::AllowedPaths;
 use firn_build::{BuildError, BuildStatus as FirnStatus, Settings, Wanted, Worker};
@@ -407,27 +406,19 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     .find(|p| p.hash_part() == h),
             ),
             // No substituters: nothing is substitutable.
-            Request::HasSubstitutes(p) => Reply::Bool(self.substitutable_info(&p)?.is_some()),
+            Request::HasSubstitutes(p) => Reply::Bool(!self.substitutable_infos(&[p])?.is_empty()),
             Request::QuerySubstitutablePaths(paths) => {
-                let mut found = Vec::new();
-                for p in paths {
-                    if self.substitutable_info(&p)?.is_some() {
-                        found.push(p);
-                    }
-                }
-                Reply::Paths(found)
+                let paths: Vec<StorePath> = paths.into_iter().collect();
+                Reply::Paths(self.substitutable_infos(&paths)?.into_keys().collect())
             }
             Request::QuerySubstitutablePathInfo(p) => {
-                Reply::SubstitutablePathInfo(self.substitutable_info(&p)?)
+                Reply::SubstitutablePathInfo(self.substitutable_infos(&[p])?.into_values().next())
             }
             Request::QuerySubstitutablePathInfos(paths) => {
-                let mut found = Vec::new();
-                for p in paths.into_keys() {
-                    if let Some(info) = self.substitutable_info(&p)? {
-                        found.push((p, info));
-                    }
-                }
-                Reply::SubstitutablePathInfos(found)
+                let paths: Vec<StorePath> = paths.into_keys().collect();
+                Reply::SubstitutablePathInfos(
+                    self.substitutable_infos(&paths)?.into_iter().collect(),
+                )
             }
             Request::QueryRealisation(id) => {
                 Reply::Realisations(match self.store.ca_derivations() {
@@ -802,26 +793,32 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         Ok(m)
     }
 
-    /// What the connection's substituters know of the invalid path `p` (the first
-    /// cache with an acceptable narinfo), for the substitution queries.
-    fn substitutable_info(&self, p: &StorePath) -> Result<Option<SubstitutablePathInfo>, OpError> {
-        if self.store.db().is_valid_path(p)? {
-            return Ok(None);
-        }
-        let plan =
-            firn_build::substitute::plan(&self.store, &self.settings, std::slice::from_ref(p))
-                .map_err(|e| client(e.to_string()))?;
-        let Some(plan) = plan else { return Ok(None) };
+    /// What the connection's substituters know of the invalid ones of `paths` (the
+    /// first cache with an acceptable narinfo for each), for the substitution queries:
+    /// the caches are opened and asked once for all of them.
+    fn substitutable_infos(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<BTreeMap<StorePath, SubstitutablePathInfo>, OpError> {
+        let plan = firn_build::substitute::plan(&self.store, &self.settings, paths)
+            .map_err(|e| client(e.to_string()))?;
+        let Some(plan) = plan else {
+            return Ok(BTreeMap::new());
+        };
         Ok(plan
             .fetch
             .iter()
-            .find(|(i, _)| &i.path == p)
-            .map(|(i, _)| SubstitutablePathInfo {
-                deriver: i.deriver.clone(),
-                references: i.references.clone(),
-                download_size: i.file_size.unwrap_or(0),
-                nar_size: i.nar_size,
-            }))
+            .filter(|(i, _)| paths.contains(&i.path))
+            .map(|(i, _)| {
+                let info = SubstitutablePathInfo {
+                    deriver: i.deriver.clone(),
+                    references: i.references.clone(),
+                    download_size: i.file_size.unwrap_or(0),
+                    nar_size: i.nar_size,
+                };
+                (i.path.clone(), info)
+            })
+            .collect())
     }
 
     /// QueryMissing as Nix's `queryMissing`: derivations whose missing outputs the
@@ -1001,17 +998,11 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             }
         }
         let settings = self.settings.clone();
-        let builder = LocalBuilder::new(LocalOptions {
-            real_store: self.store.real_store_dir().to_path_buf(),
-            store_dir: self.sd().clone(),
-            userpool: self.config.userpool.clone(),
-            build_users_group: settings.build_users_group.clone(),
-            use_cgroups: settings.use_cgroups,
-            limits: CgroupLimits {
-                memory_max: settings.build_memory_max.0,
-                pids_max: settings.build_pids_max.0,
-            },
-        });
+        let builder = LocalBuilder::new(LocalOptions::for_store(
+            &self.store,
+            &settings,
+            self.config.userpool.clone(),
+        ));
         let sd = self.sd().clone();
         let (gone, stop) = (self.gone, self.stop);
         let Self {

@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 
-use firn_build::builder::cgroup::Limits as CgroupLimits;
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::events::BuildEvents;
 use firn_build::{BuildStatus as FirnStatus, Wanted, Worker};
@@ -398,17 +397,11 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         given: Option<(StorePath, Derivation<'static>)>,
         settings: firn_build::Settings,
     ) -> Vec<(StorePath, firn_build::BuildResult)> {
-        let builder = LocalBuilder::new(LocalOptions {
-            real_store: self.store.real_store_dir().to_path_buf(),
-            store_dir: self.sd().clone(),
-            userpool: self.config.userpool.clone(),
-            build_users_group: settings.build_users_group.clone(),
-            use_cgroups: settings.use_cgroups,
-            limits: CgroupLimits {
-                memory_max: settings.build_memory_max.0,
-                pids_max: settings.build_pids_max.0,
-            },
-        });
+        let builder = LocalBuilder::new(LocalOptions::for_store(
+            &self.store,
+            &settings,
+            self.config.userpool.clone(),
+        ));
         let (gone, stop) = (self.gone, self.stop);
         let mut events = LogEvents {
             out: &mut *self.log,

@@ -57,6 +57,28 @@ pub struct LocalOptions {
     pub limits: Limits,
 }
 
+impl LocalOptions {
+    /// The options for building into `store` with `settings`, locking build users in
+    /// `userpool` (what the CLI, the daemon and `firn serve` all build with).
+    pub fn for_store(
+        store: &firn_store::Store,
+        settings: &crate::settings::Settings,
+        userpool: PathBuf,
+    ) -> Self {
+        Self {
+            real_store: store.real_store_dir().to_path_buf(),
+            store_dir: store.store_dir().clone(),
+            userpool,
+            build_users_group: settings.build_users_group.clone(),
+            use_cgroups: settings.use_cgroups,
+            limits: Limits {
+                memory_max: settings.build_memory_max.0,
+                pids_max: settings.build_pids_max.0,
+            },
+        }
+    }
+}
+
 /// Builds on this machine; owns the spare sandbox roots of its builds.
 #[derive(Debug)]
 pub struct LocalBuilder {
