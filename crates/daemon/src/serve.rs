@@ -15,14 +15,10 @@ use std::io::{self, Read, Write};
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::events::BuildEvents;
 use firn_build::{BuildStatus as FirnStatus, Wanted, Worker};
-use firn_derivation::{
-    hash_derivation_modulo, Derivation, DerivationOutput, FileIngestionMethod, FixedOutputHash,
-    Hash, HashAlgo, OutputName, StoreDir, StorePath,
-};
+use firn_derivation::{hash_derivation_modulo, Derivation, Hash, OutputName, StoreDir, StorePath};
 use firn_protocol::serve::{
     self, BuildSettings, Command, ExportTrailer, ServeError, ServePathInfo, ServeRequest,
 };
-use firn_protocol::types::WireOutput;
 use firn_protocol::{
     BasicDerivation, BuildResult, BuildStatus, DerivedPath, Limits, Reader, Writer,
 };
@@ -492,10 +488,12 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         b: &BuildSettings,
     ) -> Res<BuildResult> {
         let sd = self.sd().clone();
-        let drv = to_derivation(drv_path, basic).map_err(|msg| ServeFailure::BadDerivation {
-            drv: sd.display(drv_path),
-            msg,
-        })?;
+        let drv = basic
+            .to_derivation(drv_path)
+            .map_err(|msg| ServeFailure::BadDerivation {
+                drv: sd.display(drv_path),
+                msg,
+            })?;
         let settings = self.build_settings(b);
         self.store.add_temp_root(drv_path)?;
         let tops = [(drv_path.clone(), Wanted::All)];
@@ -561,58 +559,6 @@ fn built_outputs(
         m.insert(id.to_string(), r.to_json());
     }
     m
-}
-
-/// A `BasicDerivation` as firn's `Derivation` (no input derivations; the name from the
-/// `.drv` path), its outputs read as a `.drv`'s are.
-pub fn to_derivation(
-    drv_path: &StorePath,
-    basic: &BasicDerivation,
-) -> Result<Derivation<'static>, String> {
-    let name = firn_derivation::derivation::name_from_drv_base_name(drv_path.base_name());
-    let mut outputs = BTreeMap::new();
-    for (id, o) in &basic.outputs {
-        firn_derivation::output_name(id.as_bytes()).map_err(|e| e.to_string())?;
-        outputs.insert(id.as_bytes().to_vec().into(), to_output(id, o)?);
-    }
-    Ok(Derivation {
-        name: name.to_owned(),
-        outputs,
-        input_drvs: BTreeMap::new(),
-        input_srcs: basic.input_srcs.clone(),
-        platform: basic.platform.clone().into(),
-        builder: basic.builder.clone().into(),
-        args: basic.args.iter().map(|a| a.clone().into()).collect(),
-        env: basic
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone().into(), v.clone().into()))
-            .collect(),
-    })
-}
-
-fn to_output(id: &str, o: &WireOutput) -> Result<DerivationOutput, String> {
-    if o.hash_algo.is_empty() {
-        return Ok(match &o.path {
-            Some(p) => DerivationOutput::InputAddressed(p.clone()),
-            None => DerivationOutput::Deferred,
-        });
-    }
-    let (method, algo_name) = match o.hash_algo.strip_prefix("r:") {
-        Some(rest) => (FileIngestionMethod::Recursive, rest),
-        None => (FileIngestionMethod::Flat, o.hash_algo.as_str()),
-    };
-    let algo = HashAlgo::parse(algo_name).map_err(|e| format!("output '{id}': {e}"))?;
-    match o.hash.as_str() {
-        "" if o.path.is_none() => Ok(DerivationOutput::CAFloating { method, algo }),
-        "impure" if o.path.is_none() => Ok(DerivationOutput::Impure { method, algo }),
-        "" | "impure" => Err(format!("output '{id}' has a path but no hash")),
-        h => {
-            let hash = Hash::parse_non_sri_unprefixed(h, algo)
-                .map_err(|e| format!("output '{id}': {e}"))?;
-            Ok(DerivationOutput::CAFixed(FixedOutputHash { method, hash }))
-        }
-    }
 }
 
 /// The worker's events for a serve session: builders' output, line by line, to the log
@@ -687,57 +633,6 @@ mod tests {
         StoreDir::default()
             .parse(&format!("/nix/store/{s}"))
             .unwrap()
-    }
-
-    #[test]
-    fn a_basic_derivation_becomes_a_derivation_with_its_outputs_read_as_in_a_drv() {
-        let drv_path = path("9f8ybc553mfy693dwvw1j9wnk6haq9ab-top.drv");
-        let out = path("mb6l93qbm9lkxa98dvwjacnys5i1cdvz-top");
-        let mut basic = BasicDerivation {
-            platform: b"x86_64-linux".to_vec(),
-            builder: b"/bin/sh".to_vec(),
-            ..BasicDerivation::default()
-        };
-        basic.outputs.insert(
-            "out".into(),
-            WireOutput {
-                path: Some(out.clone()),
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
-        );
-        let d = to_derivation(&drv_path, &basic).unwrap();
-        assert_eq!(d.name, "top");
-        assert!(d.input_drvs.is_empty());
-        assert_eq!(
-            d.outputs.get(&b"out"[..]),
-            Some(&DerivationOutput::InputAddressed(out))
-        );
-        let fixed = WireOutput {
-            path: None,
-            hash_algo: "r:sha256".into(),
-            hash: Hash::sha256(b"x").to_base16(),
-        };
-        assert!(matches!(
-            to_output("out", &fixed),
-            Ok(DerivationOutput::CAFixed(_))
-        ));
-        let bad = WireOutput {
-            hash_algo: "r:sha3".into(),
-            ..fixed.clone()
-        };
-        assert!(to_output("dev", &bad).is_err());
-        let floating = WireOutput {
-            hash: String::new(),
-            ..fixed
-        };
-        assert!(matches!(
-            to_output("out", &floating),
-            Ok(DerivationOutput::CAFloating { .. })
-        ));
-        // A bad output is an error of the whole derivation.
-        basic.outputs.insert("dev".into(), bad);
-        assert!(to_derivation(&drv_path, &basic).is_err());
     }
 
     #[test]

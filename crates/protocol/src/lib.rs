@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod basic_derivation;
 pub mod serve;
 pub mod stderr;
 pub mod types;

@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 
 use firn_derivation::{FileIngestionMethod, Hash, HashAlgo, StoreDir, StorePath};
 
+pub use crate::basic_derivation::{BasicDerivation, WireOutput};
 use crate::wire::{Reader, WireError, WireResult, Writer};
 
 /// Define a fieldless enum with fixed wire numbers.
@@ -406,81 +407,6 @@ impl BuildResult {
         w.write_u64(self.start_time)?;
         w.write_u64(self.stop_time)?;
         w.write_string_map(&self.built_outputs)
-    }
-}
-
-/// One output of a [`BasicDerivation`] as sent: path (none for floating/deferred),
-/// hash algorithm (`[r:]algo` or `""`) and hash (base16, `""`, or `impure`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireOutput {
-    pub path: Option<StorePath>,
-    pub hash_algo: String,
-    pub hash: String,
-}
-
-/// A derivation without its input derivations (`BasicDerivation`), as BuildDerivation
-/// sends it. The name is not on the wire: it is the `.drv` path's name minus `.drv`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct BasicDerivation {
-    pub outputs: BTreeMap<String, WireOutput>,
-    pub input_srcs: BTreeSet<StorePath>,
-    pub platform: Vec<u8>,
-    pub builder: Vec<u8>,
-    pub args: Vec<Vec<u8>>,
-    pub env: BTreeMap<Vec<u8>, Vec<u8>>,
-}
-
-impl BasicDerivation {
-    /// Read as `readDerivation` does: a repeated output keeps the first, a repeated
-    /// environment variable the last.
-    pub fn read<R: Read>(r: &mut Reader<R>) -> WireResult<Self> {
-        let n = r.read_count("outputs")?;
-        let mut outputs = BTreeMap::new();
-        for _ in 0..n {
-            let name = r.read_string("output name")?;
-            let path = r.read_opt_store_path("output path")?;
-            let hash_algo = r.read_string("output hashAlgo")?;
-            let hash = r.read_string("output hash")?;
-            outputs.entry(name).or_insert(WireOutput {
-                path,
-                hash_algo,
-                hash,
-            });
-        }
-        let input_srcs = r.read_store_path_set("inputSrcs")?;
-        let platform = r.read_bytes("platform")?;
-        let builder = r.read_bytes("builder")?;
-        let args = r.read_bytes_list("args")?;
-        let n = r.read_count("env")?;
-        let mut env = BTreeMap::new();
-        for _ in 0..n {
-            let k = r.read_bytes("env name")?;
-            let v = r.read_bytes("env value")?;
-            env.insert(k, v);
-        }
-        Ok(Self {
-            outputs,
-            input_srcs,
-            platform,
-            builder,
-            args,
-            env,
-        })
-    }
-
-    pub fn write<W: Write>(&self, w: &mut Writer<W>) -> io::Result<()> {
-        w.write_u64(self.outputs.len() as u64)?;
-        for (name, o) in &self.outputs {
-            w.write_str(name)?;
-            w.write_opt_store_path(o.path.as_ref())?;
-            w.write_str(&o.hash_algo)?;
-            w.write_str(&o.hash)?;
-        }
-        w.write_store_paths(&self.input_srcs)?;
-        w.write_bytes(&self.platform)?;
-        w.write_bytes(&self.builder)?;
-        w.write_strings(&self.args)?;
-        w.write_string_map(&self.env)
     }
 }
 
