@@ -31,9 +31,9 @@ use firn_protocol::{
 use firn_store::{GcOptions, Store, StoreError, StoreMessage, VerifyEvent, VerifyOptions};
 
 use crate::events::{hl, Channel, DaemonEvents};
-use crate::nar_bound::NarBounded;
 use crate::restrict::{censor, foreign_message, Gate, Policy};
 use crate::{DaemonConfig, DaemonError};
+use firn_store::nar_bound::NarBounded;
 
 /// Largest text (AddTextToStore payloads, logs) taken into memory.
 const MAX_TEXT: u64 = 256 << 20;

@@ -12,8 +12,8 @@
 //!   stdin/stdout (remote builds and `ssh://` copies);
 //! - [`restrict`]: what a connection may do ([`Policy`]: everything, or a recursive-Nix
 //!   build's restricted store); [`recursive`]: the private socket of such a build;
-//! - [`events`]: the worker's events as stderr messages; [`nar_bound`]: finding where
-//!   a NAR ends in a stream.
+//! - [`events`]: the worker's events as stderr messages (where a NAR ends in a stream
+//!   is `firn_store::nar_bound`).
 //!
 //! Nothing the client sends can make it panic: malformed input ends that connection
 //! with an error frame.
@@ -22,7 +22,6 @@
 
 pub mod conn;
 pub mod events;
-pub mod nar_bound;
 pub mod recursive;
 pub mod restrict;
 pub mod serve;

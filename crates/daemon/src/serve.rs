@@ -26,8 +26,8 @@ use firn_store::{Store, StoreError};
 use thiserror::Error;
 
 use crate::events::{error_text, wire_status};
-use crate::nar_bound::NarBounded;
 use crate::DaemonConfig;
+use firn_store::nar_bound::NarBounded;
 
 /// Largest NAR taken into memory by ImportPaths (its metadata comes after the NAR).
 const MAX_IMPORT_NAR: u64 = 1 << 30;

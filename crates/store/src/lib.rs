@@ -27,6 +27,7 @@ pub mod layout;
 pub mod lock;
 pub mod message;
 pub mod nar;
+pub mod nar_bound;
 pub mod optimise;
 pub mod references;
 pub mod roots;

@@ -652,6 +652,26 @@ impl Store {
         info: &ValidPathInfo,
         nar: &mut dyn Read,
     ) -> Result<Option<ValidPathInfo>, StoreError> {
+        self.add_nar_with(info, nar, true)
+    }
+
+    /// [`Store::add_nar`] for a caller that holds the path's lock already: a build
+    /// whose outputs come from a remote machine (Nix's `locksHeld`). Taking the lock
+    /// again would wait for ourselves (a lock file's `flock` is per open file).
+    pub fn add_nar_locked(
+        &mut self,
+        info: &ValidPathInfo,
+        nar: &mut dyn Read,
+    ) -> Result<Option<ValidPathInfo>, StoreError> {
+        self.add_nar_with(info, nar, false)
+    }
+
+    fn add_nar_with(
+        &mut self,
+        info: &ValidPathInfo,
+        nar: &mut dyn Read,
+        take_lock: bool,
+    ) -> Result<Option<ValidPathInfo>, StoreError> {
         let path = info.path.clone();
         self.add_temp_root(&path)?;
         for r in &info.references {
@@ -660,7 +680,10 @@ impl Store {
         if self.db.is_valid_path(&path)? {
             return Ok(None);
         }
-        let mut locks = self.lock(&path)?;
+        let mut locks = match take_lock {
+            true => self.lock(&path)?,
+            false => PathLocks::default(),
+        };
         if self.db.is_valid_path(&path)? {
             return Ok(None);
         }
