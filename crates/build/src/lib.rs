@@ -35,6 +35,7 @@ pub mod plan;
 pub mod platform;
 pub mod post_build_hook;
 pub mod recursive;
+pub mod remote;
 pub mod result;
 pub mod settings;
 pub mod substitute;

@@ -102,8 +102,6 @@ pub const NIX_SETTINGS: &[&str] = &[
     "build-use-sandbox",
     "build-use-substitutes",
     "build-users-group",
-    "builders",
-    "builders-use-substitutes",
     "commit-lockfile-summary",
     "compress-build-log",
     "connect-timeout",
@@ -400,6 +398,15 @@ impl SettingValue for Vec<SandboxPath> {
 }
 
 /// The number of CPUs (Nix's default for `cores`, and `max-jobs = auto`).
+/// `@<NIX_CONF_DIR>/machines` (default `/etc/nix/machines`), as Nix's `builders`.
+pub fn default_builders() -> String {
+    let dir = std::env::var_os("NIX_CONF_DIR")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("/etc/nix"));
+    format!("@{}", dir.join("machines").display())
+}
+
 pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -520,6 +527,10 @@ settings! {
     auto_optimise_store: bool = false, "auto-optimise-store";
     /// A program run after each successful build, with `DRV_PATH` and `OUT_PATHS` set.
     post_build_hook: String = String::new(), "post-build-hook";
+    /// Remote machines to build on (`;`-separated; `@FILE`: a machines file).
+    builders: String = default_builders(), "builders";
+    /// Remote machines substitute the inputs they lack instead of receiving them.
+    builders_use_substitutes: bool = false, "builders-use-substitutes";
     /// Users (names, `@group`, `*`) who may connect to `firn daemon`.
     allowed_users: Strings = Strings(vec!["*".to_owned()]), "allowed-users";
     /// Users (names, `@group`, `*`) whom `firn daemon` trusts (any setting, unsigned paths).
