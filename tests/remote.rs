@@ -379,3 +379,358 @@ fn serve_without_write_refuses_imports_and_builds_as_nix_store() {
     );
     assert_eq!(text(&o.stderr), "error: building paths is not allowed\n");
 }
+
+// ---- firn as the dispatcher: `firn realise` with `builders`, over the same sshd. ----
+
+impl Sshd {
+    /// `firn realise` of `drv` in `local` with `builders` and `max-jobs`, the test's
+    /// settings (sandbox, busybox) and ssh options.
+    fn firn_realise(&self, local: &Path, builders: &str, max_jobs: &str, drv: &str) -> Output {
+        self.nix(firn_bin())
+            .arg("--store")
+            .arg(local)
+            .args(["--option", "builders", builders])
+            .args(["--option", "max-jobs", max_jobs])
+            .args(["realise", drv])
+            .output()
+            .unwrap()
+    }
+
+    fn instantiate(&self, local: &Path, attr: &str) -> String {
+        instantiate_attr(local, &self.expr(), attr)
+    }
+}
+
+/// The derivations `stderr` says were built, each with where: `""` for here, else the
+/// machine's URI.
+fn built_where(stderr: &str) -> Vec<(String, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("building '"))
+        .filter_map(|l| {
+            let (drv, rest) = l.split_once('\'')?;
+            let name = drv.rsplit_once('-')?.1.trim_end_matches(".drv").to_owned();
+            let machine = match rest.strip_prefix(" on '") {
+                Some(m) => m.split_once('\'')?.0.to_owned(),
+                None => String::new(),
+            };
+            Some((name, machine))
+        })
+        .collect()
+}
+
+#[test]
+fn firn_builds_a_dag_on_a_remote_firn_and_on_a_remote_nix() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-dag");
+    let plain = sshd.root("plain");
+    let o = sshd
+        .nix("nix-build")
+        .arg("--store")
+        .arg(&plain)
+        .arg(sshd.expr())
+        .args(["-A", "top", "--no-out-link"])
+        .output()
+        .unwrap();
+    let want_top = ok_out(o, "local nix-build").trim().to_owned();
+    let want = closure_hashes(&plain, &want_top);
+    for (i, program) in [firn_bin(), "nix-store"].into_iter().enumerate() {
+        let (local, remote) = (
+            sshd.root(&format!("local{i}")),
+            sshd.root(&format!("remote{i}")),
+        );
+        let drv = sshd.instantiate(&local, "top");
+        let url = sshd.url(program, &remote);
+        let o = sshd.firn_realise(&local, &format!("{url} x86_64-linux"), "0", &drv);
+        let err = text(&o.stderr);
+        let top = ok_out(o, &format!("firn realise through {program}"));
+        assert_eq!(top.trim(), want_top, "{program}");
+        // Every build ran there, said so, and its log came back.
+        let mut places = built_where(&err);
+        places.sort();
+        let expect: Vec<(String, String)> = ["a", "b", "top"]
+            .iter()
+            .map(|n| (n.to_string(), url.clone()))
+            .collect();
+        assert_eq!(places, expect, "{program}:\n{err}");
+        for name in ["a", "b", "top"] {
+            assert!(
+                err.contains(&format!("building {name}\n")),
+                "{program}: {name}'s log:\n{err}"
+            );
+        }
+        assert_eq!(closure_hashes(&local, top.trim()), want, "{program}: local");
+        assert_eq!(
+            closure_hashes(&remote, top.trim()),
+            want,
+            "{program}: remote"
+        );
+        // The remote's output was registered here with the remote's deriver.
+        let deriver = ok_out(
+            run(
+                "nix-store",
+                &[
+                    "--store",
+                    local.to_str().unwrap(),
+                    "-q",
+                    "--deriver",
+                    top.trim(),
+                ],
+                None,
+            ),
+            "deriver",
+        );
+        assert_eq!(deriver.trim(), drv, "{program}");
+        // A second realise finds everything valid: nothing is sent again.
+        let o = sshd.firn_realise(&local, &format!("{url} x86_64-linux"), "0", &drv);
+        let err = text(&o.stderr);
+        assert_eq!(ok_out(o, "again").trim(), want_top);
+        assert!(built_where(&err).is_empty(), "{err}");
+        for root in [&local, &remote] {
+            assert_verifies(root, &format!("{program}: {}", root.display()));
+        }
+    }
+}
+
+/// Six leaves and a top: enough work that two machines with one slot each and one
+/// local slot all get some.
+const SPREAD: &str = r#"
+let
+  mk = name: script: derivation {
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ];
+  };
+  leaf = n: mk "leaf${toString n}" "echo leaf ${toString n}; sleep 1; echo ${toString n} > $out";
+  leaves = map leaf [ 1 2 3 4 5 6 ];
+in mk "spread" "cat ${toString leaves} > $out"
+"#;
+
+#[test]
+fn a_dag_spreads_over_two_remotes_and_the_local_machine() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-spread");
+    let expr = sshd.dir.join("spread.nix");
+    std::fs::write(&expr, SPREAD).unwrap();
+    let (local, r1, r2) = (sshd.root("local"), sshd.root("r1"), sshd.root("r2"));
+    let drv = instantiate_attr(&local, &expr, "");
+    let (u1, u2) = (sshd.url(firn_bin(), &r1), sshd.url("nix-store", &r2));
+    let builders = format!("{u1} x86_64-linux - 1 ; {u2} x86_64-linux - 1");
+    let o = sshd.firn_realise(&local, &builders, "1", &drv);
+    let err = text(&o.stderr);
+    let out = ok_out(o, "firn realise over two machines")
+        .trim()
+        .to_owned();
+    let content = std::fs::read_to_string(local.join(out.trim_start_matches('/'))).unwrap();
+    assert_eq!(content, "1\n2\n3\n4\n5\n6\n");
+    let places = built_where(&err);
+    assert_eq!(places.len(), 7, "{err}");
+    for place in ["", &u1, &u2] {
+        assert!(
+            places
+                .iter()
+                .any(|(n, m)| m == place && n.starts_with("leaf")),
+            "no leaf built at '{place}':\n{err}"
+        );
+    }
+    // A leaf built on a machine is in that machine's store with the same NAR hash.
+    let here = local.to_str().unwrap();
+    for (name, machine) in &places {
+        let remote = match machine {
+            m if m == &u1 => &r1,
+            m if m == &u2 => &r2,
+            _ => continue,
+        };
+        let leaf_drv = ok_out(
+            run("nix-store", &["--store", here, "-qR", &drv], None),
+            "requisites",
+        )
+        .lines()
+        .find(|l| l.ends_with(&format!("-{name}.drv")))
+        .unwrap()
+        .to_owned();
+        let leaf_out = ok_out(
+            run(
+                "nix-store",
+                &["--store", here, "-q", "--outputs", &leaf_drv],
+                None,
+            ),
+            "outputs",
+        );
+        let hash = |root: &Path| {
+            ok_out(
+                run(
+                    "nix-store",
+                    &[
+                        "--store",
+                        root.to_str().unwrap(),
+                        "-q",
+                        "--hash",
+                        leaf_out.trim(),
+                    ],
+                    None,
+                ),
+                "hash",
+            )
+        };
+        assert_eq!(hash(remote), hash(&local), "{name} on {machine}");
+    }
+    for root in [&local, &r1, &r2] {
+        assert_verifies(root, &root.display().to_string());
+    }
+}
+
+#[test]
+fn a_failed_remote_build_exits_100_naming_the_machine() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-fail");
+    for (i, program) in [firn_bin(), "nix-store"].into_iter().enumerate() {
+        let (local, remote) = (
+            sshd.root(&format!("local{i}")),
+            sshd.root(&format!("remote{i}")),
+        );
+        let drv = sshd.instantiate(&local, "fail");
+        let url = sshd.url(program, &remote);
+        let o = sshd.firn_realise(&local, &format!("{url} x86_64-linux"), "0", &drv);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(100), "{program}:\n{err}");
+        let want = format!(
+            "error: build of '{drv}' on '{url}' failed: builder for '{drv}' failed with exit code 3"
+        );
+        assert!(
+            err.lines().any(|l| l == want),
+            "{program}: want {want}\n{err}"
+        );
+        // The log came back as the build wrote it.
+        assert!(err.contains("about to fail\n"), "{program}:\n{err}");
+        assert!(err.contains("oops\n"), "{program}:\n{err}");
+        let log = ok_out(
+            run(
+                firn_bin(),
+                &["--store", local.to_str().unwrap(), "log", &drv],
+                None,
+            ),
+            "firn log",
+        );
+        assert!(log.contains("about to fail"), "{log}");
+        for root in [&local, &remote] {
+            assert_verifies(root, program);
+        }
+    }
+}
+
+#[test]
+fn an_unreachable_machine_is_skipped_or_named_when_none_is_left() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-refused");
+    let (local, remote) = (sshd.root("local"), sshd.root("remote"));
+    let drv = sshd.instantiate(&local, "a");
+    // Nothing listens on 127.0.0.2 (sshd is bound to 127.0.0.1): refused.
+    let bad = format!(
+        "ssh://root@127.0.0.2?remote-program={}&remote-store={}",
+        firn_bin(),
+        remote.display()
+    );
+    let o = sshd.firn_realise(&local, &format!("{bad} x86_64-linux"), "0", &drv);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&format!("warning: cannot build on '{bad}': "))),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "error: cannot build '{drv}': max-jobs is 0 and no remote machine can take it ('{bad}' failed: "
+        )),
+        "{err}"
+    );
+    assert!(err.contains("Connection refused"), "ssh's reason: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // With a good machine beside it (the bad one first: faster), the good one builds.
+    let good = sshd.url(firn_bin(), &remote);
+    let builders = format!("{bad} x86_64-linux - 1 2 ; {good} x86_64-linux - 1 1");
+    let o = sshd.firn_realise(&local, &builders, "0", &drv);
+    let err = text(&o.stderr);
+    let out = ok_out(o, "with a good machine too");
+    assert!(
+        err.contains(&format!("warning: cannot build on '{bad}'")),
+        "{err}"
+    );
+    assert_eq!(built_where(&err), [("a".to_owned(), good.clone())], "{err}");
+    assert!(local.join(out.trim().trim_start_matches('/')).exists());
+    assert_verifies(&local, "local");
+}
+
+#[test]
+fn a_connection_dropped_mid_build_goes_to_another_machine() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-dropped");
+    let expr = sshd.dir.join("slow.nix");
+    std::fs::write(
+        &expr,
+        r#"derivation { name = "slow"; system = builtins.currentSystem; builder = "/bin/sh";
+             args = [ "-c" "echo started; sleep 4; echo done > $out" ]; }"#,
+    )
+    .unwrap();
+    let (local, r1, r2) = (sshd.root("local"), sshd.root("r1"), sshd.root("r2"));
+    let drv = instantiate_attr(&local, &expr, "");
+    // The first machine's program is killed two seconds in: mid-build.
+    let dropper = sshd.dir.join("dropper.sh");
+    std::fs::write(
+        &dropper,
+        format!("#!/bin/sh\nexec timeout -s KILL 2 {} \"$@\"\n", firn_bin()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &dropper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let bad = sshd.url(dropper.to_str().unwrap(), &r1);
+    let good = sshd.url(firn_bin(), &r2);
+    let builders = format!("{bad} x86_64-linux - 1 2 ; {good} x86_64-linux - 1 1");
+    let o = sshd.firn_realise(&local, &builders, "0", &drv);
+    let err = text(&o.stderr);
+    let out = ok_out(o, "after a dropped connection");
+    assert!(
+        err.contains(&format!(
+            "warning: cannot build on '{bad}': connection lost"
+        )),
+        "{err}"
+    );
+    let places = built_where(&err);
+    assert_eq!(
+        places,
+        [
+            ("slow".to_owned(), bad.clone()),
+            ("slow".to_owned(), good.clone())
+        ],
+        "{err}"
+    );
+    let content = std::fs::read_to_string(local.join(out.trim().trim_start_matches('/'))).unwrap();
+    assert_eq!(content, "done\n");
+    // With only the dropping machine the build fails, naming it, and nothing is left.
+    let local2 = sshd.root("local2");
+    let drv2 = instantiate_attr(&local2, &expr, "");
+    let o = sshd.firn_realise(&local2, &format!("{bad} x86_64-linux"), "0", &drv2);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("('{bad}' failed: connection lost")),
+        "{err}"
+    );
+    assert!(!local2.join(out.trim().trim_start_matches('/')).exists());
+    for root in [&local, &local2, &r2] {
+        assert_verifies(root, &root.display().to_string());
+    }
+}

@@ -183,6 +183,27 @@ pub enum BuildError {
     },
     #[error("pure derivation '{drv}' depends on impure derivation '{input}'")]
     DependsOnImpure { drv: String, input: String },
+    /// The remote machine's build failed: its status and message.
+    #[error("build of '{drv}' on '{machine}' failed: {msg}")]
+    RemoteFailed {
+        drv: String,
+        machine: String,
+        status: crate::result::BuildStatus,
+        msg: String,
+    },
+    /// A remote build that came back wrong (an output that does not import, …).
+    #[error("build of '{drv}' on '{machine}' failed: {source}")]
+    Remote {
+        drv: String,
+        machine: String,
+        source: Box<crate::remote::RemoteError>,
+    },
+    /// `max-jobs = 0` and no machine can take the build.
+    #[error("cannot build '{drv}': max-jobs is 0 and no remote machine can take it ({})", machines.join("; "))]
+    NoMachine { drv: String, machines: Vec<String> },
+    /// The `builders` setting cannot be read.
+    #[error("{0}")]
+    Machines(#[from] crate::remote::MachinesError),
     /// An input output whose realisation is not known (`drvOutputReferences`).
     #[error("output '{output}' of derivation '{drv}' isn't realised")]
     InputNotRealised { drv: String, output: String },

@@ -23,6 +23,9 @@ pub enum Message<'a> {
     Substituting { path: &'a StorePath, from: &'a str },
     /// Something went wrong that does not fail the build by itself.
     Warning { text: &'a str },
+    /// A remote machine failed; the build goes elsewhere (Nix: "cannot build on '…':
+    /// …").
+    MachineFailed { machine: &'a str, why: &'a str },
 }
 
 /// A builder that is about to start.
@@ -35,6 +38,8 @@ pub struct BuildStarted<'a> {
     pub checking: bool,
     /// A `--repair` rebuild (Nix: "repairing outputs of '…'...").
     pub repairing: bool,
+    /// The remote machine it runs on (Nix: "building '…' on '<store URI>'...").
+    pub machine: Option<&'a str>,
 }
 
 /// Where the builds are: for a progress line.

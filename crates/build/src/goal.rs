@@ -7,8 +7,13 @@
 //!   │                    │ a dependency failed                │ slot, output locks,
 //!   │ all wanted valid   ▼                                    │ build user, started
 //!   └──────────────▶ Done(result) ◀── builder exited, ── Building(loaded, build)
-//!                                     outputs registered
+//!                        ▲            outputs registered      │ or a machine of
+//!                        │                                    ▼ `builders` took it
+//!                        └── outputs copied back ── BuildingRemotely(loaded, build)
+//!                                                   (a failed machine: TryToBuild)
 //! ```
+//!
+//! The remote transitions are in [`dispatch`].
 //!
 //! Each transition returns a [`Next`]: what the goal now waits for (its inputs' goals,
 //! a build slot, output locks or a build user someone else holds, its running
@@ -39,6 +44,9 @@ use crate::plan::{plan, PlanInput};
 use crate::recursive::{AllowedPaths, RecursiveNix, RecursiveRequest, RunningRecursive};
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::{SandboxMode, Settings};
+
+mod dispatch;
+pub use dispatch::RemoteBuilding;
 
 /// Which outputs of a derivation are wanted (`DRV^out,dev`, or all: `DRV` / `DRV^*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +310,11 @@ pub enum GoalState<R> {
         loaded: Box<Loaded>,
         build: Box<Build<R>>,
     },
+    /// Building on a remote machine (`builders`).
+    BuildingRemotely {
+        loaded: Box<Loaded>,
+        build: Box<RemoteBuilding>,
+    },
     /// Waiting for the goal of the derivation this one resolved to.
     WaitingForResolved {
         loaded: Box<Loaded>,
@@ -323,6 +336,11 @@ pub enum Next {
     BuildUser,
     /// Its builder, which is running: poll its log.
     Running,
+    /// Every machine that fits is busy and this one cannot build it: wait for a build
+    /// to end (Nix's hook answer `# postpone`).
+    Postpone,
+    /// Its remote machine failed: decide again now (another machine, or here).
+    Retry,
     /// Nothing: it is [`GoalState::Done`].
     Done,
 }
@@ -335,6 +353,10 @@ pub struct Context<'a, B: Builder> {
     pub events: &'a mut dyn BuildEvents,
     /// Serves the private daemon of recursive-Nix builds, if the worker has one.
     pub recursive: Option<&'a dyn RecursiveNix>,
+    /// The remote machines (`builders`) and their state.
+    pub dispatcher: &'a mut crate::remote::Dispatcher,
+    /// A local build slot (`max-jobs`) is free.
+    pub local_slot_free: bool,
 }
 
 impl<B: Builder> std::fmt::Debug for Context<'_, B> {
@@ -390,8 +412,35 @@ impl<R: RunningBuild> DerivationGoal<R> {
         }
     }
 
+    /// Building here or on a machine.
     pub fn is_building(&self) -> bool {
+        matches!(
+            self.state,
+            GoalState::Building { .. } | GoalState::BuildingRemotely { .. }
+        )
+    }
+
+    /// Building here: taking a local slot.
+    pub fn is_building_locally(&self) -> bool {
         matches!(self.state, GoalState::Building { .. })
+    }
+
+    /// The descriptor of the running build's log, to poll.
+    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match &self.state {
+            GoalState::Building { build, .. } => Some(build.running.log_fd()),
+            GoalState::BuildingRemotely { build, .. } => Some(build.log_fd()),
+            _ => None,
+        }
+    }
+
+    /// The last line the running build wrote.
+    pub fn last_log_line(&self) -> Option<&str> {
+        match &self.state {
+            GoalState::Building { build, .. } => build.log.last_line(),
+            GoalState::BuildingRemotely { build, .. } => build.last_line(),
+            _ => None,
+        }
     }
 
     /// Want more outputs of this goal. A goal that found what it was asked for valid
@@ -722,9 +771,13 @@ impl<R: RunningBuild> DerivationGoal<R> {
         else {
             return Next::Done;
         };
-        // Can this machine build it at all? (Nix's `canBuildLocally`.)
-        if let Err(e) = can_build_locally(cx, &self.drv_path, &loaded.drv) {
-            return self.fail(e);
+        // Can this machine build it at all? (Nix's `canBuildLocally`.) Without machines
+        // that is the end of it; with them, one may.
+        let local = can_build_locally(cx, &self.drv_path, &loaded.drv);
+        if cx.dispatcher.is_empty() {
+            if let Err(e) = local {
+                return self.fail(e);
+            }
         }
         let reals: Vec<PathBuf> = loaded
             .outputs
@@ -768,6 +821,51 @@ impl<R: RunningBuild> DerivationGoal<R> {
             locks.set_deletion(true);
             return self.done(BuildResult::already_valid(loaded.known_outputs()));
         }
+        // Nix's build hook: a machine of `builders` takes it, unless it is to be built
+        // here (`preferLocalBuild` and this machine can, or `--check`/`--repair`).
+        let (loaded, mut locks) = if cx.dispatcher.is_empty() {
+            (loaded, locks)
+        } else {
+            let here = local.is_ok();
+            let prefer_local = self.mode != BuildMode::Normal
+                || (here && dispatch::prefer_local_build(&loaded.drv));
+            let (loaded, locks) = match prefer_local {
+                true => (loaded, locks),
+                false => match self.try_remote(cx, loaded, locks, &valid, &result, here) {
+                    dispatch::Tried::Done(next) => return next,
+                    dispatch::Tried::Postponed(loaded) => {
+                        self.state = GoalState::TryToBuild {
+                            loaded,
+                            said_waiting_lock,
+                            said_waiting_user,
+                        };
+                        return Next::Postpone;
+                    }
+                    dispatch::Tried::Declined(loaded, locks) => (loaded, locks),
+                },
+            };
+            if let Err(e) = local {
+                let mut locks = locks;
+                locks.set_deletion(true);
+                return self.fail(match e {
+                    BuildError::NoBuildSlots { drv } => BuildError::NoMachine {
+                        drv,
+                        machines: cx.dispatcher.describe(),
+                    },
+                    e => e,
+                });
+            }
+            if !cx.local_slot_free {
+                drop(locks);
+                self.state = GoalState::TryToBuild {
+                    loaded,
+                    said_waiting_lock,
+                    said_waiting_user,
+                };
+                return Next::Postpone;
+            }
+            (loaded, locks)
+        };
         // A build user, or wait for one: never build as the caller instead.
         let user = match cx.builder.acquire_user() {
             Ok(AcquiredUser::Got(u)) => Some(u),
@@ -990,6 +1088,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             sandboxed,
             checking: self.mode == BuildMode::Check,
             repairing: self.mode == BuildMode::Repair,
+            machine: None,
         });
         let running = cx
             .builder
@@ -1420,6 +1519,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 for p in redirected.values() {
                     let _ = firn_store::canonical::delete_path(&cx.store.real_path(p));
                 }
+                true
+            }
+            GoalState::BuildingRemotely { loaded, build } => {
+                self.stop_remote(cx, &loaded, *build);
                 true
             }
             GoalState::Done(r) => {

@@ -40,6 +40,8 @@ pub struct BuildLog {
     /// How many lines `tail` keeps (at least one, for the progress line).
     tail_lines: usize,
     partial: Vec<u8>,
+    /// Where the next byte of the unfinished line goes (a carriage return moves it back).
+    column: usize,
 }
 
 impl std::fmt::Debug for BuildLog {
@@ -79,6 +81,7 @@ impl BuildLog {
             tail: VecDeque::new(),
             tail_lines: tail_lines.max(1),
             partial: Vec::new(),
+            column: 0,
         })
     }
 
@@ -97,14 +100,23 @@ impl BuildLog {
                 b'\n' => {
                     let line = String::from_utf8_lossy(&self.partial).into_owned();
                     self.partial.clear();
+                    self.column = 0;
                     self.tail.push_back(line);
                     if self.tail.len() > self.tail_lines {
                         self.tail.pop_front();
                     }
                 }
-                // A carriage return rewinds the line, as on a terminal.
-                b'\r' => self.partial.clear(),
-                _ => self.partial.push(b),
+                // A carriage return goes back to the start of the line, as on a terminal
+                // and in Nix's `handleChildOutput`: what follows overwrites, so "a\r\n"
+                // (ssh's line ends) is "a".
+                b'\r' => self.column = 0,
+                _ => {
+                    match self.partial.get_mut(self.column) {
+                        Some(c) => *c = b,
+                        None => self.partial.push(b),
+                    }
+                    self.column += 1;
+                }
             }
         }
         Ok(())
@@ -166,6 +178,12 @@ mod tests {
         assert_eq!(log.size, 15);
         assert_eq!(log.last_line(), Some("TWO"));
         assert_eq!(log.tail().collect::<Vec<_>>(), ["one", "TWO"]);
+        log.write(b"ee\r\nprogress 10%\rprogress 100%\rdone\n")
+            .unwrap();
+        assert_eq!(
+            log.tail().collect::<Vec<_>>(),
+            ["one", "TWO", "three", "doneress 100%"]
+        );
         assert!(!path.exists(), "renamed into place only when finished");
         log.finish().unwrap();
         let mut text = String::new();
@@ -174,7 +192,10 @@ mod tests {
             &mut text,
         )
         .unwrap();
-        assert_eq!(text, "one\ntwo\rTWO\nthr");
+        assert_eq!(
+            text,
+            "one\ntwo\rTWO\nthree\r\nprogress 10%\rprogress 100%\rdone\n"
+        );
         // A log dropped unfinished leaves nothing.
         let other = dir.join("drvs/zz/other.bz2");
         drop(BuildLog::create(other.clone()).unwrap());

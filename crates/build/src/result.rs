@@ -159,7 +159,31 @@ impl BuildError {
             Self::Outputs(e) if e.is_hash_mismatch() => BuildStatus::HashMismatch,
             Self::Outputs(_) => BuildStatus::OutputRejected,
             Self::NotDeterministic { .. } => BuildStatus::NotDeterministic,
+            Self::RemoteFailed { status, .. } => *status,
             _ => BuildStatus::MiscFailure,
+        }
+    }
+}
+
+impl BuildStatus {
+    /// The status a remote machine reported (serve BuildDerivation). Nix 2.8 carries a
+    /// fixed output's hash mismatch as `OutputRejected`; its message tells it apart.
+    pub fn from_remote(s: firn_protocol::BuildStatus, msg: &str) -> Self {
+        use firn_protocol::BuildStatus as W;
+        match s {
+            W::Built => Self::Built,
+            W::Substituted => Self::Substituted,
+            W::AlreadyValid | W::ResolvesToAlreadyValid => Self::AlreadyValid,
+            W::PermanentFailure | W::CachedFailure => Self::PermanentFailure,
+            W::InputRejected => Self::InputRejected,
+            W::OutputRejected if msg.contains("hash mismatch") => Self::HashMismatch,
+            W::OutputRejected => Self::OutputRejected,
+            W::TransientFailure => Self::TransientFailure,
+            W::TimedOut => Self::TimedOut,
+            W::MiscFailure | W::NoSubstituters => Self::MiscFailure,
+            W::DependencyFailed => Self::DependencyFailed,
+            W::LogLimitExceeded => Self::LogLimitExceeded,
+            W::NotDeterministic => Self::NotDeterministic,
         }
     }
 }

@@ -6,8 +6,10 @@
 //! round — and files each under what its transition says it waits for ([`Next`]):
 //!
 //! - its input goals: it is woken when the last of them is done;
-//! - a build slot: woken when a build stops (slots are counted from the goals that are
-//!   `Building`, against `max-jobs`);
+//! - a build slot: woken when a build stops (local slots are counted from the goals
+//!   that are `Building`, against `max-jobs`; each machine of `builders` has its own,
+//!   counted by the [`Dispatcher`]); a goal that no free machine fits and that cannot
+//!   be built here is *postponed* until a build stops;
 //! - a while (output locks or every build user held by someone else): retried on the
 //!   next turn of the loop, at most every 100 ms;
 //! - its running builder: the log descriptors of all running builds are polled
@@ -27,11 +29,12 @@ use firn_derivation::StorePath;
 use firn_store::Store;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::builder::{Builder, RunningBuild};
+use crate::builder::Builder;
 use crate::error::BuildError;
 use crate::events::{BuildEvents, Progress};
 use crate::goal::{BuildMode, Context, DerivationGoal, GoalState, Next, Wanted};
 use crate::recursive::RecursiveNix;
+use crate::remote::Dispatcher;
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::Settings;
 
@@ -65,6 +68,8 @@ pub struct Worker<'s, B: Builder> {
     given: BTreeMap<StorePath, firn_derivation::Derivation<'static>>,
     /// Serves the private daemon of recursive-Nix builds, if this worker has one.
     recursive: Option<Arc<dyn RecursiveNix>>,
+    /// The remote machines (`builders`), read when a run starts.
+    dispatcher: Dispatcher,
 }
 
 impl<B: Builder> std::fmt::Debug for Worker<'_, B> {
@@ -101,6 +106,7 @@ impl<'s, B: Builder> Worker<'s, B> {
             interrupted_builds: Vec::new(),
             given: BTreeMap::new(),
             recursive: None,
+            dispatcher: Dispatcher::default(),
         }
     }
 
@@ -152,8 +158,21 @@ impl<'s, B: Builder> Worker<'s, B> {
         }
     }
 
+    /// Builds running, here or on machines.
     fn running(&self) -> usize {
         self.goals.values().filter(|g| g.is_building()).count()
+    }
+
+    /// Whether a goal that wants a slot could get one now: a local one, a machine's,
+    /// or with `max-jobs = 0` the goal decides itself (a machine, wait, or fail).
+    fn may_start(&self) -> bool {
+        let max = self.settings.max_jobs.0;
+        let local = self
+            .goals
+            .values()
+            .filter(|g| g.is_building_locally())
+            .count();
+        max == 0 || local < max || self.dispatcher.any_free()
     }
 
     /// Realise `tops`; returns the result of each top-level goal, in order.
@@ -171,6 +190,23 @@ impl<'s, B: Builder> Worker<'s, B> {
                     .iter()
                     .map(|(p, _)| {
                         let mut r = BuildResult::failure(BuildError::NotRealised);
+                        r.error = Some(e.clone());
+                        (p.clone(), r)
+                    })
+                    .collect();
+            }
+        }
+        // The machines of `builders` (a bad entry fails every goal, naming it).
+        match crate::remote::machines::read_builders(&self.settings.builders, &self.settings.system)
+        {
+            Ok(m) => self.dispatcher = Dispatcher::new(m),
+            Err(e) => {
+                let e = std::sync::Arc::new(BuildError::from(e));
+                return tops
+                    .iter()
+                    .map(|(p, _)| {
+                        let mut r = BuildResult::failure(BuildError::NotRealised);
+                        r.status = BuildStatus::MiscFailure;
                         r.error = Some(e.clone());
                         (p.clone(), r)
                     })
@@ -238,7 +274,14 @@ impl<'s, B: Builder> Worker<'s, B> {
         let Some(mut goal) = self.goals.remove(key) else {
             return;
         };
+        let may_start = self.may_start();
         let next = {
+            let max = self.settings.max_jobs.0;
+            let local = self
+                .goals
+                .values()
+                .filter(|g| g.is_building_locally())
+                .count();
             let Self {
                 store,
                 settings,
@@ -246,6 +289,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 events,
                 goals,
                 recursive,
+                dispatcher,
                 ..
             } = self;
             let mut cx = Context {
@@ -254,22 +298,17 @@ impl<'s, B: Builder> Worker<'s, B> {
                 builder,
                 events: &mut **events,
                 recursive: recursive.as_deref(),
+                dispatcher,
+                local_slot_free: local < max,
             };
             let result_of = |p: &StorePath| goals.get(p).and_then(|g| g.result());
             match &goal.state {
                 GoalState::Init => goal.init(&mut cx),
                 GoalState::WaitingForInputs(_) => goal.inputs_done(&mut cx, result_of),
                 GoalState::WaitingForResolved { .. } => goal.resolved_done(&mut cx, result_of),
-                GoalState::TryToBuild { .. } => {
-                    let slots = settings.max_jobs.0.max(1);
-                    let running = goals.values().filter(|g| g.is_building()).count();
-                    if running >= slots {
-                        Next::Slot
-                    } else {
-                        goal.try_to_build(&mut cx, result_of)
-                    }
-                }
-                GoalState::Building { .. } => Next::Running,
+                GoalState::TryToBuild { .. } if !may_start => Next::Slot,
+                GoalState::TryToBuild { .. } => goal.try_to_build(&mut cx, result_of),
+                GoalState::Building { .. } | GoalState::BuildingRemotely { .. } => Next::Running,
                 GoalState::Done(_) => Next::Done,
             }
         };
@@ -298,11 +337,22 @@ impl<'s, B: Builder> Worker<'s, B> {
             }
             Next::Slot => {
                 // Try now if a slot is free (straight from its inputs), else wait.
-                if self.running() >= self.settings.max_jobs.0.max(1) {
-                    self.waiting_for_slot.insert(key_of(key));
-                } else {
+                if self.may_start() {
                     self.ready.insert(key_of(key));
+                } else {
+                    self.waiting_for_slot.insert(key_of(key));
                 }
+            }
+            // Only a build that stops can make room.
+            Next::Postpone => {
+                self.waiting_for_slot.insert(key_of(key));
+            }
+            // A machine failed: this goal decides again now, and so do those that waited
+            // for machines (one fewer may fit them now).
+            Next::Retry => {
+                self.ready.insert(key_of(key));
+                let slots = std::mem::take(&mut self.waiting_for_slot);
+                self.ready.extend(slots);
             }
             // Whoever holds them gives no sign when they are free: ask again soon.
             Next::Lock | Next::BuildUser => {
@@ -367,6 +417,8 @@ impl<'s, B: Builder> Worker<'s, B> {
                     builder: &mut self.builder,
                     events: &mut *self.events,
                     recursive: self.recursive.as_deref(),
+                    dispatcher: &mut self.dispatcher,
+                    local_slot_free: false,
                 };
                 if goal.stop(&mut cx, why) {
                     stopped.push(key.clone());
@@ -403,11 +455,9 @@ impl<'s, B: Builder> Worker<'s, B> {
         let ready: Vec<bool> = {
             let mut fds: Vec<PollFd<'_>> = keys
                 .iter()
-                .filter_map(|k| match &self.goals.get(k)?.state {
-                    GoalState::Building { build, .. } => {
-                        Some(PollFd::new(build.running.log_fd(), PollFlags::POLLIN))
-                    }
-                    _ => None,
+                .filter_map(|k| {
+                    let fd = self.goals.get(k)?.log_fd()?;
+                    Some(PollFd::new(fd, PollFlags::POLLIN))
                 })
                 .collect();
             let _ = poll(&mut fds, PollTimeout::from(200u16));
@@ -426,8 +476,13 @@ impl<'s, B: Builder> Worker<'s, B> {
                     builder: &mut self.builder,
                     events: &mut *self.events,
                     recursive: self.recursive.as_deref(),
+                    dispatcher: &mut self.dispatcher,
+                    local_slot_free: false,
                 };
-                goal.service(&mut cx, readable)
+                match goal.state {
+                    GoalState::BuildingRemotely { .. } => goal.service_remote(&mut cx, readable),
+                    _ => goal.service(&mut cx, readable),
+                }
             };
             self.goals.insert(key.clone(), goal);
             self.file(key, next);
@@ -441,9 +496,9 @@ impl<'s, B: Builder> Worker<'s, B> {
             match &g.state {
                 GoalState::Done(r) if r.status == BuildStatus::AlreadyValid => continue,
                 GoalState::Done(_) => p.done += 1,
-                GoalState::Building { build, .. } => {
+                GoalState::Building { .. } | GoalState::BuildingRemotely { .. } => {
                     p.running.push(g.drv_path.clone());
-                    if let Some(l) = build.log.last_line() {
+                    if let Some(l) = g.last_log_line() {
                         p.last_line = l.to_owned();
                     }
                 }

@@ -150,7 +150,10 @@ impl BuildEvents for TerminalEvents {
         let line = match (b.checking, b.repairing) {
             (true, _) => format!("checking outputs of '{shown}'..."),
             (_, true) => format!("repairing outputs of '{shown}'..."),
-            _ => format!("building '{shown}'..."),
+            _ => match b.machine {
+                Some(m) => format!("building '{shown}' on '{m}'..."),
+                None => format!("building '{shown}'..."),
+            },
         };
         match &mut self.sink {
             Sink::Text(p) => p.line(&line),
@@ -284,6 +287,9 @@ impl BuildEvents for TerminalEvents {
                 )
             }
             Message::Warning { text } => format!("warning: {text}"),
+            Message::MachineFailed { machine, why } => {
+                format!("warning: cannot build on '{machine}': {why}")
+            }
         };
         let level = if line.starts_with("warning:") { 1 } else { 3 };
         self.line(level, &line);

@@ -171,9 +171,10 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
     fn build_started(&mut self, b: BuildStarted<'_>) {
         let shown = self.store_dir.display(b.drv);
         let id = activity_id();
-        let text = match b.checking {
-            true => format!("checking outputs of '{shown}'"),
-            false => format!("building '{shown}'"),
+        let text = match (b.checking, b.machine) {
+            (true, _) => format!("checking outputs of '{shown}'"),
+            (false, Some(m)) => format!("building '{shown}' on '{m}'"),
+            (false, None) => format!("building '{shown}'"),
         };
         self.ch.send(&StderrMsg::StartActivity {
             id,
@@ -182,7 +183,7 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
             text: text.into_bytes(),
             fields: vec![
                 Field::from(shown.as_str()),
-                Field::from(""),
+                Field::from(b.machine.unwrap_or("")),
                 Field::Int(1),
                 Field::Int(1),
             ],
@@ -281,6 +282,10 @@ impl<W: Write> BuildEvents for DaemonEvents<'_, W> {
                 ),
             ),
             Message::Warning { text } => (Verbosity::Warn, format!("warning: {text}")),
+            Message::MachineFailed { machine, why } => (
+                Verbosity::Warn,
+                format!("warning: cannot build on '{machine}': {why}"),
+            ),
         };
         self.ch.line(level, &line);
     }

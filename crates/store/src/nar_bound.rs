@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(input, b"after the NAR");
         // And the store's parser accepts what it handed out.
         assert_eq!(
-            firn_store::nar::validate(&mut &got[..]).unwrap(),
+            crate::nar::validate(&mut &got[..]).unwrap(),
             one.len() as u64
         );
     }

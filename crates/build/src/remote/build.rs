@@ -21,7 +21,8 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,8 @@ pub struct RemoteBuild {
     outcome: Option<Result<RemoteDone, RemoteError>>,
     finished_at: Option<Instant>,
     known_hosts: Option<PathBuf>,
+    /// Set by the thread once the remote said hello.
+    connected: Arc<AtomicBool>,
 }
 
 impl RemoteBuild {
@@ -99,9 +102,11 @@ impl RemoteBuild {
                 return Err(e);
             }
         };
+        let connected = Arc::new(AtomicBool::new(false));
+        let said_hello = connected.clone();
         let thread = std::thread::Builder::new()
             .name("firn-remote".into())
-            .spawn(move || run(job, pipes))
+            .spawn(move || run(job, pipes, &said_hello))
             .map_err(|source| RemoteError::Spawn {
                 program: "a thread".into(),
                 source,
@@ -113,7 +118,14 @@ impl RemoteBuild {
             outcome: None,
             finished_at: None,
             known_hosts,
+            connected,
         })
+    }
+
+    /// The remote program answered the handshake (Nix announces a remote build only
+    /// then: the hook accepted once connected).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 
     /// The read end of the remote's stderr (the build log), to poll.
@@ -193,9 +205,10 @@ fn write_known_hosts(line: &str) -> Result<PathBuf, RemoteError> {
     Ok(path)
 }
 
-fn run(job: RemoteJob, pipes: Pipes) -> Result<RemoteDone, RemoteError> {
+fn run(job: RemoteJob, pipes: Pipes, connected: &AtomicBool) -> Result<RemoteDone, RemoteError> {
     let sd = job.layout.store_dir.clone();
     let mut conn = ServeConnection::handshake(pipes, &sd)?;
+    connected.store(true, Ordering::Release);
     let options = StoreOptions {
         auto_optimise: job.auto_optimise,
         own_temp_roots: true,

@@ -66,9 +66,14 @@ impl ServeConnection {
             store_dir.clone(),
             Limits::default(),
         );
-        serve::write_client_hello(&mut to, SERVE_PROTOCOL_VERSION).map_err(RemoteError::Send)?;
-        to.flush().map_err(RemoteError::Send)?;
-        let version = serve::read_server_hello(&mut from).map_err(RemoteError::Handshake)?;
+        // A remote that is gone before it read our hello is a closed connection too.
+        let closed = |_| RemoteError::Closed;
+        serve::write_client_hello(&mut to, SERVE_PROTOCOL_VERSION).map_err(closed)?;
+        to.flush().map_err(closed)?;
+        let version = serve::read_server_hello(&mut from).map_err(|e| match e.is_eof() {
+            true => RemoteError::Closed,
+            false => RemoteError::Handshake(e),
+        })?;
         Ok(Self { to, from, version })
     }
 

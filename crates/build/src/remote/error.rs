@@ -30,6 +30,10 @@ pub enum RemoteError {
     /// The remote program never spoke (ssh failed, or it is not a serve server).
     #[error("'nix-store --serve' protocol mismatch: {0}")]
     Handshake(ServeError),
+    /// The connection closed before the handshake (ssh could not connect or log in, or
+    /// the remote program is not there): ssh's own words are in the log.
+    #[error("connection closed before the serve protocol started")]
+    Closed,
     #[error("connection lost while sending: {0}")]
     Send(io::Error),
     #[error("connection lost: {0}")]
@@ -64,6 +68,7 @@ impl RemoteError {
             | Self::Spawn { .. }
             | Self::HostKeyFile { .. }
             | Self::Handshake(_)
+            | Self::Closed
             | Self::Send(_)
             | Self::Receive(_)
             | Self::Nar(_) => true,
