@@ -734,3 +734,102 @@ fn a_connection_dropped_mid_build_goes_to_another_machine() {
         assert_verifies(root, &root.display().to_string());
     }
 }
+
+#[test]
+fn with_builders_use_substitutes_the_remote_fetches_inputs_from_its_caches() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-substitutes");
+    let (sk, _, public) = keypair(&sshd.dir, "test-cache-1");
+    let cache = sshd.dir.join("cache");
+    // `a` is built here (in each fresh local store) and put in a signed cache that only
+    // the remotes use.
+    let with_a = |name: &str| {
+        let local = sshd.root(name);
+        let a_drv = sshd.instantiate(&local, "a");
+        let o = sshd
+            .nix(firn_bin())
+            .arg("--store")
+            .arg(&local)
+            .args(["realise", &a_drv])
+            .output()
+            .unwrap();
+        let a = ok_out(o, "local build of a").trim().to_owned();
+        (local, a)
+    };
+    let (local, a) = with_a("local");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    ok_out(
+        sshd.nix(firn_bin())
+            .arg("--store")
+            .arg(&local)
+            .args(["copy", "--to", &to, &a])
+            .output()
+            .unwrap(),
+        "copy to the cache",
+    );
+    let conf = sshd.conf().join("nix.conf");
+    let mut settings = std::fs::read_to_string(&conf).unwrap();
+    settings.push_str(&format!(
+        "substituters = file://{}\ntrusted-public-keys = {public}\n",
+        cache.display()
+    ));
+    std::fs::write(&conf, settings).unwrap();
+    for program in [firn_bin(), "nix-store"] {
+        for use_subs in ["true", "false"] {
+            let tag = format!(
+                "{}-{use_subs}",
+                if program == "nix-store" {
+                    "nix"
+                } else {
+                    "firn"
+                }
+            );
+            let remote = sshd.root(&format!("remote-{tag}"));
+            let (local, _) = with_a(&format!("local-{tag}"));
+            let top = sshd.instantiate(&local, "top");
+            let url = sshd.url(program, &remote);
+            let o = sshd
+                .nix(firn_bin())
+                .arg("--store")
+                .arg(&local)
+                .args(["--option", "builders", &format!("{url} x86_64-linux")])
+                .args(["--option", "builders-use-substitutes", use_subs])
+                .args(["--max-jobs", "0", "realise", &top])
+                .output()
+                .unwrap();
+            ok_out(
+                o,
+                &format!("{program}, builders-use-substitutes {use_subs}"),
+            );
+            // Substituted, `a` carries the cache's signature there; sent, it has none.
+            let info = ok_out(
+                run(
+                    "nix",
+                    &[
+                        "--extra-experimental-features",
+                        "nix-command",
+                        "path-info",
+                        "--sigs",
+                        "--option",
+                        "substituters",
+                        "",
+                        "--store",
+                        remote.to_str().unwrap(),
+                        &a,
+                    ],
+                    None,
+                ),
+                "path-info --sigs",
+            );
+            assert_eq!(
+                info.contains("test-cache-1:"),
+                use_subs == "true",
+                "{program}, builders-use-substitutes {use_subs}: {info}"
+            );
+            assert_verifies(&remote, program);
+            assert_verifies(&local, "local");
+        }
+    }
+}

@@ -190,15 +190,18 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         match req {
             ServeRequest::QueryValidPaths {
                 lock,
-                substitute: _,
+                substitute,
                 paths,
             } => {
-                // Substitution needs `--write` in Nix too; firn's serve does not
-                // substitute here (builds substitute as the settings say).
                 if lock && self.write {
                     for p in &paths {
                         self.store.add_temp_root(p)?;
                     }
+                }
+                // The client's `builders-use-substitutes`: fetch what the substituters
+                // have before answering (Nix's `substitutePaths`, with `--write` only).
+                if substitute && self.write {
+                    self.substitute_paths(&paths)?;
                 }
                 let mut valid = BTreeSet::new();
                 for p in paths {
@@ -362,6 +365,48 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 ca: None,
             };
             self.store.add_nar(&info, &mut &nar[..])?;
+        }
+        Ok(())
+    }
+
+    /// Substitute the invalid ones of `paths` that the substituters have; a failure is
+    /// a warning on the log (Nix's `substitutePaths`), the paths stay invalid.
+    fn substitute_paths(&mut self, paths: &BTreeSet<StorePath>) -> Res<()> {
+        let mut invalid = Vec::new();
+        for p in paths {
+            if !self.store.db().is_valid_path(p)? {
+                invalid.push(p.clone());
+            }
+        }
+        if invalid.is_empty() {
+            return Ok(());
+        }
+        let settings = &self.config.settings;
+        let available: Vec<StorePath> =
+            match firn_build::substitute::plan(&self.store, settings, &invalid) {
+                Ok(Some(plan)) => invalid
+                    .into_iter()
+                    .filter(|p| !plan.missing.contains(p))
+                    .collect(),
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let _ = writeln!(self.log, "warning: {e}");
+                    return Ok(());
+                }
+            };
+        if available.is_empty() {
+            return Ok(());
+        }
+        let mut events = firn_build::events::NoEvents;
+        let done = firn_build::substitute::substitute(
+            &mut self.store,
+            settings,
+            &mut events,
+            &available,
+            &BTreeMap::new(),
+        );
+        if let firn_build::substitute::Substituted::Failed(e) = done {
+            let _ = writeln!(self.log, "warning: {e}");
         }
         Ok(())
     }
