@@ -163,8 +163,10 @@ impl<'s, B: Builder> Worker<'s, B> {
         self.goals.values().filter(|g| g.is_building()).count()
     }
 
-    /// Whether a goal that wants a slot could get one now: a local one, a machine's,
-    /// or with `max-jobs = 0` the goal decides itself (a machine, wait, or fail).
+    /// Whether a goal that wants a slot could get one now: a local one or a machine's.
+    /// When neither can ever come (`max-jobs = 0` and no usable machine), the goal is
+    /// let through to fail with the reason. (Not letting waiters through while every
+    /// slot is taken keeps them from taking their locks only to wait again.)
     fn may_start(&self) -> bool {
         let max = self.settings.max_jobs.0;
         let local = self
@@ -172,7 +174,7 @@ impl<'s, B: Builder> Worker<'s, B> {
             .values()
             .filter(|g| g.is_building_locally())
             .count();
-        max == 0 || local < max || self.dispatcher.any_free()
+        local < max || self.dispatcher.any_free() || (max == 0 && !self.dispatcher.any_usable())
     }
 
     /// Realise `tops`; returns the result of each top-level goal, in order.

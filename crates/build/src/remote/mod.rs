@@ -85,6 +85,13 @@ impl Dispatcher {
             .any(|m| m.failure.is_none() && m.running < m.machine.max_jobs)
     }
 
+    /// Some machine has not failed and has slots at all: waiting for it makes sense.
+    pub fn any_usable(&self) -> bool {
+        self.machines
+            .iter()
+            .any(|m| m.failure.is_none() && m.machine.max_jobs > 0)
+    }
+
     /// Where a build for `system` needing `required` goes; `can_build_locally`: this
     /// machine has a free slot and can build it.
     pub fn choose(
@@ -242,6 +249,7 @@ mod tests {
     fn a_machine_with_no_slots_never_takes_a_build() {
         let d = dispatcher("a x86_64-linux - 0");
         assert!(!d.any_free());
+        assert!(!d.any_usable());
         assert_eq!(d.choose("x86_64-linux", &none(), false), Choice::Decline);
     }
 }
