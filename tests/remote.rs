@@ -833,3 +833,45 @@ fn with_builders_use_substitutes_the_remote_fetches_inputs_from_its_caches() {
         }
     }
 }
+
+/// The machines' slots are Nix's lock files in `<state>/current-load/`: a slot another
+/// process holds (here `flock`, as a Nix build hook would) is waited for.
+#[test]
+fn a_slot_held_by_another_process_is_waited_for() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-slots");
+    let (local, remote) = (sshd.root("local"), sshd.root("remote"));
+    let drv = sshd.instantiate(&local, "a");
+    let url = sshd.url(firn_bin(), &remote);
+    let dir = local.join("nix/var/nix/current-load");
+    std::fs::create_dir_all(&dir).unwrap();
+    let slot = dir.join(format!("{}-0", url.replace('/', "_")));
+    let mut holder = Command::new("flock")
+        .arg(&slot)
+        .args(["sleep", "3"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !slot.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "flock did not take {}",
+            slot.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    let o = sshd.firn_realise(&local, &format!("{url} x86_64-linux - 1"), "0", &drv);
+    let took = start.elapsed();
+    let err = text(&o.stderr);
+    ok_out(o, "realise behind a held slot");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "did not wait for the slot: {took:?}\n{err}"
+    );
+    assert_eq!(built_where(&err), [("a".to_owned(), url.clone())], "{err}");
+    let _ = holder.wait();
+    assert_verifies(&local, "local");
+}

@@ -38,6 +38,9 @@ use crate::remote::Dispatcher;
 use crate::result::{BuildResult, BuildStatus};
 use crate::settings::Settings;
 
+/// How often goals waiting for a machine's slot look again while builds run here.
+const SLOT_LOOK: Duration = Duration::from_secs(1);
+
 /// Goals in Nix's order: by derivation name, then path.
 type GoalKey = (String, String, StorePath);
 
@@ -201,7 +204,10 @@ impl<'s, B: Builder> Worker<'s, B> {
         // The machines of `builders` (a bad entry fails every goal, naming it).
         match crate::remote::machines::read_builders(&self.settings.builders, &self.settings.system)
         {
-            Ok(m) => self.dispatcher = Dispatcher::new(m),
+            Ok(m) => {
+                let slots = crate::remote::Slots::new(&self.store.layout().state_dir);
+                self.dispatcher = Dispatcher::new(m).with_slots(slots);
+            }
             Err(e) => {
                 let e = std::sync::Arc::new(BuildError::from(e));
                 return tops
@@ -221,6 +227,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 g.mode = mode;
             }
         }
+        let mut last_look = std::time::Instant::now();
         loop {
             if (self.interrupted)() {
                 self.stop_all(true);
@@ -249,7 +256,9 @@ impl<'s, B: Builder> Worker<'s, B> {
             if self.running() > 0 {
                 self.wait_for_builds();
             } else if self.ready.is_empty() {
-                if self.waiting_a_while.is_empty() {
+                let no_machine_wait =
+                    self.waiting_for_slot.is_empty() || self.dispatcher.is_empty();
+                if self.waiting_a_while.is_empty() && no_machine_wait {
                     // Nothing can move (a bug): end rather than spin.
                     break;
                 }
@@ -257,6 +266,16 @@ impl<'s, B: Builder> Worker<'s, B> {
             }
             let again = std::mem::take(&mut self.waiting_a_while);
             self.ready.extend(again);
+            // Machine slots other processes hold come free without a sign here: those
+            // waiting for a slot look again now and then (Nix: `waitForAWhile`).
+            if !self.waiting_for_slot.is_empty()
+                && !self.dispatcher.is_empty()
+                && (self.running() == 0 || last_look.elapsed() >= SLOT_LOOK)
+            {
+                last_look = std::time::Instant::now();
+                let slots = std::mem::take(&mut self.waiting_for_slot);
+                self.ready.extend(slots);
+            }
         }
         self.events.finished();
         tops.iter()

@@ -18,7 +18,7 @@ use crate::error::BuildError;
 use crate::events::Message;
 use crate::log::BuildLog;
 use crate::remote::ssh::SshStore;
-use crate::remote::{Choice, RemoteBuild, RemoteDone, RemoteError, RemoteJob};
+use crate::remote::{RemoteBuild, RemoteDone, RemoteError, RemoteJob, Reserved, SlotLock};
 use crate::result::{BuildResult, BuildStatus};
 
 /// A build running on a machine, and what the goal holds meanwhile.
@@ -35,6 +35,8 @@ pub struct RemoteBuilding {
     /// Outputs valid here before the build: never touched.
     valid: BTreeSet<OutputName>,
     eof: bool,
+    /// The machine's slot (Nix's `current-load` lock file), held while it builds.
+    _slot: Option<SlotLock>,
     /// "building '…' on '…'" was said (once connected).
     announced: bool,
 }
@@ -93,17 +95,18 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let system = String::from_utf8_lossy(&loaded.drv.platform).into_owned();
         let required = crate::platform::required_system_features(&loaded.drv);
         loop {
-            let i = match cx
-                .dispatcher
-                .choose(&system, &required, here && cx.local_slot_free)
-            {
-                Choice::Machine(i) => i,
-                Choice::Postpone => {
-                    drop(locks);
-                    return Tried::Postponed(loaded);
-                }
-                Choice::Decline => return Tried::Declined(loaded, locks),
-            };
+            let (i, slot) =
+                match cx
+                    .dispatcher
+                    .reserve(&system, &required, here && cx.local_slot_free)
+                {
+                    Reserved::Machine(i, slot) => (i, slot),
+                    Reserved::Postpone => {
+                        drop(locks);
+                        return Tried::Postponed(loaded);
+                    }
+                    Reserved::Decline => return Tried::Declined(loaded, locks),
+                };
             match self.start_remote(cx, &loaded, i, valid, result) {
                 Ok((remote, log, uri)) => {
                     cx.dispatcher.started(i);
@@ -118,6 +121,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                             start_time: unix_now(),
                             valid: valid.clone(),
                             eof: false,
+                            _slot: slot,
                             announced: false,
                         }),
                     };

@@ -15,13 +15,16 @@
 //! (`max-jobs` of the machine); the lowest `load / speed-factor` (integer division),
 //! then the higher speed factor, then the lower load. If none is free: *postpone* when
 //! some machine fits and this machine cannot build it, else *decline* (build here).
-//! Loads are this worker's builds; Nix also counts other processes' through lock files
-//! in `current-load/`, which firn does not (yet).
+//! Loads are counted from the slot lock files in `<state dir>/current-load/` that Nix's
+//! build-remote uses ([`slots`]), so other processes' builds (other firn runs, a
+//! daemon's other connections, Nix itself) count too; without that directory (tests),
+//! from this worker's builds.
 
 pub mod build;
 pub mod connection;
 pub mod error;
 pub mod machines;
+pub mod slots;
 pub mod ssh;
 
 use std::collections::BTreeSet;
@@ -29,6 +32,7 @@ use std::collections::BTreeSet;
 pub use build::{RemoteBuild, RemoteDone, RemoteJob};
 pub use error::RemoteError;
 pub use machines::{Machine, MachinesError};
+pub use slots::{SlotLock, Slots};
 
 /// What to do with a build (build-remote's answers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,10 +53,20 @@ struct MachineState {
     failure: Option<String>,
 }
 
+/// What [`Dispatcher::reserve`] decided: a [`Choice`] with the slot taken.
+#[derive(Debug)]
+pub enum Reserved {
+    /// Machine `i`, its slot held (none without slot files).
+    Machine(usize, Option<SlotLock>),
+    Postpone,
+    Decline,
+}
+
 /// The machines of one run and their state.
 #[derive(Debug, Default)]
 pub struct Dispatcher {
     machines: Vec<MachineState>,
+    slots: Option<Slots>,
 }
 
 impl Dispatcher {
@@ -66,7 +80,14 @@ impl Dispatcher {
                     failure: None,
                 })
                 .collect(),
+            slots: None,
         }
+    }
+
+    /// Count loads from (and take slots in) Nix's slot files of `slots`.
+    pub fn with_slots(mut self, slots: Slots) -> Self {
+        self.slots = Some(slots);
+        self
     }
 
     /// No machines: every build is local (Nix's `# decline-permanently`).
@@ -100,6 +121,63 @@ impl Dispatcher {
         required: &BTreeSet<String>,
         can_build_locally: bool,
     ) -> Choice {
+        self.select(system, required, can_build_locally, |i| {
+            let m = &self.machines[i];
+            (m.running, m.running < m.machine.max_jobs)
+        })
+    }
+
+    /// [`Self::choose`] with the loads of the slot files (under their main lock), and
+    /// the chosen machine's slot taken.
+    pub fn reserve(
+        &mut self,
+        system: &str,
+        required: &BTreeSet<String>,
+        can_build_locally: bool,
+    ) -> Reserved {
+        let Some(slots) = self.slots.clone() else {
+            return match self.choose(system, required, can_build_locally) {
+                Choice::Machine(i) => Reserved::Machine(i, None),
+                Choice::Postpone => Reserved::Postpone,
+                Choice::Decline => Reserved::Decline,
+            };
+        };
+        // Without the files (a read-only state dir) the loads are this worker's.
+        let _main = slots.main_lock();
+        let mut probes: Vec<Option<slots::Probe>> = self
+            .machines
+            .iter()
+            .map(|m| {
+                let fits = m.failure.is_none()
+                    && m.machine.max_jobs > 0
+                    && m.machine.fits(system, required);
+                fits.then(|| slots.probe(&m.machine.store_uri, m.machine.max_jobs).ok())
+                    .flatten()
+            })
+            .collect();
+        let choice = self.select(system, required, can_build_locally, |i| match &probes[i] {
+            Some(p) => (p.load, p.free.is_some()),
+            None => {
+                let m = &self.machines[i];
+                (m.running, m.running < m.machine.max_jobs)
+            }
+        });
+        match choice {
+            Choice::Machine(i) => Reserved::Machine(i, probes[i].take().and_then(|p| p.free)),
+            Choice::Postpone => Reserved::Postpone,
+            Choice::Decline => Reserved::Decline,
+        }
+    }
+
+    /// Nix's choice, with `load_of(i)` giving machine `i`'s load and whether it has a
+    /// free slot.
+    fn select(
+        &self,
+        system: &str,
+        required: &BTreeSet<String>,
+        can_build_locally: bool,
+        load_of: impl Fn(usize) -> (u32, bool),
+    ) -> Choice {
         let mut right_type = false;
         let mut best: Option<(usize, u32)> = None;
         for (i, m) in self.machines.iter().enumerate() {
@@ -109,10 +187,11 @@ impl Dispatcher {
                 continue;
             }
             right_type = true;
-            if m.running >= m.machine.max_jobs {
+            let (load, free) = load_of(i);
+            if !free {
                 continue;
             }
-            let (load, speed) = (m.running, m.machine.speed_factor);
+            let speed = m.machine.speed_factor;
             let better = match best {
                 None => true,
                 Some((b, b_load)) => {
@@ -243,6 +322,35 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// Slots another process holds count as load: with both of `a`'s taken elsewhere,
+    /// `b` gets the build even though `a` is faster.
+    #[test]
+    fn slots_held_by_other_processes_count() {
+        let dir = std::env::temp_dir().join(format!("firn-reserve-{}", std::process::id()));
+        let slots = Slots::new(&dir);
+        let mut d =
+            dispatcher("a x86_64-linux - 2 4; b x86_64-linux - 1 1").with_slots(slots.clone());
+        let held: Vec<_> = (0..2)
+            .map(|_| slots.probe("ssh://a", 2).unwrap().free.unwrap())
+            .collect();
+        let Reserved::Machine(i, Some(lock)) = d.reserve("x86_64-linux", &none(), false) else {
+            panic!("no machine");
+        };
+        assert_eq!(i, 1);
+        // Now b's only slot is held too: wait.
+        assert!(matches!(
+            d.reserve("x86_64-linux", &none(), false),
+            Reserved::Postpone
+        ));
+        drop(held);
+        assert!(matches!(
+            d.reserve("x86_64-linux", &none(), false),
+            Reserved::Machine(0, Some(_))
+        ));
+        drop(lock);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
