@@ -1150,30 +1150,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Err(_) => build.eof = true,
             }
         }
-        let shown = || sd.display(&self.drv_path);
-        let mut killed = None;
-        if let Some(max) = cx.settings.max_build_log_size.0 {
-            if build.log.size > max {
-                killed = Some(BuildError::LogLimit { drv: shown(), max });
-            }
-        }
-        if let Some(t) = cx.settings.timeout.0 {
-            if build.log.started.elapsed() > t {
-                killed = Some(BuildError::TimedOut {
-                    drv: shown(),
-                    secs: t.as_secs(),
-                });
-            }
-        }
-        if let Some(t) = cx.settings.max_silent_time.0 {
-            if build.log.last_output.elapsed() > t {
-                killed = Some(BuildError::Silent {
-                    drv: shown(),
-                    secs: t.as_secs(),
-                });
-            }
-        }
-        if let Some(e) = killed {
+        if let Some(e) = limit_hit(&build.log, cx.settings, || sd.display(&self.drv_path)) {
             let status = build.running.kill();
             return self.finish(cx, status, Some(e));
         }
@@ -1534,6 +1511,38 @@ impl<R: RunningBuild> DerivationGoal<R> {
         self.fail(why);
         was_building
     }
+}
+
+/// The time or log limit a running build went past (`max-build-log-size`, `timeout`,
+/// `max-silent-time`), if any: the build is killed for it.
+pub(crate) fn limit_hit(
+    log: &BuildLog,
+    settings: &Settings,
+    shown: impl Fn() -> String,
+) -> Option<BuildError> {
+    let mut killed = None;
+    if let Some(max) = settings.max_build_log_size.0 {
+        if log.size > max {
+            killed = Some(BuildError::LogLimit { drv: shown(), max });
+        }
+    }
+    if let Some(t) = settings.timeout.0 {
+        if log.started.elapsed() > t {
+            killed = Some(BuildError::TimedOut {
+                drv: shown(),
+                secs: t.as_secs(),
+            });
+        }
+    }
+    if let Some(t) = settings.max_silent_time.0 {
+        if log.last_output.elapsed() > t {
+            killed = Some(BuildError::Silent {
+                drv: shown(),
+                secs: t.as_secs(),
+            });
+        }
+    }
+    killed
 }
 
 /// Sign a realisation with every key of `secret-key-files` (Nix's `signRealisation`:

@@ -166,18 +166,22 @@ impl<'s, B: Builder> Worker<'s, B> {
         self.goals.values().filter(|g| g.is_building()).count()
     }
 
+    /// Builds running here (taking local slots).
+    fn local_running(&self) -> usize {
+        self.goals
+            .values()
+            .filter(|g| g.is_building_locally())
+            .count()
+    }
+
     /// Whether a goal that wants a slot could get one now: a local one or a machine's.
     /// When neither can ever come (`max-jobs = 0` and no usable machine), the goal is
     /// let through to fail with the reason. (Not letting waiters through while every
     /// slot is taken keeps them from taking their locks only to wait again.)
     fn may_start(&self) -> bool {
-        let max = self.settings.max_jobs.0;
-        let local = self
-            .goals
-            .values()
-            .filter(|g| g.is_building_locally())
-            .count();
-        local < max || self.dispatcher.any_free() || (max == 0 && !self.dispatcher.any_usable())
+        self.local_running() < self.settings.max_jobs.0
+            || self.dispatcher.any_free()
+            || (self.settings.max_jobs.0 == 0 && !self.dispatcher.any_usable())
     }
 
     /// Realise `tops`; returns the result of each top-level goal, in order.
@@ -297,12 +301,7 @@ impl<'s, B: Builder> Worker<'s, B> {
         };
         let may_start = self.may_start();
         let next = {
-            let max = self.settings.max_jobs.0;
-            let local = self
-                .goals
-                .values()
-                .filter(|g| g.is_building_locally())
-                .count();
+            let local_slot_free = self.local_running() < self.settings.max_jobs.0;
             let Self {
                 store,
                 settings,
@@ -320,7 +319,7 @@ impl<'s, B: Builder> Worker<'s, B> {
                 events: &mut **events,
                 recursive: recursive.as_deref(),
                 dispatcher,
-                local_slot_free: local < max,
+                local_slot_free,
             };
             let result_of = |p: &StorePath| goals.get(p).and_then(|g| g.result());
             match &goal.state {

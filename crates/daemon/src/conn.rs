@@ -233,7 +233,11 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     }
 
     fn info_of(&self, p: &StorePath) -> Result<Option<UnkeyedValidPathInfo>, OpError> {
-        Ok(self.store.db().query_path_info(p)?.map(|i| to_wire(&i)))
+        Ok(self
+            .store
+            .db()
+            .query_path_info(p)?
+            .map(|i| UnkeyedValidPathInfo::from_store(&i)))
     }
 
     /// Run one op under the connection's [`Policy`]: decided by [`Policy::gate`], then
@@ -519,7 +523,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 let info = finish_payload(&mut fr, res)?;
                 Reply::AddedPath(ValidPathInfo {
                     path: info.path.clone(),
-                    info: to_wire(&info),
+                    info: UnkeyedValidPathInfo::from_store(&info),
                 })
             }
             Request::AddToStoreNar {
@@ -1196,35 +1200,6 @@ fn finish_payload<R: Read, T>(
     }
 }
 
-/// A database path info on the wire.
-pub(crate) fn to_wire(i: &firn_store::ValidPathInfo) -> UnkeyedValidPathInfo {
-    UnkeyedValidPathInfo {
-        deriver: i.deriver.clone(),
-        nar_hash: i.nar_hash,
-        references: i.references.clone(),
-        registration_time: u64::try_from(i.registration_time).unwrap_or(0),
-        nar_size: i.nar_size,
-        ultimate: i.ultimate,
-        sigs: i.sigs.iter().cloned().collect(),
-        ca: i.ca.as_deref().and_then(|c| ContentAddress::parse(c).ok()),
-    }
-}
-
-/// A wire path info for the database.
-pub(crate) fn from_wire(i: &ValidPathInfo) -> firn_store::ValidPathInfo {
-    firn_store::ValidPathInfo {
-        path: i.path.clone(),
-        nar_hash: i.info.nar_hash,
-        nar_size: i.info.nar_size,
-        references: i.info.references.clone(),
-        deriver: i.info.deriver.clone(),
-        registration_time: i64::try_from(i.info.registration_time).unwrap_or(0),
-        ultimate: false,
-        sigs: i.info.sigs.iter().cloned().collect(),
-        ca: i.info.ca.map(|c| c.to_string()),
-    }
-}
-
 /// Whether `info`'s content address really gives its path (Nix's
 /// `isContentAddressed`), so it needs no signature.
 fn content_addressed(sd: &StoreDir, info: &ValidPathInfo) -> bool {
@@ -1267,7 +1242,7 @@ fn add_nar(
     // Nix's `pathInfoIsUntrusted`: content-addressed, or one valid signature by a
     // trusted key.
     let signed = |keys: &firn_cache::PublicKeys| {
-        let info = from_wire(info);
+        let info = info.to_store();
         firn_cache::keys::info_fingerprint(&sd, &info)
             .is_some_and(|fp| keys.count_valid(&fp, &info.sigs) > 0)
     };
@@ -1277,7 +1252,7 @@ fn add_nar(
             hl(&sd.display(&info.path))
         )));
     }
-    let res = store.add_nar(&from_wire(info), &mut nar);
+    let res = store.add_nar(&info.to_store(), &mut nar);
     match res {
         Ok(_) => {
             // Valid already: the NAR was not read.

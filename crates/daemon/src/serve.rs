@@ -215,7 +215,10 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 let mut infos = Vec::new();
                 for p in paths {
                     if let Some(i) = self.store.db().query_path_info(&p)? {
-                        infos.push(ServePathInfo::from_info(p, &crate::conn::to_wire(&i)));
+                        infos.push(ServePathInfo::from_info(
+                            p,
+                            &firn_protocol::types::UnkeyedValidPathInfo::from_store(&i),
+                        ));
                     }
                 }
                 serve::write_path_infos(&mut self.w, &infos)?;
@@ -265,9 +268,7 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 }
                 let size = info.info.nar_size;
                 let mut sized = self.r.get_mut().take(size);
-                let res = self
-                    .store
-                    .add_nar(&crate::conn::from_wire(&info), &mut sized);
+                let res = self.store.add_nar(&info.to_store(), &mut sized);
                 // Consume what was sent before going on (Nix's `drainAll`), whatever
                 // became of it.
                 let left = io::copy(&mut sized, &mut io::sink())?;

@@ -341,7 +341,45 @@ pub struct ValidPathInfo {
     pub info: UnkeyedValidPathInfo,
 }
 
+impl UnkeyedValidPathInfo {
+    /// A database path info on the wire.
+    pub fn from_store(i: &firn_store::ValidPathInfo) -> Self {
+        Self {
+            deriver: i.deriver.clone(),
+            nar_hash: i.nar_hash,
+            references: i.references.clone(),
+            registration_time: u64::try_from(i.registration_time).unwrap_or(0),
+            nar_size: i.nar_size,
+            ultimate: i.ultimate,
+            sigs: i.sigs.iter().cloned().collect(),
+            ca: i.ca.as_deref().and_then(|c| ContentAddress::parse(c).ok()),
+        }
+    }
+}
+
 impl ValidPathInfo {
+    pub fn from_store(i: &firn_store::ValidPathInfo) -> Self {
+        Self {
+            path: i.path.clone(),
+            info: UnkeyedValidPathInfo::from_store(i),
+        }
+    }
+
+    /// A wire path info for the database (never `ultimate`: it came from elsewhere).
+    pub fn to_store(&self) -> firn_store::ValidPathInfo {
+        firn_store::ValidPathInfo {
+            path: self.path.clone(),
+            nar_hash: self.info.nar_hash,
+            nar_size: self.info.nar_size,
+            references: self.info.references.clone(),
+            deriver: self.info.deriver.clone(),
+            registration_time: i64::try_from(self.info.registration_time).unwrap_or(0),
+            ultimate: false,
+            sigs: self.info.sigs.iter().cloned().collect(),
+            ca: self.info.ca.map(|c| c.to_string()),
+        }
+    }
+
     /// The "with path" form: the path, then [`UnkeyedValidPathInfo`].
     pub fn read<R: Read>(r: &mut Reader<R>) -> WireResult<Self> {
         let path = r.read_store_path("path")?;

@@ -234,29 +234,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         if readable && !build.eof {
             read_some(build, &mut buf, &self.drv_path, cx);
         }
-        let shown = || sd.display(&self.drv_path);
-        let mut killed = None;
-        if let Some(max) = cx.settings.max_build_log_size.0 {
-            if build.log.size > max {
-                killed = Some(BuildError::LogLimit { drv: shown(), max });
-            }
-        }
-        if let Some(t) = cx.settings.timeout.0 {
-            if build.log.started.elapsed() > t {
-                killed = Some(BuildError::TimedOut {
-                    drv: shown(),
-                    secs: t.as_secs(),
-                });
-            }
-        }
-        if let Some(t) = cx.settings.max_silent_time.0 {
-            if build.log.last_output.elapsed() > t {
-                killed = Some(BuildError::Silent {
-                    drv: shown(),
-                    secs: t.as_secs(),
-                });
-            }
-        }
+        let killed = super::limit_hit(&build.log, cx.settings, || sd.display(&self.drv_path));
         if let Some(e) = killed {
             build.remote.kill();
             return self.finish_remote(cx, Err(e));

@@ -11,11 +11,11 @@ use std::io::{self, BufReader, BufWriter, Read};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use firn_derivation::{ContentAddress, StoreDir, StorePath};
+use firn_derivation::{StoreDir, StorePath};
 use firn_protocol::serve::{
     self, BuildSettings, ServePathInfo, ServeRequest, SERVE_PROTOCOL_VERSION,
 };
-use firn_protocol::types::{UnkeyedValidPathInfo, ValidPathInfo};
+use firn_protocol::types::ValidPathInfo;
 use firn_protocol::{BasicDerivation, BuildResult, Limits, Reader, Writer};
 
 use super::error::RemoteError;
@@ -106,7 +106,9 @@ impl ServeConnection {
         info: &firn_store::ValidPathInfo,
         dump: impl FnOnce(&mut dyn io::Write) -> Result<(), RemoteError>,
     ) -> Result<(), RemoteError> {
-        self.send(&ServeRequest::AddToStoreNar(to_wire(info)))?;
+        self.send(&ServeRequest::AddToStoreNar(ValidPathInfo::from_store(
+            info,
+        )))?;
         dump(self.to.get_mut())?;
         self.to.flush().map_err(RemoteError::Send)?;
         serve::read_ok(&mut self.from).map_err(RemoteError::Receive)
@@ -157,23 +159,6 @@ impl ServeConnection {
 pub struct Pipes {
     stdin: Option<ChildStdin>,
     stdout: Option<ChildStdout>,
-}
-
-/// The info a local path is sent with (AddToStoreNar).
-fn to_wire(i: &firn_store::ValidPathInfo) -> ValidPathInfo {
-    ValidPathInfo {
-        path: i.path.clone(),
-        info: UnkeyedValidPathInfo {
-            deriver: i.deriver.clone(),
-            nar_hash: i.nar_hash,
-            references: i.references.clone(),
-            registration_time: u64::try_from(i.registration_time).unwrap_or(0),
-            nar_size: i.nar_size,
-            ultimate: i.ultimate,
-            sigs: i.sigs.iter().cloned().collect(),
-            ca: i.ca.as_deref().and_then(|c| ContentAddress::parse(c).ok()),
-        },
-    }
 }
 
 /// The local info of a path the remote describes (imported without a signature check,
