@@ -185,6 +185,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             auto_optimise: s.auto_optimise_store,
             ssh,
             sshopts: std::env::var("NIX_SSHOPTS").unwrap_or_default(),
+            control_dir: cx.dispatcher.control_dir(),
             drv_path: self.drv_path.clone(),
             drv,
             inputs,

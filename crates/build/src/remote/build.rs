@@ -46,6 +46,8 @@ pub struct RemoteJob {
     pub ssh: SshStore,
     /// `NIX_SSHOPTS`.
     pub sshopts: String,
+    /// Where the shared ssh connections' sockets are (none: one connection a build).
+    pub control_dir: Option<PathBuf>,
     pub drv_path: StorePath,
     pub drv: BasicDerivation,
     /// The input closure, which the remote must have.
@@ -87,7 +89,11 @@ impl RemoteBuild {
             None => None,
             Some(line) => Some(write_known_hosts(&line)?),
         };
-        let argv = job.ssh.argv(&job.sshopts, known_hosts.as_deref());
+        let argv = job.ssh.argv(
+            &job.sshopts,
+            known_hosts.as_deref(),
+            job.control_dir.as_deref(),
+        );
         let (read, write) = log_pipe().map_err(|source| RemoteError::Spawn {
             program: argv[0].clone(),
             source,

@@ -67,6 +67,10 @@ pub enum Reserved {
 pub struct Dispatcher {
     machines: Vec<MachineState>,
     slots: Option<Slots>,
+    /// The directory of the shared ssh connections' sockets, once one was made.
+    control_dir: Option<std::path::PathBuf>,
+    /// Machines that were built on (whose shared connections close at the end).
+    used: BTreeSet<usize>,
 }
 
 impl Dispatcher {
@@ -81,7 +85,28 @@ impl Dispatcher {
                 })
                 .collect(),
             slots: None,
+            control_dir: None,
+            used: BTreeSet::new(),
         }
+    }
+
+    /// The directory for the shared ssh connections' sockets (`/tmp/firn-ssh-<uid>`,
+    /// private; short, as a socket path must be): `None` if it cannot be made, and then
+    /// each build has a connection of its own.
+    pub fn control_dir(&mut self) -> Option<std::path::PathBuf> {
+        if self.control_dir.is_none() {
+            use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+            let uid = nix::unistd::getuid().as_raw();
+            let dir = std::env::temp_dir().join(format!("firn-ssh-{uid}"));
+            let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+            // Ours, and nobody else's to read: the sockets give access to the machines.
+            let meta = std::fs::symlink_metadata(&dir).ok()?;
+            if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+                return None;
+            }
+            self.control_dir = Some(dir);
+        }
+        self.control_dir.clone()
     }
 
     /// Count loads from (and take slots in) Nix's slot files of `slots`.
@@ -213,6 +238,7 @@ impl Dispatcher {
 
     pub fn started(&mut self, i: usize) {
         self.machines[i].running += 1;
+        self.used.insert(i);
     }
 
     pub fn finished(&mut self, i: usize) {
@@ -242,6 +268,32 @@ impl Dispatcher {
                 ),
             })
             .collect()
+    }
+}
+
+impl Drop for Dispatcher {
+    /// Close the shared connections of the machines used (OpenSSH would close them
+    /// itself a minute after their last session).
+    fn drop(&mut self) {
+        let Some(dir) = &self.control_dir else {
+            return;
+        };
+        let sshopts = std::env::var("NIX_SSHOPTS").unwrap_or_default();
+        for &i in &self.used {
+            let Ok(ssh) = ssh::SshStore::of_machine(&self.machines[i].machine) else {
+                continue;
+            };
+            if ssh.is_fake() {
+                continue;
+            }
+            let argv = ssh.exit_argv(&sshopts, dir);
+            let _ = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 

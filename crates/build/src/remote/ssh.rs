@@ -7,9 +7,16 @@
 //!          | ssh-key=FILE | base64-ssh-public-host-key=B64 | compress=true|false
 //!          | max-connections=N | log-fd=N   (accepted, not used)
 //! command  = PROG " --serve --write" [" --store " shell-quoted(STORE)]
-//! argv     = ssh HOST -x -a $NIX_SSHOPTS… [-i KEY] [-oUserKnownHostsFile=FILE] [-C] COMMAND
+//! argv     = ssh HOST -x -a $NIX_SSHOPTS… [-i KEY] [-oUserKnownHostsFile=FILE] [-C]
+//!                [-oControlMaster=auto -oControlPath=DIR/%C -oControlPersist=60] COMMAND
 //!            (host exactly "localhost": bash -c COMMAND, no ssh, as Nix)
 //! ```
+//!
+//! Unlike Nix 2.8 (one ssh connection per build), firn shares one connection per
+//! machine among its builds when given a control directory: the first session becomes
+//! the master (OpenSSH's `ControlMaster=auto`), the others are sessions over it, so only
+//! the first build pays for the key exchange and authentication. Options in
+//! `NIX_SSHOPTS` come first and so win (`-oControlMaster=no` turns it off).
 //!
 //! The machine's own fields (ssh key, host key) win over the URI's parameters, as in
 //! Nix (`Machine::openStore` passes them as store parameters, which the URI's do not
@@ -117,7 +124,12 @@ impl SshStore {
     /// The program and arguments that run [`Self::remote_command`] on the machine:
     /// `sshopts` is `NIX_SSHOPTS` (split on whitespace), `known_hosts` the file holding
     /// the host key line when there is one.
-    pub fn argv(&self, sshopts: &str, known_hosts: Option<&Path>) -> Vec<String> {
+    pub fn argv(
+        &self,
+        sshopts: &str,
+        known_hosts: Option<&Path>,
+        control: Option<&Path>,
+    ) -> Vec<String> {
         let command = self.remote_command();
         if self.is_fake() {
             return vec!["bash".into(), "-c".into(), command];
@@ -134,7 +146,19 @@ impl SshStore {
         if self.compress {
             v.push("-C".into());
         }
+        if let Some(dir) = control {
+            v.extend(control_options(dir));
+        }
         v.push(command);
+        v
+    }
+
+    /// `ssh -O exit`: close the shared connection to this machine, if there is one.
+    pub fn exit_argv(&self, sshopts: &str, control: &Path) -> Vec<String> {
+        let mut v: Vec<String> = vec!["ssh".into(), self.host.clone()];
+        v.extend(sshopts.split_whitespace().map(str::to_owned));
+        v.extend(control_options(control));
+        v.extend(["-O".into(), "exit".into()]);
         v
     }
 
@@ -146,6 +170,14 @@ impl SshStore {
         let text = String::from_utf8_lossy(&decoded);
         Some(format!("{} {}\n", self.host_name(), text.trim_end()))
     }
+}
+
+fn control_options(dir: &Path) -> [String; 3] {
+    [
+        "-oControlMaster=auto".into(),
+        format!("-oControlPath={}/%C", dir.display()),
+        "-oControlPersist=60".into(),
+    ]
 }
 
 /// `'…'` with each `'` as `'\''` (Nix's `shellEscape`).
@@ -188,7 +220,7 @@ mod tests {
             r"/opt/firn --serve --write --store '/tmp/it'\''s here'"
         );
         assert_eq!(
-            s.argv("-p 2222  -o StrictHostKeyChecking=no", None),
+            s.argv("-p 2222  -o StrictHostKeyChecking=no", None, None),
             [
                 "ssh",
                 "root@127.0.0.1",
@@ -206,7 +238,7 @@ mod tests {
         // localhost exactly: no ssh at all.
         let l = SshStore::parse("ssh://localhost?remote-store=/r").unwrap();
         assert_eq!(
-            l.argv("-p 1", None),
+            l.argv("-p 1", None, Some(Path::new("/c"))),
             ["bash", "-c", "nix-store --serve --write --store '/r'"]
         );
         assert!(!SshStore::parse("ssh://root@localhost").unwrap().is_fake());
@@ -225,7 +257,7 @@ mod tests {
             s.known_hosts_line().unwrap(),
             "b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA\n"
         );
-        let argv = s.argv("", Some(Path::new("/tmp/kh")));
+        let argv = s.argv("", Some(Path::new("/tmp/kh")), Some(Path::new("/tmp/c")));
         assert_eq!(
             argv,
             [
@@ -237,7 +269,24 @@ mod tests {
                 "/field/key",
                 "-oUserKnownHostsFile=/tmp/kh",
                 "-C",
+                "-oControlMaster=auto",
+                "-oControlPath=/tmp/c/%C",
+                "-oControlPersist=60",
                 "nix-store --serve --write"
+            ]
+        );
+        assert_eq!(
+            s.exit_argv("-p 22", Path::new("/tmp/c")),
+            [
+                "ssh",
+                "b",
+                "-p",
+                "22",
+                "-oControlMaster=auto",
+                "-oControlPath=/tmp/c/%C",
+                "-oControlPersist=60",
+                "-O",
+                "exit"
             ]
         );
     }
