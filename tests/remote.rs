@@ -875,3 +875,66 @@ fn a_slot_held_by_another_process_is_waited_for() {
     let _ = holder.wait();
     assert_verifies(&local, "local");
 }
+
+/// The machine's own fields: the ssh key (field 3) and the public host key (field 8,
+/// base64), from a machines file (`builders = @FILE`), with ssh checking host keys
+/// strictly: the right host key connects, a wrong one is a failed machine.
+#[test]
+fn a_machines_file_gives_the_ssh_key_and_the_host_key() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-keys");
+    let (local, remote) = (sshd.root("local"), sshd.root("remote"));
+    let drv = sshd.instantiate(&local, "a");
+    let url = sshd.url(firn_bin(), &remote);
+    let host_pub = std::fs::read_to_string(sshd.dir.join("hostkey.pub")).unwrap();
+    let b64 = |s: &str| {
+        let o = run("base64", &["-w0"], Some(s.as_bytes()));
+        ok_out(o, "base64")
+    };
+    let key = sshd.dir.join("userkey");
+    let realise = |machines: &str| {
+        let file = sshd.dir.join("machines");
+        std::fs::write(&file, machines).unwrap();
+        sshd.nix(firn_bin())
+            // No -i, no known-hosts shortcuts: the machine's fields must do it.
+            .env(
+                "NIX_SSHOPTS",
+                format!(
+                    "-p {} -o StrictHostKeyChecking=yes -o LogLevel=ERROR -o BatchMode=yes",
+                    sshd.port
+                ),
+            )
+            .arg("--store")
+            .arg(&local)
+            .args(["--option", "builders", &format!("@{}", file.display())])
+            .args(["--max-jobs", "0", "realise", &drv])
+            .output()
+            .unwrap()
+    };
+    // A wrong host key (another key's) is refused by ssh: the machine fails.
+    let other = std::fs::read_to_string(sshd.dir.join("userkey.pub")).unwrap();
+    let o = realise(&format!(
+        "# the farm\n{url} x86_64-linux {} 1 1 - - {}\n",
+        key.display(),
+        b64(other.trim())
+    ));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("warning: cannot build on '{url}'")),
+        "{err}"
+    );
+    assert!(err.contains("Host key verification failed"), "{err}");
+    // The right one connects, with the key of field 3.
+    let o = realise(&format!(
+        "{url} x86_64-linux {} 1 1 - - {}\n",
+        key.display(),
+        b64(host_pub.trim())
+    ));
+    let err = text(&o.stderr);
+    ok_out(o, "with the machine's keys");
+    assert_eq!(built_where(&err), [("a".to_owned(), url.clone())], "{err}");
+    assert_verifies(&local, "local");
+}
