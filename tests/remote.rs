@@ -938,3 +938,69 @@ fn a_machines_file_gives_the_ssh_key_and_the_host_key() {
     assert_eq!(built_where(&err), [("a".to_owned(), url.clone())], "{err}");
     assert_verifies(&local, "local");
 }
+
+/// Real Nix through `firn daemon`: the client's `--builders` and `--max-jobs 0` reach the
+/// daemon (a trusted client's SetOptions), whose worker sends the builds to the machine.
+#[test]
+fn nix_build_through_the_firn_daemon_builds_on_the_client_s_builders() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-daemon");
+    let (local, remote) = (sshd.root("local"), sshd.root("remote"));
+    let socket = local.join("nix/var/nix/daemon-socket/socket");
+    let mut daemon = sshd
+        .nix(firn_bin())
+        .arg("--store")
+        .arg(&local)
+        .arg("daemon")
+        .env_remove("NIX_DAEMON_SOCKET_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no daemon socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = sshd.url(firn_bin(), &remote);
+    let o = sshd
+        .nix("nix-build")
+        .env(
+            "NIX_REMOTE",
+            format!("unix://{}?root={}", socket.display(), local.display()),
+        )
+        .env("NIX_STATE_DIR", sshd.dir.join("client-state"))
+        .arg(sshd.expr())
+        .args([
+            "-A",
+            "top",
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--builders",
+        ])
+        .arg(format!("{url} x86_64-linux"))
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    let top = ok_out(o, "nix-build through firn daemon").trim().to_owned();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let mut places = built_where(&err);
+    places.sort();
+    let expect: Vec<(String, String)> = ["a", "b", "top"]
+        .iter()
+        .map(|n| (n.to_string(), url.clone()))
+        .collect();
+    assert_eq!(places, expect, "{err}");
+    assert!(
+        err.contains("building top\n"),
+        "the log reaches the client:\n{err}"
+    );
+    assert_eq!(closure_hashes(&local, &top), closure_hashes(&remote, &top));
+    for root in [&local, &remote] {
+        assert_verifies(root, &root.display().to_string());
+    }
+}
