@@ -1004,3 +1004,81 @@ fn nix_build_through_the_firn_daemon_builds_on_the_client_s_builders() {
         assert_verifies(root, &root.display().to_string());
     }
 }
+
+/// Floating content-addressed derivations (`ca-derivations`): built on the machine, their
+/// paths come back as the realisations of `builtOutputs` and are registered here.
+#[test]
+fn content_addressed_derivations_build_remotely_and_their_realisations_come_back() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-ca");
+    let conf = sshd.conf().join("nix.conf");
+    let mut settings = std::fs::read_to_string(&conf).unwrap();
+    settings.push_str("experimental-features = ca-derivations\n");
+    std::fs::write(&conf, settings).unwrap();
+    let expr = sshd.dir.join("ca.nix");
+    std::fs::write(
+        &expr,
+        r#"let mk = name: script: derivation {
+             inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+             args = [ "-c" script ]; __contentAddressed = true;
+             outputHashMode = "recursive"; outputHashAlgo = "sha256"; };
+           base = mk "base" "echo base > $out";
+        in mk "dep" "cat ${base} > $out; echo dep >> $out""#,
+    )
+    .unwrap();
+    let instantiate = |root: &Path| {
+        let o = sshd
+            .nix("nix-instantiate")
+            .arg("--store")
+            .arg(root)
+            .arg(&expr)
+            .output()
+            .unwrap();
+        ok_out(o, "nix-instantiate").trim().to_owned()
+    };
+    // The same build here, for the paths.
+    let plain = sshd.root("plain");
+    let drv = instantiate(&plain);
+    let o = sshd
+        .nix(firn_bin())
+        .arg("--store")
+        .arg(&plain)
+        .args(["realise", &drv])
+        .output()
+        .unwrap();
+    let want = ok_out(o, "local CA build").trim().to_owned();
+    for (i, program) in [firn_bin(), "nix-store"].into_iter().enumerate() {
+        let (local, remote) = (
+            sshd.root(&format!("local{i}")),
+            sshd.root(&format!("remote{i}")),
+        );
+        let drv = instantiate(&local);
+        let url = sshd.url(program, &remote);
+        let o = sshd.firn_realise(&local, &format!("{url} x86_64-linux"), "0", &drv);
+        let err = text(&o.stderr);
+        let out = ok_out(o, &format!("CA through {program}"));
+        assert_eq!(out.trim(), want, "{program}:\n{err}");
+        let mut places = built_where(&err);
+        places.sort();
+        assert_eq!(
+            places,
+            [
+                ("base".to_owned(), url.clone()),
+                ("dep".to_owned(), url.clone())
+            ],
+            "{program}:\n{err}"
+        );
+        let content = std::fs::read_to_string(local.join(want.trim_start_matches('/'))).unwrap();
+        assert_eq!(content, "base\ndep\n");
+        // The realisation is known here: again, nothing is built.
+        let o = sshd.firn_realise(&local, &format!("{url} x86_64-linux"), "0", &drv);
+        let err = text(&o.stderr);
+        assert_eq!(ok_out(o, "again").trim(), want);
+        assert!(built_where(&err).is_empty(), "{program}: {err}");
+        for root in [&local, &remote] {
+            assert_verifies(root, program);
+        }
+    }
+}

@@ -87,9 +87,13 @@ impl<R: RunningBuild> DerivationGoal<R> {
         result: &impl Fn(&StorePath) -> Option<&'r BuildResult>,
         here: bool,
     ) -> Tried {
-        // Outputs known only once built (content-addressed, impure) come back as
-        // realisations: not done remotely yet, so they are built here.
-        if !loaded.unknown.is_empty() {
+        // Outputs known only once built come back as realisations, found by their
+        // ids: without an id for each (no output hashes), it is built here.
+        if loaded
+            .unknown
+            .iter()
+            .any(|n| loaded.drv_output(n).is_none())
+        {
             return Tried::Declined(loaded, locks);
         }
         let system = String::from_utf8_lossy(&loaded.drv.platform).into_owned();
@@ -171,7 +175,14 @@ impl<R: RunningBuild> DerivationGoal<R> {
             drv.input_srcs = inputs.clone();
         }
         let mut outputs = BTreeSet::new();
-        for (_, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
+        let mut floating = std::collections::BTreeMap::new();
+        for (n, p) in loaded.outputs.iter().filter(|(n, _)| !valid.contains(*n)) {
+            if loaded.unknown.contains(n) {
+                if let Some(id) = loaded.drv_output(n) {
+                    floating.insert(n.clone(), id);
+                }
+                continue;
+            }
             // Leftovers of an interrupted build at an invalid output path go.
             let real = cx.store.real_path(p);
             firn_store::canonical::delete_path(&real)
@@ -190,6 +201,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             drv,
             inputs,
             outputs,
+            floating,
             settings: BuildSettings {
                 max_silent_time: secs(s.max_silent_time.0),
                 build_timeout: secs(s.timeout.0),
@@ -275,16 +287,25 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let _ = log.finish();
         let sd = cx.store.store_dir().clone();
         let shown = sd.display(&self.drv_path);
+        // The outputs built there: the known ones that were not valid, and the paths of
+        // the floating ones from the realisations.
+        let mut finals: std::collections::BTreeMap<OutputName, StorePath> = loaded
+            .known_outputs()
+            .into_iter()
+            .filter(|(n, _)| !valid.contains(n))
+            .collect();
         let outcome: Result<(), BuildError> = match outcome {
             Err(e) => Err(e),
             Ok(Ok(done)) if done.result.status.is_success() => {
+                finals.extend(done.realisations.into_iter().map(|(n, r)| (n, r.out_path)));
                 // Every output must be valid now (imported, or valid there and here).
                 let missing = loaded
                     .known_outputs()
                     .into_values()
+                    .chain(finals.values().cloned())
                     .find(|p| !matches!(cx.store.db().is_valid_path(p), Ok(true)));
                 match missing {
-                    None => Ok(()),
+                    None => super::register_realisations(cx.store, cx.settings, &loaded, &finals),
                     Some(p) => Err(BuildError::Remote {
                         drv: shown.clone(),
                         machine: uri.clone(),
@@ -327,7 +348,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 source: Box::new(e),
             }),
         };
-        let outputs = loaded.known_outputs();
+        let mut outputs = loaded.known_outputs();
+        if outcome.is_ok() {
+            outputs.extend(finals);
+        }
         let outcome = outcome.and_then(|()| self.run_post_build_hook(cx, &outputs));
         match &outcome {
             Ok(()) => locks.set_deletion(true),

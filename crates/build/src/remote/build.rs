@@ -11,7 +11,9 @@
 //!    it has input derivations, as Nix);
 //! 4. QueryPathInfos and DumpStorePath of the outputs missing here, each NAR imported
 //!    with the remote's hash and size checked (`Store::add_nar_locked`: the goal holds
-//!    the output locks), references first, no signature check (`NoCheckSigs`).
+//!    the output locks), references first, no signature check (`NoCheckSigs`). Outputs
+//!    known only once built (floating content-addressed) are the `outPath`s of the
+//!    realisations the remote returns (`builtOutputs`, keyed by their `DrvOutput`).
 //!
 //! The thread opens its own handle on the store (SQLite serialises the writers).
 
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use firn_derivation::StorePath;
+use firn_derivation::{DrvOutput, OutputName, Realisation, StorePath};
 use firn_protocol::serve::BuildSettings;
 use firn_protocol::{BasicDerivation, BuildResult};
 use firn_store::{Store, StoreError, StoreLayout, StoreOptions};
@@ -52,8 +54,10 @@ pub struct RemoteJob {
     pub drv: BasicDerivation,
     /// The input closure, which the remote must have.
     pub inputs: BTreeSet<StorePath>,
-    /// The outputs to bring back (those not valid here).
+    /// The outputs to bring back (those not valid here), whose locks the goal holds.
     pub outputs: BTreeSet<StorePath>,
+    /// Outputs whose paths the build decides (floating), with their ids.
+    pub floating: BTreeMap<OutputName, DrvOutput>,
     pub settings: BuildSettings,
     pub use_substitutes: bool,
 }
@@ -67,6 +71,8 @@ pub struct RemoteDone {
     pub sent: usize,
     /// Outputs imported.
     pub imported: Vec<StorePath>,
+    /// The realisations of the floating outputs, as the remote returned them.
+    pub realisations: BTreeMap<OutputName, Realisation>,
 }
 
 /// A remote build in progress.
@@ -223,18 +229,44 @@ fn run(job: RemoteJob, pipes: Pipes, connected: &AtomicBool) -> Result<RemoteDon
     let mut store = Store::open_with(&job.layout, &options)?;
     let sent = copy_inputs(&mut conn, &store, &job)?;
     let result = conn.build_derivation(&job.drv_path, &job.drv, &job.settings)?;
-    if !result.status.is_success() || job.outputs.is_empty() {
+    if !result.status.is_success() {
         return Ok(RemoteDone {
             result,
             sent,
             imported: Vec::new(),
+            realisations: BTreeMap::new(),
         });
     }
-    let imported = copy_outputs(&mut conn, &mut store, &job.outputs)?;
+    let mut realisations = BTreeMap::new();
+    let mut fetch = job.outputs.clone();
+    for (name, id) in &job.floating {
+        let key = id.to_string();
+        let json = result
+            .built_outputs
+            .get(&key)
+            .ok_or_else(|| RemoteError::MissingOutput { path: key.clone() })?;
+        let r = Realisation::from_json(json, &key).map_err(|e| RemoteError::BadRealisation {
+            id: key.clone(),
+            message: e.to_string(),
+        })?;
+        if !store
+            .db()
+            .is_valid_path(&r.out_path)
+            .map_err(StoreError::from)?
+        {
+            fetch.insert(r.out_path.clone());
+        }
+        realisations.insert(name.clone(), r);
+    }
+    let imported = match fetch.is_empty() {
+        true => Vec::new(),
+        false => copy_outputs(&mut conn, &mut store, &fetch, &job.outputs)?,
+    };
     Ok(RemoteDone {
         result,
         sent,
         imported,
+        realisations,
     })
 }
 
@@ -271,11 +303,13 @@ fn copy_inputs(
     Ok(order.len())
 }
 
-/// Bring the outputs back, references first, each checked against the remote's info.
+/// Bring the outputs back, references first, each checked against the remote's info;
+/// `locked`: those whose locks the goal holds.
 fn copy_outputs(
     conn: &mut ServeConnection,
     store: &mut Store,
     outputs: &BTreeSet<StorePath>,
+    locked: &BTreeSet<StorePath>,
 ) -> Result<Vec<StorePath>, RemoteError> {
     let sd = store.store_dir().clone();
     let infos = conn.query_path_infos(outputs)?;
@@ -295,13 +329,16 @@ fn copy_outputs(
     let mut imported = Vec::new();
     for p in firn_store::import::references_first(&local) {
         let info = by_path[&p];
+        let held = locked.contains(&p);
         conn.dump_store_path(&p, |nar| {
-            store
-                .add_nar_locked(info, nar)
-                .map_err(|source| RemoteError::Import {
-                    path: sd.display(&p),
-                    source: Box::new(source),
-                })
+            match held {
+                true => store.add_nar_locked(info, nar),
+                false => store.add_nar(info, nar),
+            }
+            .map_err(|source| RemoteError::Import {
+                path: sd.display(&p),
+                source: Box::new(source),
+            })
         })?;
         imported.push(p);
     }

@@ -51,6 +51,9 @@ pub enum RemoteError {
         path: String,
         source: Box<StoreError>,
     },
+    /// A realisation in the remote's `builtOutputs` does not parse.
+    #[error("the remote's realisation of '{id}' is bad: {message}")]
+    BadRealisation { id: String, message: String },
     /// A local input to send is not valid (or its info is gone).
     #[error("input '{0}' is not valid here")]
     InputNotValid(StorePath),
@@ -73,6 +76,7 @@ impl RemoteError {
             | Self::Receive(_)
             | Self::Nar(_) => true,
             Self::MissingOutput { .. }
+            | Self::BadRealisation { .. }
             | Self::Store(_)
             | Self::Import { .. }
             | Self::InputNotValid(_)
