@@ -1178,3 +1178,306 @@ fn copy_to_a_corrupt_path_fails_without_narinfos_for_it_or_its_referrers() {
     ));
     remove(&dir);
 }
+
+/// A throw-away CA made by openssl in `dir` and, if `server`, a certificate for
+/// 127.0.0.1 signed by it: (CA certificate, server certificate, server key).
+fn tls_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let f = |s: &str| dir.join(format!("{name}-{s}"));
+    let openssl = |args: &[&str]| {
+        let out = command("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca, ca_key, cert, key, csr, ext) = (
+        f("ca.pem"),
+        f("ca.key"),
+        f("cert.pem"),
+        f("key.pem"),
+        f("req.csr"),
+        f("ext.cnf"),
+    );
+    let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    let (ca_s, ca_key_s) = (s(&ca), s(&ca_key));
+    let subj = format!("/CN=firn test CA {name}");
+    args.extend([
+        "-keyout", &ca_key_s, "-out", &ca_s, "-days", "2", "-subj", &subj,
+    ]);
+    openssl(&args);
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let (key_s, csr_s, cert_s, ext_s) = (s(&key), s(&csr), s(&cert), s(&ext));
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", "/CN=127.0.0.1"]);
+    openssl(&args);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr_s,
+        "-CA",
+        &ca_s,
+        "-CAkey",
+        &ca_key_s,
+        "-CAcreateserial",
+        "-out",
+        &cert_s,
+        "-days",
+        "2",
+        "-extfile",
+        &ext_s,
+    ]);
+    (ca, cert, key)
+}
+
+/// A process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `openssl s_server -WWW` serving the files of `dir` over TLS on a free port of
+/// 127.0.0.1 (it answers 200 even for a missing file, so only caches whose every
+/// requested file exists can be served): the server and its `https://` URL.
+fn https_server(dir: &Path, cert: &Path, key: &Path) -> (Killed, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = command("openssl")
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Killed(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (server, format!("https://127.0.0.1:{port}"))
+}
+
+fn have_openssl() -> bool {
+    let present = Command::new("openssl").arg("version").output().is_ok();
+    if !present {
+        assert!(!is_ci(), "CI must install openssl (see .ci/run)");
+        eprintln!("SKIPPED: openssl is not installed");
+    }
+    present
+}
+
+/// firn on `root` with `NIX_SSL_CERT_FILE` set to `ca`.
+fn firn_with_ca(root: &Path, ca: &Path, args: &[&str]) -> Output {
+    let mut c = firn_command();
+    c.arg("--store")
+        .arg(root)
+        .args(args)
+        .env("NIX_SSL_CERT_FILE", ca);
+    c.output().unwrap()
+}
+
+/// An https cache (`openssl s_server -WWW` over a cache `nix copy --to file://` wrote,
+/// with a throw-away CA): `firn copy --from`, substitution in `firn realise` and real
+/// Nix get the same paths; a certificate of another CA, or a CA bundle that cannot be
+/// read, is one `error:` line and nothing is registered.
+#[test]
+fn https_caches_check_certificates_against_ssl_cert_file() {
+    if !can_build() || !have_nix() || !have_openssl() {
+        return;
+    }
+    let dir = tempdir("cache-https");
+    let (src, drv, top, dep) = built_store(&dir, "src");
+    let (sk, _pk, public) = keypair(&dir, "https-test-1");
+    let cache = dir.join("cache");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    ok(nix(&src, "nix", &["copy", "--to", &to, &top]));
+    let (ca, cert, key) = tls_ca(&dir, "good");
+    let (other_ca, _, _) = tls_ca(&dir, "other");
+    let (_server, url) = https_server(&cache, &cert, &key);
+
+    // copy --from with the CA bundle from NIX_SSL_CERT_FILE.
+    let fs1 = dir.join("copy");
+    let out = firn_with_ca(
+        &fs1,
+        &ca,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut got: Vec<String> = ok(out).lines().map(str::to_owned).collect();
+    got.sort();
+    let mut want = vec![top.clone(), dep.clone()];
+    want.sort();
+    assert_eq!(got, want, "{err}");
+    assert_eq!(hash_of(&fs1, &top), hash_of(&src, &top));
+    assert_verifies(&fs1, "after copy --from https");
+
+    // Substitution in realise, the bundle from the setting (it wins over the variable).
+    let fs2 = dir.join("realise");
+    assert_eq!(instantiate_into(&fs2, &dir), drv);
+    let out = firn_with_ca(
+        &fs2,
+        &other_ca,
+        &[
+            "--option",
+            "ssl-cert-file",
+            ca.to_str().unwrap(),
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "realise",
+            &drv,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains(&format!("copying path '{top}' from '{url}'")),
+        "{err}"
+    );
+    assert!(!err.contains("building '"), "{err}");
+    assert_eq!(hash_of(&fs2, &top), hash_of(&src, &top));
+
+    // Real Nix, the oracle, substitutes the same from the same server.
+    let ns = dir.join("nix");
+    let mut c = command("nix-store");
+    c.args([
+        "--store",
+        ns.to_str().unwrap(),
+        "--option",
+        "substituters",
+        &url,
+    ])
+    .args(["--option", "trusted-public-keys", &public, "-r", &top])
+    .env("NIX_CONF_DIR", tempdir_none())
+    .env("XDG_CACHE_HOME", dir.join("nix-xdg"))
+    .env("NIX_SSL_CERT_FILE", &ca);
+    assert_eq!(ok(c.output().unwrap()).trim(), top);
+    assert_eq!(hash_of(&ns, &top), hash_of(&src, &top));
+
+    // A certificate that does not chain to the bundle: one clear line, nothing valid.
+    let fs3 = dir.join("refused");
+    let out = firn_with_ca(
+        &fs3,
+        &other_ca,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: unable to download '{url}/nix-cache-info': "
+        )) && err.contains("UnknownIssuer")
+            && err.contains(other_ca.to_str().unwrap()),
+        "{err}"
+    );
+    let base = top.rsplit('/').next().unwrap();
+    assert!(!store_entries(&fs3).iter().any(|e| e.contains(base)));
+    assert_verifies(&fs3, "after a refused certificate");
+
+    // A bundle that cannot be read: one line naming it and the setting.
+    let missing = dir.join("no-such-bundle.pem");
+    let out = firn_with_ca(
+        &fs3,
+        &missing,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [format!(
+            "error: cannot use the CA bundle '{}' (setting 'ssl-cert-file'): No such file or directory (os error 2)",
+            missing.display()
+        )],
+    );
+    // Substitution skips such a cache with a warning and builds.
+    let fs4 = dir.join("built");
+    assert_eq!(instantiate_into(&fs4, &dir), drv);
+    let out = firn_with_ca(
+        &fs4,
+        &other_ca,
+        &[
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "realise",
+            &drv,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains(&format!("warning: cannot use the substituter '{url}'")),
+        "{err}"
+    );
+    assert!(err.contains("building '"), "{err}");
+    remove(&dir);
+}

@@ -512,6 +512,8 @@ settings! {
     secret_key_files: Strings = Strings::default(), "secret-key-files";
     /// Build from source when substituting fails, instead of failing.
     fallback: bool = false, "fallback", ["build-fallback"];
+    /// The CA bundle (PEM) for https caches (default: `$NIX_SSL_CERT_FILE`, `$SSL_CERT_FILE`, Debian's).
+    ssl_cert_file: String = firn_cache::http::default_ssl_cert_file(), "ssl-cert-file";
     /// The garbage collector keeps the outputs of live derivations.
     keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
     /// The garbage collector keeps the derivations of live outputs.

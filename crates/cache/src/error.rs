@@ -61,6 +61,9 @@ pub enum CacheError {
     ZeroNarSize { path: String },
     #[error("unable to download '{url}': {msg}")]
     Http { url: String, msg: String },
+    /// The `ssl-cert-file` bundle cannot be used.
+    #[error("cannot use the CA bundle '{}' (setting 'ssl-cert-file'): {msg}", file.display())]
+    CaBundle { file: PathBuf, msg: String },
     #[error("serving a binary cache on '{listen}': {msg}")]
     Serve { listen: String, msg: String },
     #[error("importing '{path}' from '{url}': {source}")]

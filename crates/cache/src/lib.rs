@@ -6,6 +6,7 @@
 //!   field order); [`cache_info`]: `nix-cache-info`;
 //! - [`compression`]: `xz`, `zstd`, `bzip2` and `none`;
 //! - [`cache`]: a binary cache by URL (`file:///DIR?compression=…&secret-key=…`);
+//! - [`http`]: GETs over `http://` and `https://` (rustls, `ssl-cert-file`);
 //! - [`copy`]: `firn copy --to` / `--from`; [`substitute`]: substitution for builds;
 //! - [`serve`]: the store as a read-only HTTP binary cache (`firn serve-cache`).
 //!
@@ -17,6 +18,7 @@ pub mod cache_info;
 pub mod compression;
 pub mod copy;
 pub mod error;
+pub mod http;
 pub mod http_request;
 pub mod keys;
 pub mod narinfo;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use firn_derivation::{FixedOutputHash, StoreDir, StorePath};
 use firn_store::Store;
 
-use crate::cache::{BinaryCache, CacheUrl};
+use crate::cache::{BinaryCache, CacheOptions, CacheUrl};
 use crate::copy::{acceptable, import, walk_missing};
 use crate::error::CacheError;
 use crate::keys::PublicKeys;
@@ -50,8 +50,10 @@ impl Substituters {
     /// A cache that cannot be opened is left out, with a warning (as Nix does).
     /// `trusted_public_keys` are the words of that setting; the public halves of
     /// `secret_key_files` are trusted too.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         sd: &StoreDir,
+        opts: &CacheOptions,
         urls: &[String],
         trusted_public_keys: &[String],
         secret_key_files: &[String],
@@ -62,7 +64,7 @@ impl Substituters {
         let mut warnings = Vec::new();
         let mut caches = Vec::new();
         for u in urls {
-            match CacheUrl::parse(u).and_then(|url| BinaryCache::open(&url, sd)) {
+            match CacheUrl::parse(u).and_then(|url| BinaryCache::open(&url, sd, opts)) {
                 Ok(c) => caches.push(c),
                 Err(e) => warnings.push(format!("cannot use the substituter '{u}': {e}")),
             }

@@ -175,11 +175,12 @@ fn nar_urls_must_stay_inside_the_cache() {
     use firn_cache::{BinaryCache, CacheUrl};
     let info = parse(NIX).unwrap();
     for base in ["http://127.0.0.1:9/cache", "file:///nonexistent-firn-cache"] {
-        let cache = BinaryCache {
-            url: CacheUrl::parse(base).unwrap(),
-            info: CacheInfo::new("/nix/store"),
-            secret_key: None,
-        };
+        let cache = BinaryCache::with_info(
+            &CacheUrl::parse(base).unwrap(),
+            CacheInfo::new("/nix/store"),
+            &Default::default(),
+        )
+        .unwrap();
         for url in [
             "../x.nar",
             "nar/../../x.nar",
