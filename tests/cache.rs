@@ -1298,13 +1298,15 @@ fn have_openssl() -> bool {
     present
 }
 
-/// firn on `root` with `NIX_SSL_CERT_FILE` set to `ca`.
+/// firn on `root` with `NIX_SSL_CERT_FILE` set to `ca` (and a narinfo disk cache of
+/// that store's own, so each command asks the server).
 fn firn_with_ca(root: &Path, ca: &Path, args: &[&str]) -> Output {
     let mut c = firn_command();
     c.arg("--store")
         .arg(root)
         .args(args)
-        .env("NIX_SSL_CERT_FILE", ca);
+        .env("NIX_SSL_CERT_FILE", ca)
+        .env("XDG_CACHE_HOME", root.with_extension("xdg"));
     c.output().unwrap()
 }
 
@@ -1479,5 +1481,178 @@ fn https_caches_check_certificates_against_ssl_cert_file() {
         "{err}"
     );
     assert!(err.contains("building '"), "{err}");
+    remove(&dir);
+}
+
+/// A plain HTTP file server over `dir` on 127.0.0.1 (404 for a missing file, one
+/// request per connection) that records the paths asked: its URL and the record.
+fn counting_server(dir: &Path) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (dir, record) = (dir.to_path_buf(), log.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            record.lock().unwrap().push(path.clone());
+            let file = dir.join(path.trim_start_matches('/'));
+            let _ = match (path.contains(".."), fs::read(&file)) {
+                (false, Ok(body)) => stream
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|()| stream.write_all(&body)),
+                _ => stream.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                ),
+            };
+        }
+    });
+    (url, log)
+}
+
+/// The rows of the disk cache `xdg/nix/binary-cache-v6.sqlite`, each column quoted,
+/// without the times and ids: (BinaryCaches, NARs).
+fn disk_cache_rows(xdg: &Path) -> (Vec<String>, Vec<String>) {
+    let db = rusqlite::Connection::open(xdg.join("nix/binary-cache-v6.sqlite")).unwrap();
+    let rows = |sql: &str| -> Vec<String> {
+        let mut st = db.prepare(sql).unwrap();
+        let v = st.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        v.map(Result::unwrap).collect()
+    };
+    (
+        rows("select quote(url)||' '||quote(storeDir)||' '||quote(wantMassQuery)||' '||quote(priority) from BinaryCaches order by url"),
+        rows("select quote(hashPart)||' '||quote(namePart)||' '||quote(url)||' '||quote(compression)||' '||quote(fileHash)||' '||quote(fileSize)||' '||quote(narHash)||' '||quote(narSize)||' '||quote(refs)||' '||quote(deriver)||' '||quote(sigs)||' '||quote(ca)||' '||quote(present) from NARs order by hashPart"),
+    )
+}
+
+/// Nix's narinfo disk cache: firn writes the rows real Nix writes (column for column),
+/// each reads the other's (the server is asked for no narinfo and no nix-cache-info
+/// again), negative entries spare the server until `narinfo-cache-negative-ttl` has
+/// passed, and `narinfo-cache-positive-ttl` bounds the positive ones.
+#[test]
+fn narinfo_disk_cache_is_shared_with_nix() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-disk");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let (sk, _pk, public) = keypair(&dir, "disk-test-1");
+    let cache = dir.join("cache");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    ok(nix(&src, "nix", &["copy", "--to", &to, &top]));
+    let (url, log) = counting_server(&cache);
+    let take = || std::mem::take(&mut *log.lock().unwrap());
+    let asked = |what: &str, log: &[String]| log.iter().filter(|p| p.ends_with(what)).count();
+    let firn = |root: &Path, xdg: &Path, extra: &[&str], path: &str| {
+        let mut c = firn_command();
+        c.arg("--store")
+            .arg(root)
+            .args(["--option", "trusted-public-keys", &public])
+            .args(extra)
+            .args(["copy", "--from", &url, path])
+            .env("XDG_CACHE_HOME", xdg);
+        c.output().unwrap()
+    };
+    let real_nix = |root: &Path, xdg: &Path| {
+        let mut c = command("nix-store");
+        c.args([
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "substituters",
+            &url,
+        ])
+        .args(["--option", "trusted-public-keys", &public, "-r", &top])
+        .env("NIX_CONF_DIR", tempdir_none())
+        .env("XDG_CACHE_HOME", xdg);
+        assert_eq!(ok(c.output().unwrap()).trim(), top);
+    };
+
+    // firn first: it asks the server, then nothing but the NARs.
+    let (x1, x2) = (dir.join("xdg1"), dir.join("xdg2"));
+    ok(firn(&dir.join("f1"), &x1, &[], &top));
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (1, 2),
+        "{l:?}"
+    );
+    ok(firn(&dir.join("f2"), &x1, &[], &top));
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (0, 0),
+        "{l:?}"
+    );
+    assert_eq!(asked(".nar.xz", &l), 2, "{l:?}");
+    // Real Nix takes firn's rows.
+    real_nix(&dir.join("n1"), &x1);
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (0, 0),
+        "{l:?}"
+    );
+
+    // Real Nix first, in a fresh disk cache: its rows are firn's, and firn takes them.
+    real_nix(&dir.join("n2"), &x2);
+    let l = take();
+    assert_eq!(asked(".narinfo", &l), 2, "{l:?}");
+    let (nix_rows, firn_rows) = (disk_cache_rows(&x2), disk_cache_rows(&x1));
+    assert_eq!(nix_rows, firn_rows);
+    assert_eq!(nix_rows.1.len(), 2, "{nix_rows:?}");
+    let f3 = dir.join("f3");
+    ok(firn(&f3, &x2, &[], &top));
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (0, 0),
+        "{l:?}"
+    );
+    assert_eq!(hash_of(&f3, &dep), hash_of(&src, &dep));
+    assert_verifies(&f3, "after copy --from through the disk cache");
+
+    // A path the cache lacks: asked once, then known absent, until the TTL passes.
+    let missing = format!("{}/{}-missing", "/nix/store", "0".repeat(32));
+    for round in 0..2 {
+        let out = firn(&dir.join("f4"), &x1, &[], &missing);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            err,
+            format!("error: path '{missing}' is not valid in binary cache '{url}'\n")
+        );
+        let l = take();
+        assert_eq!(
+            asked(".narinfo", &l),
+            usize::from(round == 0),
+            "{round}: {l:?}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let ttl1 = ["--option", "narinfo-cache-negative-ttl", "1"];
+    assert!(!firn(&dir.join("f4"), &x1, &ttl1, &missing).status.success());
+    assert_eq!(asked(".narinfo", &take()), 1);
+    // Positive entries count for narinfo-cache-positive-ttl seconds.
+    let ttl0 = ["--option", "narinfo-cache-positive-ttl", "0"];
+    ok(firn(&dir.join("f5"), &x1, &ttl0, &top));
+    assert_eq!(asked(".narinfo", &take()), 2);
     remove(&dir);
 }

@@ -140,8 +140,6 @@ pub const NIX_SETTINGS: &[&str] = &[
     "min-free",
     "min-free-check-interval",
     "nar-buffer-size",
-    "narinfo-cache-negative-ttl",
-    "narinfo-cache-positive-ttl",
     "netrc-file",
     "nix-path",
     "plugin-files",
@@ -514,6 +512,10 @@ settings! {
     fallback: bool = false, "fallback", ["build-fallback"];
     /// The CA bundle (PEM) for https caches (default: `$NIX_SSL_CERT_FILE`, `$SSL_CERT_FILE`, Debian's).
     ssl_cert_file: String = firn_cache::http::default_ssl_cert_file(), "ssl-cert-file";
+    /// Seconds a narinfo learnt from an HTTP cache is taken from the disk cache.
+    narinfo_cache_positive_ttl: u64 = 30 * 24 * 3600, "narinfo-cache-positive-ttl";
+    /// Seconds a cache's "not there" is taken from the disk cache.
+    narinfo_cache_negative_ttl: u64 = 3600, "narinfo-cache-negative-ttl";
     /// The garbage collector keeps the outputs of live derivations.
     keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
     /// The garbage collector keeps the derivations of live outputs.

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use firn_cache::cache::CacheOptions;
+use firn_cache::disk_cache::DiskCacheOptions;
 use firn_cache::http::HttpOptions;
 use firn_cache::substitute::{Plan, Substituters};
 use firn_derivation::{Derivation, FixedOutputHash, StoreDir, StorePath};
@@ -35,6 +36,10 @@ pub enum Substituted {
 pub fn cache_options(settings: &Settings) -> CacheOptions {
     CacheOptions {
         http: HttpOptions::with_ca_file(&settings.ssl_cert_file),
+        disk_cache: DiskCacheOptions::nix_default(
+            settings.narinfo_cache_positive_ttl,
+            settings.narinfo_cache_negative_ttl,
+        ),
     }
 }
 

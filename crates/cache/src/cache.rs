@@ -18,11 +18,13 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use firn_derivation::{StoreDir, StorePath};
 
 use crate::cache_info::{CacheInfo, MAX_CACHE_INFO_SIZE};
 use crate::compression::{self, Compression};
+use crate::disk_cache::{DiskCache, DiskCacheOptions, Lookup};
 use crate::error::{io_err, CacheError};
 use crate::http::{Http, HttpOptions};
 use crate::keys::SecretKey;
@@ -123,6 +125,8 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheOptions {
     pub http: HttpOptions,
+    /// Nix's narinfo disk cache, for HTTP(S) caches; `None`: none.
+    pub disk_cache: Option<DiskCacheOptions>,
 }
 
 /// An opened binary cache.
@@ -134,6 +138,8 @@ pub struct BinaryCache {
     pub secret_key: Option<SecretKey>,
     /// The client of an HTTP(S) cache.
     http: Option<Http>,
+    /// The narinfo disk cache, with this cache's id in it.
+    disk: Option<(Arc<DiskCache>, i64, DiskCacheOptions)>,
 }
 
 impl BinaryCache {
@@ -143,6 +149,32 @@ impl BinaryCache {
             Location::Http(base) => Some(Http::new(base, &opts.http)?),
             Location::Dir(_) => None,
         };
+        let expected = url.store.as_deref().unwrap_or(sd.as_str());
+        let disk = match (&url.location, &opts.disk_cache) {
+            (Location::Http(base), Some(o)) => {
+                DiskCache::shared(&o.file, o).map(|d| (d, base.clone(), o.clone()))
+            }
+            _ => None,
+        };
+        // A cache the disk cache knows (for our store dir) is not asked its
+        // nix-cache-info again, as in Nix.
+        if let Some((d, base, o)) = &disk {
+            if let Some((id, info)) = d.cache_exists(base) {
+                if info.store_dir.as_deref() == Some(expected) {
+                    let secret_key = match &url.secret_key {
+                        Some(f) => Some(SecretKey::read_file(f)?),
+                        None => None,
+                    };
+                    return Ok(Self {
+                        url: url.clone(),
+                        info,
+                        secret_key,
+                        http,
+                        disk: Some((d.clone(), id, o.clone())),
+                    });
+                }
+            }
+        }
         let info = match read_file(
             &url.location,
             http.as_ref(),
@@ -156,7 +188,6 @@ impl BinaryCache {
                 priority: None,
             },
         };
-        let expected = url.store.as_deref().unwrap_or(sd.as_str());
         if let Some(theirs) = &info.store_dir {
             if theirs != expected {
                 return Err(CacheError::WrongStoreDir {
@@ -170,11 +201,16 @@ impl BinaryCache {
             Some(f) => Some(SecretKey::read_file(f)?),
             None => None,
         };
+        let disk = disk.and_then(|(d, base, o)| {
+            let id = d.create_cache(&base, expected, &info)?;
+            Some((d, id, o))
+        });
         Ok(Self {
             url: url.clone(),
             info,
             secret_key,
             http,
+            disk,
         })
     }
 
@@ -193,6 +229,7 @@ impl BinaryCache {
             info,
             secret_key: None,
             http,
+            disk: None,
         })
     }
 
@@ -216,6 +253,7 @@ impl BinaryCache {
                 info: CacheInfo::new(sd.as_str()),
                 secret_key: None,
                 http: None,
+                disk: None,
             };
             cache.write_file("nix-cache-info", cache.info.to_text().as_bytes())?;
         }
@@ -253,6 +291,23 @@ impl BinaryCache {
     /// The narinfo of `p`, or `None` when the cache does not have it. A narinfo that
     /// names another path is refused.
     pub fn query(&self, sd: &StoreDir, p: &StorePath) -> Result<Option<NarInfo>, CacheError> {
+        if let Some((d, id, o)) = &self.disk {
+            match d.lookup(*id, p.hash_part(), o) {
+                Lookup::Present(info) if info.path == *p => return Ok(Some(*info)),
+                // Another name under that hash: not the path asked for (Nix's
+                // `goodStorePath`).
+                Lookup::Present(_) | Lookup::Absent => return Ok(None),
+                Lookup::Unknown => {}
+            }
+        }
+        let found = self.query_uncached(sd, p)?;
+        if let Some((d, id, _)) = &self.disk {
+            d.upsert(*id, p.hash_part(), found.as_ref());
+        }
+        Ok(found)
+    }
+
+    fn query_uncached(&self, sd: &StoreDir, p: &StorePath) -> Result<Option<NarInfo>, CacheError> {
         let rel = Self::narinfo_rel(p);
         let Some(text) = self.read(&rel, MAX_NARINFO_SIZE)? else {
             return Ok(None);
