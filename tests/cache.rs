@@ -1656,3 +1656,134 @@ fn narinfo_disk_cache_is_shared_with_nix() {
     assert_eq!(asked(".narinfo", &take()), 2);
     remove(&dir);
 }
+
+const CA_EXPR: &str = r#"
+let sh = "/bin/sh";
+  ca = args: derivation ({ system = "x86_64-linux"; builder = sh; __contentAddressed = true;
+    outputHashMode = "recursive"; outputHashAlgo = "sha256"; } // args);
+in rec {
+  dep = ca { name = "ca-cache-dep"; args = ["-c" "echo dep > $out"]; };
+  top = ca { name = "ca-cache-top"; args = ["-c" "echo ${dep} > $out"]; };
+}
+"#;
+
+/// The files of `dir/realisations` with their bytes.
+fn doi_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir.join("realisations"))
+        .map(|rd| {
+            rd.map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Realisations in caches: `firn copy --to` of CA outputs writes
+/// `realisations/<id>.doi` byte for byte as `nix copy --to` writes them (Nix writes
+/// those of the installable it copies: the unresolved derivation's with
+/// `dependentRealisations` for `-f FILE ATTR`, the resolved one's for a `.drv`; firn,
+/// given the output paths, writes every realisation of each), and a cache's
+/// realisations are read back by id (`Substituters::query_realisation`), from a cache
+/// real Nix wrote, as the store has them.
+#[test]
+fn ca_outputs_copy_with_their_realisations_as_nix_writes_them() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-realisations");
+    let root = dir.join("st");
+    let expr = dir.join("ca.nix");
+    fs::write(&expr, CA_EXPR).unwrap();
+    let ca = [
+        "--option",
+        "experimental-features",
+        "nix-command ca-derivations",
+    ];
+    let mut args = ca.to_vec();
+    args.extend(["--option", "sandbox", "true", "--option", "sandbox-paths"]);
+    args.extend(["/bin/sh=/bin/busybox", "--no-out-link", "-A", "top"]);
+    args.push(expr.to_str().unwrap());
+    let top = ok(nix(&root, "nix-build", &args)).trim().to_owned();
+    let drv = ok(nix(
+        &root,
+        "nix-store",
+        &[&ca[..], &["-q", "--deriver", &top]].concat(),
+    ))
+    .trim()
+    .to_owned();
+    let dep = ok(nix(&root, "nix-store", &["-q", "--references", &top]))
+        .trim()
+        .to_owned();
+
+    let (nix_a, nix_b, ours) = (dir.join("nix-a"), dir.join("nix-b"), dir.join("firn"));
+    let url = |d: &Path| format!("file://{}", d.display());
+    let copy = |to: &Path, what: &[&str]| {
+        let mut a = ca.to_vec();
+        a.extend(["copy", "--to"]);
+        let u = url(to);
+        a.push(&u);
+        a.extend(what);
+        ok(nix(&root, "nix", &a));
+    };
+    copy(&nix_a, &["-f", expr.to_str().unwrap(), "top"]);
+    copy(&nix_b, &[&drv]);
+    let out = firn_at(
+        &root,
+        &[&ca[..], &["copy", "--to", &url(&ours), &top]].concat(),
+        None,
+    );
+    let mut got: Vec<String> = ok(out).lines().map(str::to_owned).collect();
+    got.sort();
+    let mut want = vec![top.clone(), dep.clone()];
+    want.sort();
+    assert_eq!(got, want);
+
+    let mut nixs = doi_files(&nix_a);
+    nixs.extend(doi_files(&nix_b));
+    assert_eq!(nixs.len(), 3, "{:?}", nixs.keys());
+    let firns = doi_files(&ours);
+    for (name, bytes) in &firns {
+        assert_eq!(
+            Some(String::from_utf8_lossy(bytes)),
+            nixs.get(name).map(|b| String::from_utf8_lossy(b)),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        firns.keys().collect::<Vec<_>>(),
+        nixs.keys().collect::<Vec<_>>()
+    );
+    // Without the feature the store has no realisations and none are written.
+    let plain = dir.join("firn-plain");
+    ok(firn_at(&root, &["copy", "--to", &url(&plain), &top], None));
+    assert!(doi_files(&plain).is_empty());
+
+    // Reading them back from the cache real Nix wrote, by id, through the substituters.
+    let sd = firn_derivation::StoreDir::new("/nix/store").unwrap();
+    let (subs, warnings) = firn_cache::substitute::Substituters::open(
+        &sd,
+        &Default::default(),
+        &[url(&nix_a)],
+        &[],
+        &[],
+        true,
+        false,
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    for name in nixs.keys().filter(|n| doi_files(&nix_a).contains_key(*n)) {
+        let id = firn_derivation::DrvOutput::parse(name.trim_end_matches(".doi")).unwrap();
+        let (r, _) = subs.query_realisation(&id).unwrap().unwrap();
+        assert_eq!(r.to_json().as_bytes(), &nixs[name][..]);
+        let p = sd.display(&r.out_path);
+        assert!(p == top || p == dep, "{p}");
+    }
+    let unknown = firn_derivation::DrvOutput::parse(&format!("sha256:{}!out", "0".repeat(64)));
+    assert!(subs.query_realisation(&unknown.unwrap()).unwrap().is_none());
+    remove(&dir);
+}

@@ -20,6 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use firn_derivation::realisation::{DrvOutput, Realisation};
 use firn_derivation::{StoreDir, StorePath};
 
 use crate::cache_info::{CacheInfo, MAX_CACHE_INFO_SIZE};
@@ -325,6 +326,50 @@ impl BinaryCache {
             });
         }
         Ok(Some(info))
+    }
+
+    /// The realisation `id` (Nix's `queryRealisation` on a binary cache:
+    /// `realisations/<id>.doi`), or `None` when the cache has none.
+    pub fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, CacheError> {
+        let rel = format!("realisations/{id}.doi");
+        let shown = shown(&self.url.location, &rel);
+        let key = id.to_string();
+        let cached = match &self.disk {
+            Some((d, cache, o)) => d.lookup_realisation(*cache, &key, o),
+            None => None,
+        };
+        let text = match cached {
+            Some(None) => return Ok(None),
+            Some(Some(json)) => json.into_bytes(),
+            None => {
+                let found = self.read(&rel, MAX_NARINFO_SIZE)?;
+                if let Some((d, cache, _)) = &self.disk {
+                    let json = found.as_deref().and_then(|t| std::str::from_utf8(t).ok());
+                    if found.is_none() || json.is_some() {
+                        d.upsert_realisation(*cache, &key, json);
+                    }
+                }
+                match found {
+                    Some(t) => t,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let text = String::from_utf8(text).map_err(|_| CacheError::BadRealisation {
+            file: shown.clone(),
+            msg: "it is not UTF-8".into(),
+        })?;
+        let r = Realisation::from_json(&text, &shown).map_err(|e| CacheError::BadRealisation {
+            file: shown.clone(),
+            msg: e.to_string(),
+        })?;
+        if &r.id != id {
+            return Err(CacheError::BadRealisation {
+                file: shown,
+                msg: format!("it is about '{}', not '{id}'", r.id),
+            });
+        }
+        Ok(Some(r))
     }
 
     /// The NAR of `info`, decompressed. Its `URL` must name a file inside the cache.

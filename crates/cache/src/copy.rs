@@ -189,7 +189,38 @@ pub fn copy_to(
         }
         result
     })?;
+    // The realisations of the closure's content-addressed outputs, each after the
+    // narinfos (Nix's `registerDrvOutput`: `realisations/<id>.doi`, its JSON).
+    if store.ca_derivations() {
+        for p in &graph.topo_sorted() {
+            write_realisations(store, cache, p)?;
+        }
+    }
     Ok(copied)
+}
+
+/// Write `realisations/<id>.doi` for every realisation whose output is `p`, unless the
+/// cache has that very file.
+fn write_realisations(store: &Store, cache: &BinaryCache, p: &StorePath) -> Result<(), CacheError> {
+    let db = store.db();
+    let ids = db
+        .query_realisations_of_path(p)
+        .map_err(firn_store::StoreError::from)?;
+    for id in ids {
+        let Some(r) = db
+            .query_realisation(&id)
+            .map_err(firn_store::StoreError::from)?
+        else {
+            continue;
+        };
+        let rel = format!("realisations/{id}.doi");
+        let json = r.to_json();
+        if fs::read(cache.dir()?.join(&rel)).is_ok_and(|old| old == json.as_bytes()) {
+            continue;
+        }
+        cache.write_file(&rel, json.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Write the compressed NAR of `info` into `cache/nar/` and give its narinfo.

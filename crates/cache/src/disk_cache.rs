@@ -348,4 +348,35 @@ impl DiskCache {
             ),
         };
     }
+
+    /// What is known of the realisation `id` (its JSON) in the cache `cache`.
+    pub fn lookup_realisation(
+        &self,
+        cache: i64,
+        id: &str,
+        opts: &DiskCacheOptions,
+    ) -> Option<Option<String>> {
+        let t = now();
+        self.db()
+            .query_row(
+                "select content from Realisations where cache = ? and outputId = ? and ((content is null and timestamp > ?) or (content is not null and timestamp > ?))",
+                params![
+                    cache,
+                    id,
+                    t.saturating_sub(ttl(opts.negative_ttl)),
+                    t.saturating_sub(ttl(opts.positive_ttl))
+                ],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .ok()
+    }
+
+    /// Record the realisation `id` of the cache `cache`: its JSON, or (`None`) that the
+    /// cache has none (Nix's `upsertRealisation` / `upsertAbsentRealisation`).
+    pub fn upsert_realisation(&self, cache: i64, id: &str, json: Option<&str>) {
+        let _ = self.db().execute(
+            "insert or replace into Realisations(cache, outputId, content, timestamp) values (?, ?, ?, ?)",
+            params![cache, id, json, now()],
+        );
+    }
 }

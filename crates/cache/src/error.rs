@@ -30,6 +30,9 @@ pub enum CacheError {
     /// A `.narinfo` (named by its file or URL) that does not parse.
     #[error("NAR info file '{file}' is corrupt: {msg}")]
     BadNarInfo { file: String, msg: String },
+    /// A `realisations/<id>.doi` that does not parse or names another output.
+    #[error("realisation '{file}' is not valid: {msg}")]
+    BadRealisation { file: String, msg: String },
     #[error("'{file}' is corrupt: {msg}")]
     BadCacheInfo { file: String, msg: String },
     /// A narinfo whose `URL` leaves the cache (`../x`, `/etc/passwd`, `http://…`).

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use firn_derivation::{FixedOutputHash, StoreDir, StorePath};
+use firn_derivation::{DrvOutput, FixedOutputHash, Realisation, StoreDir, StorePath};
 use firn_store::Store;
 
 use crate::cache::{BinaryCache, CacheOptions, CacheUrl};
@@ -126,6 +126,24 @@ impl Substituters {
                 continue;
             }
             return Ok(Some((info, i)));
+        }
+        Ok(None)
+    }
+
+    /// The realisation `id` from the first cache (by priority) that has it, with the
+    /// index of that cache (Nix's `DrvOutputSubstitutionGoal`); an unreadable cache is
+    /// skipped with `fallback`, else an error.
+    pub fn query_realisation(
+        &self,
+        id: &DrvOutput,
+    ) -> Result<Option<(Realisation, usize)>, CacheError> {
+        for (i, c) in self.caches.iter().enumerate() {
+            match c.query_realisation(id) {
+                Ok(Some(r)) => return Ok(Some((r, i))),
+                Ok(None) => {}
+                Err(_) if self.fallback => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(None)
     }

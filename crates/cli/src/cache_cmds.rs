@@ -132,6 +132,10 @@ pub fn copy(settings: &Settings, args: &CopyArgs, out: &mut impl Write) -> Resul
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     if let Some(to) = &args.to {
+        // With ca-derivations the realisations of the outputs copied go too.
+        if settings.build.ca_derivations() {
+            store.enable_ca_derivations()?;
+        }
         let paths: Vec<StorePath> = args
             .paths
             .iter()
