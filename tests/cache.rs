@@ -1484,45 +1484,68 @@ fn https_caches_check_certificates_against_ssl_cert_file() {
     remove(&dir);
 }
 
+/// What [`counting_server`] records: the paths asked, and the most requests it was
+/// answering at once.
+#[derive(Default)]
+struct ServerLog {
+    paths: std::sync::Mutex<Vec<String>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
 /// A plain HTTP file server over `dir` on 127.0.0.1 (404 for a missing file, one
-/// request per connection) that records the paths asked: its URL and the record.
-fn counting_server(dir: &Path) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// request per connection, a thread each) that records the paths asked and waits
+/// `nar_delay` before answering for a NAR: its URL and the record.
+fn counting_server(
+    dir: &Path,
+    nar_delay: std::time::Duration,
+) -> (String, std::sync::Arc<ServerLog>) {
     use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::Ordering::SeqCst;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::new(ServerLog::default());
     let (dir, record) = (dir.to_path_buf(), log.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
+            let (dir, record) = (dir.clone(), record.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
                 }
-            }
-            record.lock().unwrap().push(path.clone());
-            let file = dir.join(path.trim_start_matches('/'));
-            let _ = match (path.contains(".."), fs::read(&file)) {
-                (false, Ok(body)) => stream
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                            body.len()
+                let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                record.paths.lock().unwrap().push(path.clone());
+                let now = record.in_flight.fetch_add(1, SeqCst) + 1;
+                record.most.fetch_max(now, SeqCst);
+                if path.starts_with("/nar/") {
+                    std::thread::sleep(nar_delay);
+                }
+                let file = dir.join(path.trim_start_matches('/'));
+                let _ = match (path.contains(".."), fs::read(&file)) {
+                    (false, Ok(body)) => stream
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .as_bytes(),
                         )
-                        .as_bytes(),
-                    )
-                    .and_then(|()| stream.write_all(&body)),
-                _ => stream.write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                ),
-            };
+                        .and_then(|()| stream.write_all(&body)),
+                    _ => stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+                record.in_flight.fetch_sub(1, SeqCst);
+            });
         }
     });
     (url, log)
@@ -1558,8 +1581,8 @@ fn narinfo_disk_cache_is_shared_with_nix() {
     let cache = dir.join("cache");
     let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
     ok(nix(&src, "nix", &["copy", "--to", &to, &top]));
-    let (url, log) = counting_server(&cache);
-    let take = || std::mem::take(&mut *log.lock().unwrap());
+    let (url, log) = counting_server(&cache, std::time::Duration::ZERO);
+    let take = || std::mem::take(&mut *log.paths.lock().unwrap());
     let asked = |what: &str, log: &[String]| log.iter().filter(|p| p.ends_with(what)).count();
     let firn = |root: &Path, xdg: &Path, extra: &[&str], path: &str| {
         let mut c = firn_command();
@@ -1785,5 +1808,86 @@ fn ca_outputs_copy_with_their_realisations_as_nix_writes_them() {
     }
     let unknown = firn_derivation::DrvOutput::parse(&format!("sha256:{}!out", "0".repeat(64)));
     assert!(subs.query_realisation(&unknown.unwrap()).unwrap().is_none());
+    remove(&dir);
+}
+
+/// Parallel downloads: a closure of 12 text paths, each referring to the one before,
+/// from an HTTP server that takes 300 ms per NAR comes in with several transfers at
+/// once (in well under 12 × 300 ms), is registered references first (database ids
+/// grow along the references) and verifies; a NAR with a wrong hash in the middle of
+/// the closure leaves nothing valid and nothing staged.
+#[test]
+fn closures_download_in_parallel_and_register_references_first() {
+    if !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-parallel");
+    let src = dir.join("src");
+    let expr = "let chain = n: if n == 0 then builtins.toFile \"chain-0\" \"start\" \
+                else builtins.toFile \"chain-${toString n}\" \"after ${chain (n - 1)}\"; \
+                in chain 11";
+    let out = nix(
+        &src,
+        "nix-instantiate",
+        &["--eval", "--read-write-mode", "-E", expr],
+    );
+    let top = ok(out).trim().trim_matches('"').to_owned();
+    let closure = ok(nix(&src, "nix-store", &["-qR", &top]));
+    assert_eq!(closure.lines().count(), 12, "{closure}");
+    let cache = dir.join("cache");
+    ok(nix(
+        &src,
+        "nix",
+        &["copy", "--to", &format!("file://{}", cache.display()), &top],
+    ));
+
+    let delay = std::time::Duration::from_millis(300);
+    let (url, log) = counting_server(&cache, delay);
+    let ours = dir.join("firn");
+    let start = std::time::Instant::now();
+    let out = firn_at(&ours, &["copy", "--from", &url, &top], None);
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).lines().count(), 12, "{err}");
+    let most = log.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most >= 4, "at most {most} requests at once");
+    assert!(took < delay * 6, "{took:?}");
+    assert_verifies(&ours, "after a parallel copy --from");
+    // References first: fetched, staged and printed in an order where each path comes
+    // after its references (registered in one transaction, in path order as Nix does).
+    let printed: Vec<String> = ok(firn_at(
+        &dir.join("again"),
+        &["copy", "--from", &url, &top],
+        None,
+    ))
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    for (k, p) in printed.iter().enumerate() {
+        let refs = ok(nix(&src, "nix-store", &["-q", "--references", p]));
+        for r in refs.lines().filter(|r| *r != p) {
+            let at = printed.iter().position(|q| q == r).unwrap();
+            assert!(at < k, "{p} printed before its reference {r}");
+        }
+    }
+    assert_eq!(printed.last(), Some(&top));
+
+    // A NAR in the middle that is not the one its narinfo hashes: nothing is valid.
+    let middle = closure.lines().nth(5).unwrap().to_owned();
+    let info = narinfo(&cache, &middle);
+    let nar = cache.join(&info["URL"]);
+    let other = cache.join(&narinfo(&cache, closure.lines().next().unwrap())["URL"]);
+    fs::copy(&other, &nar).unwrap();
+    let bad = dir.join("bad");
+    let out = firn_at(&bad, &["copy", "--from", &url, &top], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Nix's wording, its three lines included.
+    let want = format!(
+        "error: importing '{middle}' from '{url}': size mismatch importing path '{middle}';\n  specified: "
+    );
+    assert!(err.starts_with(&want), "{err}");
+    assert!(store_entries(&bad).is_empty(), "{:?}", store_entries(&bad));
+    assert_verifies(&bad, "after a failed parallel copy --from");
     remove(&dir);
 }

@@ -95,8 +95,9 @@ impl Substituters {
         sd: &StoreDir,
         p: &StorePath,
         cas: &BTreeMap<StorePath, FixedOutputHash>,
-        warnings: &mut Vec<String>,
+        warnings: &std::sync::Mutex<Vec<String>>,
     ) -> Result<Option<(NarInfo, usize)>, CacheError> {
+        let warn = |w: String| warnings.lock().unwrap_or_else(|e| e.into_inner()).push(w);
         for (i, c) in self.caches.iter().enumerate() {
             let found = match c.foreign_store_dir(sd) {
                 None => c.query(sd, p),
@@ -112,13 +113,13 @@ impl Substituters {
                 Ok(Some(info)) => info,
                 Ok(None) => continue,
                 Err(e) if self.fallback => {
-                    warnings.push(e.to_string());
+                    warn(e.to_string());
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             if !acceptable(sd, &info, &self.keys, self.require_sigs, c.url.trusted) {
-                warnings.push(format!(
+                warn(format!(
                     "the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
                     sd.display(p),
                     c.url.base
@@ -164,9 +165,15 @@ impl Substituters {
         cas: &BTreeMap<StorePath, FixedOutputHash>,
     ) -> Result<Plan, CacheError> {
         let sd = store.store_dir().clone();
-        let mut warnings = Vec::new();
-        let (found, missing) =
-            walk_missing(store, paths, |p| self.find(&sd, p, cas, &mut warnings))?;
+        let warnings = std::sync::Mutex::new(Vec::new());
+        let parallel = crate::copy::transfers(self.caches.iter());
+        let (found, missing) = walk_missing(store, paths, parallel, |p| {
+            self.find(&sd, p, cas, &warnings)
+        })?;
+        let mut warnings = warnings.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Threads finish in any order: the same warnings, the same order, every time.
+        warnings.sort();
+        warnings.dedup();
         Ok(Plan {
             fetch: found.into_values().collect(),
             missing,
