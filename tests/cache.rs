@@ -1399,6 +1399,56 @@ fn https_caches_check_certificates_against_ssl_cert_file() {
     assert_eq!(ok(c.output().unwrap()).trim(), top);
     assert_eq!(hash_of(&ns, &top), hash_of(&src, &top));
 
+    // The daemon substitutes from it with its own ssl-cert-file, for a real Nix client.
+    let droot = dir.join("daemon");
+    let socket = droot.join("nix/var/nix/daemon-socket/socket");
+    let mut c = firn_command();
+    c.arg("--store")
+        .arg(&droot)
+        .args(["--option", "ssl-cert-file", ca.to_str().unwrap(), "daemon"])
+        .env("NIX_SSL_CERT_FILE", &other_ca)
+        .env("XDG_CACHE_HOME", dir.join("daemon-xdg"))
+        .env_remove("NIX_DAEMON_SOCKET_PATH")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _daemon = Killed(c.spawn().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no daemon socket");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let client = |cmd: &str, args: &[&str]| {
+        let mut c = command_isolated(cmd);
+        c.args(args)
+            .env(
+                "NIX_REMOTE",
+                format!("unix://{}?root={}", socket.display(), droot.display()),
+            )
+            .env("HOME", &droot)
+            .env("NIX_STATE_DIR", droot.join("client-state"));
+        c.output().unwrap()
+    };
+    let expr = dir.join("cache.nix");
+    let out = client("nix-instantiate", &[expr.to_str().unwrap(), "-A", "top"]);
+    assert_eq!(ok(out).trim(), drv);
+    let out = client(
+        "nix-store",
+        &[
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "-r",
+            &drv,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(err.contains("copying path"), "{err}");
+    assert_eq!(hash_of(&droot, &top), hash_of(&src, &top));
+
     // A certificate that does not chain to the bundle: one clear line, nothing valid.
     let fs3 = dir.join("refused");
     let out = firn_with_ca(
