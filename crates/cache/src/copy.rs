@@ -484,10 +484,11 @@ pub fn import<'c>(
     Ok(order)
 }
 
-/// The bytes of one chunk of a transfer.
-const CHUNK: usize = 256 * 1024;
+/// The bytes of one chunk of a transfer (below malloc's mmap threshold, so chunks are
+/// reused from the heap rather than mapped and faulted in afresh each time).
+const CHUNK: usize = 64 * 1024;
 /// How many chunks a transfer may get ahead of the restore (8 MiB).
-const CHANNEL_CHUNKS: usize = 32;
+const CHANNEL_CHUNKS: usize = 128;
 
 /// How many NARs are fetched at once: 8 when one comes over HTTP (Nix has 25
 /// `http-connections`), else one per core up to 4 (decompression is the work).
