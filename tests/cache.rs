@@ -1178,3 +1178,767 @@ fn copy_to_a_corrupt_path_fails_without_narinfos_for_it_or_its_referrers() {
     ));
     remove(&dir);
 }
+
+/// A throw-away CA made by openssl in `dir` and, if `server`, a certificate for
+/// 127.0.0.1 signed by it: (CA certificate, server certificate, server key).
+fn tls_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let f = |s: &str| dir.join(format!("{name}-{s}"));
+    let openssl = |args: &[&str]| {
+        let out = command("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca, ca_key, cert, key, csr, ext) = (
+        f("ca.pem"),
+        f("ca.key"),
+        f("cert.pem"),
+        f("key.pem"),
+        f("req.csr"),
+        f("ext.cnf"),
+    );
+    let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    let (ca_s, ca_key_s) = (s(&ca), s(&ca_key));
+    let subj = format!("/CN=firn test CA {name}");
+    args.extend([
+        "-keyout", &ca_key_s, "-out", &ca_s, "-days", "2", "-subj", &subj,
+    ]);
+    openssl(&args);
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let (key_s, csr_s, cert_s, ext_s) = (s(&key), s(&csr), s(&cert), s(&ext));
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", "/CN=127.0.0.1"]);
+    openssl(&args);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr_s,
+        "-CA",
+        &ca_s,
+        "-CAkey",
+        &ca_key_s,
+        "-CAcreateserial",
+        "-out",
+        &cert_s,
+        "-days",
+        "2",
+        "-extfile",
+        &ext_s,
+    ]);
+    (ca, cert, key)
+}
+
+/// A process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `openssl s_server -WWW` serving the files of `dir` over TLS on a free port of
+/// 127.0.0.1 (it answers 200 even for a missing file, so only caches whose every
+/// requested file exists can be served): the server and its `https://` URL.
+fn https_server(dir: &Path, cert: &Path, key: &Path) -> (Killed, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = command("openssl")
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Killed(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (server, format!("https://127.0.0.1:{port}"))
+}
+
+fn have_openssl() -> bool {
+    let present = Command::new("openssl").arg("version").output().is_ok();
+    if !present {
+        assert!(!is_ci(), "CI must install openssl (see .ci/run)");
+        eprintln!("SKIPPED: openssl is not installed");
+    }
+    present
+}
+
+/// firn on `root` with `NIX_SSL_CERT_FILE` set to `ca` (and a narinfo disk cache of
+/// that store's own, so each command asks the server).
+fn firn_with_ca(root: &Path, ca: &Path, args: &[&str]) -> Output {
+    let mut c = firn_command();
+    c.arg("--store")
+        .arg(root)
+        .args(args)
+        .env("NIX_SSL_CERT_FILE", ca)
+        .env("XDG_CACHE_HOME", root.with_extension("xdg"));
+    c.output().unwrap()
+}
+
+/// An https cache (`openssl s_server -WWW` over a cache `nix copy --to file://` wrote,
+/// with a throw-away CA): `firn copy --from`, substitution in `firn realise` and real
+/// Nix get the same paths; a certificate of another CA, or a CA bundle that cannot be
+/// read, is one `error:` line and nothing is registered.
+#[test]
+fn https_caches_check_certificates_against_ssl_cert_file() {
+    if !can_build() || !have_nix() || !have_openssl() {
+        return;
+    }
+    let dir = tempdir("cache-https");
+    let (src, drv, top, dep) = built_store(&dir, "src");
+    let (sk, _pk, public) = keypair(&dir, "https-test-1");
+    let cache = dir.join("cache");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    ok(nix(&src, "nix", &["copy", "--to", &to, &top]));
+    let (ca, cert, key) = tls_ca(&dir, "good");
+    let (other_ca, _, _) = tls_ca(&dir, "other");
+    let (_server, url) = https_server(&cache, &cert, &key);
+
+    // copy --from with the CA bundle from NIX_SSL_CERT_FILE.
+    let fs1 = dir.join("copy");
+    let out = firn_with_ca(
+        &fs1,
+        &ca,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut got: Vec<String> = ok(out).lines().map(str::to_owned).collect();
+    got.sort();
+    let mut want = vec![top.clone(), dep.clone()];
+    want.sort();
+    assert_eq!(got, want, "{err}");
+    assert_eq!(hash_of(&fs1, &top), hash_of(&src, &top));
+    assert_verifies(&fs1, "after copy --from https");
+
+    // Substitution in realise, the bundle from the setting (it wins over the variable).
+    let fs2 = dir.join("realise");
+    assert_eq!(instantiate_into(&fs2, &dir), drv);
+    let out = firn_with_ca(
+        &fs2,
+        &other_ca,
+        &[
+            "--option",
+            "ssl-cert-file",
+            ca.to_str().unwrap(),
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "realise",
+            &drv,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains(&format!("copying path '{top}' from '{url}'")),
+        "{err}"
+    );
+    assert!(!err.contains("building '"), "{err}");
+    assert_eq!(hash_of(&fs2, &top), hash_of(&src, &top));
+
+    // Real Nix, the oracle, substitutes the same from the same server.
+    let ns = dir.join("nix");
+    let mut c = command("nix-store");
+    c.args([
+        "--store",
+        ns.to_str().unwrap(),
+        "--option",
+        "substituters",
+        &url,
+    ])
+    .args(["--option", "trusted-public-keys", &public, "-r", &top])
+    .env("NIX_CONF_DIR", tempdir_none())
+    .env("XDG_CACHE_HOME", dir.join("nix-xdg"))
+    .env("NIX_SSL_CERT_FILE", &ca);
+    assert_eq!(ok(c.output().unwrap()).trim(), top);
+    assert_eq!(hash_of(&ns, &top), hash_of(&src, &top));
+
+    // The daemon substitutes from it with its own ssl-cert-file, for a real Nix client.
+    let droot = dir.join("daemon");
+    let socket = droot.join("nix/var/nix/daemon-socket/socket");
+    let mut c = firn_command();
+    c.arg("--store")
+        .arg(&droot)
+        .args(["--option", "ssl-cert-file", ca.to_str().unwrap(), "daemon"])
+        .env("NIX_SSL_CERT_FILE", &other_ca)
+        .env("XDG_CACHE_HOME", dir.join("daemon-xdg"))
+        .env_remove("NIX_DAEMON_SOCKET_PATH")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _daemon = Killed(c.spawn().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no daemon socket");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let client = |cmd: &str, args: &[&str]| {
+        let mut c = command_isolated(cmd);
+        c.args(args)
+            .env(
+                "NIX_REMOTE",
+                format!("unix://{}?root={}", socket.display(), droot.display()),
+            )
+            .env("HOME", &droot)
+            .env("NIX_STATE_DIR", droot.join("client-state"));
+        c.output().unwrap()
+    };
+    let expr = dir.join("cache.nix");
+    let out = client("nix-instantiate", &[expr.to_str().unwrap(), "-A", "top"]);
+    assert_eq!(ok(out).trim(), drv);
+    let out = client(
+        "nix-store",
+        &[
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "-r",
+            &drv,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(err.contains("copying path"), "{err}");
+    assert_eq!(hash_of(&droot, &top), hash_of(&src, &top));
+
+    // A certificate that does not chain to the bundle: one clear line, nothing valid.
+    let fs3 = dir.join("refused");
+    let out = firn_with_ca(
+        &fs3,
+        &other_ca,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: unable to download '{url}/nix-cache-info': "
+        )) && err.contains("UnknownIssuer")
+            && err.contains(other_ca.to_str().unwrap()),
+        "{err}"
+    );
+    let base = top.rsplit('/').next().unwrap();
+    assert!(!store_entries(&fs3).iter().any(|e| e.contains(base)));
+    assert_verifies(&fs3, "after a refused certificate");
+
+    // A bundle that cannot be read: one line naming it and the setting.
+    let missing = dir.join("no-such-bundle.pem");
+    let out = firn_with_ca(
+        &fs3,
+        &missing,
+        &[
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "copy",
+            "--from",
+            &url,
+            &top,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [format!(
+            "error: cannot use the CA bundle '{}' (setting 'ssl-cert-file'): No such file or directory (os error 2)",
+            missing.display()
+        )],
+    );
+    // Substitution skips such a cache with a warning and builds.
+    let fs4 = dir.join("built");
+    assert_eq!(instantiate_into(&fs4, &dir), drv);
+    let out = firn_with_ca(
+        &fs4,
+        &other_ca,
+        &[
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "realise",
+            &drv,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).trim(), top, "{err}");
+    assert!(
+        err.contains(&format!("warning: cannot use the substituter '{url}'")),
+        "{err}"
+    );
+    assert!(err.contains("building '"), "{err}");
+    remove(&dir);
+}
+
+/// What [`counting_server`] records: the paths asked, and the most requests it was
+/// answering at once.
+#[derive(Default)]
+struct ServerLog {
+    paths: std::sync::Mutex<Vec<String>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+/// A plain HTTP file server over `dir` on 127.0.0.1 (404 for a missing file, one
+/// request per connection, a thread each) that records the paths asked and waits
+/// `nar_delay` before answering for a NAR: its URL and the record.
+fn counting_server(
+    dir: &Path,
+    nar_delay: std::time::Duration,
+) -> (String, std::sync::Arc<ServerLog>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(ServerLog::default());
+    let (dir, record) = (dir.to_path_buf(), log.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let (dir, record) = (dir.clone(), record.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                record.paths.lock().unwrap().push(path.clone());
+                let now = record.in_flight.fetch_add(1, SeqCst) + 1;
+                record.most.fetch_max(now, SeqCst);
+                if path.starts_with("/nar/") {
+                    std::thread::sleep(nar_delay);
+                }
+                let file = dir.join(path.trim_start_matches('/'));
+                let _ = match (path.contains(".."), fs::read(&file)) {
+                    (false, Ok(body)) => stream
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .and_then(|()| stream.write_all(&body)),
+                    _ => stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+                record.in_flight.fetch_sub(1, SeqCst);
+            });
+        }
+    });
+    (url, log)
+}
+
+/// The rows of the disk cache `xdg/nix/binary-cache-v6.sqlite`, each column quoted,
+/// without the times and ids: (BinaryCaches, NARs).
+fn disk_cache_rows(xdg: &Path) -> (Vec<String>, Vec<String>) {
+    let db = rusqlite::Connection::open(xdg.join("nix/binary-cache-v6.sqlite")).unwrap();
+    let rows = |sql: &str| -> Vec<String> {
+        let mut st = db.prepare(sql).unwrap();
+        let v = st.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        v.map(Result::unwrap).collect()
+    };
+    (
+        rows("select quote(url)||' '||quote(storeDir)||' '||quote(wantMassQuery)||' '||quote(priority) from BinaryCaches order by url"),
+        rows("select quote(hashPart)||' '||quote(namePart)||' '||quote(url)||' '||quote(compression)||' '||quote(fileHash)||' '||quote(fileSize)||' '||quote(narHash)||' '||quote(narSize)||' '||quote(refs)||' '||quote(deriver)||' '||quote(sigs)||' '||quote(ca)||' '||quote(present) from NARs order by hashPart"),
+    )
+}
+
+/// Nix's narinfo disk cache: firn writes the rows real Nix writes (column for column),
+/// each reads the other's (the server is asked for no narinfo and no nix-cache-info
+/// again), negative entries spare the server until `narinfo-cache-negative-ttl` has
+/// passed, and `narinfo-cache-positive-ttl` bounds the positive ones.
+#[test]
+fn narinfo_disk_cache_is_shared_with_nix() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-disk");
+    let (src, _drv, top, dep) = built_store(&dir, "src");
+    let (sk, _pk, public) = keypair(&dir, "disk-test-1");
+    let cache = dir.join("cache");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    ok(nix(&src, "nix", &["copy", "--to", &to, &top]));
+    let (url, log) = counting_server(&cache, std::time::Duration::ZERO);
+    let take = || std::mem::take(&mut *log.paths.lock().unwrap());
+    let asked = |what: &str, log: &[String]| log.iter().filter(|p| p.ends_with(what)).count();
+    let firn = |root: &Path, xdg: &Path, extra: &[&str], path: &str| {
+        let mut c = firn_command();
+        c.arg("--store")
+            .arg(root)
+            .args(["--option", "trusted-public-keys", &public])
+            .args(extra)
+            .args(["copy", "--from", &url, path])
+            .env("XDG_CACHE_HOME", xdg);
+        c.output().unwrap()
+    };
+    let real_nix = |root: &Path, xdg: &Path| {
+        let mut c = command("nix-store");
+        c.args([
+            "--store",
+            root.to_str().unwrap(),
+            "--option",
+            "substituters",
+            &url,
+        ])
+        .args(["--option", "trusted-public-keys", &public, "-r", &top])
+        .env("NIX_CONF_DIR", tempdir_none())
+        .env("XDG_CACHE_HOME", xdg);
+        assert_eq!(ok(c.output().unwrap()).trim(), top);
+    };
+
+    // firn first: it asks the server, then nothing but the NARs.
+    let (x1, x2) = (dir.join("xdg1"), dir.join("xdg2"));
+    ok(firn(&dir.join("f1"), &x1, &[], &top));
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (1, 2),
+        "{l:?}"
+    );
+    ok(firn(&dir.join("f2"), &x1, &[], &top));
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (0, 0),
+        "{l:?}"
+    );
+    assert_eq!(asked(".nar.xz", &l), 2, "{l:?}");
+    // Real Nix takes firn's rows.
+    real_nix(&dir.join("n1"), &x1);
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (0, 0),
+        "{l:?}"
+    );
+
+    // Real Nix first, in a fresh disk cache: its rows are firn's, and firn takes them.
+    real_nix(&dir.join("n2"), &x2);
+    let l = take();
+    assert_eq!(asked(".narinfo", &l), 2, "{l:?}");
+    let (nix_rows, firn_rows) = (disk_cache_rows(&x2), disk_cache_rows(&x1));
+    assert_eq!(nix_rows, firn_rows);
+    assert_eq!(nix_rows.1.len(), 2, "{nix_rows:?}");
+    let f3 = dir.join("f3");
+    ok(firn(&f3, &x2, &[], &top));
+    let l = take();
+    assert_eq!(
+        (asked("/nix-cache-info", &l), asked(".narinfo", &l)),
+        (0, 0),
+        "{l:?}"
+    );
+    assert_eq!(hash_of(&f3, &dep), hash_of(&src, &dep));
+    assert_verifies(&f3, "after copy --from through the disk cache");
+
+    // A path the cache lacks: asked once, then known absent, until the TTL passes.
+    let missing = format!("{}/{}-missing", "/nix/store", "0".repeat(32));
+    for round in 0..2 {
+        let out = firn(&dir.join("f4"), &x1, &[], &missing);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            err,
+            format!("error: path '{missing}' is not valid in binary cache '{url}'\n")
+        );
+        let l = take();
+        assert_eq!(
+            asked(".narinfo", &l),
+            usize::from(round == 0),
+            "{round}: {l:?}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let ttl1 = ["--option", "narinfo-cache-negative-ttl", "1"];
+    assert!(!firn(&dir.join("f4"), &x1, &ttl1, &missing).status.success());
+    assert_eq!(asked(".narinfo", &take()), 1);
+    // Positive entries count for narinfo-cache-positive-ttl seconds.
+    let ttl0 = ["--option", "narinfo-cache-positive-ttl", "0"];
+    ok(firn(&dir.join("f5"), &x1, &ttl0, &top));
+    assert_eq!(asked(".narinfo", &take()), 2);
+    remove(&dir);
+}
+
+const CA_EXPR: &str = r#"
+let sh = "/bin/sh";
+  ca = args: derivation ({ system = "x86_64-linux"; builder = sh; __contentAddressed = true;
+    outputHashMode = "recursive"; outputHashAlgo = "sha256"; } // args);
+in rec {
+  dep = ca { name = "ca-cache-dep"; args = ["-c" "echo dep > $out"]; };
+  top = ca { name = "ca-cache-top"; args = ["-c" "echo ${dep} > $out"]; };
+}
+"#;
+
+/// The files of `dir/realisations` with their bytes.
+fn doi_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir.join("realisations"))
+        .map(|rd| {
+            rd.map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Realisations in caches: `firn copy --to` of CA outputs writes
+/// `realisations/<id>.doi` byte for byte as `nix copy --to` writes them (Nix writes
+/// those of the installable it copies: the unresolved derivation's with
+/// `dependentRealisations` for `-f FILE ATTR`, the resolved one's for a `.drv`; firn,
+/// given the output paths, writes every realisation of each), and a cache's
+/// realisations are read back by id (`Substituters::query_realisation`), from a cache
+/// real Nix wrote, as the store has them.
+#[test]
+fn ca_outputs_copy_with_their_realisations_as_nix_writes_them() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-realisations");
+    let root = dir.join("st");
+    let expr = dir.join("ca.nix");
+    fs::write(&expr, CA_EXPR).unwrap();
+    let ca = [
+        "--option",
+        "experimental-features",
+        "nix-command ca-derivations",
+    ];
+    let mut args = ca.to_vec();
+    args.extend(["--option", "sandbox", "true", "--option", "sandbox-paths"]);
+    args.extend(["/bin/sh=/bin/busybox", "--no-out-link", "-A", "top"]);
+    args.push(expr.to_str().unwrap());
+    let top = ok(nix(&root, "nix-build", &args)).trim().to_owned();
+    let drv = ok(nix(
+        &root,
+        "nix-store",
+        &[&ca[..], &["-q", "--deriver", &top]].concat(),
+    ))
+    .trim()
+    .to_owned();
+    let dep = ok(nix(&root, "nix-store", &["-q", "--references", &top]))
+        .trim()
+        .to_owned();
+
+    let (nix_a, nix_b, ours) = (dir.join("nix-a"), dir.join("nix-b"), dir.join("firn"));
+    let url = |d: &Path| format!("file://{}", d.display());
+    let copy = |to: &Path, what: &[&str]| {
+        let mut a = ca.to_vec();
+        a.extend(["copy", "--to"]);
+        let u = url(to);
+        a.push(&u);
+        a.extend(what);
+        ok(nix(&root, "nix", &a));
+    };
+    copy(&nix_a, &["-f", expr.to_str().unwrap(), "top"]);
+    copy(&nix_b, &[&drv]);
+    let out = firn_at(
+        &root,
+        &[&ca[..], &["copy", "--to", &url(&ours), &top]].concat(),
+        None,
+    );
+    let mut got: Vec<String> = ok(out).lines().map(str::to_owned).collect();
+    got.sort();
+    let mut want = vec![top.clone(), dep.clone()];
+    want.sort();
+    assert_eq!(got, want);
+
+    let mut nixs = doi_files(&nix_a);
+    nixs.extend(doi_files(&nix_b));
+    assert_eq!(nixs.len(), 3, "{:?}", nixs.keys());
+    let firns = doi_files(&ours);
+    for (name, bytes) in &firns {
+        assert_eq!(
+            Some(String::from_utf8_lossy(bytes)),
+            nixs.get(name).map(|b| String::from_utf8_lossy(b)),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        firns.keys().collect::<Vec<_>>(),
+        nixs.keys().collect::<Vec<_>>()
+    );
+    // Without the feature the store has no realisations and none are written.
+    let plain = dir.join("firn-plain");
+    ok(firn_at(&root, &["copy", "--to", &url(&plain), &top], None));
+    assert!(doi_files(&plain).is_empty());
+
+    // Reading them back from the cache real Nix wrote, by id, through the substituters.
+    let sd = firn_derivation::StoreDir::new("/nix/store").unwrap();
+    let (subs, warnings) = firn_cache::substitute::Substituters::open(
+        &sd,
+        &Default::default(),
+        &[url(&nix_a)],
+        &[],
+        &[],
+        true,
+        false,
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    for name in nixs.keys().filter(|n| doi_files(&nix_a).contains_key(*n)) {
+        let id = firn_derivation::DrvOutput::parse(name.trim_end_matches(".doi")).unwrap();
+        let (r, _) = subs.query_realisation(&id).unwrap().unwrap();
+        assert_eq!(r.to_json().as_bytes(), &nixs[name][..]);
+        let p = sd.display(&r.out_path);
+        assert!(p == top || p == dep, "{p}");
+    }
+    let unknown = firn_derivation::DrvOutput::parse(&format!("sha256:{}!out", "0".repeat(64)));
+    assert!(subs.query_realisation(&unknown.unwrap()).unwrap().is_none());
+    remove(&dir);
+}
+
+/// Parallel downloads: a closure of 12 text paths, each referring to the one before,
+/// from an HTTP server that takes 300 ms per NAR comes in with several transfers at
+/// once (in well under 12 × 300 ms), is registered references first (database ids
+/// grow along the references) and verifies; a NAR with a wrong hash in the middle of
+/// the closure leaves nothing valid and nothing staged.
+#[test]
+fn closures_download_in_parallel_and_register_references_first() {
+    if !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-parallel");
+    let src = dir.join("src");
+    let expr = "let chain = n: if n == 0 then builtins.toFile \"chain-0\" \"start\" \
+                else builtins.toFile \"chain-${toString n}\" \"after ${chain (n - 1)}\"; \
+                in chain 11";
+    let out = nix(
+        &src,
+        "nix-instantiate",
+        &["--eval", "--read-write-mode", "-E", expr],
+    );
+    let top = ok(out).trim().trim_matches('"').to_owned();
+    let closure = ok(nix(&src, "nix-store", &["-qR", &top]));
+    assert_eq!(closure.lines().count(), 12, "{closure}");
+    let cache = dir.join("cache");
+    ok(nix(
+        &src,
+        "nix",
+        &["copy", "--to", &format!("file://{}", cache.display()), &top],
+    ));
+
+    let delay = std::time::Duration::from_millis(300);
+    let (url, log) = counting_server(&cache, delay);
+    let ours = dir.join("firn");
+    let start = std::time::Instant::now();
+    let out = firn_at(&ours, &["copy", "--from", &url, &top], None);
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out).lines().count(), 12, "{err}");
+    let most = log.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most >= 4, "at most {most} requests at once");
+    // One at a time would take 12 × 300 ms at least.
+    assert!(took < delay * 8, "{took:?}");
+    assert_verifies(&ours, "after a parallel copy --from");
+    // References first: fetched, staged and printed in an order where each path comes
+    // after its references (registered in one transaction, in path order as Nix does).
+    let printed: Vec<String> = ok(firn_at(
+        &dir.join("again"),
+        &["copy", "--from", &url, &top],
+        None,
+    ))
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    for (k, p) in printed.iter().enumerate() {
+        let refs = ok(nix(&src, "nix-store", &["-q", "--references", p]));
+        for r in refs.lines().filter(|r| *r != p) {
+            let at = printed.iter().position(|q| q == r).unwrap();
+            assert!(at < k, "{p} printed before its reference {r}");
+        }
+    }
+    assert_eq!(printed.last(), Some(&top));
+
+    // A NAR in the middle that is not the one its narinfo hashes: nothing is valid.
+    let middle = closure.lines().nth(5).unwrap().to_owned();
+    let info = narinfo(&cache, &middle);
+    let nar = cache.join(&info["URL"]);
+    let other = cache.join(&narinfo(&cache, closure.lines().next().unwrap())["URL"]);
+    fs::copy(&other, &nar).unwrap();
+    let bad = dir.join("bad");
+    let out = firn_at(&bad, &["copy", "--from", &url, &top], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Nix's wording, its three lines included.
+    let want = format!(
+        "error: importing '{middle}' from '{url}': size mismatch importing path '{middle}';\n  specified: "
+    );
+    assert!(err.starts_with(&want), "{err}");
+    assert!(store_entries(&bad).is_empty(), "{:?}", store_entries(&bad));
+    assert_verifies(&bad, "after a failed parallel copy --from");
+    remove(&dir);
+}

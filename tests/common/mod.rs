@@ -43,6 +43,12 @@ pub fn isolate_settings(c: &mut Command) -> &mut Command {
         .env("FIRN_CONF_DIR", &none)
         .env("NIX_USER_CONF_FILES", "")
         .env("XDG_CONFIG_HOME", &none)
+        // Nix's narinfo disk cache ($XDG_CACHE_HOME/nix): one per test process, so that
+        // no entry of another run (a port used again) is seen.
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join(format!("firn-tests-cache-{}", std::process::id())),
+        )
         .env_remove("NIX_CONFIG")
 }
 

@@ -138,8 +138,6 @@ pub const NIX_SETTINGS: &[&str] = &[
     "min-free",
     "min-free-check-interval",
     "nar-buffer-size",
-    "narinfo-cache-negative-ttl",
-    "narinfo-cache-positive-ttl",
     "netrc-file",
     "nix-path",
     "plugin-files",
@@ -519,6 +517,12 @@ settings! {
     secret_key_files: Strings = Strings::default(), "secret-key-files";
     /// Build from source when substituting fails, instead of failing.
     fallback: bool = false, "fallback", ["build-fallback"];
+    /// The CA bundle (PEM) for https caches (default: `$NIX_SSL_CERT_FILE`, `$SSL_CERT_FILE`, Debian's).
+    ssl_cert_file: String = firn_cache::http::default_ssl_cert_file(), "ssl-cert-file";
+    /// Seconds a narinfo learnt from an HTTP cache is taken from the disk cache.
+    narinfo_cache_positive_ttl: u64 = 30 * 24 * 3600, "narinfo-cache-positive-ttl";
+    /// Seconds a cache's "not there" is taken from the disk cache.
+    narinfo_cache_negative_ttl: u64 = 3600, "narinfo-cache-negative-ttl";
     /// The garbage collector keeps the outputs of live derivations.
     keep_outputs: bool = false, "keep-outputs", ["gc-keep-outputs"];
     /// The garbage collector keeps the derivations of live outputs.

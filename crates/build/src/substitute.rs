@@ -10,6 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use firn_cache::cache::CacheOptions;
+use firn_cache::disk_cache::DiskCacheOptions;
+use firn_cache::http::HttpOptions;
 use firn_cache::substitute::{Plan, Substituters};
 use firn_derivation::{Derivation, FixedOutputHash, StoreDir, StorePath};
 use firn_store::Store;
@@ -29,6 +32,17 @@ pub enum Substituted {
     Failed(BuildError),
 }
 
+/// How `settings` say caches are reached (`ssl-cert-file`, the narinfo disk cache).
+pub fn cache_options(settings: &Settings) -> CacheOptions {
+    CacheOptions {
+        http: HttpOptions::with_ca_file(&settings.ssl_cert_file),
+        disk_cache: DiskCacheOptions::nix_default(
+            settings.narinfo_cache_positive_ttl,
+            settings.narinfo_cache_negative_ttl,
+        ),
+    }
+}
+
 /// The substituters of `settings`, or `None` when there are none. Caches that cannot
 /// be opened are left out with a warning, as Nix does.
 pub fn open(
@@ -41,6 +55,7 @@ pub fn open(
     }
     let (subs, warnings) = Substituters::open(
         sd,
+        &cache_options(settings),
         &settings.substituters.0,
         &settings.trusted_public_keys.0,
         &settings.secret_key_files.0,

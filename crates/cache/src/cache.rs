@@ -1,6 +1,6 @@
 //! A binary cache by URL. firn reads and writes `file:///DIR` caches and reads
-//! `http://HOST[:PORT][/PATH]` ones (GET with `ureq`; 404 and 403 mean absent, as in
-//! Nix; no TLS in this build, so `https://` is refused), with Nix's store parameters
+//! `http://HOST[:PORT][/PATH]` and `https://…` ones (GETs with [`crate::http`]; 404 and
+//! 403 mean absent, as in Nix; certificates checked against `ssl-cert-file`), with Nix's store parameters
 //! after `?`: `compression` (`xz`, `zstd`, `bzip2`, `none`),
 //! `secret-key` (a key file to sign every narinfo written), `priority`,
 //! `want-mass-query`, `trusted` (substitutes accepted without signatures), `store` (the
@@ -18,12 +18,16 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use firn_derivation::realisation::{DrvOutput, Realisation};
 use firn_derivation::{StoreDir, StorePath};
 
 use crate::cache_info::{CacheInfo, MAX_CACHE_INFO_SIZE};
 use crate::compression::{self, Compression};
+use crate::disk_cache::{DiskCache, DiskCacheOptions, Lookup};
 use crate::error::{io_err, CacheError};
+use crate::http::{Http, HttpOptions};
 use crate::keys::SecretKey;
 use crate::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 
@@ -31,7 +35,7 @@ use crate::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
     Dir(PathBuf),
-    /// The base URL, without a trailing `/`.
+    /// The base URL (`http://…` or `https://…`), without a trailing `/`.
     Http(String),
 }
 
@@ -63,14 +67,17 @@ impl CacheUrl {
                 return Err(bad("the path of a file:// URL must be absolute"));
             }
             Location::Dir(PathBuf::from(dir))
-        } else if let Some(rest) = base.strip_prefix("http://") {
+        } else if let Some(rest) = base
+            .strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"))
+        {
             if rest.is_empty() || rest.starts_with('/') {
-                return Err(bad("an http:// URL needs a host"));
+                return Err(bad("an http:// or https:// URL needs a host"));
             }
             Location::Http(base.trim_end_matches('/').to_owned())
         } else {
             return Err(bad(
-                "firn reads and writes file:// binary caches and reads http:// ones",
+                "firn reads and writes file:// binary caches and reads http:// and https:// ones",
             ));
         };
         let mut u = CacheUrl {
@@ -115,6 +122,14 @@ impl CacheUrl {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// How caches are opened: what settings say about reaching them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheOptions {
+    pub http: HttpOptions,
+    /// Nix's narinfo disk cache, for HTTP(S) caches; `None`: none.
+    pub disk_cache: Option<DiskCacheOptions>,
+}
+
 /// An opened binary cache.
 #[derive(Debug)]
 pub struct BinaryCache {
@@ -122,12 +137,51 @@ pub struct BinaryCache {
     pub info: CacheInfo,
     /// The key of `?secret-key=`.
     pub secret_key: Option<SecretKey>,
+    /// The client of an HTTP(S) cache.
+    http: Option<Http>,
+    /// The narinfo disk cache, with this cache's id in it.
+    disk: Option<(Arc<DiskCache>, i64, DiskCacheOptions)>,
 }
 
 impl BinaryCache {
     /// Open the cache for reading: its `nix-cache-info` (if any) must be for `sd`.
-    pub fn open(url: &CacheUrl, sd: &StoreDir) -> Result<Self, CacheError> {
-        let info = match read_file(&url.location, "nix-cache-info", MAX_CACHE_INFO_SIZE)? {
+    pub fn open(url: &CacheUrl, sd: &StoreDir, opts: &CacheOptions) -> Result<Self, CacheError> {
+        let http = match &url.location {
+            Location::Http(base) => Some(Http::new(base, &opts.http)?),
+            Location::Dir(_) => None,
+        };
+        let expected = url.store.as_deref().unwrap_or(sd.as_str());
+        let disk = match (&url.location, &opts.disk_cache) {
+            (Location::Http(base), Some(o)) => {
+                DiskCache::shared(&o.file, o).map(|d| (d, base.clone(), o.clone()))
+            }
+            _ => None,
+        };
+        // A cache the disk cache knows (for our store dir) is not asked its
+        // nix-cache-info again, as in Nix.
+        if let Some((d, base, o)) = &disk {
+            if let Some((id, info)) = d.cache_exists(base) {
+                if info.store_dir.as_deref() == Some(expected) {
+                    let secret_key = match &url.secret_key {
+                        Some(f) => Some(SecretKey::read_file(f)?),
+                        None => None,
+                    };
+                    return Ok(Self {
+                        url: url.clone(),
+                        info,
+                        secret_key,
+                        http,
+                        disk: Some((d.clone(), id, o.clone())),
+                    });
+                }
+            }
+        }
+        let info = match read_file(
+            &url.location,
+            http.as_ref(),
+            "nix-cache-info",
+            MAX_CACHE_INFO_SIZE,
+        )? {
             Some(text) => CacheInfo::parse(&shown(&url.location, "nix-cache-info"), &text)?,
             None => CacheInfo {
                 store_dir: None,
@@ -135,7 +189,6 @@ impl BinaryCache {
                 priority: None,
             },
         };
-        let expected = url.store.as_deref().unwrap_or(sd.as_str());
         if let Some(theirs) = &info.store_dir {
             if theirs != expected {
                 return Err(CacheError::WrongStoreDir {
@@ -149,10 +202,35 @@ impl BinaryCache {
             Some(f) => Some(SecretKey::read_file(f)?),
             None => None,
         };
+        let disk = disk.and_then(|(d, base, o)| {
+            let id = d.create_cache(&base, expected, &info)?;
+            Some((d, id, o))
+        });
         Ok(Self {
             url: url.clone(),
             info,
             secret_key,
+            http,
+            disk,
+        })
+    }
+
+    /// The cache at `url` with `info` as its `nix-cache-info`, which is not read.
+    pub fn with_info(
+        url: &CacheUrl,
+        info: CacheInfo,
+        opts: &CacheOptions,
+    ) -> Result<Self, CacheError> {
+        let http = match &url.location {
+            Location::Http(base) => Some(Http::new(base, &opts.http)?),
+            Location::Dir(_) => None,
+        };
+        Ok(Self {
+            url: url.clone(),
+            info,
+            secret_key: None,
+            http,
+            disk: None,
         })
     }
 
@@ -175,10 +253,12 @@ impl BinaryCache {
                 url: url.clone(),
                 info: CacheInfo::new(sd.as_str()),
                 secret_key: None,
+                http: None,
+                disk: None,
             };
             cache.write_file("nix-cache-info", cache.info.to_text().as_bytes())?;
         }
-        Self::open(url, sd)
+        Self::open(url, sd, &CacheOptions::default())
     }
 
     /// The store directory of the cache's paths (`?store=`), if not the given one.
@@ -203,18 +283,34 @@ impl BinaryCache {
     pub fn has(&self, p: &StorePath) -> bool {
         match &self.url.location {
             Location::Dir(d) => d.join(Self::narinfo_rel(p)).is_file(),
-            Location::Http(_) => {
-                read_file(&self.url.location, &Self::narinfo_rel(p), MAX_NARINFO_SIZE)
-                    .is_ok_and(|f| f.is_some())
-            }
+            Location::Http(_) => self
+                .read(&Self::narinfo_rel(p), MAX_NARINFO_SIZE)
+                .is_ok_and(|f| f.is_some()),
         }
     }
 
     /// The narinfo of `p`, or `None` when the cache does not have it. A narinfo that
     /// names another path is refused.
     pub fn query(&self, sd: &StoreDir, p: &StorePath) -> Result<Option<NarInfo>, CacheError> {
+        if let Some((d, id, o)) = &self.disk {
+            match d.lookup(*id, p.hash_part(), o) {
+                Lookup::Present(info) if info.path == *p => return Ok(Some(*info)),
+                // Another name under that hash: not the path asked for (Nix's
+                // `goodStorePath`).
+                Lookup::Present(_) | Lookup::Absent => return Ok(None),
+                Lookup::Unknown => {}
+            }
+        }
+        let found = self.query_uncached(sd, p)?;
+        if let Some((d, id, _)) = &self.disk {
+            d.upsert(*id, p.hash_part(), found.as_ref());
+        }
+        Ok(found)
+    }
+
+    fn query_uncached(&self, sd: &StoreDir, p: &StorePath) -> Result<Option<NarInfo>, CacheError> {
         let rel = Self::narinfo_rel(p);
-        let Some(text) = read_file(&self.url.location, &rel, MAX_NARINFO_SIZE)? else {
+        let Some(text) = self.read(&rel, MAX_NARINFO_SIZE)? else {
             return Ok(None);
         };
         let shown = shown(&self.url.location, &rel);
@@ -232,8 +328,52 @@ impl BinaryCache {
         Ok(Some(info))
     }
 
+    /// The realisation `id` (Nix's `queryRealisation` on a binary cache:
+    /// `realisations/<id>.doi`), or `None` when the cache has none.
+    pub fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, CacheError> {
+        let rel = format!("realisations/{id}.doi");
+        let shown = shown(&self.url.location, &rel);
+        let key = id.to_string();
+        let cached = match &self.disk {
+            Some((d, cache, o)) => d.lookup_realisation(*cache, &key, o),
+            None => None,
+        };
+        let text = match cached {
+            Some(None) => return Ok(None),
+            Some(Some(json)) => json.into_bytes(),
+            None => {
+                let found = self.read(&rel, MAX_NARINFO_SIZE)?;
+                if let Some((d, cache, _)) = &self.disk {
+                    let json = found.as_deref().and_then(|t| std::str::from_utf8(t).ok());
+                    if found.is_none() || json.is_some() {
+                        d.upsert_realisation(*cache, &key, json);
+                    }
+                }
+                match found {
+                    Some(t) => t,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let text = String::from_utf8(text).map_err(|_| CacheError::BadRealisation {
+            file: shown.clone(),
+            msg: "it is not UTF-8".into(),
+        })?;
+        let r = Realisation::from_json(&text, &shown).map_err(|e| CacheError::BadRealisation {
+            file: shown.clone(),
+            msg: e.to_string(),
+        })?;
+        if &r.id != id {
+            return Err(CacheError::BadRealisation {
+                file: shown,
+                msg: format!("it is about '{}', not '{id}'", r.id),
+            });
+        }
+        Ok(Some(r))
+    }
+
     /// The NAR of `info`, decompressed. Its `URL` must name a file inside the cache.
-    pub fn open_nar<'a>(&self, info: &NarInfo) -> Result<Box<dyn Read + 'a>, CacheError> {
+    pub fn open_nar<'a>(&self, info: &NarInfo) -> Result<Box<dyn Read + Send + 'a>, CacheError> {
         let outside = || CacheError::NarUrlOutsideCache {
             file: shown(&self.url.location, &Self::narinfo_rel(&info.path)),
             url: info.url.clone(),
@@ -256,7 +396,7 @@ impl BinaryCache {
         {
             return Err(outside());
         }
-        let (input, file): (Box<dyn Read + 'a>, String) = match &self.url.location {
+        let (input, file): (Box<dyn Read + Send + 'a>, String) = match &self.url.location {
             Location::Dir(dir) => {
                 let file = dir.join(rel);
                 let root = fs::canonicalize(dir).map_err(io_err(dir))?;
@@ -273,7 +413,7 @@ impl BinaryCache {
             }
             Location::Http(base) => {
                 let url = format!("{base}/{}", info.url);
-                match http_get(&url)? {
+                match self.client()?.get(&url)? {
                     Some(r) => (r, url),
                     None => {
                         return Err(CacheError::Io {
@@ -288,6 +428,18 @@ impl BinaryCache {
             }
         };
         compression::decoder(&info.compression, input, &file)
+    }
+
+    /// The file `rel` of the cache (at most `limit` bytes), `None` if it has none.
+    fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, CacheError> {
+        read_file(&self.url.location, self.http.as_ref(), rel, limit)
+    }
+
+    fn client(&self) -> Result<&Http, CacheError> {
+        self.http.as_ref().ok_or_else(|| CacheError::BadUrl {
+            url: self.url.base.clone(),
+            reason: "not an HTTP binary cache".into(),
+        })
     }
 
     /// Write `rel` atomically (temporary file in the same directory, then rename).
@@ -359,12 +511,21 @@ fn shown(loc: &Location, rel: &str) -> String {
 }
 
 /// The file `rel` of the cache (at most `limit` bytes), `None` if it has none.
-fn read_file(loc: &Location, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, CacheError> {
-    match loc {
-        Location::Dir(d) => read_limited(&d.join(rel), limit),
-        Location::Http(base) => {
+fn read_file(
+    loc: &Location,
+    http: Option<&Http>,
+    rel: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, CacheError> {
+    match (loc, http) {
+        (Location::Dir(d), _) => read_limited(&d.join(rel), limit),
+        (Location::Http(base), None) => Err(CacheError::BadUrl {
+            url: base.clone(),
+            reason: "opened without an HTTP client".into(),
+        }),
+        (Location::Http(base), Some(http)) => {
             let url = format!("{base}/{rel}");
-            let Some(r) = http_get(&url)? else {
+            let Some(r) = http.get(&url)? else {
                 return Ok(None);
             };
             let mut buf = Vec::new();
@@ -382,22 +543,5 @@ fn read_file(loc: &Location, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, C
             }
             Ok(Some(buf))
         }
-    }
-}
-
-/// GET `url`: its body, `None` on 404 or 403 (as Nix), an error otherwise.
-fn http_get(url: &str) -> Result<Option<Box<dyn Read>>, CacheError> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(std::time::Duration::from_secs(30)))
-        .timeout_recv_body(Some(std::time::Duration::from_secs(300)))
-        .build()
-        .into();
-    match agent.get(url).call() {
-        Ok(resp) => Ok(Some(Box::new(resp.into_body().into_reader()))),
-        Err(ureq::Error::StatusCode(404 | 403)) => Ok(None),
-        Err(e) => Err(CacheError::Http {
-            url: url.to_owned(),
-            msg: e.to_string(),
-        }),
     }
 }

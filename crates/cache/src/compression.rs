@@ -111,9 +111,9 @@ impl<W: Write> Write for Encoder<'_, W> {
 /// `file` names it in errors.
 pub fn decoder<'a>(
     method: &str,
-    mut input: Box<dyn Read + 'a>,
+    mut input: Box<dyn Read + Send + 'a>,
     file: &str,
-) -> Result<Box<dyn Read + 'a>, CacheError> {
+) -> Result<Box<dyn Read + Send + 'a>, CacheError> {
     if method.is_empty() || method == "none" {
         return Ok(input);
     }
@@ -134,7 +134,7 @@ pub fn decoder<'a>(
         }
     }
     let head = magic[..n].to_vec();
-    let rejoined: Box<dyn Read + 'a> = Box::new(io::Cursor::new(head.clone()).chain(input));
+    let rejoined: Box<dyn Read + Send + 'a> = Box::new(io::Cursor::new(head.clone()).chain(input));
     if head.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0]) {
         Ok(Box::new(xz2::read::XzDecoder::new_multi_decoder(rejoined)))
     } else if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {

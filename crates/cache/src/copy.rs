@@ -16,7 +16,7 @@ use std::fs;
 use std::io::{BufWriter, Write};
 
 use firn_derivation::{FileIngestionMethod, FixedOutputHash, Hash, HashAlgo, StoreDir, StorePath};
-use firn_store::import::references_first;
+use firn_store::import::{references_first, Staged};
 use firn_store::nar::{self, HashSink, Tee};
 use firn_store::{Store, ValidPathInfo};
 
@@ -189,7 +189,38 @@ pub fn copy_to(
         }
         result
     })?;
+    // The realisations of the closure's content-addressed outputs, each after the
+    // narinfos (Nix's `registerDrvOutput`: `realisations/<id>.doi`, its JSON).
+    if store.ca_derivations() {
+        for p in &graph.topo_sorted() {
+            write_realisations(store, cache, p)?;
+        }
+    }
     Ok(copied)
+}
+
+/// Write `realisations/<id>.doi` for every realisation whose output is `p`, unless the
+/// cache has that very file.
+fn write_realisations(store: &Store, cache: &BinaryCache, p: &StorePath) -> Result<(), CacheError> {
+    let db = store.db();
+    let ids = db
+        .query_realisations_of_path(p)
+        .map_err(firn_store::StoreError::from)?;
+    for id in ids {
+        let Some(r) = db
+            .query_realisation(&id)
+            .map_err(firn_store::StoreError::from)?
+        else {
+            continue;
+        };
+        let rel = format!("realisations/{id}.doi");
+        let json = r.to_json();
+        if fs::read(cache.dir()?.join(&rel)).is_ok_and(|old| old == json.as_bytes()) {
+            continue;
+        }
+        cache.write_file(&rel, json.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Write the compressed NAR of `info` into `cache/nar/` and give its narinfo.
@@ -280,7 +311,8 @@ pub fn closure_infos(
     keys: &PublicKeys,
 ) -> Result<Vec<NarInfo>, CacheError> {
     let sd = store.store_dir().clone();
-    let (found, _) = walk_missing(store, paths, |p| {
+    let parallel = transfers(std::iter::once(cache));
+    let (found, _) = walk_missing(store, paths, parallel, |p| {
         let info = cache.query(&sd, p)?.ok_or_else(|| CacheError::NotInCache {
             path: sd.display(p),
             url: cache.url.base.clone(),
@@ -301,44 +333,90 @@ pub(crate) type Found<T> = BTreeMap<StorePath, (NarInfo, T)>;
 
 /// The found part of the closure of `paths` that `store` lacks, and the paths nothing
 /// was found for. Each path is rooted before its validity is checked (a valid reference
-/// stays valid until it is used); an invalid one goes to `lookup`, and the references
-/// of what it finds are walked in turn.
-pub(crate) fn walk_missing<T>(
+/// stays valid until it is used); the invalid ones go to `lookup`, a wave at a time on
+/// up to `parallel` threads, and the references of what it finds make the next wave.
+pub(crate) fn walk_missing<T: Send>(
     store: &Store,
     paths: &[StorePath],
-    mut lookup: impl FnMut(&StorePath) -> Result<Option<(NarInfo, T)>, CacheError>,
+    parallel: usize,
+    lookup: impl Fn(&StorePath) -> Result<Option<(NarInfo, T)>, CacheError> + Sync,
 ) -> Result<(Found<T>, BTreeSet<StorePath>), CacheError> {
     let mut found = BTreeMap::new();
     let mut missing = BTreeSet::new();
     let mut seen = BTreeSet::new();
-    let mut work: Vec<StorePath> = paths.to_vec();
-    while let Some(p) = work.pop() {
-        if !seen.insert(p.clone()) {
-            continue;
-        }
-        store.add_temp_root(&p)?;
-        if store
-            .db()
-            .is_valid_path(&p)
-            .map_err(firn_store::StoreError::from)?
-        {
-            continue;
-        }
-        match lookup(&p)? {
-            Some((info, tag)) => {
-                work.extend(info.references.iter().filter(|r| **r != p).cloned());
-                found.insert(p, (info, tag));
+    let mut wave: Vec<StorePath> = paths.to_vec();
+    while !wave.is_empty() {
+        let mut ask = Vec::new();
+        for p in std::mem::take(&mut wave) {
+            if !seen.insert(p.clone()) {
+                continue;
             }
-            None => {
-                missing.insert(p);
+            store.add_temp_root(&p)?;
+            if store
+                .db()
+                .is_valid_path(&p)
+                .map_err(firn_store::StoreError::from)?
+            {
+                continue;
+            }
+            ask.push(p);
+        }
+        let answers = lookup_all(&ask, parallel, &lookup);
+        for (p, answer) in ask.into_iter().zip(answers) {
+            match answer? {
+                Some((info, tag)) => {
+                    wave.extend(info.references.iter().filter(|r| **r != p).cloned());
+                    found.insert(p, (info, tag));
+                }
+                None => {
+                    missing.insert(p);
+                }
             }
         }
     }
     Ok((found, missing))
 }
 
+/// `lookup` of each of `paths` on up to `parallel` threads; the answers in order.
+fn lookup_all<R: Send>(
+    paths: &[StorePath],
+    parallel: usize,
+    lookup: &(impl Fn(&StorePath) -> R + Sync),
+) -> Vec<R> {
+    let workers = parallel.min(paths.len());
+    if workers <= 1 {
+        return paths.iter().map(lookup).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let answers: std::sync::Mutex<Vec<Option<R>>> =
+        std::sync::Mutex::new((0..paths.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(p) = paths.get(k) else { break };
+                let r = lookup(p);
+                answers.lock().unwrap_or_else(|e| e.into_inner())[k] = Some(r);
+            });
+        }
+    });
+    answers
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| unreachable!("every path was looked up")))
+        .collect()
+}
+
 /// Fetch `infos` (each from the cache `from` gives for it), stage them all and register
 /// them in one transaction, references first. Returns the paths in that order.
+///
+/// The NARs are downloaded and decompressed by up to [`transfers`] threads at once, in
+/// that order, each into a bounded channel ([`CHANNEL_CHUNKS`] chunks of
+/// [`CHUNK`] bytes); this thread restores, hashes and checks them one after the other
+/// in the same order, so a path is staged only after its references and nothing is
+/// registered unless every path is staged. A failure stops the transfers (their
+/// channels are dropped) and leaves nothing valid.
 pub fn import<'c>(
     store: &mut Store,
     infos: &[(NarInfo, &'c BinaryCache)],
@@ -349,23 +427,170 @@ pub fn import<'c>(
     let order = references_first(&vpis);
     let by_path: BTreeMap<&StorePath, &(NarInfo, &BinaryCache)> =
         infos.iter().map(|x| (&x.0.path, x)).collect();
-    let mut staged = Vec::new();
-    for p in &order {
-        let (info, cache) = by_path[p];
-        on_fetch(p, cache);
-        let wrap = |e: CacheError| CacheError::Import {
-            path: sd.display(p),
-            url: cache.url.base.clone(),
-            source: Box::new(e),
-        };
-        let mut nar = cache.open_nar(info).map_err(wrap)?;
-        let s = store
-            .stage_nar(&path_info(info), &mut nar)
-            .map_err(|e| wrap(e.into()))?;
-        staged.push(s);
-    }
+    let jobs: Vec<&(NarInfo, &BinaryCache)> = order.iter().map(|p| by_path[p]).collect();
+    let workers = transfers(jobs.iter().map(|(_, c)| *c))
+        .min(jobs.len())
+        .max(1);
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..jobs.len())
+        .map(|_| std::sync::mpsc::sync_channel::<Chunk>(CHANNEL_CHUNKS))
+        .unzip();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let staged = std::thread::scope(|scope| -> Result<Vec<Staged>, CacheError> {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if k >= jobs.len() || stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let (info, cache) = jobs[k];
+                transfer(cache, info, &senders[k]);
+            });
+        }
+        let result = (|| {
+            let mut staged = Vec::new();
+            for (k, rx) in receivers.into_iter().enumerate() {
+                let (info, cache) = jobs[k];
+                let p = &info.path;
+                on_fetch(p, cache);
+                let wrap = |e: CacheError| CacheError::Import {
+                    path: sd.display(p),
+                    url: cache.url.base.clone(),
+                    source: Box::new(e),
+                };
+                let mut nar = match rx.recv() {
+                    Ok(Chunk::Opened) => ChannelReader::new(rx),
+                    Ok(Chunk::Failed(e)) => return Err(wrap(e)),
+                    Ok(_) | Err(_) => {
+                        return Err(wrap(CacheError::Io {
+                            path: info.url.clone().into(),
+                            source: std::io::Error::other("the transfer ended unexpectedly"),
+                        }))
+                    }
+                };
+                let s = store
+                    .stage_nar(&path_info(info), &mut nar)
+                    .map_err(|e| wrap(e.into()))?;
+                staged.push(s);
+            }
+            Ok(staged)
+        })();
+        if result.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
+    })?;
     store.register_staged(staged)?;
     Ok(order)
+}
+
+/// The bytes of one chunk of a transfer (below malloc's mmap threshold, so chunks are
+/// reused from the heap rather than mapped and faulted in afresh each time).
+const CHUNK: usize = 64 * 1024;
+/// How many chunks a transfer may get ahead of the restore (8 MiB).
+const CHANNEL_CHUNKS: usize = 128;
+
+/// How many NARs are fetched at once: 8 when one comes over HTTP (Nix has 25
+/// `http-connections`), else one per core up to 4 (decompression is the work).
+pub fn transfers<'a>(caches: impl Iterator<Item = &'a BinaryCache>) -> usize {
+    let mut http = false;
+    for c in caches {
+        http |= matches!(c.url.location, crate::cache::Location::Http(_));
+    }
+    if http {
+        8
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
+    }
+}
+
+/// What a transfer sends: `Opened` or `Failed` first, then data up to `End` or `Error`.
+enum Chunk {
+    Opened,
+    Failed(CacheError),
+    Data(Vec<u8>),
+    Error(std::io::Error),
+    End,
+}
+
+/// Open, download and decompress the NAR of `info`, into `tx`. Stops quietly when the
+/// receiver is gone (the import failed).
+fn transfer(cache: &BinaryCache, info: &NarInfo, tx: &std::sync::mpsc::SyncSender<Chunk>) {
+    use std::io::Read;
+    let mut nar = match cache.open_nar(info) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(Chunk::Failed(e));
+            return;
+        }
+    };
+    if tx.send(Chunk::Opened).is_err() {
+        return;
+    }
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let msg = match nar.read(&mut buf) {
+            Ok(0) => Chunk::End,
+            Ok(n) => {
+                buf.truncate(n);
+                Chunk::Data(buf)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Chunk::Error(e),
+        };
+        let last = !matches!(msg, Chunk::Data(_));
+        if tx.send(msg).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The receiving end of a transfer as a reader.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Chunk>,
+    buf: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl ChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<Chunk>) -> Self {
+        Self {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Chunk::Data(d)) => {
+                    self.buf = d;
+                    self.pos = 0;
+                }
+                Ok(Chunk::End) => self.done = true,
+                Ok(Chunk::Error(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Ok(Chunk::Opened | Chunk::Failed(_)) | Err(_) => {
+                    self.done = true;
+                    return Err(std::io::Error::other("the transfer ended unexpectedly"));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// `firn copy --from`: the closures of `paths` from `cache` into `store`.

@@ -30,6 +30,9 @@ pub enum CacheError {
     /// A `.narinfo` (named by its file or URL) that does not parse.
     #[error("NAR info file '{file}' is corrupt: {msg}")]
     BadNarInfo { file: String, msg: String },
+    /// A `realisations/<id>.doi` that does not parse or names another output.
+    #[error("realisation '{file}' is not valid: {msg}")]
+    BadRealisation { file: String, msg: String },
     #[error("'{file}' is corrupt: {msg}")]
     BadCacheInfo { file: String, msg: String },
     /// A narinfo whose `URL` leaves the cache (`../x`, `/etc/passwd`, `http://…`).
@@ -61,6 +64,9 @@ pub enum CacheError {
     ZeroNarSize { path: String },
     #[error("unable to download '{url}': {msg}")]
     Http { url: String, msg: String },
+    /// The `ssl-cert-file` bundle cannot be used.
+    #[error("cannot use the CA bundle '{}' (setting 'ssl-cert-file'): {msg}", file.display())]
+    CaBundle { file: PathBuf, msg: String },
     #[error("serving a binary cache on '{listen}': {msg}")]
     Serve { listen: String, msg: String },
     #[error("importing '{path}' from '{url}': {source}")]

@@ -6,6 +6,8 @@
 //!   field order); [`cache_info`]: `nix-cache-info`;
 //! - [`compression`]: `xz`, `zstd`, `bzip2` and `none`;
 //! - [`cache`]: a binary cache by URL (`file:///DIR?compression=…&secret-key=…`);
+//! - [`disk_cache`]: Nix's narinfo disk cache (`binary-cache-v6.sqlite`), shared with Nix;
+//! - [`http`]: GETs over `http://` and `https://` (rustls, `ssl-cert-file`);
 //! - [`copy`]: `firn copy --to` / `--from`; [`substitute`]: substitution for builds;
 //! - [`serve`]: the store as a read-only HTTP binary cache (`firn serve-cache`).
 //!
@@ -16,7 +18,9 @@ pub mod cache;
 pub mod cache_info;
 pub mod compression;
 pub mod copy;
+pub mod disk_cache;
 pub mod error;
+pub mod http;
 pub mod http_request;
 pub mod keys;
 pub mod narinfo;

@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use firn_derivation::{FixedOutputHash, StoreDir, StorePath};
+use firn_derivation::{DrvOutput, FixedOutputHash, Realisation, StoreDir, StorePath};
 use firn_store::Store;
 
-use crate::cache::{BinaryCache, CacheUrl};
+use crate::cache::{BinaryCache, CacheOptions, CacheUrl};
 use crate::copy::{acceptable, import, walk_missing};
 use crate::error::CacheError;
 use crate::keys::PublicKeys;
@@ -50,8 +50,10 @@ impl Substituters {
     /// A cache that cannot be opened is left out, with a warning (as Nix does).
     /// `trusted_public_keys` are the words of that setting; the public halves of
     /// `secret_key_files` are trusted too.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         sd: &StoreDir,
+        opts: &CacheOptions,
         urls: &[String],
         trusted_public_keys: &[String],
         secret_key_files: &[String],
@@ -62,7 +64,7 @@ impl Substituters {
         let mut warnings = Vec::new();
         let mut caches = Vec::new();
         for u in urls {
-            match CacheUrl::parse(u).and_then(|url| BinaryCache::open(&url, sd)) {
+            match CacheUrl::parse(u).and_then(|url| BinaryCache::open(&url, sd, opts)) {
                 Ok(c) => caches.push(c),
                 Err(e) => warnings.push(format!("cannot use the substituter '{u}': {e}")),
             }
@@ -93,8 +95,9 @@ impl Substituters {
         sd: &StoreDir,
         p: &StorePath,
         cas: &BTreeMap<StorePath, FixedOutputHash>,
-        warnings: &mut Vec<String>,
+        warnings: &std::sync::Mutex<Vec<String>>,
     ) -> Result<Option<(NarInfo, usize)>, CacheError> {
+        let warn = |w: String| warnings.lock().unwrap_or_else(|e| e.into_inner()).push(w);
         for (i, c) in self.caches.iter().enumerate() {
             let found = match c.foreign_store_dir(sd) {
                 None => c.query(sd, p),
@@ -110,13 +113,13 @@ impl Substituters {
                 Ok(Some(info)) => info,
                 Ok(None) => continue,
                 Err(e) if self.fallback => {
-                    warnings.push(e.to_string());
+                    warn(e.to_string());
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             if !acceptable(sd, &info, &self.keys, self.require_sigs, c.url.trusted) {
-                warnings.push(format!(
+                warn(format!(
                     "the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
                     sd.display(p),
                     c.url.base
@@ -124,6 +127,24 @@ impl Substituters {
                 continue;
             }
             return Ok(Some((info, i)));
+        }
+        Ok(None)
+    }
+
+    /// The realisation `id` from the first cache (by priority) that has it, with the
+    /// index of that cache (Nix's `DrvOutputSubstitutionGoal`); an unreadable cache is
+    /// skipped with `fallback`, else an error.
+    pub fn query_realisation(
+        &self,
+        id: &DrvOutput,
+    ) -> Result<Option<(Realisation, usize)>, CacheError> {
+        for (i, c) in self.caches.iter().enumerate() {
+            match c.query_realisation(id) {
+                Ok(Some(r)) => return Ok(Some((r, i))),
+                Ok(None) => {}
+                Err(_) if self.fallback => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(None)
     }
@@ -144,9 +165,15 @@ impl Substituters {
         cas: &BTreeMap<StorePath, FixedOutputHash>,
     ) -> Result<Plan, CacheError> {
         let sd = store.store_dir().clone();
-        let mut warnings = Vec::new();
-        let (found, missing) =
-            walk_missing(store, paths, |p| self.find(&sd, p, cas, &mut warnings))?;
+        let warnings = std::sync::Mutex::new(Vec::new());
+        let parallel = crate::copy::transfers(self.caches.iter());
+        let (found, missing) = walk_missing(store, paths, parallel, |p| {
+            self.find(&sd, p, cas, &warnings)
+        })?;
+        let mut warnings = warnings.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Threads finish in any order: the same warnings, the same order, every time.
+        warnings.sort();
+        warnings.dedup();
         Ok(Plan {
             fetch: found.into_values().collect(),
             missing,

@@ -132,6 +132,10 @@ pub fn copy(settings: &Settings, args: &CopyArgs, out: &mut impl Write) -> Resul
     let mut store = open(settings)?;
     let sd = store.store_dir().clone();
     if let Some(to) = &args.to {
+        // With ca-derivations the realisations of the outputs copied go too.
+        if settings.build.ca_derivations() {
+            store.enable_ca_derivations()?;
+        }
         let paths: Vec<StorePath> = args
             .paths
             .iter()
@@ -154,7 +158,11 @@ pub fn copy(settings: &Settings, args: &CopyArgs, out: &mut impl Write) -> Resul
             .iter()
             .map(|a| store.parse_path_arg(a))
             .collect::<Result<_, _>>()?;
-        let cache = BinaryCache::open(&CacheUrl::parse(from)?, &sd)?;
+        let cache = BinaryCache::open(
+            &CacheUrl::parse(from)?,
+            &sd,
+            &firn_build::substitute::cache_options(&settings.build),
+        )?;
         let keys = firn_cache::keys::trusted_keys(
             &settings.build.trusted_public_keys.0,
             &settings.build.secret_key_files.0,

@@ -79,7 +79,8 @@ impl Write for HashModuloSink {
         let mut s = std::mem::take(&mut self.pending);
         s.extend_from_slice(data);
         let mut j = 0;
-        while let Some(k) = s[j..].windows(len).position(|w| w == self.modulus) {
+        // memmem, not a window-by-window compare: this runs over every byte imported.
+        while let Some(k) = memchr::memmem::find(&s[j..], &self.modulus) {
             let at = j + k;
             self.matches.push(self.pos + at as u64);
             s[at..at + len].fill(0);
