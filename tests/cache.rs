@@ -1861,6 +1861,77 @@ fn ca_outputs_copy_with_their_realisations_as_nix_writes_them() {
     remove(&dir);
 }
 
+/// A content-addressed derivation is substituted through its realisation (Nix's
+/// `DrvOutputSubstitutionGoal`): from a cache real Nix wrote with `nix copy --to` of the
+/// derivation (its realisations and NARs), a fresh store realises `top` by fetching,
+/// building nothing, registers the realisation (a second realise finds it), and gets
+/// Nix's paths.
+#[test]
+fn ca_derivations_are_substituted_through_their_realisations() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let dir = tempdir("cache-ca-substitute");
+    let (root, fresh) = (dir.join("st"), dir.join("fresh"));
+    let expr = dir.join("ca.nix");
+    fs::write(&expr, CA_EXPR).unwrap();
+    let ca = [
+        "--option",
+        "experimental-features",
+        "nix-command ca-derivations",
+    ];
+    let mut args = ca.to_vec();
+    args.extend(["--option", "sandbox", "true", "--option", "sandbox-paths"]);
+    args.extend(["/bin/sh=/bin/busybox", "--no-out-link", "-A", "top"]);
+    args.push(expr.to_str().unwrap());
+    let top = ok(nix(&root, "nix-build", &args)).trim().to_owned();
+    let cache = dir.join("cache");
+    let url = format!("file://{}", cache.display());
+    let mut a = ca.to_vec();
+    a.extend(["copy", "--to", &url, "-f", expr.to_str().unwrap(), "top"]);
+    ok(nix(&root, "nix", &a));
+    let mut a = ca.to_vec();
+    a.extend(["-A", "top", expr.to_str().unwrap()]);
+    let drv = ok(nix(&fresh, "nix-instantiate", &a)).trim().to_owned();
+    let realise = || {
+        firn_at(
+            &fresh,
+            &[
+                "--option",
+                "experimental-features",
+                "ca-derivations",
+                "--option",
+                "substituters",
+                &url,
+                "--option",
+                "require-sigs",
+                "false",
+                "--option",
+                "sandbox-paths",
+                "/bin/sh=/bin/busybox",
+                "realise",
+                &drv,
+            ],
+            None,
+        )
+    };
+    let o = realise();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(ok(o).trim(), top, "{err}");
+    assert!(!err.contains("building '"), "nothing is built:\n{err}");
+    assert!(err.contains("copying path '"), "{err}");
+    // The realisation is registered: again, nothing is fetched or built.
+    let o = realise();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(ok(o).trim(), top);
+    assert!(
+        !err.contains("copying path") && !err.contains("building"),
+        "{err}"
+    );
+    assert_verifies(&fresh, "fresh");
+    remove(&dir);
+}
+
 /// Parallel downloads: a closure of 12 text paths, each referring to the one before,
 /// from an HTTP server that takes 300 ms per NAR comes in with several transfers at
 /// once (in well under 12 × 300 ms), is registered references first (database ids

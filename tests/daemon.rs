@@ -1159,5 +1159,26 @@ fn the_daemon_answers_substitution_queries_from_its_caches() {
     );
     drop(d);
     assert_verifies(&dir.join("root"), "after substituting through the daemon");
+    // A plain path, not a derivation: `nix-store -r PATH` fetches it too (BuildPaths of
+    // an opaque path), and one no cache has is Nix's error.
+    let d = Daemon::start(&dir.join("root2"), &[]);
+    let mut args = subst.to_vec();
+    args.extend(["-r", out.trim()]);
+    let got = d.run("nix-store", &args);
+    let err = text(&got.stderr);
+    assert_eq!(ok_out(got, "nix-store -r PATH").trim(), out.trim(), "{err}");
+    assert!(err.contains("copying path"), "{err}");
+    let missing = format!("/nix/store/{}-missing", "0".repeat(32));
+    let mut args = subst.to_vec();
+    args.extend(["-r", missing.as_str()]);
+    let got = d.run("nix-store", &args);
+    assert_eq!(got.status.code(), Some(1));
+    assert!(
+        text(&got.stderr).contains("there is no substituter that can build it"),
+        "{}",
+        text(&got.stderr)
+    );
+    drop(d);
+    assert_verifies(&dir.join("root2"), "after nix-store -r PATH");
     remove(&dir);
 }

@@ -574,10 +574,51 @@ impl<R: RunningBuild> DerivationGoal<R> {
             }
         } else if all_wanted_valid {
             return self.done(BuildResult::already_valid(loaded.known_outputs()));
-        } else if loaded.unknown.is_empty() && crate::substitute::allowed(&loaded.drv) {
+        } else if crate::substitute::allowed(&loaded.drv) {
             // The binary caches before building (Nix's `haveDerivation`): if they have
-            // every missing wanted output, neither this nor its inputs are built.
+            // every missing wanted output, neither this nor its inputs are built. An
+            // output whose path the build decides is found by its realisation first.
             use crate::substitute::Substituted;
+            let unknown_wanted: Vec<_> = loaded
+                .unknown
+                .iter()
+                .filter(|n| self.wanted.contains(n.as_str()))
+                .map(|n| (n.clone(), loaded.drv_output(n)))
+                .collect();
+            let realised = match unknown_wanted.iter().all(|(_, id)| id.is_some()) {
+                _ if unknown_wanted.is_empty() => Some(Default::default()),
+                false => None,
+                true if !cx.settings.ca_derivations() => None,
+                true => {
+                    let ids: Vec<_> = unknown_wanted
+                        .into_iter()
+                        .filter_map(|(n, id)| Some((n, id?)))
+                        .collect();
+                    match crate::substitute::realisations(cx.store, cx.settings, cx.events, &ids) {
+                        Ok(r) => r,
+                        Err(e) => return self.fail(e),
+                    }
+                }
+            };
+            let Some(realised) = realised else {
+                return self.wait_for_inputs(cx, loaded);
+            };
+            let mut missing_wanted: Vec<StorePath> = missing_wanted
+                .into_iter()
+                .filter(|p| {
+                    !loaded
+                        .unknown
+                        .iter()
+                        .any(|n| loaded.outputs.get(n) == Some(p))
+                })
+                .collect();
+            for r in realised.outputs.values().chain(&realised.dependencies) {
+                match cx.store.db().is_valid_path(&r.out_path) {
+                    Ok(true) => {}
+                    Ok(false) => missing_wanted.push(r.out_path.clone()),
+                    Err(e) => return self.fail(StoreError::from(e).into()),
+                }
+            }
             // Fixed outputs are known by content: caches of other store dirs have them.
             let cas: BTreeMap<StorePath, firn_derivation::FixedOutputHash> = loaded
                 .outputs
@@ -594,11 +635,37 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 &missing_wanted,
                 &cas,
             ) {
-                Substituted::All => return self.done(BuildResult::substituted(loaded.outputs)),
+                Substituted::All => {
+                    let mut outputs = loaded.known_outputs();
+                    let crate::substitute::Realised {
+                        outputs: mine,
+                        dependencies,
+                    } = realised;
+                    for r in dependencies.iter().chain(mine.values()) {
+                        if let Err(e) = cx.store.db_mut().register_drv_output(r) {
+                            return self.fail(StoreError::from(e).into());
+                        }
+                    }
+                    for (name, r) in mine {
+                        outputs.insert(name, r.out_path);
+                    }
+                    return self.done(BuildResult::substituted(outputs));
+                }
                 Substituted::No => {}
                 Substituted::Failed(e) => return self.fail(e),
             }
         }
+        self.wait_for_inputs(cx, loaded)
+    }
+
+    /// Nothing could be substituted: the inputs first.
+    fn wait_for_inputs<B: Builder<Build = R>>(
+        &mut self,
+        cx: &mut Context<'_, B>,
+        loaded: Loaded,
+    ) -> Next {
+        let sd = cx.store.store_dir().clone();
+        let shown = sd.display(&self.drv_path);
         // A pure derivation that is not fixed-output may not depend on an impure one
         // (Nix's `gaveUpOnSubstitution`).
         if let Ok(ty) = loaded.drv.derivation_type() {

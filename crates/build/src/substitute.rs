@@ -157,3 +157,91 @@ pub fn substitute(
         }
     }
 }
+
+/// Realisations found in the substituters for a goal's floating outputs.
+#[derive(Debug, Default)]
+pub struct Realised {
+    /// Each wanted output's.
+    pub outputs: BTreeMap<firn_derivation::OutputName, firn_derivation::Realisation>,
+    /// The realisations those depend on (`dependentRealisations`, transitively) that
+    /// the store does not have, in an order where each comes after those it depends on:
+    /// registered first (the Realisations table refers to them).
+    pub dependencies: Vec<firn_derivation::Realisation>,
+}
+
+/// The realisations of `ids` (outputs whose paths the build would decide: floating
+/// content-addressed) from the substituters, in priority order, with those they depend
+/// on (Nix's `DrvOutputSubstitutionGoal`); `None` when one of them is in no cache (then
+/// it is built). The paths they name are substituted as any path is, their narinfos'
+/// signatures checked then.
+pub fn realisations(
+    store: &Store,
+    settings: &Settings,
+    events: &mut dyn BuildEvents,
+    ids: &[(firn_derivation::OutputName, firn_derivation::DrvOutput)],
+) -> Result<Option<Realised>, BuildError> {
+    let Some(subs) = open(store.store_dir(), settings, events)? else {
+        return Ok(None);
+    };
+    let query = |id: &firn_derivation::DrvOutput| match subs.query_realisation(id) {
+        Ok(r) => Ok(r.map(|(r, _)| r)),
+        Err(e) => Err(BuildError::Substitution {
+            path: id.to_string(),
+            source: Box::new(e),
+        }),
+    };
+    let found = (|| -> Result<Option<Realised>, BuildError> {
+        let mut realised = Realised::default();
+        for (name, id) in ids {
+            let Some(r) = query(id)? else {
+                return Ok(None);
+            };
+            realised.outputs.insert(name.clone(), r);
+        }
+        // Depth first, so that a realisation follows those it depends on.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack: Vec<(firn_derivation::DrvOutput, bool)> = realised
+            .outputs
+            .values()
+            .flat_map(|r| r.dependent_realisations.keys().cloned())
+            .map(|id| (id, false))
+            .collect();
+        let mut fetched: BTreeMap<firn_derivation::DrvOutput, firn_derivation::Realisation> =
+            BTreeMap::new();
+        while let Some((id, expanded)) = stack.pop() {
+            if expanded {
+                if let Some(r) = fetched.remove(&id) {
+                    realised.dependencies.push(r);
+                }
+                continue;
+            }
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let known = store
+                .db()
+                .query_realisation(&id)
+                .map_err(firn_store::StoreError::from)?;
+            if known.is_some() {
+                continue;
+            }
+            let Some(r) = query(&id)? else {
+                return Ok(None);
+            };
+            stack.push((id.clone(), true));
+            for dep in r.dependent_realisations.keys() {
+                stack.push((dep.clone(), false));
+            }
+            fetched.insert(id, r);
+        }
+        Ok(Some(realised))
+    })();
+    match found {
+        Err(e) if settings.fallback => {
+            let text = format!("{e}; building from source instead ('fallback')");
+            events.message(Message::Warning { text: &text });
+            Ok(None)
+        }
+        other => other,
+    }
+}

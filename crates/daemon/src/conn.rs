@@ -1024,6 +1024,35 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         let top_set = tops.iter().map(|(p, _)| p.clone()).collect();
         let mut events = DaemonEvents::new(ch, sd.clone(), top_set);
         let mut failed_here: BTreeSet<StorePath> = BTreeSet::new();
+        // Opaque paths that are not valid come from the substituters (Nix's
+        // `PathSubstitutionGoal`); one that fails says why.
+        let mut not_substituted: BTreeMap<StorePath, String> = BTreeMap::new();
+        let mut substituted: BTreeSet<StorePath> = BTreeSet::new();
+        for p in paths {
+            let DerivedPath::Opaque(path) = p else {
+                continue;
+            };
+            if store.db().is_valid_path(path)? || not_substituted.contains_key(path) {
+                continue;
+            }
+            use firn_build::substitute::{substitute, Substituted};
+            let got = substitute(
+                store,
+                &settings,
+                &mut events,
+                &[path.clone()],
+                &BTreeMap::new(),
+            );
+            match got {
+                Substituted::All => {
+                    substituted.insert(path.clone());
+                }
+                Substituted::No => {}
+                Substituted::Failed(e) => {
+                    not_substituted.insert(path.clone(), events.error_text(&e));
+                }
+            }
+        }
         let results = if tops.is_empty() {
             Vec::new()
         } else {
@@ -1084,13 +1113,19 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     store.add_temp_root(path)?;
                     let r = match store.db().is_valid_path(path)? {
                         true => Ok(Built {
-                            result: firn_build::BuildResult::already_valid(BTreeMap::new()),
+                            result: match substituted.contains(path) {
+                                true => firn_build::BuildResult::substituted(BTreeMap::new()),
+                                false => firn_build::BuildResult::already_valid(BTreeMap::new()),
+                            },
                             error: None,
                         }),
-                        false => Err(format!(
-                            "path '{}' is required, but there is no substituter that can build it",
-                            hl(&sd.display(path))
-                        )),
+                        false => Err(match not_substituted.get(path) {
+                            Some(why) => why.clone(),
+                            None => format!(
+                                "path '{}' is required, but there is no substituter that can build it",
+                                hl(&sd.display(path))
+                            ),
+                        }),
                     };
                     out.push((p.clone(), r));
                 }
