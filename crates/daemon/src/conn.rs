@@ -1040,7 +1040,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 store,
                 &settings,
                 &mut events,
-                &[path.clone()],
+                std::slice::from_ref(path),
                 &BTreeMap::new(),
             );
             match got {
