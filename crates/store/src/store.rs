@@ -451,6 +451,14 @@ impl Store {
         Ok(locks.unwrap_or_default())
     }
 
+    /// Rename the complete, canonical object at `tmp` to `real` (its lock held, the
+    /// path not valid) and wait until it is on disk there (`durable.rs`: one `syncfs`
+    /// for a large object, a few fsyncs for a small one), so that it can be registered.
+    pub(crate) fn place_durably(&self, tmp: &Path, real: &Path) -> Result<(), StoreError> {
+        fs::rename(tmp, real).map_err(io_err(real))?;
+        crate::durable::make_durable(real, &self.layout.real_store_dir).map_err(io_err(real))
+    }
+
     /// Put the content produced by `write(tmp)` at `path` and register it, unless the
     /// path is valid already. `write` creates `tmp` (which does not exist).
     fn add_content(
@@ -492,14 +500,14 @@ impl Store {
                 None => nar::hash_path(&tmp)?,
             };
             self.auto_optimise_path(&tmp)?;
-            sync_tree(&tmp);
-            fs::rename(&tmp, &real).map_err(io_err(&real))?;
+            self.place_durably(&tmp, &real)?;
             Ok((nar_hash, nar_size))
         })();
         let (nar_hash, nar_size) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = delete_path(&tmp);
+                let _ = delete_path(&real);
                 return Err(e);
             }
         };
@@ -671,7 +679,7 @@ impl Store {
                 inner: nar,
                 sink: nar::HashSink::new(),
             };
-            nar::restore_path(&mut hashing, &tmp)?;
+            nar::restore_path_for_store(&mut hashing, &tmp)?;
             let (got, size) = hashing.sink.finish();
             if got != info.nar_hash || size != info.nar_size {
                 return Err(StoreError::NarMismatch {
@@ -689,14 +697,14 @@ impl Store {
             };
             canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
             self.auto_optimise_path(&tmp)?;
-            sync_tree(&tmp);
-            fs::rename(&tmp, &real).map_err(io_err(&real))?;
+            self.place_durably(&tmp, &real)?;
             Ok(drv_outputs)
         })();
         let drv_outputs = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = delete_path(&tmp);
+                let _ = delete_path(&real);
                 return Err(e);
             }
         };
@@ -843,7 +851,7 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
             drop(writer);
             r
         });
-        let restored = nar::restore_path(&mut reader, dst);
+        let restored = nar::restore_path_for_store(&mut reader, dst);
         drop(reader);
         let dumped = dumper.join().unwrap_or_else(|_| {
             Err(NarError::Format {
@@ -862,70 +870,52 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
 }
 
 /// [`copy_via_nar`], hashing the NAR on the way: its sha256 and size, and its hash with
-/// `algo` (the same as the sha256 when `algo` is sha256).
+/// `algo` (the same as the sha256 when `algo` is sha256). Two threads, each with half
+/// the work: one reads `src` and hashes its NAR, the other (this one) restores it; the
+/// NAR's buffers go from one to the other without a copy
+/// ([`nar::dump_path_through`]).
 fn copy_via_nar_hashing(
     src: &Path,
     dst: &Path,
     algo: HashAlgo,
 ) -> Result<(Hash, u64, Hash), StoreError> {
-    let (reader, mut writer) = io::pipe().map_err(io_err(src))?;
-    // A larger pipe than the 64 KiB default: far fewer hand-overs between the threads
-    // (best effort: the system may refuse the size).
-    let _ = nix::fcntl::fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(&writer),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
-    );
-    std::thread::scope(|scope| {
-        let dumper = scope.spawn(move || {
-            let r = nar::dump_path(src, &mut writer);
-            drop(writer);
-            r
-        });
-        let mut hashing = TwoHashReader {
-            inner: reader,
-            sha256: nar::HashSink::new(),
-            other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
-        };
-        let restored = nar::restore_path(&mut hashing, dst);
-        let TwoHashReader {
-            inner,
-            sha256,
-            other,
-        } = hashing;
-        drop(inner);
-        let dumped = dumper.join().unwrap_or_else(|_| {
-            Err(NarError::Format {
-                offset: 0,
-                msg: "the NAR writer thread panicked".into(),
-            })
-        });
-        match (dumped, restored) {
-            (Ok(()), Ok(())) => {
-                let (nar_hash, nar_size) = sha256.finish();
-                let hash = other.map_or(nar_hash, |o| o.finish().0);
-                Ok((nar_hash, nar_size, hash))
-            }
-            (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
-            (Err(d), _) => Err(d.into()),
+    let mut hashes = TwoHashes {
+        sha256: nar::HashSink::new(),
+        other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
+    };
+    let (dumped, restored) = nar::dump_path_through(src, &mut hashes, |reader| {
+        nar::restore_path_for_store(reader, dst)
+    });
+    match (dumped, restored) {
+        (Ok(()), Ok(())) => {
+            let (nar_hash, nar_size) = hashes.sha256.finish();
+            let hash = hashes.other.map_or(nar_hash, |o| o.finish().0);
+            Ok((nar_hash, nar_size, hash))
         }
-    })
+        // The restorer stopped first: the dumper only saw it gone.
+        (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
+        // Reading the source failed: that explains the truncated NAR.
+        (Err(d), _) => Err(d.into()),
+    }
 }
 
-/// Passes a reader's bytes through a sha256 sink and, optionally, another.
-struct TwoHashReader<R> {
-    inner: R,
+/// A sha256 sink and, optionally, another.
+struct TwoHashes {
     sha256: nar::HashSink,
     other: Option<nar::HashSink>,
 }
 
-impl<R: Read> Read for TwoHashReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.sha256.write_all(&buf[..n])?;
+impl Write for TwoHashes {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sha256.write_all(buf)?;
         if let Some(o) = &mut self.other {
-            o.write_all(&buf[..n])?;
+            o.write_all(buf)?;
         }
-        Ok(n)
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -942,24 +932,6 @@ impl Read for HashingReader<'_> {
         let n = self.inner.read(buf)?;
         self.sink.write_all(&buf[..n])?;
         Ok(n)
-    }
-}
-
-/// fsync the content before it becomes valid (best effort on directories).
-fn sync_tree(path: &Path) {
-    if let Ok(meta) = fs::symlink_metadata(path) {
-        if meta.is_dir() {
-            if let Ok(entries) = fs::read_dir(path) {
-                for e in entries.flatten() {
-                    sync_tree(&e.path());
-                }
-            }
-        }
-        if !meta.file_type().is_symlink() {
-            if let Ok(f) = File::open(path) {
-                let _ = f.sync_all();
-            }
-        }
     }
 }
 
