@@ -595,13 +595,59 @@ impl Store {
             .join(format!(".add-{n}.tmp-{}", std::process::id()));
         delete_path(&staging).map_err(io_err(&staging))?;
         let copied = copy_via_nar_hashing(src, &staging, algo);
+        self.add_staged_recursive(&staging, name, copied)
+    }
+
+    /// `addToStoreFromDump` with recursive ingestion (the daemon's AddToStore of a
+    /// tree): the NAR read from `nar` is restored into a staging entry of the store
+    /// directory while it is hashed, then becomes the path its hash gives, as with
+    /// [`Store::add_to_store`] of the tree the NAR holds (same path, same row) but
+    /// without a copy of it outside the store first. The NAR is validated as
+    /// [`nar::restore_path`] does.
+    pub fn add_nar_recursive(
+        &mut self,
+        name: &str,
+        algo: HashAlgo,
+        nar: &mut dyn Read,
+    ) -> Result<ValidPathInfo, StoreError> {
+        let n = ADD_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = self
+            .layout
+            .real_store_dir
+            .join(format!(".add-{n}.tmp-{}", std::process::id()));
+        delete_path(&staging).map_err(io_err(&staging))?;
+        let mut hashes = TwoHashes {
+            sha256: nar::HashSink::new(),
+            other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
+        };
+        let mut reader = TeeReader {
+            inner: nar,
+            sink: &mut hashes,
+        };
+        let restored = nar::restore_path_for_store(&mut reader, &staging);
+        let copied = restored.map_err(StoreError::from).map(|()| {
+            let (nar_hash, nar_size) = hashes.sha256.finish();
+            let hash = hashes.other.map_or(nar_hash, |o| o.finish().0);
+            (nar_hash, nar_size, hash)
+        });
+        self.add_staged_recursive(&staging, name, copied)
+    }
+
+    /// The end of a recursive add: the tree at `staging`, whose NAR `copied` hashed,
+    /// becomes its path (or is dropped if that is valid already, or on error).
+    fn add_staged_recursive(
+        &mut self,
+        staging: &Path,
+        name: &str,
+        copied: Result<(Hash, u64, Hash), StoreError>,
+    ) -> Result<ValidPathInfo, StoreError> {
         let result = copied.and_then(|(nar_hash, nar_size, hash)| {
             let fixed = FixedOutputHash {
                 method: FileIngestionMethod::Recursive,
                 hash,
             };
             let path = self.layout.store_dir.make_fixed_output_path(&fixed, name)?;
-            let staged = staging.clone();
+            let staged = staging.to_path_buf();
             self.add_content(
                 path,
                 BTreeSet::new(),
@@ -612,7 +658,7 @@ impl Store {
             )
         });
         // Renamed into place, or not needed (valid already, or failed).
-        let _ = delete_path(&staging);
+        let _ = delete_path(staging);
         result
     }
 
@@ -919,6 +965,20 @@ impl Write for TwoHashes {
     }
 }
 
+/// Passes a reader's bytes through a writer (hashes).
+struct TeeReader<'a, W: Write> {
+    inner: &'a mut dyn Read,
+    sink: &'a mut W,
+}
+
+impl<W: Write> Read for TeeReader<'_, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sink.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 static ADD_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Passes a reader's bytes through a hash sink.
@@ -940,4 +1000,79 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     fs::write(&tmp, contents).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("firn-store-{name}-{}", std::process::id()));
+        let _ = delete_path(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Entries of the store directory other than valid paths' (leftovers).
+    fn leftovers(store: &Store) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(store.real_store_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_nar_added_recursively_is_the_tree_added() {
+        let dir = tmp("nar-add");
+        let tree = dir.join("tree");
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        fs::write(tree.join("a"), b"a\n").unwrap();
+        fs::write(tree.join("sub/big"), vec![3u8; 2 << 20]).unwrap();
+        std::os::unix::fs::symlink("a", tree.join("link")).unwrap();
+        let mut nar_bytes = Vec::new();
+        nar::dump_path(&tree, &mut nar_bytes).unwrap();
+        for algo in [HashAlgo::Sha256, HashAlgo::Sha1] {
+            let mut a = Store::open(&StoreLayout::chroot(&dir.join(format!("a-{algo}")))).unwrap();
+            let mut b = Store::open(&StoreLayout::chroot(&dir.join(format!("b-{algo}")))).unwrap();
+            let want = a
+                .add_to_store(&tree, FileIngestionMethod::Recursive, algo)
+                .unwrap();
+            let got = b
+                .add_nar_recursive("tree", algo, &mut nar_bytes.as_slice())
+                .unwrap();
+            assert_eq!(
+                (&got.path, got.nar_hash, got.nar_size, &got.ca),
+                (&want.path, want.nar_hash, want.nar_size, &want.ca)
+            );
+            assert_eq!(
+                nar::hash_path(&b.real_path(&got.path)).unwrap(),
+                (want.nar_hash, want.nar_size)
+            );
+            // Again: valid already, the same row.
+            let again = b
+                .add_nar_recursive("tree", algo, &mut nar_bytes.as_slice())
+                .unwrap();
+            assert_eq!(again.path, got.path);
+            assert!(leftovers(&b).is_empty(), "{:?}", leftovers(&b));
+        }
+        // A truncated or corrupt NAR: an error, nothing valid, nothing left behind.
+        let mut s = Store::open(&StoreLayout::chroot(&dir.join("bad"))).unwrap();
+        for bad in [&nar_bytes[..nar_bytes.len() - 8], &nar_bytes[..100]] {
+            assert!(matches!(
+                s.add_nar_recursive("tree", HashAlgo::Sha256, &mut &bad[..]),
+                Err(StoreError::Nar(_))
+            ));
+        }
+        let mut trailing = nar_bytes.clone();
+        trailing.extend_from_slice(&[0; 8]);
+        assert!(s
+            .add_nar_recursive("tree", HashAlgo::Sha256, &mut trailing.as_slice())
+            .is_err());
+        assert!(leftovers(&s).is_empty(), "{:?}", leftovers(&s));
+        assert!(s.db().query_all_valid_paths().unwrap().is_empty());
+        let _ = delete_path(&dir);
+    }
 }
