@@ -15,12 +15,13 @@
 # between the two; the table gives the medians, the ratio (Nix time / firn time: above
 # 1 means firn is faster) and every run. Outputs are checked equal (paths, NAR hashes,
 # NAR bytes, query output).
-# Usage: bench/all-vs-nix.sh [TREE] [RUNS] [DAEMON_N]
+# Usage: [FIRN=BINARY] bench/all-vs-nix.sh [TREE] [RUNS] [DAEMON_N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${1:-/usr/lib/x86_64-linux-gnu}; RUNS=${2:-3}; DN=${3:-1000}
-cargo build --release -q -p firn-cli
-FIRN=$PWD/target/release/firn
+# FIRN=/path/to/firn measures that binary (an older build, say) instead of building.
+if [ -z "${FIRN:-}" ]; then cargo build --release -q -p firn-cli; FIRN=$PWD/target/release/firn; fi
+export FIRN
 WORK=$(mktemp -d /tmp/firn-allbench.XXXXXX)
 trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
 NIXS=(--option substituters '')

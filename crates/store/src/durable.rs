@@ -181,48 +181,6 @@ mod tests {
         std::fs::remove_dir_all(&store).unwrap();
     }
 
-    /// The store's adds go through `make_durable` before registering: a tree of many
-    /// files costs one syncfs and no fsync, a text file two fsyncs (it and the store
-    /// directory), an import of a closure one syncfs for all of it.
-    #[test]
-    fn adds_are_made_durable_with_few_syncs() {
-        use crate::layout::StoreLayout;
-        use crate::store::Store;
-        use firn_derivation::{FileIngestionMethod, HashAlgo};
-        let dir = tmp("adds");
-        let tree = dir.join("tree");
-        std::fs::create_dir(&tree).unwrap();
-        for i in 0..40 {
-            std::fs::write(tree.join(format!("f{i}")), vec![i as u8; 3000 * i]).unwrap();
-        }
-        std::fs::write(tree.join("big"), vec![7u8; 3 << 20]).unwrap();
-        let mut store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
-        let before = sync_counts();
-        let info = store
-            .add_to_store(&tree, FileIngestionMethod::Recursive, HashAlgo::Sha256)
-            .unwrap();
-        let after = sync_counts();
-        assert_eq!((after.0 - before.0, after.1 - before.1), (0, 1));
-        assert_eq!(
-            crate::nar::hash_path(&store.real_path(&info.path)).unwrap(),
-            (info.nar_hash, info.nar_size)
-        );
-        // Valid already: nothing written, nothing synced.
-        let before = sync_counts();
-        store
-            .add_to_store(&tree, FileIngestionMethod::Recursive, HashAlgo::Sha256)
-            .unwrap();
-        assert_eq!(sync_counts(), before);
-        let before = sync_counts();
-        store
-            .add_text("t", b"text", Default::default(), Default::default())
-            .unwrap();
-        let after = sync_counts();
-        assert_eq!((after.0 - before.0, after.1 - before.1), (2, 0));
-        std::fs::remove_dir_all(&dir).ok();
-        let _ = crate::canonical::delete_path(&dir);
-    }
-
     #[test]
     fn a_missing_object_is_an_error() {
         let store = tmp("missing");
