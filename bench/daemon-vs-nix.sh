@@ -11,8 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}; C=${2:-100}; RUNS=${3:-3}
-cargo build --release -q -p firn-cli
-FIRN=$PWD/target/release/firn
+# FIRN=/path/to/firn measures that binary (an older build, say) instead of building.
+if [ -z "${FIRN:-}" ]; then cargo build --release -q -p firn-cli; FIRN=$PWD/target/release/firn; fi
 WORK=$(mktemp -d /tmp/firn-dbench.XXXXXX)
 cleanup() { for p in "$WORK"/*.pid; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null; done; rm -rf "$WORK"; }
 trap cleanup EXIT

@@ -329,7 +329,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             algo,
             paths,
         } => store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?,
-        Command::Dump { path } => store_cmds::dump(&settings, &path, &mut out)?,
+        Command::Dump { path } => {
+            let stdout = io::stdout();
+            let fd = std::os::fd::AsFd::as_fd(&stdout);
+            store_cmds::dump(&settings, &path, &mut out, Some(fd))?
+        }
         Command::Restore { path } => store_cmds::restore(&path)?,
         Command::Hash {
             algo,

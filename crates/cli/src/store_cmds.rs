@@ -85,7 +85,16 @@ pub fn add_fixed(
 /// symlink (never followed), without opening the store. A logical store path (one that,
 /// made absolute lexically, is inside the store dir) is read from the real store dir,
 /// as everything is with `--store ROOT`; any other PATH is the file as given.
-pub fn dump(settings: &Settings, path: &Path, out: &mut impl Write) -> Result<(), CliError> {
+///
+/// With `fd` (standard output, which `out` writes to, flushed), the NAR is written to
+/// the descriptor itself and large files' contents go to it from the page cache
+/// (`sendfile`; `firn_store::nar::dump_path_to_fd`), not through this process.
+pub fn dump(
+    settings: &Settings,
+    path: &Path,
+    out: &mut impl Write,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), CliError> {
     let layout = &settings.layout;
     let mut logical = firn_store::store::absolute(path);
     // `link/` means what `link` points to, as for the kernel.
@@ -99,8 +108,13 @@ pub fn dump(settings: &Settings, path: &Path, out: &mut impl Write) -> Result<()
         true => layout.real_path_of(&logical),
         false => path.to_path_buf(),
     };
+    out.flush().map_err(CliError::stdout)?;
     let mut buf = io::BufWriter::with_capacity(1 << 20, out);
-    firn_store::nar::dump_path(&file, &mut buf).map_err(|e| match e {
+    let dumped = match fd {
+        Some(fd) => firn_store::nar::dump_path_to_fd(&file, fd),
+        None => firn_store::nar::dump_path(&file, &mut buf),
+    };
+    dumped.map_err(|e| match e {
         firn_store::nar::NarError::Write { source }
             if source.kind() == io::ErrorKind::BrokenPipe =>
         {

@@ -1338,6 +1338,15 @@ fn add_to_store<R: Read>(
             name,
         )
         .map_err(|e| client(e.to_string()))?;
+    if method == FileIngestionMethod::Recursive {
+        // Restored straight into the store while hashed (no copy outside it first).
+        return match store.add_nar_recursive(name, algo, &mut NarBounded::new(&mut *fr)) {
+            Ok(info) => Ok(info),
+            // A NAR the client sent wrong ends the connection, as before.
+            Err(firn_store::StoreError::Nar(e)) => Err(OpError::Fatal(e.to_string())),
+            Err(e) => Err(e.into()),
+        };
+    }
     let dir = store
         .state_dir()
         .join("daemon-tmp")

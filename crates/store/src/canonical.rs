@@ -13,6 +13,11 @@ use nix::unistd::{fchownat, Gid, Uid};
 
 /// Canonicalise `path` and everything below it. Does not follow symlinks.
 pub fn canonicalise_path_metadata(path: &Path) -> std::io::Result<()> {
+    // Asked once, not for every file (two syscalls per file of a large tree).
+    canonicalise_as(path, Uid::effective(), Gid::effective())
+}
+
+fn canonicalise_as(path: &Path, uid: Uid, gid: Gid) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(path)?;
     let ft = meta.file_type();
     if !ft.is_symlink() {
@@ -33,7 +38,6 @@ pub fn canonicalise_path_metadata(path: &Path) -> std::io::Result<()> {
         )
         .map_err(std::io::Error::from)?;
     }
-    let (uid, gid) = (Uid::effective(), Gid::effective());
     if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
         // Only root can give files away; others already own what they created.
         if uid.is_root() {
@@ -50,7 +54,7 @@ pub fn canonicalise_path_metadata(path: &Path) -> std::io::Result<()> {
     if ft.is_dir() {
         // The directory is 0555 now: we are its owner (or root), so listing works.
         for entry in std::fs::read_dir(path)? {
-            canonicalise_path_metadata(&entry?.path())?;
+            canonicalise_as(&entry?.path(), uid, gid)?;
         }
     }
     Ok(())

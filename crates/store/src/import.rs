@@ -90,7 +90,7 @@ impl Store {
             info: info.clone(),
             tmp: tmp.clone(),
         };
-        nar::restore_path(&mut reader, &tmp)?;
+        nar::restore_path_for_store(&mut reader, &tmp)?;
         let mut rest = [0u8; 1];
         let trailing = reader.read(&mut rest).map_err(io_err(&tmp))?;
         if trailing != 0 {
@@ -152,6 +152,9 @@ impl Store {
                 fs::rename(&s.tmp, &real).map_err(io_err(&real))?;
                 placed.push(real);
             }
+            // On disk before valid (one syncfs for a large closure).
+            crate::durable::make_all_durable(&placed, self.real_store_dir())
+                .map_err(io_err(self.real_store_dir()))?;
             let regs: Vec<Registration> = todo
                 .iter()
                 .map(|s| Registration {

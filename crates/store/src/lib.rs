@@ -14,12 +14,14 @@
 //! - [`optimise`]: identical files hard-linked through `.links` (`--optimise`);
 //! - [`verify`]: `nix-store --verify`;
 //! - [`message`]: what the store has to say, as typed events (it prints nothing);
+//! - [`durable`]: content on disk before it is valid, with few syscalls;
 //! - [`lock`]: path locks compatible with Nix's; [`canonical`]: canonical metadata.
 
 pub mod alive;
 pub mod canonical;
 pub mod content_address;
 pub mod db;
+pub mod durable;
 pub mod error;
 pub mod gc;
 pub mod import;

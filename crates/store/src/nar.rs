@@ -29,6 +29,7 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -114,6 +115,112 @@ fn padding(len: u64) -> usize {
 trait BufSink {
     /// Consume `buf[..len]` and return a buffer (of the same size) to fill next.
     fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError>;
+
+    /// Whether [`BufSink::send_file`] may take a file's contents (no need to read
+    /// them into the buffer).
+    fn takes_files(&self) -> bool {
+        false
+    }
+
+    /// Send the next `size` bytes of `file` to the output (everything buffered before
+    /// has been consumed). `Ok(false)`: nothing was sent and the sink cannot do it;
+    /// the caller reads the file itself.
+    fn send_file(&mut self, _file: &File, _size: u64, _path: &Path) -> Result<bool, NarError> {
+        Ok(false)
+    }
+}
+
+/// Files at least this large go from the page cache straight to an [`FdSink`]'s
+/// output (`sendfile`); smaller ones are read into the buffer, so that a tree of
+/// small files still costs few system calls.
+const SEND_FILE_MIN: u64 = 64 * 1024;
+
+/// Writes buffers to a file descriptor and sends large files' contents to it with
+/// `sendfile(2)`: for a pipe, a socket, a regular file or `/dev/null`, the pages go
+/// from the page cache to the output without being copied through this process (a
+/// pipe gets references to them). Outputs that `sendfile` does not take (a terminal,
+/// a file opened with `O_APPEND`) fall back to reading and writing after the first
+/// refusal.
+struct FdSink<'fd> {
+    fd: BorrowedFd<'fd>,
+    send: bool,
+}
+
+impl FdSink<'_> {
+    fn write_all(&self, mut data: &[u8]) -> Result<(), NarError> {
+        while !data.is_empty() {
+            match nix::unistd::write(self.fd, data) {
+                Ok(0) => {
+                    return Err(NarError::Write {
+                        source: io::ErrorKind::WriteZero.into(),
+                    })
+                }
+                Ok(n) => data = &data[n..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(NarError::Write { source: e.into() }),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BufSink for FdSink<'_> {
+    fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError> {
+        self.write_all(&buf[..len])?;
+        Ok(buf)
+    }
+
+    fn takes_files(&self) -> bool {
+        self.send
+    }
+
+    fn send_file(&mut self, file: &File, size: u64, path: &Path) -> Result<bool, NarError> {
+        use nix::errno::Errno;
+        let mut left = size;
+        while left > 0 {
+            let want = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+            match nix::sys::sendfile::sendfile64(self.fd, file, None, want) {
+                Ok(0) => return Err(shrank(path)),
+                Ok(n) => left -= n as u64,
+                Err(Errno::EINTR) => {}
+                // Refused before anything was sent: this output cannot take it.
+                Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) if left == size => {
+                    self.send = false;
+                    return Ok(false);
+                }
+                Err(e @ (Errno::EPIPE | Errno::ENOSPC | Errno::EDQUOT | Errno::EAGAIN)) => {
+                    return Err(NarError::Write { source: e.into() })
+                }
+                Err(e) => return Err(NarError::io(path)(e.into())),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Passes every buffer through `pre` (on the dumping thread) before `inner` takes it.
+struct PreSink<'p, P: Write + ?Sized, S: BufSink> {
+    pre: &'p mut P,
+    inner: S,
+}
+
+impl<P: Write + ?Sized, S: BufSink> BufSink for PreSink<'_, P, S> {
+    fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError> {
+        self.pre
+            .write_all(&buf[..len])
+            .map_err(|source| NarError::Write { source })?;
+        self.inner.consume(buf, len)
+    }
+}
+
+fn shrank(path: &Path) -> NarError {
+    NarError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file shrank while it was being dumped",
+        ),
+    }
 }
 
 /// Writes buffers to a [`Write`] in place.
@@ -184,6 +291,12 @@ impl<S: BufSink> NarWriter<S> {
     /// `str(contents)` of a file of `size` bytes, read straight into the buffer.
     fn contents(&mut self, file: &mut File, size: u64, path: &Path) -> Result<(), NarError> {
         self.put(&size.to_le_bytes())?;
+        if size >= SEND_FILE_MIN && self.sink.takes_files() {
+            self.flush_buf()?;
+            if self.sink.send_file(file, size, path)? {
+                return self.pad(size);
+            }
+        }
         let mut left = size;
         while left > 0 {
             if self.len == self.buf.len() {
@@ -191,15 +304,7 @@ impl<S: BufSink> NarWriter<S> {
             }
             let want = (self.buf.len() - self.len).min(usize::try_from(left).unwrap_or(usize::MAX));
             match file.read(&mut self.buf[self.len..self.len + want]) {
-                Ok(0) => {
-                    return Err(NarError::Io {
-                        path: path.to_path_buf(),
-                        source: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "file shrank while it was being dumped",
-                        ),
-                    })
-                }
+                Ok(0) => return Err(shrank(path)),
                 Ok(n) => {
                     self.len += n;
                     left -= n as u64;
@@ -223,6 +328,48 @@ fn new_buffer() -> Box<[u8]> {
 /// See [`dump_path_pipelined`] to consume the NAR on a second thread.
 pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<(), NarError> {
     dump_with(path, WriteSink(out))
+}
+
+/// [`dump_path`] to a file descriptor (standard output of `firn dump`): the same
+/// bytes, but the contents of files of 64 KiB or more go from the page cache to `out`
+/// with `sendfile(2)` instead of through a buffer of this process (where `out` is a
+/// pipe, a socket, a regular file or `/dev/null`; other outputs get plain writes).
+/// Everything written before is written first (nothing is buffered on `out`'s side).
+pub fn dump_path_to_fd(path: &Path, out: BorrowedFd<'_>) -> Result<(), NarError> {
+    dump_with(
+        path,
+        FdSink {
+            fd: out,
+            send: true,
+        },
+    )
+}
+
+/// Like [`dump_path_pipelined`], but every part of the NAR also goes to `here`, on
+/// this thread, before `there` gets it on the helper thread: two consumers of one
+/// NAR on two cores (e.g. a reference scanner here, the NAR hash there). Both see
+/// the same bytes in the same order.
+pub fn dump_path_split<P: Write + ?Sized, W: Write + Send>(
+    path: &Path,
+    here: &mut P,
+    there: &mut W,
+) -> Result<(), NarError> {
+    let pipe = Pipe::default();
+    std::thread::scope(|scope| {
+        let mut sink = PipeSink {
+            scope,
+            pipe: &pipe,
+            state: PipeState::Direct(there, 0),
+        };
+        let dumped = dump_with(
+            path,
+            PreSink {
+                pre: here,
+                inner: &mut sink,
+            },
+        );
+        sink.finish(dumped)
+    })
 }
 
 fn dump_with<S: BufSink>(path: &Path, sink: S) -> Result<(), NarError> {
@@ -575,6 +722,111 @@ pub fn dump_path_pipelined<W: Write + Send>(path: &Path, out: &mut W) -> Result<
     })
 }
 
+/// Closes the pipe (no more full buffers) when dropped.
+struct CloseGuard<'p>(&'p Pipe);
+
+impl Drop for CloseGuard<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The dumping side of [`dump_path_through`]: every full buffer goes to the consumer.
+struct QueueSink<'p>(&'p Pipe);
+
+impl BufSink for QueueSink<'_> {
+    fn consume(&mut self, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, NarError> {
+        self.0.exchange(buf, len).ok_or_else(consumer_gone)
+    }
+}
+
+/// The consuming side of [`dump_path_through`]: the NAR as a [`Read`], buffer by
+/// buffer as the dumping thread fills them (no copy through a kernel pipe).
+pub struct DumpReader<'p> {
+    pipe: &'p Pipe,
+    cur: Option<(Box<[u8]>, usize, usize)>,
+    done: bool,
+}
+
+impl std::fmt::Debug for DumpReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DumpReader")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Read for DumpReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some((buf, len, pos)) = &mut self.cur {
+                if *pos < *len {
+                    let n = out.len().min(*len - *pos);
+                    out[..n].copy_from_slice(&buf[*pos..*pos + n]);
+                    *pos += n;
+                    return Ok(n);
+                }
+            }
+            if let Some((buf, _, _)) = self.cur.take() {
+                self.pipe.recycle(buf);
+            }
+            if self.done {
+                return Ok(0);
+            }
+            match self.pipe.next_full() {
+                Some((buf, len)) => self.cur = Some((buf, len, 0)),
+                None => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+    }
+}
+
+/// Dump `path` on a helper thread, passing the NAR through `here` there (a hash,
+/// say), and give it to `consume` on this thread as a [`Read`] (to restore it, say):
+/// the two halves of the work on two cores, the buffers handed over without being
+/// copied. Returns the dumper's result (a [`NarError::Write`] if `consume` stopped
+/// reading early) and `consume`'s.
+pub fn dump_path_through<H: Write + Send + ?Sized, T>(
+    path: &Path,
+    here: &mut H,
+    consume: impl FnOnce(&mut DumpReader<'_>) -> T,
+) -> (Result<(), NarError>, T) {
+    let pipe = Pipe::default();
+    // The dumper's own first buffer counts.
+    pipe.lock().allocated = 1;
+    std::thread::scope(|scope| {
+        let pipe = &pipe;
+        let dumper = scope.spawn(move || {
+            // Closed however the dumper ends (a panic too), so the consumer sees the end.
+            let _closed = CloseGuard(pipe);
+            dump_with(
+                path,
+                PreSink {
+                    pre: here,
+                    inner: QueueSink(pipe),
+                },
+            )
+        });
+        let consumed = {
+            let _guard = ConsumerGuard(pipe);
+            let mut reader = DumpReader {
+                pipe,
+                cur: None,
+                done: false,
+            };
+            consume(&mut reader)
+        };
+        let dumped = match dumper.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (dumped, consumed)
+    })
+}
+
 /// A [`Write`] sink computing the hash (sha256 unless made by [`HashSink::with_algo`])
 /// and the byte count of everything written to it.
 #[derive(Debug, Clone)]
@@ -649,6 +901,47 @@ pub fn hash_path(path: &Path) -> Result<(Hash, u64), NarError> {
     let mut sink = HashSink::new();
     dump_path_pipelined(path, &mut sink)?;
     Ok(sink.finish())
+}
+
+/// What [`hash_path`] returns.
+pub type HashResult = Result<(Hash, u64), NarError>;
+
+/// [`hash_path`] of each of `paths`, on up to one thread per core (each path's NAR is
+/// one SHA-256 stream, so a single large path is hashed as [`hash_path`] does: read on
+/// one core, hashed on the other). The results are in the order of `paths`.
+pub fn hash_paths<P: AsRef<Path> + Sync>(paths: &[P]) -> Vec<HashResult> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(paths.len());
+    if threads <= 1 {
+        return paths.iter().map(|p| hash_path(p.as_ref())).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<HashResult>>> =
+        Mutex::new((0..paths.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = paths.get(i) else { break };
+                let r = hash_path(p.as_ref());
+                results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(NarError::Format {
+                    offset: 0,
+                    msg: "a hashing thread stopped".into(),
+                })
+            })
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------
@@ -1021,6 +1314,11 @@ struct Restorer {
     path: PathBuf,
     depth: usize,
     file: Option<File>,
+    /// Start each file's write-out as soon as it is complete (for the store, which
+    /// waits for all of it before registering: `durable.rs`).
+    writeback: bool,
+    /// The file being written is large enough for it.
+    writeback_this: bool,
 }
 
 impl Restorer {
@@ -1106,7 +1404,8 @@ impl NarVisitor for Restorer {
         self.create(|p| std::os::unix::fs::symlink(OsStr::from_bytes(target), p))
     }
 
-    fn file_begin(&mut self, executable: bool, _size: u64) -> Result<(), NarError> {
+    fn file_begin(&mut self, executable: bool, size: u64) -> Result<(), NarError> {
+        self.writeback_this = self.writeback && size >= crate::durable::WRITEBACK_MIN;
         let mode = if executable { 0o755 } else { 0o644 };
         let file = self.create(|p| {
             OpenOptions::new()
@@ -1128,6 +1427,9 @@ impl NarVisitor for Restorer {
     }
 
     fn file_end(&mut self) -> Result<(), NarError> {
+        if let (Some(f), true) = (&self.file, self.writeback_this) {
+            crate::durable::start_writeback(f);
+        }
         self.file = None;
         Ok(())
     }
@@ -1154,6 +1456,22 @@ impl NarVisitor for Restorer {
 /// `O_CREAT|O_EXCL|O_NOFOLLOW` and directories with `mkdir`, never through a symlink.
 /// Executable files get mode 0755, other files 0644, directories 0755 (less the umask).
 pub fn restore_path(input: &mut impl Read, target: &Path) -> Result<(), NarError> {
+    restore_path_with(input, target, false)
+}
+
+/// [`restore_path`] for content that is going to be made durable (in the store): each
+/// file's write-out to the disk starts as soon as it is written
+/// ([`crate::durable::start_writeback`]), so that the final sync has little left to
+/// wait for.
+pub fn restore_path_for_store(input: &mut impl Read, target: &Path) -> Result<(), NarError> {
+    restore_path_with(input, target, true)
+}
+
+fn restore_path_with(
+    input: &mut impl Read,
+    target: &Path,
+    writeback: bool,
+) -> Result<(), NarError> {
     let invalid = |msg: &str| NarError::Io {
         path: target.to_path_buf(),
         source: io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()),
@@ -1177,6 +1495,8 @@ pub fn restore_path(input: &mut impl Read, target: &Path) -> Result<(), NarError
         path: PathBuf::new(),
         depth: 0,
         file: None,
+        writeback,
+        writeback_this: false,
     };
     parse(input, &mut restorer)?;
     restorer.commit(target)

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use firn_derivation::{Hash, StorePath};
 
-use crate::nar::{dump_path, HashSink, NarError, Tee};
+use crate::nar::{HashSink, NarError};
 
 /// Length of the hash part of a store path.
 pub const HASH_PART_LEN: usize = 32;
@@ -213,14 +213,16 @@ pub struct PathScan {
 }
 
 /// Dump `path` once, hashing the NAR and scanning it for the hash parts of `candidates`
-/// (Nix's `scanForReferences`).
+/// (Nix's `scanForReferences`). On two cores for a large path: the reading thread
+/// scans, a helper thread hashes ([`crate::nar::dump_path_split`]), so registering a
+/// large output is bounded by SHA-256 alone, not by SHA-256 plus the scan.
 pub fn scan_path<'a>(
     path: &Path,
     candidates: impl IntoIterator<Item = &'a StorePath>,
 ) -> Result<PathScan, NarError> {
-    let mut tee = Tee(HashSink::new(), RefScanner::new(candidates));
-    dump_path(path, &mut tee)?;
-    let Tee(sink, scanner) = tee;
+    let mut scanner = RefScanner::new(candidates);
+    let mut sink = HashSink::new();
+    crate::nar::dump_path_split(path, &mut scanner, &mut sink)?;
     let (nar_hash, nar_size) = sink.finish();
     Ok(PathScan {
         references: scanner.into_found(),

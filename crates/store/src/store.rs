@@ -451,6 +451,14 @@ impl Store {
         Ok(locks.unwrap_or_default())
     }
 
+    /// Rename the complete, canonical object at `tmp` to `real` (its lock held, the
+    /// path not valid) and wait until it is on disk there (`durable.rs`: one `syncfs`
+    /// of the store's file system), so that it can be registered.
+    pub(crate) fn place_durably(&self, tmp: &Path, real: &Path) -> Result<(), StoreError> {
+        fs::rename(tmp, real).map_err(io_err(real))?;
+        crate::durable::make_durable(real, &self.layout.real_store_dir).map_err(io_err(real))
+    }
+
     /// Put the content produced by `write(tmp)` at `path` and register it, unless the
     /// path is valid already. `write` creates `tmp` (which does not exist).
     fn add_content(
@@ -492,14 +500,14 @@ impl Store {
                 None => nar::hash_path(&tmp)?,
             };
             self.auto_optimise_path(&tmp)?;
-            sync_tree(&tmp);
-            fs::rename(&tmp, &real).map_err(io_err(&real))?;
+            self.place_durably(&tmp, &real)?;
             Ok((nar_hash, nar_size))
         })();
         let (nar_hash, nar_size) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = delete_path(&tmp);
+                let _ = delete_path(&real);
                 return Err(e);
             }
         };
@@ -587,13 +595,59 @@ impl Store {
             .join(format!(".add-{n}.tmp-{}", std::process::id()));
         delete_path(&staging).map_err(io_err(&staging))?;
         let copied = copy_via_nar_hashing(src, &staging, algo);
+        self.add_staged_recursive(&staging, name, copied)
+    }
+
+    /// `addToStoreFromDump` with recursive ingestion (the daemon's AddToStore of a
+    /// tree): the NAR read from `nar` is restored into a staging entry of the store
+    /// directory while it is hashed, then becomes the path its hash gives, as with
+    /// [`Store::add_to_store`] of the tree the NAR holds (same path, same row) but
+    /// without a copy of it outside the store first. The NAR is validated as
+    /// [`nar::restore_path`] does.
+    pub fn add_nar_recursive(
+        &mut self,
+        name: &str,
+        algo: HashAlgo,
+        nar: &mut dyn Read,
+    ) -> Result<ValidPathInfo, StoreError> {
+        let n = ADD_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = self
+            .layout
+            .real_store_dir
+            .join(format!(".add-{n}.tmp-{}", std::process::id()));
+        delete_path(&staging).map_err(io_err(&staging))?;
+        let mut hashes = TwoHashes {
+            sha256: nar::HashSink::new(),
+            other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
+        };
+        let mut reader = TeeReader {
+            inner: nar,
+            sink: &mut hashes,
+        };
+        let restored = nar::restore_path_for_store(&mut reader, &staging);
+        let copied = restored.map_err(StoreError::from).map(|()| {
+            let (nar_hash, nar_size) = hashes.sha256.finish();
+            let hash = hashes.other.map_or(nar_hash, |o| o.finish().0);
+            (nar_hash, nar_size, hash)
+        });
+        self.add_staged_recursive(&staging, name, copied)
+    }
+
+    /// The end of a recursive add: the tree at `staging`, whose NAR `copied` hashed,
+    /// becomes its path (or is dropped if that is valid already, or on error).
+    fn add_staged_recursive(
+        &mut self,
+        staging: &Path,
+        name: &str,
+        copied: Result<(Hash, u64, Hash), StoreError>,
+    ) -> Result<ValidPathInfo, StoreError> {
         let result = copied.and_then(|(nar_hash, nar_size, hash)| {
             let fixed = FixedOutputHash {
                 method: FileIngestionMethod::Recursive,
                 hash,
             };
             let path = self.layout.store_dir.make_fixed_output_path(&fixed, name)?;
-            let staged = staging.clone();
+            let staged = staging.to_path_buf();
             self.add_content(
                 path,
                 BTreeSet::new(),
@@ -604,7 +658,7 @@ impl Store {
             )
         });
         // Renamed into place, or not needed (valid already, or failed).
-        let _ = delete_path(&staging);
+        let _ = delete_path(staging);
         result
     }
 
@@ -694,7 +748,7 @@ impl Store {
                 inner: nar,
                 sink: nar::HashSink::new(),
             };
-            nar::restore_path(&mut hashing, &tmp)?;
+            nar::restore_path_for_store(&mut hashing, &tmp)?;
             let (got, size) = hashing.sink.finish();
             if got != info.nar_hash || size != info.nar_size {
                 return Err(StoreError::NarMismatch {
@@ -712,14 +766,14 @@ impl Store {
             };
             canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
             self.auto_optimise_path(&tmp)?;
-            sync_tree(&tmp);
-            fs::rename(&tmp, &real).map_err(io_err(&real))?;
+            self.place_durably(&tmp, &real)?;
             Ok(drv_outputs)
         })();
         let drv_outputs = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = delete_path(&tmp);
+                let _ = delete_path(&real);
                 return Err(e);
             }
         };
@@ -866,7 +920,7 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
             drop(writer);
             r
         });
-        let restored = nar::restore_path(&mut reader, dst);
+        let restored = nar::restore_path_for_store(&mut reader, dst);
         drop(reader);
         let dumped = dumper.join().unwrap_or_else(|_| {
             Err(NarError::Format {
@@ -885,69 +939,65 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
 }
 
 /// [`copy_via_nar`], hashing the NAR on the way: its sha256 and size, and its hash with
-/// `algo` (the same as the sha256 when `algo` is sha256).
+/// `algo` (the same as the sha256 when `algo` is sha256). Two threads, each with half
+/// the work: one reads `src` and hashes its NAR, the other (this one) restores it; the
+/// NAR's buffers go from one to the other without a copy
+/// ([`nar::dump_path_through`]).
 fn copy_via_nar_hashing(
     src: &Path,
     dst: &Path,
     algo: HashAlgo,
 ) -> Result<(Hash, u64, Hash), StoreError> {
-    let (reader, mut writer) = io::pipe().map_err(io_err(src))?;
-    // A larger pipe than the 64 KiB default: far fewer hand-overs between the threads
-    // (best effort: the system may refuse the size).
-    let _ = nix::fcntl::fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(&writer),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
-    );
-    std::thread::scope(|scope| {
-        let dumper = scope.spawn(move || {
-            let r = nar::dump_path(src, &mut writer);
-            drop(writer);
-            r
-        });
-        let mut hashing = TwoHashReader {
-            inner: reader,
-            sha256: nar::HashSink::new(),
-            other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
-        };
-        let restored = nar::restore_path(&mut hashing, dst);
-        let TwoHashReader {
-            inner,
-            sha256,
-            other,
-        } = hashing;
-        drop(inner);
-        let dumped = dumper.join().unwrap_or_else(|_| {
-            Err(NarError::Format {
-                offset: 0,
-                msg: "the NAR writer thread panicked".into(),
-            })
-        });
-        match (dumped, restored) {
-            (Ok(()), Ok(())) => {
-                let (nar_hash, nar_size) = sha256.finish();
-                let hash = other.map_or(nar_hash, |o| o.finish().0);
-                Ok((nar_hash, nar_size, hash))
-            }
-            (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
-            (Err(d), _) => Err(d.into()),
+    let mut hashes = TwoHashes {
+        sha256: nar::HashSink::new(),
+        other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
+    };
+    let (dumped, restored) = nar::dump_path_through(src, &mut hashes, |reader| {
+        nar::restore_path_for_store(reader, dst)
+    });
+    match (dumped, restored) {
+        (Ok(()), Ok(())) => {
+            let (nar_hash, nar_size) = hashes.sha256.finish();
+            let hash = hashes.other.map_or(nar_hash, |o| o.finish().0);
+            Ok((nar_hash, nar_size, hash))
         }
-    })
+        // The restorer stopped first: the dumper only saw it gone.
+        (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
+        // Reading the source failed: that explains the truncated NAR.
+        (Err(d), _) => Err(d.into()),
+    }
 }
 
-/// Passes a reader's bytes through a sha256 sink and, optionally, another.
-struct TwoHashReader<R> {
-    inner: R,
+/// A sha256 sink and, optionally, another.
+struct TwoHashes {
     sha256: nar::HashSink,
     other: Option<nar::HashSink>,
 }
 
-impl<R: Read> Read for TwoHashReader<R> {
+impl Write for TwoHashes {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sha256.write_all(buf)?;
+        if let Some(o) = &mut self.other {
+            o.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Passes a reader's bytes through a writer (hashes).
+struct TeeReader<'a, W: Write> {
+    inner: &'a mut dyn Read,
+    sink: &'a mut W,
+}
+
+impl<W: Write> Read for TeeReader<'_, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.sha256.write_all(&buf[..n])?;
-        if let Some(o) = &mut self.other {
-            o.write_all(&buf[..n])?;
-        }
+        self.sink.write_all(&buf[..n])?;
         Ok(n)
     }
 }
@@ -968,27 +1018,121 @@ impl Read for HashingReader<'_> {
     }
 }
 
-/// fsync the content before it becomes valid (best effort on directories).
-fn sync_tree(path: &Path) {
-    if let Ok(meta) = fs::symlink_metadata(path) {
-        if meta.is_dir() {
-            if let Ok(entries) = fs::read_dir(path) {
-                for e in entries.flatten() {
-                    sync_tree(&e.path());
-                }
-            }
-        }
-        if !meta.file_type().is_symlink() {
-            if let Ok(f) = File::open(path) {
-                let _ = f.sync_all();
-            }
-        }
-    }
-}
-
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, contents).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("firn-store-{name}-{}", std::process::id()));
+        let _ = delete_path(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Entries of the store directory other than valid paths' (leftovers).
+    fn leftovers(store: &Store) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(store.real_store_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The store's adds go through `make_durable` before registering: a tree of many
+    /// files costs one syncfs and no fsync, and so does a text file.
+    #[test]
+    fn adds_are_made_durable_with_few_syncs() {
+        use crate::durable::sync_count;
+        let dir = tmp("adds");
+        let tree = dir.join("tree");
+        fs::create_dir(&tree).unwrap();
+        for i in 0..40 {
+            fs::write(tree.join(format!("f{i}")), vec![i as u8; 3000 * i]).unwrap();
+        }
+        fs::write(tree.join("big"), vec![7u8; 3 << 20]).unwrap();
+        let mut store = Store::open(&StoreLayout::chroot(&dir.join("root"))).unwrap();
+        let before = sync_count();
+        let info = store
+            .add_to_store(&tree, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+            .unwrap();
+        assert_eq!(sync_count() - before, 1);
+        assert_eq!(
+            nar::hash_path(&store.real_path(&info.path)).unwrap(),
+            (info.nar_hash, info.nar_size)
+        );
+        // Valid already: nothing written, nothing synced.
+        let before = sync_count();
+        store
+            .add_to_store(&tree, FileIngestionMethod::Recursive, HashAlgo::Sha256)
+            .unwrap();
+        assert_eq!(sync_count(), before);
+        let before = sync_count();
+        store
+            .add_text("t", b"text", Default::default(), Default::default())
+            .unwrap();
+        assert_eq!(sync_count() - before, 1);
+        fs::remove_dir_all(&dir).ok();
+        let _ = delete_path(&dir);
+    }
+
+    #[test]
+    fn a_nar_added_recursively_is_the_tree_added() {
+        let dir = tmp("nar-add");
+        let tree = dir.join("tree");
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        fs::write(tree.join("a"), b"a\n").unwrap();
+        fs::write(tree.join("sub/big"), vec![3u8; 2 << 20]).unwrap();
+        std::os::unix::fs::symlink("a", tree.join("link")).unwrap();
+        let mut nar_bytes = Vec::new();
+        nar::dump_path(&tree, &mut nar_bytes).unwrap();
+        for algo in [HashAlgo::Sha256, HashAlgo::Sha1] {
+            let mut a = Store::open(&StoreLayout::chroot(&dir.join(format!("a-{algo}")))).unwrap();
+            let mut b = Store::open(&StoreLayout::chroot(&dir.join(format!("b-{algo}")))).unwrap();
+            let want = a
+                .add_to_store(&tree, FileIngestionMethod::Recursive, algo)
+                .unwrap();
+            let got = b
+                .add_nar_recursive("tree", algo, &mut nar_bytes.as_slice())
+                .unwrap();
+            assert_eq!(
+                (&got.path, got.nar_hash, got.nar_size, &got.ca),
+                (&want.path, want.nar_hash, want.nar_size, &want.ca)
+            );
+            assert_eq!(
+                nar::hash_path(&b.real_path(&got.path)).unwrap(),
+                (want.nar_hash, want.nar_size)
+            );
+            // Again: valid already, the same row.
+            let again = b
+                .add_nar_recursive("tree", algo, &mut nar_bytes.as_slice())
+                .unwrap();
+            assert_eq!(again.path, got.path);
+            assert!(leftovers(&b).is_empty(), "{:?}", leftovers(&b));
+        }
+        // A truncated or corrupt NAR: an error, nothing valid, nothing left behind.
+        let mut s = Store::open(&StoreLayout::chroot(&dir.join("bad"))).unwrap();
+        for bad in [&nar_bytes[..nar_bytes.len() - 8], &nar_bytes[..100]] {
+            assert!(matches!(
+                s.add_nar_recursive("tree", HashAlgo::Sha256, &mut &bad[..]),
+                Err(StoreError::Nar(_))
+            ));
+        }
+        let mut trailing = nar_bytes.clone();
+        trailing.extend_from_slice(&[0; 8]);
+        assert!(s
+            .add_nar_recursive("tree", HashAlgo::Sha256, &mut trailing.as_slice())
+            .is_err());
+        assert!(leftovers(&s).is_empty(), "{:?}", leftovers(&s));
+        assert!(s.db().query_all_valid_paths().unwrap().is_empty());
+        let _ = delete_path(&dir);
+    }
 }

@@ -187,12 +187,14 @@ impl Store {
             if let Ok(entries) = fs::read_dir(&links) {
                 let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
                 names.sort();
-                for link in names {
+                // Hashed on every core, then looked at in order.
+                let hashes = crate::nar::hash_paths(&names);
+                for (link, hashed) in names.into_iter().zip(hashes) {
                     let name = link
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
-                    let got = crate::nar::hash_path(&link)?.0.to_nixbase32();
+                    let got = hashed?.0.to_nixbase32();
                     if got == name {
                         continue;
                     }
@@ -213,12 +215,17 @@ impl Store {
                 }
             }
             report(&VerifyEvent::CheckingHashes);
-            for p in all.difference(&missing) {
+            // Every path hashed on every core (one path per core at a time), then the
+            // results looked at in the order of the paths, as one by one.
+            let present: Vec<&StorePath> = all.difference(&missing).collect();
+            let reals: Vec<_> = present.iter().map(|p| self.real_path(p)).collect();
+            let hashes = crate::nar::hash_paths(&reals);
+            for (p, hashed) in present.into_iter().zip(hashes) {
                 let info = self
                     .db()
                     .query_path_info(p)?
                     .ok_or_else(|| StoreError::NotValid(sd.display(p)))?;
-                let (hash, size) = crate::nar::hash_path(&self.real_path(p))?;
+                let (hash, size) = hashed?;
                 if info.nar_size == 0 || info.nar_hash.as_bytes().iter().all(|b| *b == 0) {
                     report(&VerifyEvent::FixingMissingHash {
                         path: sd.display(p),

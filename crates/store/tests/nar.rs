@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_derivation::{Hash, StoreDir, StorePath};
 use firn_store::nar::{
-    dump_path, dump_path_pipelined, hash_path, restore_path, validate, HashSink, NarError, Tee,
+    dump_path, dump_path_pipelined, dump_path_split, dump_path_through, dump_path_to_fd, hash_path,
+    hash_paths, restore_path, restore_path_for_store, validate, HashSink, NarError, Tee,
 };
 use firn_store::references::{scan_path, RefScanner};
 use proptest::prelude::*;
@@ -955,6 +956,179 @@ fn pipelined_dump_is_identical_and_reports_sink_errors() {
         dump_path_pipelined(&tmp.join("missing"), &mut sink),
         Err(NarError::Io { .. })
     ));
+}
+
+/// A tree with files on both sides of every threshold of the dumpers: the 64 KiB of
+/// `sendfile`, the 256 KiB buffer, the 1 MiB of the pipeline and of early write-out.
+fn make_sized_tree(root: &Path) {
+    make_tree(root);
+    let sizes = [
+        64 * 1024 - 1,
+        64 * 1024,
+        64 * 1024 + 1,
+        256 * 1024 + 5,
+        (1 << 20) - 3,
+        1 << 20,
+        (2 << 20) + 7,
+    ];
+    for (i, n) in sizes.into_iter().enumerate() {
+        write(
+            &root.join(format!("sized-{n}")),
+            &bytes(n, 50 + i as u64),
+            0o755,
+        );
+    }
+}
+
+/// The bytes `dump_path_to_fd` writes to a pipe, read on another thread.
+fn dump_to_pipe(p: &Path) -> (Result<(), NarError>, Vec<u8>) {
+    let (mut r, w) = std::io::pipe().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut got).unwrap();
+        got
+    });
+    let res = dump_path_to_fd(p, std::os::fd::AsFd::as_fd(&w));
+    drop(w);
+    (res, reader.join().unwrap())
+}
+
+#[test]
+fn dump_to_a_descriptor_is_identical_whatever_it_is() {
+    let tmp = TempDir::new("fd");
+    let root = tmp.join("root");
+    make_sized_tree(&root);
+    for p in [
+        root.clone(),
+        root.join("sized-2097159"),
+        root.join("exec.sh"),
+    ] {
+        let want = dump(&p);
+        // A pipe (sendfile moves page references), a regular file, a file opened to
+        // append (sendfile refuses it: plain writes), /dev/null.
+        let (res, got) = dump_to_pipe(&p);
+        res.unwrap();
+        assert!(got == want, "pipe: {}", p.display());
+        let out = tmp.join("out.nar");
+        let f = fs::File::create(&out).unwrap();
+        dump_path_to_fd(&p, std::os::fd::AsFd::as_fd(&f)).unwrap();
+        drop(f);
+        assert!(fs::read(&out).unwrap() == want, "file: {}", p.display());
+        let f = fs::OpenOptions::new().append(true).open(&out).unwrap();
+        dump_path_to_fd(&p, std::os::fd::AsFd::as_fd(&f)).unwrap();
+        drop(f);
+        let mut twice = want.clone();
+        twice.extend_from_slice(&want);
+        assert!(fs::read(&out).unwrap() == twice, "append: {}", p.display());
+        let null = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        dump_path_to_fd(&p, std::os::fd::AsFd::as_fd(&null)).unwrap();
+    }
+    if nix_available() {
+        let (res, got) = dump_to_pipe(&root);
+        res.unwrap();
+        assert!(got == nix_dump(&root), "differs from nix-store --dump");
+    }
+    // A reader that goes away: a write error (EPIPE), not a hang or a panic.
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    match dump_path_to_fd(&root, std::os::fd::AsFd::as_fd(&w)) {
+        Err(NarError::Write { source }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::BrokenPipe)
+        }
+        other => panic!("{other:?}"),
+    }
+    // A missing path is the path's error.
+    let f = fs::File::create(tmp.join("x")).unwrap();
+    assert!(matches!(
+        dump_path_to_fd(&tmp.join("missing"), std::os::fd::AsFd::as_fd(&f)),
+        Err(NarError::Io { .. })
+    ));
+}
+
+#[test]
+fn split_dump_gives_both_consumers_the_same_bytes() {
+    let tmp = TempDir::new("split");
+    let root = tmp.join("root");
+    make_sized_tree(&root);
+    for p in [root.clone(), root.join("exec.sh"), root.join("deep")] {
+        let want = dump(&p);
+        let (mut here, mut there) = (Vec::new(), Vec::new());
+        dump_path_split(&p, &mut here, &mut there).unwrap();
+        assert!(here == want && there == want, "{}", p.display());
+    }
+    // Either consumer failing is a write error, before or after the thread starts.
+    let total = dump(&root).len();
+    for limit in [0, 100, 1 << 20, total - 1] {
+        let mut here = FailAfter { taken: 0, limit };
+        let r = dump_path_split(&root, &mut here, &mut HashSink::new());
+        assert!(matches!(r, Err(NarError::Write { .. })), "here {limit}");
+        let mut there = FailAfter { taken: 0, limit };
+        let r = dump_path_split(&root, &mut HashSink::new(), &mut there);
+        assert!(matches!(r, Err(NarError::Write { .. })), "there {limit}");
+    }
+}
+
+#[test]
+fn dump_through_a_reader_restores_the_same_tree_and_stops_cleanly() {
+    let tmp = TempDir::new("through");
+    let root = tmp.join("root");
+    make_sized_tree(&root);
+    let want = dump(&root);
+    // Hashed on the dumping thread, read here.
+    let mut sink = HashSink::new();
+    let (dumped, got) = dump_path_through(&root, &mut sink, |r| {
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(r, &mut got).map(|_| got)
+    });
+    dumped.unwrap();
+    assert!(got.unwrap() == want);
+    assert_eq!(sink.finish(), (Hash::sha256(&want), want.len() as u64));
+    // Restored straight from it (with early write-out): dumps back to the same NAR.
+    let target = tmp.join("restored");
+    let (dumped, restored) = dump_path_through(&root, &mut std::io::sink(), |r| {
+        restore_path_for_store(r, &target)
+    });
+    dumped.unwrap();
+    restored.unwrap();
+    assert!(dump(&target) == want);
+    // A consumer that stops early: the dumper gets a write error, nobody hangs.
+    let (dumped, ()) = dump_path_through(&root, &mut std::io::sink(), |r| {
+        let mut buf = [0; 1000];
+        std::io::Read::read_exact(r, &mut buf).unwrap();
+    });
+    assert!(matches!(dumped, Err(NarError::Write { .. })), "{dumped:?}");
+    // A dumper that fails: the consumer sees the end of the NAR.
+    let (dumped, read) = dump_path_through(&tmp.join("missing"), &mut std::io::sink(), |r| {
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(r, &mut got).map(|_| got.len())
+    });
+    assert!(matches!(dumped, Err(NarError::Io { .. })));
+    assert_eq!(read.unwrap(), 0);
+}
+
+#[test]
+fn hash_paths_hashes_each_path_in_order() {
+    let tmp = TempDir::new("hashpaths");
+    let root = tmp.join("root");
+    make_sized_tree(&root);
+    let mut paths: Vec<PathBuf> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    paths.insert(3, tmp.join("missing"));
+    let got = hash_paths(&paths);
+    assert_eq!(got.len(), paths.len());
+    for (p, h) in paths.iter().zip(got) {
+        match h {
+            Ok(h) => assert_eq!(h, hash_path(p).unwrap(), "{}", p.display()),
+            Err(_) => assert!(p.ends_with("missing")),
+        }
+    }
+    assert!(hash_paths::<PathBuf>(&[]).is_empty());
 }
 
 // ---------------------------------------------------------------------------------
