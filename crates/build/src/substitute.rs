@@ -158,6 +158,21 @@ pub fn substitute(
     }
 }
 
+/// A step of the walk over dependent realisations.
+enum Step {
+    /// Look at this realisation, which a dependent says is at this path.
+    Visit(firn_derivation::DrvOutput, StorePath),
+    /// Its dependencies are done: it comes next.
+    Done(firn_derivation::DrvOutput),
+}
+
+fn dependencies_of(r: &firn_derivation::Realisation) -> Vec<Step> {
+    r.dependent_realisations
+        .iter()
+        .map(|(id, p)| Step::Visit(id.clone(), p.clone()))
+        .collect()
+}
+
 /// Realisations found in the substituters for a goal's floating outputs.
 #[derive(Debug, Default)]
 pub struct Realised {
@@ -198,40 +213,52 @@ pub fn realisations(
             };
             realised.outputs.insert(name.clone(), r);
         }
-        // Depth first, so that a realisation follows those it depends on.
+        // Depth first, so that a realisation follows those it depends on. A dependency
+        // the store knows with another path makes the cache's realisation unusable here
+        // (its closure would hold two copies of one output): build instead, as Nix.
+        let sd = store.store_dir();
         let mut seen = std::collections::BTreeSet::new();
-        let mut stack: Vec<(firn_derivation::DrvOutput, bool)> = realised
+        let mut stack: Vec<Step> = realised
             .outputs
             .values()
-            .flat_map(|r| r.dependent_realisations.keys().cloned())
-            .map(|id| (id, false))
+            .flat_map(dependencies_of)
             .collect();
         let mut fetched: BTreeMap<firn_derivation::DrvOutput, firn_derivation::Realisation> =
             BTreeMap::new();
-        while let Some((id, expanded)) = stack.pop() {
-            if expanded {
-                if let Some(r) = fetched.remove(&id) {
-                    realised.dependencies.push(r);
+        while let Some(step) = stack.pop() {
+            let (id, path) = match step {
+                Step::Done(id) => {
+                    if let Some(r) = fetched.remove(&id) {
+                        realised.dependencies.push(r);
+                    }
+                    continue;
+                }
+                Step::Visit(id, path) => (id, path),
+            };
+            let known = store
+                .db()
+                .query_realisation(&id)
+                .map_err(firn_store::StoreError::from)?;
+            if let Some(local) = known {
+                if local.out_path != path {
+                    let text = format!(
+                        "a substituter has an incompatible realisation for '{id}', ignoring.\nLocal:  {}\nRemote: {}",
+                        sd.display(&local.out_path),
+                        sd.display(&path)
+                    );
+                    events.message(Message::Warning { text: &text });
+                    return Ok(None);
                 }
                 continue;
             }
             if !seen.insert(id.clone()) {
                 continue;
             }
-            let known = store
-                .db()
-                .query_realisation(&id)
-                .map_err(firn_store::StoreError::from)?;
-            if known.is_some() {
-                continue;
-            }
             let Some(r) = query(&id)? else {
                 return Ok(None);
             };
-            stack.push((id.clone(), true));
-            for dep in r.dependent_realisations.keys() {
-                stack.push((dep.clone(), false));
-            }
+            stack.push(Step::Done(id.clone()));
+            stack.extend(dependencies_of(&r));
             fetched.insert(id, r);
         }
         Ok(Some(realised))
