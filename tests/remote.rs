@@ -1082,3 +1082,71 @@ fn content_addressed_derivations_build_remotely_and_their_realisations_come_back
         }
     }
 }
+
+/// What Nix's build-remote.sh checks beyond the builds: the post-build hook runs here
+/// after each remote build, with the outputs copied back; `keep-failed` reaches the
+/// remote, whose note about the kept directory reaches the user.
+#[test]
+fn the_post_build_hook_runs_and_keep_failed_is_sent() {
+    if !can_ssh() {
+        return;
+    }
+    let sshd = Sshd::start("dispatch-hook");
+    let (local, remote) = (sshd.root("local"), sshd.root("remote"));
+    let url = sshd.url(firn_bin(), &remote);
+    let hook = sshd.dir.join("hook.sh");
+    let seen = sshd.dir.join("seen");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nfor p in $OUT_PATHS; do test -e {}$p && echo \"$DRV_PATH $p\"; done >> {}\n",
+            local.display(),
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let drv = sshd.instantiate(&local, "top");
+    let o = sshd
+        .nix(firn_bin())
+        .arg("--store")
+        .arg(&local)
+        .args(["--option", "builders", &format!("{url} x86_64-linux")])
+        .args(["--option", "post-build-hook", hook.to_str().unwrap()])
+        .args(["--max-jobs", "0", "realise", &drv])
+        .output()
+        .unwrap();
+    let top = ok_out(o, "realise with a post-build hook")
+        .trim()
+        .to_owned();
+    let lines = std::fs::read_to_string(&seen).unwrap();
+    let mut names: Vec<&str> = lines
+        .lines()
+        .filter_map(|l| l.split_once(' ')?.0.rsplit_once('-'))
+        .map(|(_, n)| n.trim_end_matches(".drv"))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a", "b", "top"], "{lines}");
+    assert!(lines.contains(&format!("{drv} {top}")), "{lines}");
+    // A failing build with keep-failed: the remote keeps its directory and says so.
+    let fail = sshd.instantiate(&local, "fail");
+    let o = sshd
+        .nix(firn_bin())
+        .arg("--store")
+        .arg(&local)
+        .args(["--option", "builders", &format!("{url} x86_64-linux")])
+        .args(["--option", "keep-failed", "true"])
+        .args(["--max-jobs", "0", "realise", &fail])
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(100), "{err}");
+    let kept = err
+        .lines()
+        .find_map(|l| l.strip_prefix("note: keeping build directory '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no note:\n{err}"));
+    assert!(Path::new(kept).is_dir(), "{kept}");
+    let _ = std::fs::remove_dir_all(kept);
+    assert_verifies(&local, "local");
+}

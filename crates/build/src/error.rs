@@ -183,12 +183,13 @@ pub enum BuildError {
     },
     #[error("pure derivation '{drv}' depends on impure derivation '{input}'")]
     DependsOnImpure { drv: String, input: String },
-    /// The remote machine's build failed: its status and message.
+    /// The remote machine's build failed: its status (as the protocol carried it) and
+    /// message.
     #[error("build of '{drv}' on '{machine}' failed: {msg}")]
     RemoteFailed {
         drv: String,
         machine: String,
-        status: crate::result::BuildStatus,
+        status: firn_protocol::BuildStatus,
         msg: String,
     },
     /// A remote build that came back wrong (an output that does not import, …).

@@ -159,7 +159,7 @@ impl BuildError {
             Self::Outputs(e) if e.is_hash_mismatch() => BuildStatus::HashMismatch,
             Self::Outputs(_) => BuildStatus::OutputRejected,
             Self::NotDeterministic { .. } => BuildStatus::NotDeterministic,
-            Self::RemoteFailed { status, .. } => *status,
+            Self::RemoteFailed { status, msg, .. } => BuildStatus::from_remote(*status, msg),
             _ => BuildStatus::MiscFailure,
         }
     }

@@ -668,6 +668,14 @@ impl BuildEvents for LogEvents<'_> {
     fn result(&mut self, drv: &StorePath, _result: &firn_build::BuildResult) {
         self.flush(drv);
     }
+
+    /// What Nix prints at error level, which its serve shows: the kept build directory
+    /// of a failed build (`--keep-failed`), so that the client sees where it is.
+    fn message(&mut self, message: firn_build::events::Message<'_>) {
+        if let firn_build::events::Message::KeepingBuildDir { path } = message {
+            self.line(format!("note: keeping build directory '{}'", path.display()).as_bytes());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -318,7 +318,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             Ok(Ok(done)) => Err(BuildError::RemoteFailed {
                 drv: shown.clone(),
                 machine: uri.clone(),
-                status: BuildStatus::from_remote(done.result.status, &done.result.error_msg),
+                status: done.result.status,
                 msg: strip_ansi(&done.result.error_msg),
             }),
             Ok(Err(e)) if e.is_machine_failure() => {
