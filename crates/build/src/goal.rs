@@ -1368,20 +1368,14 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 Some(Arc::new(e)),
             ),
         };
-        self.done(BuildResult {
-            status,
-            error,
+        self.done(ran(
+            (status, error),
             outputs,
             start_time,
-            stop_time: unix_now(),
-            log: Some(log.path().to_path_buf()),
-            log_tail: log
-                .tail()
-                .take(cx.settings.log_lines as usize)
-                .map(str::to_owned)
-                .collect(),
+            &log,
+            cx.settings.log_lines,
             usage,
-        })
+        ))
     }
 
     /// The `post-build-hook`, if one is set, after a successful build.
@@ -1577,6 +1571,32 @@ impl<R: RunningBuild> DerivationGoal<R> {
         };
         self.fail(why);
         was_building
+    }
+}
+
+/// The result of a build that ran (here or on a machine): how it ended, its outputs,
+/// times and log (the last `log-lines` lines for the message).
+pub(crate) fn ran(
+    (status, error): (BuildStatus, Option<Arc<BuildError>>),
+    outputs: BTreeMap<OutputName, StorePath>,
+    start_time: u64,
+    log: &BuildLog,
+    log_lines: u64,
+    usage: Option<crate::builder::cgroup::Usage>,
+) -> BuildResult {
+    BuildResult {
+        status,
+        error,
+        outputs,
+        start_time,
+        stop_time: unix_now(),
+        log: Some(log.path().to_path_buf()),
+        log_tail: log
+            .tail()
+            .take(log_lines as usize)
+            .map(str::to_owned)
+            .collect(),
+        usage,
     }
 }
 

@@ -362,20 +362,14 @@ impl<R: RunningBuild> DerivationGoal<R> {
             Ok(()) => (BuildStatus::Built, None),
             Err(e) => (e.status(), Some(std::sync::Arc::new(e))),
         };
-        self.done(BuildResult {
-            status,
-            error,
+        self.done(super::ran(
+            (status, error),
             outputs,
             start_time,
-            stop_time: unix_now(),
-            log: Some(log.path().to_path_buf()),
-            log_tail: log
-                .tail()
-                .take(cx.settings.log_lines as usize)
-                .map(str::to_owned)
-                .collect(),
-            usage: None,
-        })
+            &log,
+            cx.settings.log_lines,
+            None,
+        ))
     }
 
     /// Stop a remote build (interrupt, or another build failed): kill it and remove
