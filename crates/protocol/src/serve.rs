@@ -358,6 +358,22 @@ impl ServePathInfo {
             sigs: info.sigs.clone(),
         }
     }
+
+    /// The local info of a path the remote describes (registered as imported, not
+    /// `ultimate`; the registration time is the importer's).
+    pub fn to_store(&self) -> firn_store::ValidPathInfo {
+        firn_store::ValidPathInfo {
+            path: self.path.clone(),
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references: self.references.clone(),
+            deriver: self.deriver.clone(),
+            registration_time: 0,
+            ultimate: false,
+            sigs: self.sigs.iter().cloned().collect(),
+            ca: self.ca.map(|c| c.to_string()),
+        }
+    }
 }
 
 /// Write the QueryPathInfos reply, with its `""` terminator.

@@ -29,11 +29,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firn_derivation::{DrvOutput, OutputName, Realisation, StorePath};
-use firn_protocol::serve::BuildSettings;
+use firn_protocol::serve::{BuildSettings, ServePathInfo};
 use firn_protocol::{BasicDerivation, BuildResult};
 use firn_store::{Store, StoreError, StoreLayout, StoreOptions};
 
-use super::connection::{from_remote, Pipes, ServeConnection, SharedChild};
+use super::connection::{Pipes, ServeConnection, SharedChild};
 use super::error::RemoteError;
 use super::ssh::SshStore;
 
@@ -67,10 +67,6 @@ pub struct RemoteJob {
 pub struct RemoteDone {
     /// The remote's result (a failure too: its status and message).
     pub result: BuildResult,
-    /// Inputs sent.
-    pub sent: usize,
-    /// Outputs imported.
-    pub imported: Vec<StorePath>,
     /// The realisations of the floating outputs, as the remote returned them.
     pub realisations: BTreeMap<OutputName, Realisation>,
 }
@@ -227,13 +223,11 @@ fn run(job: RemoteJob, pipes: Pipes, connected: &AtomicBool) -> Result<RemoteDon
         ..StoreOptions::default()
     };
     let mut store = Store::open_with(&job.layout, &options)?;
-    let sent = copy_inputs(&mut conn, &store, &job)?;
+    copy_inputs(&mut conn, &store, &job)?;
     let result = conn.build_derivation(&job.drv_path, &job.drv, &job.settings)?;
     if !result.status.is_success() {
         return Ok(RemoteDone {
             result,
-            sent,
-            imported: Vec::new(),
             realisations: BTreeMap::new(),
         });
     }
@@ -258,14 +252,11 @@ fn run(job: RemoteJob, pipes: Pipes, connected: &AtomicBool) -> Result<RemoteDon
         }
         realisations.insert(name.clone(), r);
     }
-    let imported = match fetch.is_empty() {
-        true => Vec::new(),
-        false => copy_outputs(&mut conn, &mut store, &fetch, &job.outputs)?,
-    };
+    if !fetch.is_empty() {
+        copy_outputs(&mut conn, &mut store, &fetch, &job.outputs)?;
+    }
     Ok(RemoteDone {
         result,
-        sent,
-        imported,
         realisations,
     })
 }
@@ -275,7 +266,7 @@ fn copy_inputs(
     conn: &mut ServeConnection,
     store: &Store,
     job: &RemoteJob,
-) -> Result<usize, RemoteError> {
+) -> Result<(), RemoteError> {
     let valid = conn.query_valid_paths(&job.inputs, job.use_substitutes)?;
     let mut infos = Vec::new();
     for p in job.inputs.difference(&valid) {
@@ -300,7 +291,7 @@ fn copy_inputs(
             })
         })?;
     }
-    Ok(order.len())
+    Ok(())
 }
 
 /// Bring the outputs back, references first, each checked against the remote's info;
@@ -310,7 +301,7 @@ fn copy_outputs(
     store: &mut Store,
     outputs: &BTreeSet<StorePath>,
     locked: &BTreeSet<StorePath>,
-) -> Result<Vec<StorePath>, RemoteError> {
+) -> Result<(), RemoteError> {
     let sd = store.store_dir().clone();
     let infos = conn.query_path_infos(outputs)?;
     let described: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
@@ -322,11 +313,10 @@ fn copy_outputs(
     let local: Vec<firn_store::ValidPathInfo> = infos
         .iter()
         .filter(|i| outputs.contains(&i.path))
-        .map(from_remote)
+        .map(ServePathInfo::to_store)
         .collect();
     let by_path: BTreeMap<StorePath, &firn_store::ValidPathInfo> =
         local.iter().map(|i| (i.path.clone(), i)).collect();
-    let mut imported = Vec::new();
     for p in firn_store::import::references_first(&local) {
         let info = by_path[&p];
         let held = locked.contains(&p);
@@ -340,7 +330,6 @@ fn copy_outputs(
                 source: Box::new(source),
             })
         })?;
-        imported.push(p);
     }
-    Ok(imported)
+    Ok(())
 }

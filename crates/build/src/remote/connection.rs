@@ -160,19 +160,3 @@ pub struct Pipes {
     stdin: Option<ChildStdin>,
     stdout: Option<ChildStdout>,
 }
-
-/// The local info of a path the remote describes (imported without a signature check,
-/// as Nix's build hook copies outputs back: `NoCheckSigs`).
-pub fn from_remote(i: &ServePathInfo) -> firn_store::ValidPathInfo {
-    firn_store::ValidPathInfo {
-        path: i.path.clone(),
-        nar_hash: i.nar_hash,
-        nar_size: i.nar_size,
-        references: i.references.clone(),
-        deriver: i.deriver.clone(),
-        registration_time: 0,
-        ultimate: false,
-        sigs: i.sigs.iter().cloned().collect(),
-        ca: i.ca.map(|c| c.to_string()),
-    }
-}
