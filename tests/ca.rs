@@ -31,38 +31,19 @@ in rec {
 const CA: (&str, &str) = ("experimental-features", "ca-derivations");
 
 fn instantiate(root: &Path, expr: &Path, attr: &str) -> String {
-    let out = command("nix-instantiate")
-        .args(["--store", root.to_str().unwrap()])
-        .args(["--option", "substituters", ""])
-        .args(["--option", "experimental-features", "ca-derivations"])
-        .arg(expr)
-        .args(["-A", attr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    instantiate_attr_with(root, expr, attr, &[CA])
 }
 
 fn sql(root: &Path, query: &str) -> String {
-    let out = command("sqlite3")
+    ok(command("sqlite3")
         .arg(root.join("nix/var/nix/db/db.sqlite"))
         .arg(query)
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+        .unwrap())
 }
 
 fn realisation_info(root: &Path, drv: &str) -> String {
-    let out = command("nix")
+    ok(command("nix")
         .args(["--store", root.to_str().unwrap()])
         .args(["--option", "substituters", ""])
         .args([
@@ -72,13 +53,7 @@ fn realisation_info(root: &Path, drv: &str) -> String {
         .args(["realisation", "info", "--json"])
         .arg(drv)
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+        .unwrap())
 }
 
 #[test]

@@ -869,8 +869,16 @@ fn a_slot_held_by_another_process_is_waited_for() {
         .args(["sleep", "3"])
         .spawn()
         .unwrap();
+    // Held once a non-blocking `flock` of it fails (the file exists a moment before).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !slot.exists() {
+    while Command::new("flock")
+        .args(["-n"])
+        .arg(&slot)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
         assert!(
             Instant::now() < deadline,
             "flock did not take {}",

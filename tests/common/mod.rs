@@ -215,19 +215,25 @@ pub fn store_entries(root: &Path) -> std::collections::BTreeSet<String> {
 /// `nix-instantiate` of attribute `attr` of the expression file `expr` into the store at
 /// `root` (the test fails with Nix's error otherwise); the `.drv` path.
 pub fn instantiate_attr(root: &Path, expr: &Path, attr: &str) -> String {
-    let out = command("nix-instantiate")
-        .args(["--store", root.to_str().unwrap()])
-        .args(["--option", "substituters", ""])
-        .arg(expr)
-        .args(["-A", attr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    instantiate_attr_with(root, expr, attr, &[])
+}
+
+/// [`instantiate_attr`] with settings (`("experimental-features", "ca-derivations")`).
+pub fn instantiate_attr_with(
+    root: &Path,
+    expr: &Path,
+    attr: &str,
+    settings: &[(&str, &str)],
+) -> String {
+    let mut c = command("nix-instantiate");
+    c.args(["--store", root.to_str().unwrap()])
+        .args(["--option", "substituters", ""]);
+    for (k, v) in settings {
+        c.args(["--option", k, v]);
+    }
+    ok(c.arg(expr).args(["-A", attr]).output().unwrap())
+        .trim()
+        .to_owned()
 }
 
 /// `nix-store -r` (when `cmd` is "nix-store") or `firn realise` (when it is

@@ -554,7 +554,9 @@ impl<R: RunningBuild> DerivationGoal<R> {
                     every_valid &= valid;
                     if self.wanted.contains(name.as_str()) {
                         all_wanted_valid &= valid;
-                        if !valid {
+                        // (An unknown output's path is a scratch path: its
+                        // realisation names the real one.)
+                        if !valid && !loaded.unknown.contains(name) {
                             missing_wanted.push(p.clone());
                         }
                     }
@@ -579,39 +581,28 @@ impl<R: RunningBuild> DerivationGoal<R> {
             // every missing wanted output, neither this nor its inputs are built. An
             // output whose path the build decides is found by its realisation first.
             use crate::substitute::Substituted;
-            let unknown_wanted: Vec<_> = loaded
+            // The ids of the wanted outputs whose paths only a build decides (none
+            // if one has no id: then it is built).
+            let ids: Option<Vec<_>> = loaded
                 .unknown
                 .iter()
                 .filter(|n| self.wanted.contains(n.as_str()))
-                .map(|n| (n.clone(), loaded.drv_output(n)))
+                .map(|n| Some((n.clone(), loaded.drv_output(n)?)))
                 .collect();
-            let realised = match unknown_wanted.iter().all(|(_, id)| id.is_some()) {
-                _ if unknown_wanted.is_empty() => Some(Default::default()),
-                false => None,
-                true if !cx.settings.ca_derivations() => None,
-                true => {
-                    let ids: Vec<_> = unknown_wanted
-                        .into_iter()
-                        .filter_map(|(n, id)| Some((n, id?)))
-                        .collect();
+            let realised = match ids {
+                Some(ids) if ids.is_empty() => Some(Default::default()),
+                Some(ids) if cx.settings.ca_derivations() => {
                     match crate::substitute::realisations(cx.store, cx.settings, cx.events, &ids) {
                         Ok(r) => r,
                         Err(e) => return self.fail(e),
                     }
                 }
+                _ => None,
             };
             let Some(realised) = realised else {
                 return self.wait_for_inputs(cx, loaded);
             };
-            let mut missing_wanted: Vec<StorePath> = missing_wanted
-                .into_iter()
-                .filter(|p| {
-                    !loaded
-                        .unknown
-                        .iter()
-                        .any(|n| loaded.outputs.get(n) == Some(p))
-                })
-                .collect();
+            let mut missing_wanted = missing_wanted;
             for r in realised.outputs.values().chain(&realised.dependencies) {
                 match cx.store.db().is_valid_path(&r.out_path) {
                     Ok(true) => {}

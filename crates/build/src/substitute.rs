@@ -107,6 +107,30 @@ pub fn substitute(
     paths: &[StorePath],
     cas: &BTreeMap<StorePath, FixedOutputHash>,
 ) -> Substituted {
+    substitute_with(store, settings, events, paths, cas, true)
+}
+
+/// Substitute those of `paths` the substituters have (with their closures), leaving the
+/// others (Nix's `substitutePaths`, for serve's QueryValidPaths and a daemon's opaque
+/// paths): `All` means something was fetched (check each path's validity), `No` that
+/// nothing was.
+pub fn substitute_available(
+    store: &mut Store,
+    settings: &Settings,
+    events: &mut dyn BuildEvents,
+    paths: &[StorePath],
+) -> Substituted {
+    substitute_with(store, settings, events, paths, &BTreeMap::new(), false)
+}
+
+fn substitute_with(
+    store: &mut Store,
+    settings: &Settings,
+    events: &mut dyn BuildEvents,
+    paths: &[StorePath],
+    cas: &BTreeMap<StorePath, FixedOutputHash>,
+    all_or_nothing: bool,
+) -> Substituted {
     let sd = store.store_dir().clone();
     let shown = paths
         .iter()
@@ -129,7 +153,7 @@ pub fn substitute(
         Ok(None) => return Substituted::No,
         Err(e) => return Substituted::Failed(e),
     };
-    let plan = match subs.plan_with_cas(store, paths, cas) {
+    let mut plan = match subs.plan_with_cas(store, paths, cas) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
@@ -137,11 +161,20 @@ pub fn substitute(
         events.message(Message::Warning { text: w });
     }
     if !plan.missing.is_empty() {
-        return Substituted::No;
-    }
-    let mut from: BTreeMap<StorePath, String> = BTreeMap::new();
-    for (info, c) in &plan.fetch {
-        from.insert(info.path.clone(), subs.cache(*c).url.base.clone());
+        // Only what the caches have, closures complete: plan those again.
+        let rest: Vec<StorePath> = paths
+            .iter()
+            .filter(|p| !plan.missing.contains(*p))
+            .cloned()
+            .collect();
+        if all_or_nothing || rest.is_empty() {
+            return Substituted::No;
+        }
+        plan = match subs.plan_with_cas(store, &rest, cas) {
+            Ok(p) if p.missing.is_empty() => p,
+            Ok(_) => return Substituted::No,
+            Err(e) => return fail(e),
+        };
     }
     let fetched = subs.fetch(store, &plan, |p, url| {
         events.message(Message::Substituting { path: p, from: url });

@@ -1028,28 +1028,30 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         // `PathSubstitutionGoal`); one that fails says why.
         let mut not_substituted: BTreeMap<StorePath, String> = BTreeMap::new();
         let mut substituted: BTreeSet<StorePath> = BTreeSet::new();
+        let mut invalid: Vec<StorePath> = Vec::new();
         for p in paths {
-            let DerivedPath::Opaque(path) = p else {
-                continue;
-            };
-            if store.db().is_valid_path(path)? || not_substituted.contains_key(path) {
-                continue;
+            if let DerivedPath::Opaque(path) = p {
+                if !store.db().is_valid_path(path)? && !invalid.contains(path) {
+                    invalid.push(path.clone());
+                }
             }
-            use firn_build::substitute::{substitute, Substituted};
-            let got = substitute(
-                store,
-                &settings,
-                &mut events,
-                std::slice::from_ref(path),
-                &BTreeMap::new(),
-            );
-            match got {
+        }
+        if !invalid.is_empty() {
+            use firn_build::substitute::{substitute_available, Substituted};
+            match substitute_available(store, &settings, &mut events, &invalid) {
                 Substituted::All => {
-                    substituted.insert(path.clone());
+                    for p in invalid {
+                        if store.db().is_valid_path(&p)? {
+                            substituted.insert(p);
+                        }
+                    }
                 }
                 Substituted::No => {}
                 Substituted::Failed(e) => {
-                    not_substituted.insert(path.clone(), events.error_text(&e));
+                    let text = events.error_text(&e);
+                    for p in invalid {
+                        not_substituted.insert(p, text.clone());
+                    }
                 }
             }
         }

@@ -382,29 +382,12 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         if invalid.is_empty() {
             return Ok(());
         }
-        let settings = &self.config.settings;
-        let available: Vec<StorePath> =
-            match firn_build::substitute::plan(&self.store, settings, &invalid) {
-                Ok(Some(plan)) => invalid
-                    .into_iter()
-                    .filter(|p| !plan.missing.contains(p))
-                    .collect(),
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    let _ = writeln!(self.log, "warning: {e}");
-                    return Ok(());
-                }
-            };
-        if available.is_empty() {
-            return Ok(());
-        }
         let mut events = firn_build::events::NoEvents;
-        let done = firn_build::substitute::substitute(
+        let done = firn_build::substitute::substitute_available(
             &mut self.store,
-            settings,
+            &self.config.settings,
             &mut events,
-            &available,
-            &BTreeMap::new(),
+            &invalid,
         );
         if let firn_build::substitute::Substituted::Failed(e) = done {
             let _ = writeln!(self.log, "warning: {e}");
