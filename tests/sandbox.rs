@@ -650,6 +650,60 @@ fn many_directory_inputs_are_mounted_through_an_overlay() {
     remove(&root);
 }
 
+/// Spare roots keep the input links of their last build for the next (a chain needs
+/// most of them again), but a build sees only its own inputs: what the last build had
+/// and this one has not is gone before its builder starts.
+#[test]
+fn a_reused_root_shows_each_build_only_its_own_inputs() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("reused-root-inputs");
+    let a = busybox_drv(&root, "leaf-a", "echo a > $out", &[], &[]);
+    let b = busybox_drv(&root, "leaf-b", "echo b > $out", &[], &[]);
+    let listing = "ls /nix/store | sed 's/^[a-z0-9]*-//' | sort | tr '\\n' ' ' >> $out; \
+                   for n in a b; do cat /nix/store/*-leaf-$n >> $out 2>/dev/null || true; done";
+    // `x` needs a and b; `y` needs a and x (built after x, in x's root, one job).
+    let x = busybox_drv(
+        &root,
+        "x",
+        &format!("echo x > $out; {listing}"),
+        &[],
+        &[&a, &b],
+    );
+    let y = busybox_drv(
+        &root,
+        "y",
+        &format!("echo y > $out; {listing}"),
+        &[],
+        &[&a, &x],
+    );
+    let out = firn_at(
+        &root,
+        &[
+            "--option",
+            "sandbox-paths",
+            "/bin/busybox",
+            "realise",
+            "-j1",
+            &y,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got_y = fs::read_to_string(real(&root, &out.stdout)).unwrap();
+    assert_eq!(got_y, "y\nleaf-a x y a\n");
+    let x_out = ok(firn_at(&root, &["query", "--outputs", &x], None));
+    let got_x = fs::read_to_string(real(&root, x_out.as_bytes())).unwrap();
+    assert_eq!(got_x, "x\nleaf-a leaf-b x a\nb\n");
+    assert_verifies(&root, "after the builds");
+    remove(&root);
+}
+
 /// No core dumps in the sandbox even where firn's hard limit on them is finite (Nix
 /// 2.8's `setrlimit(RLIMIT_CORE, {0, RLIM_INFINITY})` fails as a whole there, so its
 /// builders keep the caller's limit).

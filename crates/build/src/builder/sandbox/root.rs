@@ -6,6 +6,8 @@
 //! A [`SandboxRoot`] belongs to one build; dropped without going back to the pool, it is
 //! deleted, so no path of an error or an interrupt leaves a root behind.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -68,6 +70,9 @@ pub struct SandboxRoot {
     /// The store dir inside it (where the inputs' links and mount points are, and where
     /// the builder leaves its outputs).
     store_inside: PathBuf,
+    /// The names in `store_inside` that are hard links to store inputs, made (or kept)
+    /// for this build: a spare root keeps them for the next build that needs them.
+    linked: HashSet<OsString>,
 }
 
 impl SandboxRoot {
@@ -99,6 +104,8 @@ impl Drop for SandboxRoot {
 struct SpareRoot {
     layout: String,
     path: PathBuf,
+    /// Input links left in its store dir (see [`SandboxRoot::linked`]).
+    linked: HashSet<OsString>,
 }
 
 impl Drop for SpareRoot {
@@ -170,7 +177,12 @@ impl RootPool {
             std::process::id()
         ));
         self.seq += 1;
-        let kept = empty(&root.store_inside, Path::new(""))
+        // The inputs' links stay: the next build (in a chain, say) needs most of them
+        // again, and a link kept costs a `statx` where a link made and removed costs two
+        // journaled directory changes. Only names firn linked are kept; the builder
+        // cannot have removed or replaced them (the store dir is sticky and not its
+        // own), and `finish_root` checks each against its input before using it.
+        let kept = empty_but(&root.store_inside, &root.linked)
             .and_then(|()| empty(&root.path.join("tmp"), &root.store_inside))
             .and_then(|()| fs::rename(&root.path, &spare));
         if kept.is_ok() {
@@ -178,6 +190,7 @@ impl RootPool {
             self.spare.push(SpareRoot {
                 layout: std::mem::take(&mut root.layout),
                 path: spare,
+                linked: std::mem::take(&mut root.linked),
             });
         }
         // Otherwise `root` is deleted as it drops.
@@ -199,27 +212,30 @@ impl RootPool {
         let reused = match self.spare.iter().position(|s| s.layout == layout) {
             Some(i) => {
                 let mut s = self.spare.swap_remove(i);
-                let moved = fs::rename(&s.path, root).is_ok();
-                if moved {
-                    s.path = PathBuf::new();
+                match fs::rename(&s.path, root) {
+                    Ok(()) => {
+                        s.path = PathBuf::new();
+                        Some(std::mem::take(&mut s.linked))
+                    }
+                    Err(_) => None,
                 }
-                moved
             }
-            None => false,
+            None => None,
         };
-        let owned = SandboxRoot {
+        let mut owned = SandboxRoot {
             path: root.clone(),
             layout,
             store_inside: inside(&plan.store_dir),
+            linked: HashSet::new(),
         };
-        if !reused {
+        if reused.is_none() {
             make_skeleton(plan, user)?;
         }
         if !self.cleaned_lowers {
             clean_stale_lowers();
             self.cleaned_lowers = true;
         }
-        let setup = finish_root(plan, ids, reused)?;
+        let setup = finish_root(plan, ids, reused, &mut owned.linked)?;
         Ok((owned, setup))
     }
 }
@@ -260,14 +276,31 @@ fn make_skeleton(plan: &SandboxPlan, user: Option<&BuildUser>) -> Result<(), Exe
     Ok(())
 }
 
+/// Delete everything in `dir` but the entries named in `keep`.
+fn empty_but(dir: &Path, keep: &HashSet<OsString>) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if !keep.contains(&e.file_name()) {
+            firn_store::canonical::delete_path(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// The per-build part of a root: inputs linked or given mount points (host mount
-/// points too unless `reused`), and the C strings the child needs.
+/// points too if it is not `reused`), and the C strings the child needs. A reused root
+/// comes with the input links the last build left in its store dir: those this build
+/// needs too are kept if they still are its inputs' files, the others removed. The
+/// names linked for this build go to `linked`.
 fn finish_root(
     plan: &SandboxPlan,
     ids: (u32, u32),
-    reused: bool,
+    reused: Option<HashSet<OsString>>,
+    linked: &mut HashSet<OsString>,
 ) -> Result<SandboxSetup, ExecError> {
     let root = &plan.root;
+    let reused_root = reused.is_some();
+    let mut left = reused.unwrap_or_default();
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     let c = |p: &Path| cstring(p.as_os_str().as_bytes());
     let mut binds = Vec::new();
@@ -281,8 +314,20 @@ fn finish_root(
             // read-only for the builder: store files are 0444 and owned by someone the
             // builder is not, and it has no capabilities. If the builder's host uid
             // owns it (a per-user store), it could chmod it: mount it read-only instead.
-            if !meta.is_dir() && meta.uid() != ids.0 {
+            let link = !meta.is_dir() && meta.uid() != ids.0;
+            let name = target.file_name().map(OsString::from).unwrap_or_default();
+            if left.remove(&name) {
+                let same = fs::symlink_metadata(&target)
+                    .is_ok_and(|t| (t.dev(), t.ino()) == (meta.dev(), meta.ino()));
+                if link && same {
+                    linked.insert(name);
+                    continue;
+                }
+                firn_store::canonical::delete_path(&target).map_err(io_err(&target))?;
+            }
+            if link {
                 fs::hard_link(&b.source, &target).map_err(io_err(&target))?;
+                linked.insert(name);
                 continue;
             }
             if meta.is_dir() {
@@ -295,7 +340,7 @@ fn finish_root(
             Err(_) if b.optional => continue,
             Err(e) => return Err(io_err(&b.source)(e)),
         };
-        if reused && !b.store_input && fs::symlink_metadata(&target).is_ok() {
+        if reused_root && !b.store_input && fs::symlink_metadata(&target).is_ok() {
             binds.push((c(&b.source)?, c(&target)?, b.read_only));
             continue;
         }
@@ -309,11 +354,16 @@ fn finish_root(
         }
         binds.push((c(&b.source)?, c(&target)?, b.read_only));
     }
+    // The last build's links this one does not need go before its builder starts.
+    let store_inside = inside(Path::new(&plan.store_dir));
+    for name in left {
+        let p = store_inside.join(name);
+        firn_store::canonical::delete_path(&p).map_err(io_err(&p))?;
+    }
     // Directory inputs need mount points in the store dir. Many of them: on a tmpfs
     // (an overlay's lower layer, the root's store dir its upper layer, where the
     // outputs land as before), since a directory on the store's disk costs far more
     // than the mount itself; a few: on the disk directly.
-    let store_inside = inside(Path::new(&plan.store_dir));
     let lower = lower_dir(root);
     let mut overlay = None;
     if dir_inputs.len() >= OVERLAY_MIN_INPUTS {
