@@ -386,6 +386,17 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a sandboxed builder could not start. Its program missing in the sandbox fails
+/// the build as in Nix (exit 100); firn also says where the sandbox takes its files from.
+fn sandbox_start_error(drv: String, source: ExecError) -> BuildError {
+    match source {
+        ExecError::Spawn { program, source } if source.kind() == std::io::ErrorKind::NotFound => {
+            BuildError::BuilderNotFound { drv, program }
+        }
+        source => BuildError::SandboxStart { drv, source },
+    }
+}
+
 fn builder_exit(s: ExitStatus) -> BuilderExit {
     match (s.code(), s.signal()) {
         (Some(c), _) => BuilderExit::Code(c),
@@ -1161,19 +1172,9 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 sandboxed,
                 recursive: recursive.as_ref().map(RunningRecursive::allowed),
             })
-            .map_err(|source| match (sandboxed, source) {
-                // The builder is not there for the sandbox: Nix fails the build (exit
-                // 100); firn also says where the sandbox takes its files from.
-                (true, ExecError::Spawn { program, source })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    BuildError::BuilderNotFound {
-                        drv: shown,
-                        program,
-                    }
-                }
-                (true, source) => BuildError::SandboxStart { drv: shown, source },
-                (false, source) => BuildError::Exec(source),
+            .map_err(|source| match sandboxed {
+                true => sandbox_start_error(shown, source),
+                false => BuildError::Exec(source),
             })?;
         Ok(Spawned {
             running,
@@ -1196,7 +1197,9 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let GoalState::Building { build, .. } = &mut self.state else {
             return Next::Done;
         };
-        let mut buf = vec![0u8; 65536];
+        // On the stack: a heap buffer per call cost a fresh allocation, its page faults
+        // and its free for every read of every build's output.
+        let mut buf = [0u8; 65536];
         if readable && !build.eof {
             match build.running.read_log(&mut buf) {
                 Ok(0) => build.eof = true,
@@ -1262,6 +1265,18 @@ impl<R: RunningBuild> DerivationGoal<R> {
         let sd = cx.store.store_dir().clone();
         let shown = sd.display(&self.drv_path);
         let failed_exit = status.filter(|s| !s.success()).map(builder_exit);
+        // A sandboxed builder that never started (found out only now: its sandbox sets
+        // up while the worker goes on) fails as a `start` that failed would have, and
+        // leaves as little: no build directory, log or lock file.
+        let not_started = match (&killed, &failed_exit) {
+            (None, Some(_)) => build
+                .running
+                .start_failure()
+                .map(|e| sandbox_start_error(shown.clone(), e)),
+            _ => None,
+        };
+        let started = not_started.is_none();
+        let killed = killed.or(not_started);
         // The final paths of the outputs built (for floating ones, known only now).
         let mut finals: BTreeMap<OutputName, StorePath> = BTreeMap::new();
         let usage = build.running.usage();
@@ -1303,6 +1318,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
         // As Nix, never for builtins: their directory may hold privileged things.
         let builtin = loaded.drv.builder.starts_with(b"builtin:");
         let keep = outcome.is_err()
+            && started
             && cx.settings.keep_failed
             && self.mode == BuildMode::Normal
             && !builtin;
@@ -1323,7 +1339,10 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 cx.events.message(Message::Warning { text: &text });
             }
         }
-        let _ = log.finish();
+        match started {
+            true => drop(log.finish()),
+            false => log.discard(),
+        }
         // The builder's copies of valid outputs (at their fallback paths) are discarded.
         for fallback in redirected.values() {
             let _ = firn_store::canonical::delete_path(&cx.store.real_path(fallback));
@@ -1337,7 +1356,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 }
             }
         }
-        if outcome.is_ok() && self.mode != BuildMode::Check {
+        if (outcome.is_ok() && self.mode != BuildMode::Check) || !started {
             locks.set_deletion(true);
         }
         drop(locks);

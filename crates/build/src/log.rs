@@ -4,6 +4,11 @@
 //! renamed when the build is over, as Nix does), with the size so far (for
 //! `max-build-log-size`), the time of the last output (for `max-silent-time`) and the
 //! last lines (for messages and the progress line).
+//!
+//! Most builds say little: their output is kept in memory up to [`BUFFERED_MAX`] and
+//! compressed when the build is over (with bzip2's smallest block, which holds all of
+//! it), and an empty log is the 14 bytes of an empty bzip2 stream. Only a build that says
+//! more gets a streaming encoder (some 5 MB of bzip2 state), for the rest of its life.
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
@@ -27,9 +32,56 @@ pub fn log_path(log_dir: &Path, drv: &StorePath) -> PathBuf {
         .join(format!("{}.bz2", &base[2..]))
 }
 
+/// How much output is kept in memory before the log is compressed as it comes.
+pub const BUFFERED_MAX: usize = 64 * 1024;
+
+/// An empty bzip2 stream (block size 9): the header and the end-of-stream marker with a
+/// combined CRC of 0, as `bzip2 < /dev/null` writes it.
+const EMPTY_BZIP2: [u8; 14] = *b"BZh9\x17\x72\x45\x38\x50\x90\0\0\0\0";
+
+/// Where a log's bytes go.
+enum Sink {
+    /// Not more than [`BUFFERED_MAX`] bytes so far, kept until the end.
+    Buffered(File, Vec<u8>),
+    /// Compressed as they come.
+    Streaming(bzip2::write::BzEncoder<File>),
+}
+
+impl Sink {
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Buffered(_, buf) if buf.len() + data.len() <= BUFFERED_MAX => {
+                buf.extend_from_slice(data);
+                Ok(())
+            }
+            Sink::Buffered(file, buf) => {
+                let file = file.try_clone()?;
+                let mut enc = bzip2::write::BzEncoder::new(file, bzip2::Compression::default());
+                enc.write_all(buf)?;
+                enc.write_all(data)?;
+                *self = Sink::Streaming(enc);
+                Ok(())
+            }
+            Sink::Streaming(enc) => enc.write_all(data),
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        match self {
+            Sink::Buffered(mut file, buf) if buf.is_empty() => file.write_all(&EMPTY_BZIP2),
+            Sink::Buffered(file, buf) => {
+                let mut enc = bzip2::write::BzEncoder::new(file, bzip2::Compression::fast());
+                enc.write_all(&buf)?;
+                enc.finish().map(drop)
+            }
+            Sink::Streaming(enc) => enc.finish().map(drop),
+        }
+    }
+}
+
 /// The log of one build.
 pub struct BuildLog {
-    file: Option<bzip2::write::BzEncoder<File>>,
+    file: Option<Sink>,
     tmp: PathBuf,
     path: PathBuf,
     /// Bytes of output so far.
@@ -69,10 +121,7 @@ impl BuildLog {
         let file = File::create(&tmp)?;
         let now = Instant::now();
         Ok(Self {
-            file: Some(bzip2::write::BzEncoder::new(
-                file,
-                bzip2::Compression::default(),
-            )),
+            file: Some(Sink::Buffered(file, Vec::new())),
             tmp,
             path,
             size: 0,
@@ -93,7 +142,7 @@ impl BuildLog {
         self.last_output = Instant::now();
         self.size += data.len() as u64;
         if let Some(f) = &mut self.file {
-            f.write_all(data)?;
+            f.write(data)?;
         }
         for &b in data {
             match b {
@@ -137,11 +186,19 @@ impl BuildLog {
         &self.path
     }
 
+    /// Remove the unfinished log file (a build that never started has no log); what was
+    /// said stays readable here.
+    pub fn discard(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+
     /// Finish the log file and rename it into place. Not synced: a log is not store
     /// content, and an fsync per build is a measurable part of a trivial build.
     pub fn finish(&mut self) -> io::Result<()> {
-        if let Some(enc) = self.file.take() {
-            enc.finish()?;
+        if let Some(sink) = self.file.take() {
+            sink.finish()?;
             fs::rename(&self.tmp, &self.path)?;
         }
         Ok(())
@@ -150,9 +207,7 @@ impl BuildLog {
 
 impl Drop for BuildLog {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
-        }
+        self.discard();
     }
 }
 
@@ -196,6 +251,35 @@ mod tests {
             text,
             "one\ntwo\rTWO\nthree\r\nprogress 10%\rprogress 100%\rdone\n"
         );
+        // An empty log is an empty bzip2 stream; one longer than what is kept in
+        // memory is compressed as it comes, and reads back whole.
+        let empty = dir.join("drvs/ee/empty.bz2");
+        BuildLog::create(empty.clone()).unwrap().finish().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut bzip2::read::BzDecoder::new(File::open(&empty).unwrap()),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "");
+        let long = dir.join("drvs/ll/long.bz2");
+        let mut log = BuildLog::create(long.clone()).unwrap();
+        let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
+        let mut want = Vec::new();
+        for i in 0..3000 {
+            let chunk = &line[..(i % 64) + 1];
+            log.write(chunk).unwrap();
+            want.extend_from_slice(chunk);
+        }
+        assert!(want.len() > BUFFERED_MAX);
+        log.finish().unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(
+            &mut bzip2::read::BzDecoder::new(File::open(&long).unwrap()),
+            &mut got,
+        )
+        .unwrap();
+        assert!(got == want, "{} bytes back of {}", got.len(), want.len());
         // A log dropped unfinished leaves nothing.
         let other = dir.join("drvs/zz/other.bz2");
         drop(BuildLog::create(other.clone()).unwrap());

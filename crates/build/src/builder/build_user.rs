@@ -33,15 +33,19 @@ pub enum AcquiredUser {
     NotConfigured,
 }
 
-impl BuildUser {
-    /// A free member of `group` (`build-users-group`). Only root uses build users (as
-    /// Nix); an empty `group` means builds run as the caller. A group that does not
-    /// exist or has no members is an error, never a build as root. Users are locked
-    /// in `pool` (Nix's `<nixStateDir>/userpool`: [`firn_store::layout::userpool_dir`]).
-    pub fn acquire(group: &str, pool: &Path) -> Result<AcquiredUser, ExecError> {
-        if !Uid::effective().is_root() || group.is_empty() {
-            return Ok(AcquiredUser::NotConfigured);
-        }
+/// The members of `build-users-group` that can build (not root), and the group's gid:
+/// looked up once per builder, not per build (a lookup reads `/etc/group` and
+/// `/etc/passwd` once per member).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildUsers {
+    gid: u32,
+    uids: Vec<u32>,
+}
+
+impl BuildUsers {
+    /// The members of `group`. A group that does not exist or has no members is an
+    /// error, never a build as root.
+    pub fn lookup(group: &str) -> Result<Self, ExecError> {
         let found = Group::from_name(group).map_err(|e| ExecError::GroupLookup {
             group: group.to_owned(),
             source: e.into(),
@@ -49,18 +53,28 @@ impl BuildUser {
         let Some(group_entry) = found else {
             return Err(ExecError::NoSuchGroup(group.to_owned()));
         };
-        let members: Vec<User> = group_entry
+        let uids: Vec<u32> = group_entry
             .mem
             .iter()
             .filter_map(|m| User::from_name(m).ok().flatten())
             .filter(|u| !u.uid.is_root())
+            .map(|u| u.uid.as_raw())
             .collect();
-        if members.is_empty() {
+        if uids.is_empty() {
             return Err(ExecError::NoMembers(group.to_owned()));
         }
+        Ok(Self {
+            gid: group_entry.gid.as_raw(),
+            uids,
+        })
+    }
+
+    /// The first member not locked in `pool` (Nix's `<nixStateDir>/userpool`:
+    /// [`firn_store::layout::userpool_dir`]), locked until the user is dropped.
+    pub fn acquire(&self, pool: &Path) -> Result<AcquiredUser, ExecError> {
         fs::create_dir_all(pool).map_err(io_err(pool))?;
-        for user in members {
-            let path = pool.join(user.uid.to_string());
+        for &uid in &self.uids {
+            let path = pool.join(uid.to_string());
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -70,15 +84,21 @@ impl BuildUser {
                 .open(&path)
                 .map_err(io_err(&path))?;
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                return Ok(AcquiredUser::Got(Self {
-                    uid: user.uid.as_raw(),
-                    gid: group_entry.gid.as_raw(),
+                return Ok(AcquiredUser::Got(BuildUser {
+                    uid,
+                    gid: self.gid,
                     _lock: lock,
                 }));
             }
         }
         Ok(AcquiredUser::Busy)
     }
+}
+
+/// Whether builds use build users: only root does (as Nix), and an empty
+/// `build-users-group` means builds run as the caller.
+pub fn uses_build_users(group: &str) -> bool {
+    Uid::effective().is_root() && !group.is_empty()
 }
 
 /// Kill every process of `uid` (Nix's `killUser`): a child becomes that user and kills

@@ -30,10 +30,12 @@ use nix::sys::prctl;
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid};
 
-use super::build_user::{kill_user, AcquiredUser, BuildUser};
+use super::build_dirs::BuildDirs;
+use super::build_user::{kill_user, uses_build_users, AcquiredUser, BuildUser, BuildUsers};
 use super::cgroup::{BuildCgroup, Cgroups, Limits, Usage};
 use super::error::{cstring, io_err, ExecError};
-use super::sandbox::child::{enter_sandbox, SandboxSetup};
+use super::processes::Processes;
+use super::sandbox::child::{enter_sandbox, is_exec_step, read_step_failure, SandboxSetup};
 use super::sandbox::{plan_sandbox, RootPool, SandboxInput, SandboxRoot};
 use super::sys::{self, Forked};
 use super::{BuildDir, BuildJob, Builder, Collected, RunningBuild};
@@ -84,6 +86,9 @@ impl LocalOptions {
 pub struct LocalBuilder {
     options: LocalOptions,
     pool: RootPool,
+    build_dirs: BuildDirs,
+    /// The members of `build-users-group`, once looked up.
+    build_users: Option<BuildUsers>,
     /// The cgroup hierarchies this machine offers.
     cgroups: Cgroups,
     /// Whether the host has `/dev/kvm` (bound into the sandbox, as Nix does).
@@ -102,6 +107,8 @@ impl LocalBuilder {
         Self {
             options,
             pool: RootPool::new(),
+            build_dirs: BuildDirs::default(),
+            build_users: None,
             cgroups,
             kvm: Path::new("/dev/kvm").exists(),
             builtin_exe: None,
@@ -149,7 +156,12 @@ impl LocalBuilder {
 /// A builder running on this machine.
 #[derive(Debug)]
 pub struct LocalBuild {
-    child: Child,
+    processes: Processes,
+    /// Sandboxed: the read end of the step pipe, on which a set-up that failed after
+    /// the spawn returned (see `sandbox/child.rs`) said why.
+    step: Option<io::PipeReader>,
+    /// The builder, for the message if its exec failed.
+    program: Vec<u8>,
     /// Read end of the builder's stdout+stderr.
     log: io::PipeReader,
     /// The real build directory.
@@ -175,18 +187,18 @@ impl RunningBuild for LocalBuild {
     }
 
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        self.child.try_wait()
+        self.processes.try_wait()
     }
 
     fn kill(&mut self) -> Option<ExitStatus> {
-        kill_group(self.child.id());
+        kill_group(self.processes.group());
         if let Some(cg) = &self.cgroup {
             cg.kill();
         }
         if let Some(u) = &self.user {
             kill_user(u.uid);
         }
-        self.child.wait().ok()
+        self.processes.wait().ok()
     }
 
     fn built_path(&self, output: &StorePath) -> PathBuf {
@@ -207,6 +219,26 @@ impl RunningBuild for LocalBuild {
     fn build_dir(&self) -> &Path {
         &self.build_dir
     }
+
+    fn start_failure(&mut self) -> Option<ExecError> {
+        // Every writer is gone once the build has exited: this does not block.
+        let mut step = Vec::new();
+        let _ = self.step.take()?.take(256).read_to_end(&mut step);
+        step_failure(&step, &self.program)
+    }
+}
+
+/// What the step pipe's `data` says failed: the exec of `program`, or a step of the
+/// sandbox's set-up.
+fn step_failure(data: &[u8], program: &[u8]) -> Option<ExecError> {
+    let (step, source) = read_step_failure(data)?;
+    Some(match is_exec_step(&step) {
+        true => ExecError::Spawn {
+            program: String::from_utf8_lossy(program).into_owned(),
+            source,
+        },
+        false => ExecError::SandboxSetup { step, source },
+    })
 }
 
 /// SIGKILL to the builder's process group.
@@ -219,43 +251,19 @@ fn kill_group(pid: u32) {
     }
 }
 
-/// A fresh `$TMPDIR/nix-build-<drv name>-<n>` (0700), owned by the build user.
-pub fn create_build_dir(drv_base: &str, user: Option<&BuildUser>) -> Result<PathBuf, ExecError> {
-    let tmp = std::env::var_os("TMPDIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    let name = drv_base.get(33..).unwrap_or(drv_base);
-    for n in 0..100_000 {
-        let dir = tmp.join(format!("nix-build-{name}-{n}"));
-        match fs::create_dir(&dir) {
-            Ok(()) => {
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(io_err(&dir))?;
-                if let Some(u) = user {
-                    nix::unistd::chown(
-                        &dir,
-                        Some(Uid::from_raw(u.uid)),
-                        Some(Gid::from_raw(u.gid)),
-                    )
-                    .map_err(|e| io_err(&dir)(e.into()))?;
-                }
-                return Ok(dir);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err(&dir)(e)),
-        }
-    }
-    Err(io_err(&tmp)(io::Error::other(
-        "no free build directory name",
-    )))
-}
-
 impl Builder for LocalBuilder {
     type Build = LocalBuild;
 
     fn acquire_user(&mut self) -> Result<AcquiredUser, ExecError> {
-        BuildUser::acquire(&self.options.build_users_group, &self.options.userpool)
+        let group = &self.options.build_users_group;
+        if !uses_build_users(group) {
+            return Ok(AcquiredUser::NotConfigured);
+        }
+        let users = match &self.build_users {
+            Some(users) => users,
+            None => self.build_users.insert(BuildUsers::lookup(group)?),
+        };
+        users.acquire(&self.options.userpool)
     }
 
     fn build_dir(
@@ -264,7 +272,9 @@ impl Builder for LocalBuilder {
         user: Option<&BuildUser>,
         sandboxed: bool,
     ) -> Result<BuildDir, ExecError> {
-        let real = create_build_dir(drv_path.base_name(), user)?;
+        let real = self
+            .build_dirs
+            .take(drv_path.base_name(), user, sandboxed)?;
         let seen = match sandboxed {
             true => PathBuf::from(SANDBOX_BUILD_DIR),
             false => real.clone(),
@@ -365,20 +375,17 @@ impl Builder for LocalBuilder {
         let (child, reader) = match spawned {
             Ok(c) => c,
             Err(e) => {
-                // The sandbox's set-up names the step that failed; the root and the
-                // build directory go with their owners.
-                let mut step = String::new();
-                let _ = (&step_reader).take(256).read_to_string(&mut step);
-                return Err(match e {
-                    ExecError::Spawn { source, .. } if !step.is_empty() => {
-                        ExecError::SandboxSetup { step, source }
-                    }
-                    other => other,
-                });
+                // The sandbox's set-up may have named the step that failed; the root
+                // and the build directory go with their owners.
+                let mut step = Vec::new();
+                let _ = (&step_reader).take(256).read_to_end(&mut step);
+                return Err(step_failure(&step, &plan.program).unwrap_or(e));
             }
         };
         Ok(LocalBuild {
-            child,
+            processes: Processes::new(child, sandbox.is_some()),
+            step: sandbox.is_some().then_some(step_reader),
+            program: plan.program.clone(),
             log: reader,
             build_dir: job.build_dir.into_real(),
             user,
@@ -421,11 +428,12 @@ impl Builder for LocalBuilder {
         if let Some(u) = build.user.as_ref().filter(|_| build.root.is_none()) {
             kill_user(u.uid);
         }
-        kill_group(build.child.id());
+        kill_group(build.processes.group());
         // Everything the build started, wherever it went (cgroup.kill), and the
         // cgroup itself.
         drop(build.cgroup.take());
-        let _ = build.child.try_wait();
+        build.processes.drain();
+        let sandboxed = build.root.is_some();
         if let Some(root) = build.root.take() {
             self.pool.recycle(root);
         }
@@ -433,7 +441,11 @@ impl Builder for LocalBuilder {
             let _ = fs::set_permissions(&build.build_dir, fs::Permissions::from_mode(0o755));
             return Ok(Some(build.build_dir));
         }
-        firn_store::canonical::delete_path(&build.build_dir).map_err(io_err(&build.build_dir))?;
+        match sandboxed {
+            true => self.build_dirs.give_back(&build.build_dir),
+            false => firn_store::canonical::delete_path(&build.build_dir),
+        }
+        .map_err(io_err(&build.build_dir))?;
         Ok(None)
     }
 }
@@ -520,7 +532,7 @@ fn spawn(
         fs::create_dir_all(store_dir).map_err(io_err(Path::new(store_dir)))?;
     }
     let mode = match setup {
-        Some(setup) => ExecMode::Sandbox(Box::new(setup)),
+        Some(setup) => ExecMode::Sandbox(Box::new(setup), exec_args(plan, builtin)?),
         None => ExecMode::Unsandboxed(Unsandboxed {
             private_mounts: is_root,
             store_bind,
@@ -538,6 +550,33 @@ fn spawn(
     Ok((child, reader))
 }
 
+/// The builder's `execve` arguments, as `cmd` has them: the program (not searched in
+/// `PATH`, as Nix's `execve`), its arguments (`argv[0]` the program if there are none),
+/// the environment.
+fn exec_args(plan: &BuildPlan, builtin: Option<&BuiltinExec>) -> Result<sys::ExecArgs, ExecError> {
+    let (program, argv): (&[u8], Vec<&[u8]>) = match builtin {
+        Some(b) => (
+            b.program.as_os_str().as_bytes(),
+            b.argv.iter().map(|a| a.as_bytes()).collect(),
+        ),
+        None => (&plan.program, plan.argv.iter().map(Vec::as_slice).collect()),
+    };
+    let program = cstring(program)?;
+    let mut args = argv
+        .into_iter()
+        .map(cstring)
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.is_empty() {
+        args.push(program.clone());
+    }
+    let env = plan
+        .env
+        .iter()
+        .map(|(k, v)| cstring(&[k.as_slice(), b"=", v.as_slice()].concat()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(sys::ExecArgs::new(program, args, env))
+}
+
 /// What the forked child does before it execs the builder ([`sys::run_before_exec`]
 /// runs [`BeforeExec::run`]): system calls on data prepared before the fork, no
 /// allocation, no locks.
@@ -552,8 +591,8 @@ pub(crate) struct BeforeExec {
 /// Where the builder goes.
 #[derive(Debug)]
 pub(crate) enum ExecMode {
-    /// Into the sandbox ([`enter_sandbox`]).
-    Sandbox(Box<SandboxSetup>),
+    /// Into the sandbox ([`enter_sandbox`]), which execs the builder itself.
+    Sandbox(Box<SandboxSetup>, sys::ExecArgs),
     /// `sandbox = false`.
     Unsandboxed(Unsandboxed),
 }
@@ -581,7 +620,7 @@ impl sys::ChildSetup for BeforeExec {
             sys::write_path(procs, b"0")?;
         }
         match &self.mode {
-            ExecMode::Sandbox(setup) => enter_sandbox(forked, setup),
+            ExecMode::Sandbox(setup, exec) => enter_sandbox(forked, setup, exec),
             ExecMode::Unsandboxed(u) => {
                 if u.private_mounts {
                     enter_private_mount_namespace(u.store_bind.as_ref())?;

@@ -9,15 +9,18 @@
 //!
 //! - [`local::LocalBuilder`]: this machine, in the sandbox ([`sandbox`]) or, with
 //!   `sandbox = false`, as a build user in a private mount namespace;
+//! - `processes` (crate-private): the processes of a local build firn waits for;
 //! - `sys` (crate-private): every `unsafe` of the crate, the system calls made
 //!   between fork and exec as small safe wrappers;
 //! - tests use a fake builder (`crates/build/tests/worker.rs`), so the goal and worker
 //!   logic is tested without root.
 
+pub mod build_dirs;
 pub mod build_user;
 pub mod cgroup;
 pub mod error;
 pub mod local;
+mod processes;
 pub mod sandbox;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
@@ -33,7 +36,7 @@ use firn_derivation::{Derivation, OutputName, StorePath};
 use crate::plan::BuildPlan;
 use crate::recursive::AllowedPaths;
 
-pub use build_user::{AcquiredUser, BuildUser};
+pub use build_user::{AcquiredUser, BuildUser, BuildUsers};
 pub use error::ExecError;
 
 /// A `sandbox-paths` entry: a host path mounted read-only into the sandbox.
@@ -134,6 +137,12 @@ pub trait RunningBuild {
     fn build_dir(&self) -> &Path;
     /// What the build used (CPU, memory) and which limit it hit, where a cgroup told.
     fn usage(&self) -> Option<cgroup::Usage> {
+        None
+    }
+    /// Once it has exited unsuccessfully: whether the builder never started — its
+    /// sandbox could not be set up or its exec failed, found out after `start`
+    /// returned (the sandbox sets up while firn goes on).
+    fn start_failure(&mut self) -> Option<ExecError> {
         None
     }
 }

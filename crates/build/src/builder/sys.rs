@@ -106,33 +106,22 @@ pub(crate) fn waitpid_raw(pid: Pid) -> Result<c_int, Errno> {
     Errno::result(rc).map(|_| status)
 }
 
-/// The shim's end: close every descriptor above stderr, wait for `child` (retrying on
-/// `EINTR`; `_exit(1)` if waiting fails) and leave the way it left — its exit code, or
-/// its signal re-raised on this process with the default action (`_exit(128 + sig)` if
-/// that did not end it).
-pub(crate) fn close_fds_wait_and_exit_like(child: Pid) -> ! {
-    // SAFETY: `close_range` on descriptor numbers. Closing descriptors that Rust objects
-    // may still own is sound here because this process never returns into Rust code
-    // that could use them: it only waits and exits.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    let status = loop {
-        match waitpid_raw(child) {
-            Ok(status) => break status,
+/// `waitpid(-pgid)`: a child of this process in the process group `pgid` that has
+/// exited, and its raw status; without `block`, `Ok(None)` if none has yet. `ECHILD`
+/// once none is left. Retried on `EINTR`.
+pub(crate) fn wait_group(pgid: Pid, block: bool) -> Result<Option<(Pid, c_int)>, Errno> {
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a live local the kernel writes an int to.
+        let rc = unsafe { libc::waitpid(-pgid.as_raw(), &mut status, flags) };
+        match Errno::result(rc) {
+            Ok(0) => return Ok(None),
+            Ok(pid) => return Ok(Some((Pid::from_raw(pid), status))),
             Err(Errno::EINTR) => continue,
-            Err(_) => exit(1),
+            Err(e) => return Err(e),
         }
-    };
-    if libc::WIFEXITED(status) {
-        exit(libc::WEXITSTATUS(status));
     }
-    let sig = libc::WTERMSIG(status);
-    // SAFETY: `SIG_DFL` installs no handler; `kill` on our own pid with a number the
-    // kernel gave us.
-    unsafe {
-        libc::signal(sig, libc::SIG_DFL);
-        libc::kill(libc::getpid(), sig);
-    }
-    exit(128 + sig)
 }
 
 /// Kill every process of `uid` (Nix's `killUser`): a forked child becomes `uid` and
@@ -167,6 +156,85 @@ pub(crate) fn cloexec_fds_above_stderr() {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
         }
+    }
+}
+
+/// Close every descriptor above stderr but those in `keep` (`close_range` over the gaps;
+/// `keep` need not be sorted and may hold at most 8 descriptors, the rest are ignored).
+pub(crate) fn close_fds_except(keep: &[RawFd]) {
+    let mut sorted = [RawFd::MAX; 8];
+    let n = keep.len().min(sorted.len());
+    sorted[..n].copy_from_slice(&keep[..n]);
+    sorted[..n].sort_unstable();
+    let mut from: u32 = 3;
+    for &fd in &sorted[..n] {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd >= from {
+            if fd > from {
+                // SAFETY: closes descriptor numbers; the process that calls this never
+                // returns into Rust code that owns them (it execs or exits).
+                unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+            }
+            from = fd + 1;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
+/// A program, its arguments and its environment as `execve(2)` takes them, made before
+/// the fork so that the child only makes the call.
+pub(crate) struct ExecArgs {
+    path: std::ffi::CString,
+    /// Owns what `argv` and `envp` point to.
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into the heap buffers of `_strings`, owned by the same
+// value and never changed or freed while it lives; they are only read (by `execve`).
+unsafe impl Send for ExecArgs {}
+// SAFETY: as for `Send`: nothing is ever written through the pointers.
+unsafe impl Sync for ExecArgs {}
+
+impl std::fmt::Debug for ExecArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecArgs")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExecArgs {
+    pub(crate) fn new(
+        path: std::ffi::CString,
+        argv: Vec<std::ffi::CString>,
+        envp: Vec<std::ffi::CString>,
+    ) -> Self {
+        let ptrs = |v: &[std::ffi::CString]| {
+            let mut p: Vec<*const libc::c_char> = v.iter().map(|s| s.as_ptr()).collect();
+            p.push(std::ptr::null());
+            p
+        };
+        let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
+        let mut strings = argv;
+        strings.extend(envp);
+        Self {
+            path,
+            _strings: strings,
+            argv: argv_ptrs,
+            envp: envp_ptrs,
+        }
+    }
+
+    /// `execve`: returns only if it failed, with why.
+    pub(crate) fn exec(&self) -> Errno {
+        // SAFETY: `path` is a C string; `argv` and `envp` are null-terminated arrays of
+        // pointers to C strings this value owns (moving a `CString` into `_strings`
+        // does not move its buffer).
+        unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+        Errno::last()
     }
 }
 

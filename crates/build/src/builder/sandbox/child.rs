@@ -5,8 +5,12 @@
 //! 1. drop the supplementary groups (only root can; for anyone else `setgroups deny`
 //!    hides them) — `drop_supplementary_groups`;
 //! 2. clone the builder into new user, mount, PID, IPC, UTS and (unless fixed-output)
-//!    network namespaces; the shim left outside writes the id maps, releases the builder
-//!    and waits for it — `clone_builder`, `run_shim`, `write_id_maps`;
+//!    network namespaces, as a child of firn's (`CLONE_PARENT`); the shim left outside
+//!    writes the id maps, releases the builder and exits — `clone_builder`, `run_shim`,
+//!    `write_id_maps`. firn waits for both (they are its children, in the process group
+//!    the shim leads); the shim, gone at once, does not keep a copy-on-write image of
+//!    firn's memory alive for the whole build (every page firn wrote meanwhile would be
+//!    copied);
 //! 3. in the builder: make `/` private, bind the root onto itself, mount the overlay of
 //!    the store dir (if planned), bind the inputs and sandbox paths (read-only ones
 //!    remounted), mount `/proc` and mask it, a tmpfs on `/dev/shm`, a new devpts —
@@ -19,8 +23,14 @@
 //!    `no_new_privs` and the seccomp filter — `limit_process`,
 //!    `drop_to_sandbox_ids`, `install_seccomp`.
 //!
-//! A failing step writes its `Step::message` on the step pipe (the parent turns it into
-//! the error message) and the child fails with the step's errno.
+//! 6. exec the builder itself (`ExecArgs`). `Command::spawn` returns as soon as the
+//!    forked child has closed its exec-report pipe, its first step, so firn goes on with
+//!    other builds while this one sets up.
+//!
+//! A failing step (the exec included) writes its errno (4 bytes, little-endian) and its
+//! `Step::message` on the step pipe in one write, and the process exits 1; the parent
+//! reads it once the build has exited and turns it into the error
+//! ([`read_step_failure`]).
 //!
 //! Everything the child does after the fork is a system call through
 //! `crate::builder::sys` on data prepared before it (C strings, the seccomp program):
@@ -104,6 +114,7 @@ pub(crate) enum Step {
     BecomeSandboxIds,
     SetNoNewPrivs,
     InstallSeccomp,
+    Exec,
 }
 
 impl Step {
@@ -132,6 +143,7 @@ impl Step {
             Step::BecomeSandboxIds => "becoming uid 1000, gid 100",
             Step::SetNoNewPrivs => "setting no_new_privs",
             Step::InstallSeccomp => "installing the seccomp filter",
+            Step::Exec => "executing the builder",
         }
     }
 }
@@ -164,16 +176,51 @@ impl<T> At<T> for Result<T, Errno> {
 /// build user) and ordinary users (mapping to themselves). A namespace that cannot be
 /// created is an error: there is no silent unsandboxed fallback (Nix #8165).
 ///
-/// A failing step names itself on `s.step_fd`; the error is its errno.
-pub(crate) fn enter_sandbox(forked: &Forked, s: &SandboxSetup) -> io::Result<()> {
-    set_up(forked, s).map_err(|e| {
-        let _ = sys::write_raw(s.step_fd, e.step.message().as_bytes());
-        io::Error::from(e.errno)
-    })
+/// The builder then execs `exec` itself. A failing step (or exec) is reported on
+/// `s.step_fd` and the process exits 1.
+pub(crate) fn enter_sandbox(forked: &Forked, s: &SandboxSetup, exec: &sys::ExecArgs) -> ! {
+    let failed = match set_up(forked, s) {
+        Ok(()) => StepError {
+            step: Step::Exec,
+            errno: exec.exec(),
+        },
+        Err(e) => e,
+    };
+    report(s.step_fd, failed);
+    sys::exit(1)
+}
+
+/// `failed` on the step pipe: its errno (4 bytes, little-endian) and its message, in one
+/// write (shorter than `PIPE_BUF`, so never mixed with another's).
+fn report(fd: i32, failed: StepError) {
+    let mut buf = [0u8; 128];
+    let message = failed.step.message().as_bytes();
+    let n = (4 + message.len()).min(buf.len());
+    buf[..4].copy_from_slice(&(failed.errno as i32).to_le_bytes());
+    buf[4..n].copy_from_slice(&message[..n - 4]);
+    let _ = sys::write_raw(fd, &buf[..n]);
+}
+
+/// What a sandboxed build's set-up reported on the step pipe (all of it, read once the
+/// build has exited, or after a failed spawn): the step that failed and its errno, if
+/// one did. `Step::Exec` is the exec of the builder.
+pub(crate) fn read_step_failure(data: &[u8]) -> Option<(String, io::Error)> {
+    let errno = i32::from_le_bytes(data.get(..4)?.try_into().ok()?);
+    let message = String::from_utf8_lossy(&data[4..]).into_owned();
+    Some((message, io::Error::from_raw_os_error(errno)))
+}
+
+/// Whether a step message from [`read_step_failure`] is the exec of the builder.
+pub(crate) fn is_exec_step(message: &str) -> bool {
+    message == Step::Exec.message()
 }
 
 /// The steps, in order; returns only in the builder (the shim exits in `run_shim`).
 fn set_up(forked: &Forked, s: &SandboxSetup) -> Result<(), StepError> {
+    // Among the descriptors closed is the pipe on which `Command::spawn` waits: it
+    // returns now, not when the builder has set up and exec'd. The standard ones are
+    // the builder's (`/dev/null` and the log pipe); the step pipe reports failures.
+    sys::close_fds_except(&[s.step_fd]);
     drop_supplementary_groups();
     clone_builder(forked, s)?;
     make_mounts_private()?;
@@ -204,7 +251,8 @@ fn drop_supplementary_groups() {
 /// once the shim has written them.
 fn clone_builder(forked: &Forked, s: &SandboxSetup) -> Result<(), StepError> {
     let (sync_read, sync_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).at(Step::MakePipe)?;
-    let mut flags = CloneFlags::CLONE_NEWUSER
+    let mut flags = CloneFlags::CLONE_PARENT
+        | CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
@@ -218,7 +266,7 @@ fn clone_builder(forked: &Forked, s: &SandboxSetup) -> Result<(), StepError> {
             Err(run_shim(builder, sync_write, s))
         }
         Cloned::Child => {
-            // PID 1 of the new namespaces: it dies with the shim, everything else with it.
+            // PID 1 of the new namespaces: it dies with firn, everything else with it.
             drop(sync_write);
             prctl::set_pdeathsig(Signal::SIGKILL).at(Step::SetParentDeathSignal)?;
             // Wait for the id maps; EOF means the shim failed (and said why) or died.
@@ -232,22 +280,16 @@ fn clone_builder(forked: &Forked, s: &SandboxSetup) -> Result<(), StepError> {
     }
 }
 
-/// The shim, outside the builder's namespaces: write its id maps, release it, wait for
-/// it and leave the same way. Returns only if the maps could not be written (the
-/// builder is then killed and reaped).
+/// The shim, outside the builder's namespaces: write its id maps, release it and exit
+/// 0. Returns only if the maps could not be written (the builder is then killed; firn,
+/// its parent, reaps it).
 fn run_shim(builder: Pid, release: OwnedFd, s: &SandboxSetup) -> StepError {
     if let Err(e) = write_id_maps(builder, s) {
         let _ = kill(builder, Signal::SIGKILL);
-        let _ = sys::waitpid_raw(builder);
         return e;
     }
     let _ = nix::unistd::write(release.as_fd(), b"1");
-    drop(release);
-    // It closes every descriptor but the standard ones first: among them is the pipe
-    // on which `Command::spawn` waits for the exec, which must not stay open for the
-    // whole build (firn would not read the log meanwhile and the builder would block
-    // on a full pipe).
-    sys::close_fds_wait_and_exit_like(builder)
+    sys::exit(0)
 }
 
 /// `setgroups deny`, then `1000 <uid> 1` and `100 <gid> 1` (Nix's maps).
@@ -474,6 +516,7 @@ mod tests {
             (Step::BecomeSandboxIds, "becoming uid 1000, gid 100"),
             (Step::SetNoNewPrivs, "setting no_new_privs"),
             (Step::InstallSeccomp, "installing the seccomp filter"),
+            (Step::Exec, "executing the builder"),
         ];
         for (step, message) in all {
             assert_eq!(step.message(), message, "{step:?}");
