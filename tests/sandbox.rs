@@ -704,6 +704,58 @@ fn a_reused_root_shows_each_build_only_its_own_inputs() {
     remove(&root);
 }
 
+/// A sandboxed build's directory is reused by the next sandboxed build of the run, but
+/// what the last builder left in it (and its mode) does not come along, and no build
+/// directory is left once the run is over.
+#[test]
+fn a_reused_build_directory_comes_empty_and_private() {
+    if !can_build() {
+        return;
+    }
+    let root = tempdir("reused-build-dir");
+    let tmp = root.join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let probe = "echo \"$(ls -A /build | tr '\\n' ' ')|$(stat -c '%a %u' /build)\" >> $out";
+    let first = busybox_drv(
+        &root,
+        "first",
+        &format!("{probe}; echo junk > /build/junk; mkdir /build/d; chmod 777 /build"),
+        &[],
+        &[],
+    );
+    let second = busybox_drv(&root, "second", probe, &[], &[&first]);
+    let out = firn_command()
+        .args(["--store", root.to_str().unwrap()])
+        .args([
+            "--option",
+            "sandbox-paths",
+            "/bin/busybox",
+            "realise",
+            "-j1",
+            &second,
+        ])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = fs::read_to_string(real(&root, &out.stdout)).unwrap();
+    assert_eq!(got, "|700 1000\n", "what the second build saw in /build");
+    let first_out = ok(firn_at(&root, &["query", "--outputs", &first], None));
+    let got = fs::read_to_string(real(&root, first_out.as_bytes())).unwrap();
+    assert_eq!(got, "|700 1000\n", "what the first build saw in /build");
+    let left: Vec<_> = fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    remove(&root);
+}
+
 /// No core dumps in the sandbox even where firn's hard limit on them is finite (Nix
 /// 2.8's `setrlimit(RLIMIT_CORE, {0, RLIM_INFINITY})` fails as a whole there, so its
 /// builders keep the caller's limit).
