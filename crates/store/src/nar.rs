@@ -56,6 +56,8 @@ const MAX_TOKEN_LEN: usize = 16;
 /// Size of the output buffer of [`dump_path`] (framing and file contents go through it,
 /// so the sink sees few, large writes).
 const DUMP_BUF_SIZE: usize = 256 * 1024;
+/// The buffer a dump starts with ([`NarWriter::new`]).
+const SMALL_BUF_SIZE: usize = 8 * 1024;
 
 /// Size of the input buffer of [`parse`].
 const READ_BUF_SIZE: usize = 256 * 1024;
@@ -244,12 +246,26 @@ struct NarWriter<S: BufSink> {
 }
 
 impl<S: BufSink> NarWriter<S> {
+    /// Starts with a small buffer: most NARs dumped (a build's output to scan, a `.drv`)
+    /// are a few KiB, and a 256 KiB buffer per dump was a fresh allocation, its page
+    /// faults and its free every time. It becomes a full one when it first fills up.
     fn new(sink: S) -> Self {
         Self {
             sink,
-            buf: new_buffer(),
+            buf: vec![0; SMALL_BUF_SIZE].into_boxed_slice(),
             len: 0,
         }
+    }
+
+    /// Make room in the buffer: grow the small first buffer, or pass a full one on.
+    fn make_room(&mut self) -> Result<(), NarError> {
+        if self.buf.len() < DUMP_BUF_SIZE {
+            let mut big = new_buffer();
+            big[..self.len].copy_from_slice(&self.buf[..self.len]);
+            self.buf = big;
+            return Ok(());
+        }
+        self.flush_buf()
     }
 
     fn flush_buf(&mut self) -> Result<(), NarError> {
@@ -264,7 +280,7 @@ impl<S: BufSink> NarWriter<S> {
     fn put(&mut self, mut data: &[u8]) -> Result<(), NarError> {
         while !data.is_empty() {
             if self.len == self.buf.len() {
-                self.flush_buf()?;
+                self.make_room()?;
             }
             let n = data.len().min(self.buf.len() - self.len);
             self.buf[self.len..self.len + n].copy_from_slice(&data[..n]);
@@ -300,7 +316,7 @@ impl<S: BufSink> NarWriter<S> {
         let mut left = size;
         while left > 0 {
             if self.len == self.buf.len() {
-                self.flush_buf()?;
+                self.make_room()?;
             }
             let want = (self.buf.len() - self.len).min(usize::try_from(left).unwrap_or(usize::MAX));
             match file.read(&mut self.buf[self.len..self.len + want]) {
