@@ -12,7 +12,7 @@
 //! Rows of one registration are inserted in store-path order, references after all
 //! paths, as Nix does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -542,31 +542,73 @@ impl Database {
         let sql = if referrers {
             "with recursive closure(id) as (select id from ValidPaths where path = ?1
                union select referrer from Refs join closure on Refs.reference = closure.id)
-             select closure.id, v.path, Refs.reference from closure
-               join ValidPaths v on v.id = closure.id
-               left join Refs on Refs.referrer = closure.id"
+             select id from closure"
         } else {
             "with recursive closure(id) as (select id from ValidPaths where path = ?1
                union select reference from Refs join closure on Refs.referrer = closure.id)
-             select closure.id, v.path, Refs.reference from closure
-               join ValidPaths v on v.id = closure.id
-               left join Refs on Refs.referrer = closure.id"
+             select id from closure"
         };
-        let mut members: HashMap<i64, (String, Vec<i64>)> = HashMap::new();
+        let mut closure: HashSet<i64> = HashSet::new();
         let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         for p in paths {
             let mut rows = stmt.query([self.display(p)]).map_err(|e| self.err(e))?;
             while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+                closure.insert(row.get(0).map_err(|e| self.err(e))?);
+            }
+        }
+        // Each member's path and references: for a closure that is a good part of the
+        // store, one pass over each table costs less than a lookup per member (a
+        // closure of 19,000 of 20,000 paths: about half the time).
+        let max_id: i64 = self
+            .conn
+            .query_row("select coalesce(max(id), 0) from ValidPaths", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))?;
+        let mut members: HashMap<i64, (String, Vec<i64>)> = HashMap::new();
+        if (closure.len() as i64).saturating_mul(8) > max_id {
+            let mut all = self
+                .conn
+                .prepare_cached("select id, path from ValidPaths")
+                .map_err(|e| self.err(e))?;
+            let mut rows = all.query([]).map_err(|e| self.err(e))?;
+            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
                 let id: i64 = row.get(0).map_err(|e| self.err(e))?;
-                let reference: Option<i64> = row.get(2).map_err(|e| self.err(e))?;
-                let entry = match members.entry(id) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let path: String = row.get(1).map_err(|e| self.err(e))?;
-                        v.insert((path, Vec::new()))
-                    }
-                };
-                entry.1.extend(reference);
+                if closure.contains(&id) {
+                    members.insert(id, (row.get(1).map_err(|e| self.err(e))?, Vec::new()));
+                }
+            }
+            let mut refs = self
+                .conn
+                .prepare_cached("select referrer, reference from Refs")
+                .map_err(|e| self.err(e))?;
+            let mut rows = refs.query([]).map_err(|e| self.err(e))?;
+            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+                let referrer: i64 = row.get(0).map_err(|e| self.err(e))?;
+                if let Some(m) = members.get_mut(&referrer) {
+                    m.1.push(row.get(1).map_err(|e| self.err(e))?);
+                }
+            }
+        } else {
+            let mut one = self
+                .conn
+                .prepare_cached(
+                    "select v.path, Refs.reference from ValidPaths v
+                       left join Refs on Refs.referrer = v.id where v.id = ?1",
+                )
+                .map_err(|e| self.err(e))?;
+            for &id in &closure {
+                let mut rows = one.query([id]).map_err(|e| self.err(e))?;
+                while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+                    let reference: Option<i64> = row.get(1).map_err(|e| self.err(e))?;
+                    let entry = match members.entry(id) {
+                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert((row.get(0).map_err(|e| self.err(e))?, Vec::new()))
+                        }
+                    };
+                    entry.1.extend(reference);
+                }
             }
         }
         let mut ids: Vec<(i64, String, Vec<i64>)> =
@@ -839,6 +881,40 @@ mod tests {
             .query_row("pragma journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A closure's graph is the same whichever way its members are read: one lookup per
+    /// member (a small part of the store) or one pass over each table (a large part).
+    #[test]
+    fn closure_graph_of_a_small_and_a_large_part_of_the_store() {
+        let (dir, mut db) = tmpdb("graph");
+        // C references B and A, B references A and itself; 40 unrelated paths make the
+        // closure of B (2 paths) a small part of the store.
+        let others: Vec<String> = (0..40)
+            .map(|i| format!("{:02}k42s8j7kqg82l6ncz33d8xx332vz9f-other", 10 + i))
+            .collect();
+        let mut regs = vec![info(C, &[B, A]), info(B, &[A, B]), info(A, &[])];
+        regs.extend(others.iter().map(|o| info(o, &[])));
+        db.register_valid_paths(&regs).unwrap();
+        let small = db.query_closure_graph(&[sp(B)], false).unwrap();
+        assert_eq!(small.paths, [sp(A), sp(B)]);
+        assert_eq!(small.references, [vec![], vec![0]]);
+        let referrers = db.query_closure_graph(&[sp(A)], true).unwrap();
+        assert_eq!(referrers.paths, [sp(A), sp(B), sp(C)]);
+        assert_eq!(referrers.references, [vec![], vec![0], vec![0, 1]]);
+        // Most of the store: the closure of every path.
+        let all: Vec<StorePath> = regs.iter().map(|r| r.info.path.clone()).collect();
+        let large = db.query_closure_graph(&all, false).unwrap();
+        assert_eq!(large.paths.len(), 43);
+        let at = |p: &str| large.paths.iter().position(|x| *x == sp(p)).unwrap();
+        assert_eq!(large.references[at(C)], {
+            let mut r = vec![at(A), at(B)];
+            r.sort_unstable();
+            r
+        });
+        assert_eq!(large.references[at(B)], [at(A)]);
+        assert!(large.references[at(A)].is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
