@@ -178,8 +178,8 @@ impl<'s, B: Builder> Worker<'s, B> {
     /// When neither can ever come (`max-jobs = 0` and no usable machine), the goal is
     /// let through to fail with the reason. (Not letting waiters through while every
     /// slot is taken keeps them from taking their locks only to wait again.)
-    fn may_start(&self) -> bool {
-        self.local_running() < self.settings.max_jobs.0
+    fn may_start(&self, local_running: usize) -> bool {
+        local_running < self.settings.max_jobs.0
             || self.dispatcher.any_free()
             || (self.settings.max_jobs.0 == 0 && !self.dispatcher.any_usable())
     }
@@ -299,9 +299,11 @@ impl<'s, B: Builder> Worker<'s, B> {
         let Some(mut goal) = self.goals.remove(key) else {
             return;
         };
-        let may_start = self.may_start();
+        // One pass over the goals for both (this runs for every step of every goal).
+        let local_running = self.local_running();
+        let may_start = self.may_start(local_running);
         let next = {
-            let local_slot_free = self.local_running() < self.settings.max_jobs.0;
+            let local_slot_free = local_running < self.settings.max_jobs.0;
             let Self {
                 store,
                 settings,
@@ -357,7 +359,7 @@ impl<'s, B: Builder> Worker<'s, B> {
             }
             Next::Slot => {
                 // Try now if a slot is free (straight from its inputs), else wait.
-                if self.may_start() {
+                if self.may_start(self.local_running()) {
                     self.ready.insert(key_of(key));
                 } else {
                     self.waiting_for_slot.insert(key_of(key));
