@@ -447,29 +447,62 @@ fn time_and_log_limits_kill_the_build() {
 }
 
 /// A builder that closes its output and goes on working is waited for (Nix 2.8 kills it
-/// on EOF, #2176).
+/// on EOF, #2176), in the sandbox and out of it, and firn does not spin meanwhile: its
+/// output's end is always readable, so the worker stops polling it and looks at the
+/// build on a timer.
 #[test]
 fn builder_closing_its_output_is_not_killed() {
     if !can_build() {
         return;
     }
-    let root = tempdir("eof");
-    let d = busybox_drv(
-        &root,
-        "closes-output",
-        "echo bye; exec >&- 2>&-; sleep 1; echo done > $out",
-        &[],
-    );
-    let out = firn(&root, &["realise", &d], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8(out.stdout).unwrap();
-    let dump = firn(&root, &["dump", path.trim()], None);
-    assert!(String::from_utf8_lossy(&dump.stdout).contains("done"));
-    remove(&root);
+    for sandbox in ["false", "true"] {
+        let root = tempdir(&format!("eof-{sandbox}"));
+        let d = busybox_drv(
+            &root,
+            "closes-output",
+            "echo bye; exec >&- 2>&-; sleep 1; echo done > $out",
+            &[],
+        );
+        let mut child = firn_command()
+            .args(["--store", root.to_str().unwrap()])
+            .args(["--option", "sandbox", sandbox])
+            .args(["--option", "sandbox-paths", "/bin/busybox", "realise", &d])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // firn's own CPU time (utime + stime, in USER_HZ = 100 ticks a second), read
+        // until it exits: a worker polling the ended output would use about the whole
+        // second of the builder's sleep.
+        let stat = format!("/proc/{}/stat", child.id());
+        let mut ticks = 0u64;
+        while child.try_wait().unwrap().is_none() {
+            if let Ok(text) = fs::read_to_string(&stat) {
+                let fields: Vec<&str> = text
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .collect();
+                ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "sandbox {sandbox}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            ticks < 40,
+            "sandbox {sandbox}: firn used {ticks} ticks of CPU"
+        );
+        let path = String::from_utf8(out.stdout).unwrap();
+        let dump = firn(&root, &["dump", path.trim()], None);
+        assert!(String::from_utf8_lossy(&dump.stdout).contains("done"));
+        remove(&root);
+    }
 }
 
 /// Every case of nix-2.8-vectors, built in the sandbox with busybox as /bin/sh (as the

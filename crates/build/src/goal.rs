@@ -29,7 +29,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use firn_derivation::{Derivation, DerivationOutput, OutputName, StorePath};
 use firn_store::lock::PathLocks;
@@ -280,8 +280,8 @@ pub struct Build<R> {
     valid: BTreeSet<OutputName>,
     /// Unsandboxed, valid outputs are built at a fallback path: output → that path.
     redirected: BTreeMap<OutputName, StorePath>,
-    /// End of file on the builder's output.
-    eof: bool,
+    /// When end of file on the builder's output was seen.
+    eof: Option<Instant>,
     /// A recursive-Nix build's private daemon.
     recursive: Option<RunningRecursive>,
 }
@@ -379,6 +379,9 @@ pub struct DerivationGoal<R> {
     pub given: Option<Box<Derivation<'static>>>,
 }
 
+/// How long a build's output is polled after its end ([`DerivationGoal::log_fd`]).
+pub const EOF_POLL: Duration = Duration::from_millis(5);
+
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -437,9 +440,18 @@ impl<R: RunningBuild> DerivationGoal<R> {
     }
 
     /// The descriptor of the running build's log, to poll.
+    /// The descriptor to poll for the build's output, if there is one to wait on. Once
+    /// the output is at its end (always readable), it is polled only for
+    /// [`EOF_POLL`]: the builder's exit usually follows at once (it closes its
+    /// descriptors before it can be reaped); a builder that closed its output and
+    /// goes on working is then looked at on the worker's short timer instead of
+    /// keeping it busy.
     pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         match &self.state {
-            GoalState::Building { build, .. } => Some(build.running.log_fd()),
+            GoalState::Building { build, .. } => match build.eof {
+                Some(at) if at.elapsed() > EOF_POLL => None,
+                _ => Some(build.running.log_fd()),
+            },
             GoalState::BuildingRemotely { build, .. } => Some(build.log_fd()),
             _ => None,
         }
@@ -1018,7 +1030,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 start_time: unix_now(),
                 valid: s.valid,
                 redirected: s.redirected,
-                eof: false,
+                eof: None,
                 recursive: s.recursive,
             }),
             Err(e) => {
@@ -1200,15 +1212,15 @@ impl<R: RunningBuild> DerivationGoal<R> {
         // On the stack: a heap buffer per call cost a fresh allocation, its page faults
         // and its free for every read of every build's output.
         let mut buf = [0u8; 65536];
-        if readable && !build.eof {
+        if readable && build.eof.is_none() {
             match build.running.read_log(&mut buf) {
-                Ok(0) => build.eof = true,
+                Ok(0) => build.eof = Some(Instant::now()),
                 Ok(n) => {
                     let data = &buf[..n];
                     let _ = build.log.write(data);
                     cx.events.build_log(&self.drv_path, data);
                 }
-                Err(_) => build.eof = true,
+                Err(_) => build.eof = Some(Instant::now()),
             }
         }
         if let Some(e) = limit_hit(&build.log, cx.settings, || sd.display(&self.drv_path)) {
@@ -1222,7 +1234,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
             Err(_) => return Next::Running,
         };
         // Collect what is still in the pipe, then finish.
-        while !build.eof {
+        while build.eof.is_none() {
             let ready = {
                 let fd = build.running.log_fd();
                 let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
@@ -1232,7 +1244,7 @@ impl<R: RunningBuild> DerivationGoal<R> {
                 break;
             }
             match build.running.read_log(&mut buf) {
-                Ok(0) | Err(_) => build.eof = true,
+                Ok(0) | Err(_) => build.eof = Some(Instant::now()),
                 Ok(n) => {
                     let _ = build.log.write(&buf[..n]);
                     cx.events.build_log(&self.drv_path, &buf[..n]);

@@ -475,17 +475,26 @@ impl<'s, B: Builder> Worker<'s, B> {
             .map(|(k, _)| k.clone())
             .collect();
         let ready: Vec<bool> = {
-            let mut fds: Vec<PollFd<'_>> = keys
-                .iter()
-                .filter_map(|k| {
-                    let fd = self.goals.get(k)?.log_fd()?;
-                    Some(PollFd::new(fd, PollFlags::POLLIN))
-                })
-                .collect();
-            let _ = poll(&mut fds, PollTimeout::from(200u16));
-            fds.iter()
-                .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
-                .collect()
+            // Which goal each polled descriptor is; a goal without one (its output
+            // ended, it has not exited yet) is looked at on a short timer.
+            let mut polled: Vec<usize> = Vec::with_capacity(keys.len());
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(keys.len());
+            for (i, k) in keys.iter().enumerate() {
+                if let Some(fd) = self.goals.get(k).and_then(|g| g.log_fd()) {
+                    polled.push(i);
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                }
+            }
+            let timeout: u16 = match fds.len() < keys.len() {
+                true => 10,
+                false => 200,
+            };
+            let _ = poll(&mut fds, PollTimeout::from(timeout));
+            let mut ready = vec![false; keys.len()];
+            for (i, p) in polled.into_iter().zip(&fds) {
+                ready[i] = p.revents().is_some_and(|r| !r.is_empty());
+            }
+            ready
         };
         for (key, readable) in keys.iter().zip(ready) {
             let Some(mut goal) = self.goals.remove(key) else {
