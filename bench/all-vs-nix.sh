@@ -123,28 +123,7 @@ realise_rows big "realise a derivation with a 1 GiB output (registration: scan +
 # --- queries on 20,000 registered paths ----------------------------------------------
 Q=$WORK/q; N=20000
 nix-store --store "$Q" "${NIXS[@]}" --add bench/many.nix > /dev/null
-python3 - "$Q/nix/var/nix/db/db.sqlite" "$N" > "$WORK/ends" <<'PY'
-import hashlib, random, sqlite3, sys
-db, n = sys.argv[1], int(sys.argv[2])
-alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
-def b32(i):
-    v = int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:20], "little")
-    return "".join(alphabet[(v >> (5 * k)) & 31] for k in range(32))
-paths = [f"/nix/store/{b32(i)}-pkg-{i}" for i in range(n)]
-c = sqlite3.connect(db)
-c.execute("pragma journal_mode = wal")
-with c:
-    c.executemany("insert into ValidPaths (path, hash, registrationTime, narSize) values (?, ?, 1, 120)",
-                  [(p, "sha256:" + hashlib.sha256(p.encode()).hexdigest()) for p in paths])
-    ids = {p: i for p, i in c.execute("select path, id from ValidPaths")}
-    rnd = random.Random(42)
-    refs = set()
-    for i in range(1, n):
-        for j in rnd.sample(range(max(0, i - 50), i), min(3, i)):
-            refs.add((ids[paths[i]], ids[paths[j]]))
-    c.executemany("insert into Refs (referrer, reference) values (?, ?)", sorted(refs))
-print(paths[-1]); print(paths[0])
-PY
+python3 bench/query-db.py "$Q/nix/var/nix/db/db.sqlite" "$N" > "$WORK/ends"
 last=$(sed -n 1p "$WORK/ends"); first=$(sed -n 2p "$WORK/ends")
 for q in requisites referrers-closure; do
   p=$last; [ "$q" = referrers-closure ] && p=$first

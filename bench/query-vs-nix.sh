@@ -14,33 +14,7 @@ trap 'rm -rf "$ROOT"' EXIT
 S=(--store "$ROOT" --option substituters '')
 
 nix-store "${S[@]}" --add bench/many.nix > /dev/null   # creates the store and its db
-python3 - "$ROOT/nix/var/nix/db/db.sqlite" "$N" <<'PY'
-import hashlib, random, sqlite3, sys
-db, n = sys.argv[1], int(sys.argv[2])
-alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
-def b32(i):
-    h = hashlib.sha256(str(i).encode()).digest()
-    v = int.from_bytes(h[:20], "little")
-    return "".join(alphabet[(v >> (5 * k)) & 31] for k in range(32))
-paths = [f"/nix/store/{b32(i)}-pkg-{i}" for i in range(n)]
-c = sqlite3.connect(db)
-c.execute("pragma journal_mode = wal")
-with c:
-    c.executemany("insert into ValidPaths (path, hash, registrationTime, narSize) values (?, ?, 1, 120)",
-                  [(p, "sha256:" + hashlib.sha256(p.encode()).hexdigest()) for p in paths])
-    ids = {p: i for p, i in c.execute("select path, id from ValidPaths")}
-    rnd = random.Random(42)
-    refs = set()
-    for i in range(1, n):
-        for j in rnd.sample(range(max(0, i - 50), i), min(3, i)):
-            refs.add((ids[paths[i]], ids[paths[j]]))
-    c.executemany("insert into Refs (referrer, reference) values (?, ?)", sorted(refs))
-print(paths[-1])
-PY
-top=$(python3 -c "
-import hashlib; a='0123456789abcdfghijklmnpqrsvwxyz'; i=$N-1
-v=int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:20],'little')
-print('/nix/store/'+''.join(a[(v>>(5*k))&31] for k in range(32))+'-pkg-'+str(i))")
+top=$(python3 bench/query-db.py "$ROOT/nix/var/nix/db/db.sqlite" "$N" | sed -n 1p)
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 time_ms() { for _ in $(seq "$RUNS"); do local t0 t1; t0=$(date +%s%N); "$@" > /dev/null; t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 )); done | median; }

@@ -475,9 +475,10 @@ fn builder_closing_its_output_is_not_killed() {
         // until it exits: a worker polling the ended output would use about the whole
         // second of the builder's sleep.
         let stat = format!("/proc/{}/stat", child.id());
-        let mut ticks = 0u64;
+        let (mut ticks, mut samples) = (0u64, 0);
         while child.try_wait().unwrap().is_none() {
             if let Ok(text) = fs::read_to_string(&stat) {
+                samples += 1;
                 let fields: Vec<&str> = text
                     .rsplit(')')
                     .next()
@@ -493,6 +494,11 @@ fn builder_closing_its_output_is_not_killed() {
             out.status.success(),
             "sandbox {sandbox}: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        // The build sleeps a second: its CPU time was seen while it ran, not skipped.
+        assert!(
+            samples >= 10,
+            "sandbox {sandbox}: only {samples} samples of firn's CPU"
         );
         assert!(
             ticks < 40,

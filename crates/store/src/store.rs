@@ -588,14 +588,22 @@ impl Store {
         name: &str,
         algo: HashAlgo,
     ) -> Result<ValidPathInfo, StoreError> {
+        let staging = self.new_staging()?;
+        let copied = copy_via_nar_hashing(src, &staging, algo);
+        self.add_staged_recursive(&staging, name, copied)
+    }
+
+    /// A fresh staging entry of the store directory for a recursive add
+    /// (`.add-N.tmp-PID`, which the collector leaves alone while this process lives);
+    /// whatever a dead process left under that name is removed first.
+    fn new_staging(&self) -> Result<PathBuf, StoreError> {
         let n = ADD_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = self
             .layout
             .real_store_dir
             .join(format!(".add-{n}.tmp-{}", std::process::id()));
         delete_path(&staging).map_err(io_err(&staging))?;
-        let copied = copy_via_nar_hashing(src, &staging, algo);
-        self.add_staged_recursive(&staging, name, copied)
+        Ok(staging)
     }
 
     /// `addToStoreFromDump` with recursive ingestion (the daemon's AddToStore of a
@@ -610,12 +618,7 @@ impl Store {
         algo: HashAlgo,
         nar: &mut dyn Read,
     ) -> Result<ValidPathInfo, StoreError> {
-        let n = ADD_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staging = self
-            .layout
-            .real_store_dir
-            .join(format!(".add-{n}.tmp-{}", std::process::id()));
-        delete_path(&staging).map_err(io_err(&staging))?;
+        let staging = self.new_staging()?;
         let mut hashes = TwoHashes {
             sha256: nar::HashSink::new(),
             other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),

@@ -72,17 +72,26 @@ impl BuildUsers {
     /// The first member not locked in `pool` (Nix's `<nixStateDir>/userpool`:
     /// [`firn_store::layout::userpool_dir`]), locked until the user is dropped.
     pub fn acquire(&self, pool: &Path) -> Result<AcquiredUser, ExecError> {
-        fs::create_dir_all(pool).map_err(io_err(pool))?;
-        for &uid in &self.uids {
-            let path = pool.join(uid.to_string());
-            let file = OpenOptions::new()
+        let open = |path: &Path| {
+            OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
-                .open(&path)
-                .map_err(io_err(&path))?;
+                .open(path)
+        };
+        for &uid in &self.uids {
+            let path = pool.join(uid.to_string());
+            // The pool directory is made when it is missing, not looked at every build.
+            let file = match open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    fs::create_dir_all(pool).map_err(io_err(pool))?;
+                    open(&path)
+                }
+                other => other,
+            }
+            .map_err(io_err(&path))?;
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 return Ok(AcquiredUser::Got(BuildUser {
                     uid,
