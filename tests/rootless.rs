@@ -440,3 +440,84 @@ fn store_specs_are_read_as_nix_reads_them() {
     assert!(valid.status.success(), "{}", text(&valid.stderr));
     remove(&dir);
 }
+
+/// An ordinary user's `firn add` gives the tree the store's metadata as it restores it
+/// (no second walk): dirs 0555, files 0444 or 0555, mtime 1, the user's own. A failed
+/// add, stopped after some directories were read-only already, leaves nothing behind
+/// (an ordinary user cannot delete entries of a 0555 directory without making it
+/// writable first).
+#[test]
+fn an_ordinary_users_add_is_canonical_and_a_failed_one_leaves_nothing() {
+    if !can_build() {
+        return;
+    }
+    let home = nobody_home("rootless-add");
+    let store = home.join("st");
+    // "a" (with a subdirectory) is restored, and read-only, before "z/secret" fails
+    // ("m/big" makes sure the end of "a" has reached the restorer by then).
+    let make = "mkdir -p t/a/b t/m t/z && echo 1 > t/a/b/f && echo 2 > t/a/x && ln -s x t/a/l \
+                && printf '#!/bin/sh\\n' > t/a/run && chmod 755 t/a/run \
+                && head -c 3000000 /dev/zero > t/m/big \
+                && echo 3 > t/z/secret && chmod 000 t/z/secret";
+    ok(as_nobody(&home, make, &[], ""));
+    let failed = as_nobody(&home, "./firn --store \"$HOME/st\" add t", &[], "");
+    assert!(!failed.status.success());
+    let err = text(&failed.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("secret") && err.lines().count() == 1,
+        "{err}"
+    );
+    let left: Vec<_> = fs::read_dir(store.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".links")
+        .collect();
+    assert!(left.is_empty(), "a failed add left {left:?}");
+
+    ok(as_nobody(&home, "chmod 644 t/z/secret", &[], ""));
+    let out = as_nobody(&home, "./firn --store \"$HOME/st\" add t", &[], "");
+    let path = ok(out).trim().to_owned();
+    let real = store.join(path.trim_start_matches('/'));
+    let mut seen = 0;
+    for e in walk(&real) {
+        let m = fs::symlink_metadata(&e).unwrap();
+        let at = e.display();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{at}");
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1, 0), "{at}");
+        let mode = m.mode() & 0o7777;
+        if m.is_dir() {
+            assert_eq!(mode, 0o555, "{at}");
+        } else if m.is_file() {
+            let want = if e.ends_with("run") { 0o555 } else { 0o444 };
+            assert_eq!(mode, want, "{at}");
+        }
+        seen += 1;
+    }
+    assert_eq!(
+        seen, 11,
+        "t, a, a/b, a/b/f, a/x, a/l, a/run, m, m/big, z, z/secret"
+    );
+    let verify = as_nobody(
+        &home,
+        "./firn --store \"$HOME/st\" verify --check-contents",
+        &[],
+        "",
+    );
+    assert!(verify.status.success(), "{}", text(&verify.stderr));
+}
+
+/// `root` and everything below it, not following symlinks.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut all = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i].clone();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                all.push(e.unwrap().path());
+            }
+        }
+        i += 1;
+    }
+    all
+}

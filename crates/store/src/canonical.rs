@@ -11,6 +11,27 @@ use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 
+/// What a store restore ([`crate::nar::restore_path_for_store`]) leaves for the caller to do about
+/// the tree's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum RestoredMetadata {
+    /// Modes, times and owner are the store's canonical ones already.
+    Canonical,
+    /// Not known to be canonical (the tree's owner is not this process's user and
+    /// group, e.g. in a set-group-ID directory): run
+    /// [`canonicalise_path_metadata`] over it.
+    NeedsCanonicalising,
+}
+
+/// Canonicalise the tree a store restore left at `path`, unless it did so itself.
+pub fn canonicalise_restored(path: &Path, metadata: RestoredMetadata) -> std::io::Result<()> {
+    match metadata {
+        RestoredMetadata::Canonical => Ok(()),
+        RestoredMetadata::NeedsCanonicalising => canonicalise_path_metadata(path),
+    }
+}
+
 /// Canonicalise `path` and everything below it. Does not follow symlinks.
 pub fn canonicalise_path_metadata(path: &Path) -> std::io::Result<()> {
     // Asked once, not for every file (two syscalls per file of a large tree).

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_derivation::{Hash, HashAlgo, Hasher, StorePath};
 
-use crate::canonical::{canonicalise_path_metadata, delete_path};
+use crate::canonical::{canonicalise_restored, delete_path};
 use crate::content_address::check_content_address;
 use crate::db::{Registration, ValidPathInfo};
 use crate::error::{io_err, StoreError};
@@ -90,7 +90,7 @@ impl Store {
             info: info.clone(),
             tmp: tmp.clone(),
         };
-        nar::restore_path_for_store(&mut reader, &tmp)?;
+        let metadata = nar::restore_path_for_store(&mut reader, &tmp)?;
         let mut rest = [0u8; 1];
         let trailing = reader.read(&mut rest).map_err(io_err(&tmp))?;
         if trailing != 0 {
@@ -114,7 +114,7 @@ impl Store {
         if let Some(ca) = &info.ca {
             check_content_address(&shown, info.path.hash_part(), ca, &tmp)?;
         }
-        canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+        canonicalise_restored(&tmp, metadata).map_err(io_err(&tmp))?;
         self.auto_optimise_path(&tmp)?;
         Ok(staged)
     }

@@ -29,9 +29,9 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -39,6 +39,10 @@ use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use firn_derivation::{Hash, HashAlgo, Hasher};
+use nix::sys::stat::{futimens, utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+use crate::canonical::RestoredMetadata;
 
 /// The first string of every NAR.
 pub const NAR_MAGIC: &[u8] = b"nix-archive-1";
@@ -1001,6 +1005,12 @@ pub trait NarVisitor {
     fn entry_end(&mut self) -> Result<(), NarError> {
         Ok(())
     }
+
+    /// The directory begun by the matching [`NarVisitor::directory`] has no more
+    /// entries.
+    fn directory_end(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
 }
 
 /// A visitor that does nothing: [`validate`].
@@ -1261,6 +1271,7 @@ where
             match &b[..len] {
                 b")" => {
                     dirs.pop();
+                    visitor.directory_end()?;
                     complete = true;
                 }
                 b"entry" => {
@@ -1330,11 +1341,27 @@ struct Restorer {
     path: PathBuf,
     depth: usize,
     file: Option<File>,
-    /// Start each file's write-out as soon as it is complete (for the store, which
-    /// waits for all of it before registering: `durable.rs`).
-    writeback: bool,
-    /// The file being written is large enough for it.
+    destination: Destination,
+    /// The file being written is large enough for its write-out to start at once.
     writeback_this: bool,
+    /// For the store: every node so far was given its canonical metadata as it was
+    /// made, and is owned by this process's user and group (false until the top node
+    /// exists, and for good once it is not).
+    canonical: bool,
+}
+
+/// Where a NAR is restored, which decides what the restorer does beyond creating the
+/// nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// Anywhere (`nix-store --restore`): modes 0644/0755 less the umask, times as made.
+    Anywhere,
+    /// A store object about to be made durable and valid: large files' write-out
+    /// starts as soon as they are written ([`crate::durable::start_writeback`]), and
+    /// each node gets the store's canonical metadata as it is made (files 0444 or
+    /// 0555, directories 0555 once their last entry exists, mtime 1), so that no second
+    /// walk over the tree ([`crate::canonical::canonicalise_path_metadata`]) is needed.
+    Store,
 }
 
 impl Restorer {
@@ -1357,6 +1384,7 @@ impl Restorer {
             match create(&tmp) {
                 Ok(t) => {
                     self.path.clone_from(&tmp);
+                    self.canonical = self.destination == Destination::Store && owned_by_us(&tmp);
                     self.tmp = Some(tmp);
                     return Ok(t);
                 }
@@ -1366,6 +1394,19 @@ impl Restorer {
                 Err(e) => return Err(NarError::io(&tmp)(e)),
             }
         }
+    }
+
+    /// Give the node at the current position the store's canonical mtime (1), not
+    /// following a symlink.
+    fn set_canonical_mtime(&self) -> Result<(), NarError> {
+        utimensat(
+            None,
+            &self.path,
+            &TimeSpec::UTIME_OMIT,
+            &TimeSpec::new(1, 0),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| NarError::io(&self.path)(e.into()))
     }
 
     fn commit(mut self, target: &Path) -> Result<(), NarError> {
@@ -1402,11 +1443,8 @@ impl Drop for Restorer {
     fn drop(&mut self) {
         self.file = None;
         if let Some(tmp) = self.tmp.take() {
-            let _ = match fs::symlink_metadata(&tmp) {
-                Ok(md) if md.is_dir() => fs::remove_dir_all(&tmp),
-                Ok(_) => fs::remove_file(&tmp),
-                Err(_) => Ok(()),
-            };
+            // Directories may be 0555 already (a store restore).
+            let _ = crate::canonical::delete_path(&tmp);
         }
     }
 }
@@ -1416,13 +1454,35 @@ impl NarVisitor for Restorer {
         self.create(|p| DirBuilder::new().mode(0o755).create(p))
     }
 
+    fn directory_end(&mut self) -> Result<(), NarError> {
+        if self.canonical {
+            // All its entries exist: nothing changes it from here on (renaming it
+            // within the store directory touches neither its mode nor its times).
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o555))
+                .map_err(NarError::io(&self.path))?;
+            self.set_canonical_mtime()?;
+        }
+        Ok(())
+    }
+
     fn symlink(&mut self, target: &[u8]) -> Result<(), NarError> {
-        self.create(|p| std::os::unix::fs::symlink(OsStr::from_bytes(target), p))
+        self.create(|p| std::os::unix::fs::symlink(OsStr::from_bytes(target), p))?;
+        if self.canonical {
+            self.set_canonical_mtime()?;
+        }
+        Ok(())
     }
 
     fn file_begin(&mut self, executable: bool, size: u64) -> Result<(), NarError> {
-        self.writeback_this = self.writeback && size >= crate::durable::WRITEBACK_MIN;
-        let mode = if executable { 0o755 } else { 0o644 };
+        let store = self.destination == Destination::Store;
+        self.writeback_this = store && size >= crate::durable::WRITEBACK_MIN;
+        let mode = match (store, executable) {
+            // Read-only from the start: the descriptor is open for writing already.
+            (true, true) => 0o555,
+            (true, false) => 0o444,
+            (false, true) => 0o755,
+            (false, false) => 0o644,
+        };
         let file = self.create(|p| {
             OpenOptions::new()
                 .write(true)
@@ -1431,6 +1491,11 @@ impl NarVisitor for Restorer {
                 .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(p)
         })?;
+        if self.canonical {
+            // The umask may have taken bits away.
+            file.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(NarError::io(&self.path))?;
+        }
         self.file = Some(file);
         Ok(())
     }
@@ -1443,8 +1508,15 @@ impl NarVisitor for Restorer {
     }
 
     fn file_end(&mut self) -> Result<(), NarError> {
-        if let (Some(f), true) = (&self.file, self.writeback_this) {
-            crate::durable::start_writeback(f);
+        if let Some(f) = &self.file {
+            if self.canonical {
+                // After the last write, which would set it again.
+                futimens(f.as_raw_fd(), &TimeSpec::UTIME_OMIT, &TimeSpec::new(1, 0))
+                    .map_err(|e| NarError::io(&self.path)(e.into()))?;
+            }
+            if self.writeback_this {
+                crate::durable::start_writeback(f);
+            }
         }
         self.file = None;
         Ok(())
@@ -1463,6 +1535,15 @@ impl NarVisitor for Restorer {
     }
 }
 
+/// Whether the node just made at `path` belongs to this process's user and group, so
+/// that everything made below it does too (a directory inherits a set-group-ID parent's
+/// group, and then so do its entries).
+fn owned_by_us(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| {
+        m.uid() == nix::unistd::geteuid().as_raw() && m.gid() == nix::unistd::getegid().as_raw()
+    })
+}
+
 /// Restore the NAR read from `input` at `target`, which must not exist.
 ///
 /// The NAR is fully validated as by [`parse`]. The tree is written below a temporary
@@ -1472,22 +1553,31 @@ impl NarVisitor for Restorer {
 /// `O_CREAT|O_EXCL|O_NOFOLLOW` and directories with `mkdir`, never through a symlink.
 /// Executable files get mode 0755, other files 0644, directories 0755 (less the umask).
 pub fn restore_path(input: &mut impl Read, target: &Path) -> Result<(), NarError> {
-    restore_path_with(input, target, false)
+    restore_path_with(input, target, Destination::Anywhere).map(|_| ())
 }
 
-/// [`restore_path`] for content that is going to be made durable (in the store): each
-/// file's write-out to the disk starts as soon as it is written
-/// ([`crate::durable::start_writeback`]), so that the final sync has little left to
-/// wait for.
-pub fn restore_path_for_store(input: &mut impl Read, target: &Path) -> Result<(), NarError> {
-    restore_path_with(input, target, true)
+/// [`restore_path`] for a store object that is going to be made durable and valid
+/// ([`Destination::Store`]): each large file's write-out to the disk starts as soon as
+/// it is written, so that the final sync has little left to wait for, and the nodes get
+/// the store's canonical metadata as they are made. Says whether the tree still needs
+/// [`crate::canonical::canonicalise_path_metadata`].
+pub fn restore_path_for_store(
+    input: &mut impl Read,
+    target: &Path,
+) -> Result<RestoredMetadata, NarError> {
+    let canonical = restore_path_with(input, target, Destination::Store)?;
+    Ok(match canonical {
+        true => RestoredMetadata::Canonical,
+        false => RestoredMetadata::NeedsCanonicalising,
+    })
 }
 
+/// Restore; whether the tree's metadata was made canonical on the way.
 fn restore_path_with(
     input: &mut impl Read,
     target: &Path,
-    writeback: bool,
-) -> Result<(), NarError> {
+    destination: Destination,
+) -> Result<bool, NarError> {
     let invalid = |msg: &str| NarError::Io {
         path: target.to_path_buf(),
         source: io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()),
@@ -1511,11 +1601,14 @@ fn restore_path_with(
         path: PathBuf::new(),
         depth: 0,
         file: None,
-        writeback,
+        destination,
         writeback_this: false,
+        canonical: false,
     };
     parse(input, &mut restorer)?;
-    restorer.commit(target)
+    let canonical = restorer.canonical;
+    restorer.commit(target)?;
+    Ok(canonical)
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use firn_derivation::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::canonical::{canonicalise_path_metadata, delete_path};
+use crate::canonical::{canonicalise_restored, delete_path, RestoredMetadata};
 use crate::db::{Database, Registration, ValidPathInfo, SCHEMA_VERSION};
 use crate::layout::StoreLayout;
 use crate::lock::PathLocks;
@@ -468,7 +468,7 @@ impl Store {
         ca: Option<String>,
         drv_outputs: BTreeMap<String, StorePath>,
         known_nar: Option<(Hash, u64)>,
-        write: impl FnOnce(&Path) -> Result<(), StoreError>,
+        write: impl FnOnce(&Path) -> Result<RestoredMetadata, StoreError>,
     ) -> Result<ValidPathInfo, StoreError> {
         // Before the validity check: from here on no collector deletes the path, so
         // "valid" stays true, and a path we create is never collected half-made.
@@ -487,12 +487,12 @@ impl Store {
         let (real, tmp) = self.clear_for_write(&path)?;
         let mut drv_outputs = drv_outputs;
         let result = (|| {
-            write(&tmp)?;
+            let metadata = write(&tmp)?;
             // Like Nix, a `.drv` is checked and its outputs recorded however it arrives.
             if path.is_derivation() && drv_outputs.is_empty() {
                 drv_outputs = self.checked_drv_outputs(&path, &tmp)?;
             }
-            canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+            canonicalise_restored(&tmp, metadata).map_err(io_err(&tmp))?;
             // A tree restored from a NAR whose hash was taken on the way is that NAR
             // (canonicalisation keeps the execute bits): no second read.
             let (nar_hash, nar_size) = match known_nar {
@@ -628,10 +628,10 @@ impl Store {
             sink: &mut hashes,
         };
         let restored = nar::restore_path_for_store(&mut reader, &staging);
-        let copied = restored.map_err(StoreError::from).map(|()| {
+        let copied = restored.map_err(StoreError::from).map(|metadata| {
             let (nar_hash, nar_size) = hashes.sha256.finish();
             let hash = hashes.other.map_or(nar_hash, |o| o.finish().0);
-            (nar_hash, nar_size, hash)
+            (nar_hash, nar_size, hash, metadata)
         });
         self.add_staged_recursive(&staging, name, copied)
     }
@@ -642,9 +642,9 @@ impl Store {
         &mut self,
         staging: &Path,
         name: &str,
-        copied: Result<(Hash, u64, Hash), StoreError>,
+        copied: Result<(Hash, u64, Hash, RestoredMetadata), StoreError>,
     ) -> Result<ValidPathInfo, StoreError> {
-        let result = copied.and_then(|(nar_hash, nar_size, hash)| {
+        let result = copied.and_then(|(nar_hash, nar_size, hash, metadata)| {
             let fixed = FixedOutputHash {
                 method: FileIngestionMethod::Recursive,
                 hash,
@@ -657,7 +657,11 @@ impl Store {
                 Some(fixed_ca(&fixed)),
                 BTreeMap::new(),
                 Some((nar_hash, nar_size)),
-                move |tmp| fs::rename(&staged, tmp).map_err(io_err(tmp)),
+                move |tmp| {
+                    // Within the store directory: modes and times stay as they are.
+                    fs::rename(&staged, tmp).map_err(io_err(tmp))?;
+                    Ok(metadata)
+                },
             )
         });
         // Renamed into place, or not needed (valid already, or failed).
@@ -692,7 +696,7 @@ impl Store {
                     .open(tmp)
                     .map_err(io_err(tmp))?;
                 f.write_all(contents).map_err(io_err(tmp))?;
-                Ok(())
+                Ok(RestoredMetadata::NeedsCanonicalising)
             },
         )
     }
@@ -751,7 +755,7 @@ impl Store {
                 inner: nar,
                 sink: nar::HashSink::new(),
             };
-            nar::restore_path_for_store(&mut hashing, &tmp)?;
+            let metadata = nar::restore_path_for_store(&mut hashing, &tmp)?;
             let (got, size) = hashing.sink.finish();
             if got != info.nar_hash || size != info.nar_size {
                 return Err(StoreError::NarMismatch {
@@ -767,7 +771,7 @@ impl Store {
                 true => self.checked_drv_outputs(&path, &tmp)?,
                 false => BTreeMap::new(),
             };
-            canonicalise_path_metadata(&tmp).map_err(io_err(&tmp))?;
+            canonicalise_restored(&tmp, metadata).map_err(io_err(&tmp))?;
             self.auto_optimise_path(&tmp)?;
             self.place_durably(&tmp, &real)?;
             Ok(drv_outputs)
@@ -915,7 +919,7 @@ impl Store {
 /// holds (and nothing else: no special files, no modes beyond the exec bit) lands. The
 /// NAR streams through a pipe between two threads, so a tree of any size needs no more
 /// memory than the pipe.
-fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
+fn copy_via_nar(src: &Path, dst: &Path) -> Result<RestoredMetadata, StoreError> {
     let (mut reader, mut writer) = io::pipe().map_err(io_err(src))?;
     std::thread::scope(|scope| {
         let dumper = scope.spawn(move || {
@@ -932,7 +936,7 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<(), StoreError> {
             })
         });
         match (dumped, restored) {
-            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), Ok(metadata)) => Ok(metadata),
             // The reader stopped first: the writer only saw a closed pipe.
             (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),
             // Reading the source failed: that explains the truncated NAR.
@@ -950,7 +954,7 @@ fn copy_via_nar_hashing(
     src: &Path,
     dst: &Path,
     algo: HashAlgo,
-) -> Result<(Hash, u64, Hash), StoreError> {
+) -> Result<(Hash, u64, Hash, RestoredMetadata), StoreError> {
     let mut hashes = TwoHashes {
         sha256: nar::HashSink::new(),
         other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
@@ -959,10 +963,10 @@ fn copy_via_nar_hashing(
         nar::restore_path_for_store(reader, dst)
     });
     match (dumped, restored) {
-        (Ok(()), Ok(())) => {
+        (Ok(()), Ok(metadata)) => {
             let (nar_hash, nar_size) = hashes.sha256.finish();
             let hash = hashes.other.map_or(nar_hash, |o| o.finish().0);
-            Ok((nar_hash, nar_size, hash))
+            Ok((nar_hash, nar_size, hash, metadata))
         }
         // The restorer stopped first: the dumper only saw it gone.
         (Err(NarError::Write { .. }) | Ok(()), Err(r)) => Err(r.into()),

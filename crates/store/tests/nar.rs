@@ -8,12 +8,13 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_derivation::{Hash, StoreDir, StorePath};
+use firn_store::canonical::RestoredMetadata;
 use firn_store::nar::{
     dump_path, dump_path_pipelined, dump_path_split, dump_path_through, dump_path_to_fd, hash_path,
     hash_paths, restore_path, restore_path_for_store, validate, HashSink, NarError, Tee,
@@ -1092,8 +1093,21 @@ fn dump_through_a_reader_restores_the_same_tree_and_stops_cleanly() {
         restore_path_for_store(r, &target)
     });
     dumped.unwrap();
-    restored.unwrap();
+    // Made canonical on the way (this process owns what it creates).
+    assert_eq!(restored.unwrap(), RestoredMetadata::Canonical);
     assert!(dump(&target) == want);
+    let mut pending = vec![target.clone()];
+    while let Some(p) = pending.pop() {
+        let m = fs::symlink_metadata(&p).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1, 0), "{}", p.display());
+        let mode = m.mode() & 0o7777;
+        if m.is_dir() {
+            assert_eq!(mode, 0o555, "{}", p.display());
+            pending.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if m.is_file() {
+            assert!(mode == 0o444 || mode == 0o555, "{}: {mode:o}", p.display());
+        }
+    }
     // A consumer that stops early: the dumper gets a write error, nobody hangs.
     let (dumped, ()) = dump_path_through(&root, &mut std::io::sink(), |r| {
         let mut buf = [0; 1000];
