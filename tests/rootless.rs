@@ -504,6 +504,7 @@ fn an_ordinary_users_add_is_canonical_and_a_failed_one_leaves_nothing() {
         "",
     );
     assert!(verify.status.success(), "{}", text(&verify.stderr));
+    remove(&home);
 }
 
 /// `root` and everything below it, not following symlinks.

@@ -90,9 +90,11 @@ impl Store {
             info: info.clone(),
             tmp: tmp.clone(),
         };
-        let metadata = nar::restore_path_for_store(&mut reader, &tmp)?;
+        let mut buffered = std::io::BufReader::with_capacity(nar::READ_BUF_SIZE, &mut reader);
+        let metadata = nar::restore_path_for_store(&mut buffered, &tmp)?;
         let mut rest = [0u8; 1];
-        let trailing = reader.read(&mut rest).map_err(io_err(&tmp))?;
+        let trailing = buffered.read(&mut rest).map_err(io_err(&tmp))?;
+        drop(buffered);
         if trailing != 0 {
             return Err(StoreError::NarTrailingData { path: shown });
         }
