@@ -19,9 +19,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use firn_store::canonical::{delete_path, RestoredMetadata};
 use firn_store::nar::{
-    dump_path, parse, restore_path, validate, NarError, NarVisitor, MAX_NAME_LEN, MAX_TARGET_LEN,
-    NAR_MAGIC,
+    dump_path, parse, restore_path, restore_path_for_store, validate, NarError, NarVisitor,
+    MAX_NAME_LEN, MAX_TARGET_LEN, NAR_MAGIC,
 };
 
 /// Serialises the events of [`parse`] back into a NAR, checking them on the way.
@@ -255,6 +256,98 @@ pub fn check_restore(base: &Path, data: &[u8]) {
     if let Err(e) = cleaned {
         panic!("removing {}: {e}", sandbox.display());
     }
+    check_store_restore(base, data, restored.is_ok());
+}
+
+/// The same NAR restored for the store (`restore_path_for_store`, from the bytes as a
+/// `BufRead`): it succeeds iff the plain restore did, leaves nothing after a failure
+/// (read-only directories included), and after a success every node has the store's
+/// canonical metadata (mtime 1; files 0444/0555, directories 0555) and the tree dumps
+/// back to the input.
+fn check_store_restore(base: &Path, data: &[u8], plain_ok: bool) {
+    let run = format!("store-run-{}", RUN.fetch_add(1, Ordering::Relaxed));
+    let sandbox = base.join(&run);
+    if let Err(e) = fs::create_dir(&sandbox) {
+        panic!("creating {}: {e}", sandbox.display());
+    }
+    let target = sandbox.join("out");
+    let restored = restore_path_for_store(&mut &data[..], &target);
+    let inside = names(&sandbox);
+    let checked = restored.as_ref().ok().map(|metadata| {
+        let mut nar = Vec::new();
+        dump_path(&target, &mut nar).map(|()| (*metadata, nar, not_canonical(&target)))
+    });
+    let cleaned = delete_path(&target).and_then(|()| fs::remove_dir(&sandbox));
+    match &restored {
+        Ok(_) => {
+            assert!(plain_ok, "the store restore accepted what restore rejects");
+            assert_eq!(
+                inside,
+                ["out"],
+                "a successful store restore left other files"
+            );
+        }
+        Err(e) => {
+            assert!(
+                !plain_ok || is_io_limit(e),
+                "the store restore rejected what restore accepts: {e}"
+            );
+            assert!(
+                inside.is_empty(),
+                "a failed store restore ({e}) left files behind: {inside:?}"
+            );
+        }
+    }
+    match checked {
+        None => {}
+        Some(Ok((metadata, nar, wrong))) => {
+            assert!(
+                nar == data,
+                "the store-restored tree dumps to a different NAR"
+            );
+            if metadata == RestoredMetadata::Canonical {
+                assert!(
+                    wrong.is_empty(),
+                    "not canonical after a store restore: {wrong:?}"
+                );
+            }
+        }
+        Some(Err(e)) => panic!("dumping the store-restored tree failed: {e}"),
+    }
+    if let Err(e) = cleaned {
+        panic!("removing {}: {e}", sandbox.display());
+    }
+}
+
+/// The nodes at or below `root` whose metadata is not the store's canonical one.
+fn not_canonical(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut wrong = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(p) = pending.pop() {
+        let m = match fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) => panic!("reading {}: {e}", p.display()),
+        };
+        let mode = m.mode() & 0o7777;
+        let mode_ok = if m.is_dir() {
+            mode == 0o555
+        } else if m.is_file() {
+            mode == 0o444 || mode == 0o555
+        } else {
+            true
+        };
+        if !mode_ok || m.mtime() != 1 || m.mtime_nsec() != 0 {
+            wrong.push(format!("{} ({mode:o}, mtime {})", p.display(), m.mtime()));
+        }
+        if m.is_dir() {
+            match fs::read_dir(&p) {
+                Ok(entries) => pending.extend(entries.filter_map(Result::ok).map(|e| e.path())),
+                Err(e) => panic!("listing {}: {e}", p.display()),
+            }
+        }
+    }
+    wrong
 }
 
 /// A fresh directory to hold the sandboxes of [`check_restore`]: `$FIRN_FUZZ_TMP` or
