@@ -207,15 +207,21 @@ fn is_io_limit(e: &NarError) -> bool {
     }
 }
 
-/// The check of the `nar_restore` target: restore `data` into a fresh sandbox below
-/// `base` (a directory that holds nothing else), check what is on disk, clean up.
-pub fn check_restore(base: &Path, data: &[u8]) {
-    let valid = check_parse(data);
-    let run = format!("run-{}", RUN.fetch_add(1, Ordering::Relaxed));
+/// A fresh, empty directory `<prefix>-<n>` below `base`: its name and path.
+fn new_sandbox(base: &Path, prefix: &str) -> (String, PathBuf) {
+    let run = format!("{prefix}-{}", RUN.fetch_add(1, Ordering::Relaxed));
     let sandbox = base.join(&run);
     if let Err(e) = fs::create_dir(&sandbox) {
         panic!("creating {}: {e}", sandbox.display());
     }
+    (run, sandbox)
+}
+
+/// The check of the `nar_restore` target: restore `data` into a fresh sandbox below
+/// `base` (a directory that holds nothing else), check what is on disk, clean up.
+pub fn check_restore(base: &Path, data: &[u8]) {
+    let valid = check_parse(data);
+    let (run, sandbox) = new_sandbox(base, "run");
     let target = sandbox.join("out");
     let restored = restore_path(&mut &data[..], &target);
     let outside = names(base);
@@ -265,11 +271,7 @@ pub fn check_restore(base: &Path, data: &[u8]) {
 /// canonical metadata (mtime 1; files 0444/0555, directories 0555) and the tree dumps
 /// back to the input.
 fn check_store_restore(base: &Path, data: &[u8], plain_ok: bool) {
-    let run = format!("store-run-{}", RUN.fetch_add(1, Ordering::Relaxed));
-    let sandbox = base.join(&run);
-    if let Err(e) = fs::create_dir(&sandbox) {
-        panic!("creating {}: {e}", sandbox.display());
-    }
+    let (_, sandbox) = new_sandbox(base, "store-run");
     let target = sandbox.join("out");
     let restored = restore_path_for_store(&mut &data[..], &target);
     let inside = names(&sandbox);
