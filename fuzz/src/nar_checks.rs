@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use firn_store::canonical::{delete_path, RestoredMetadata};
 use firn_store::nar::{
-    dump_path, parse, restore_path, restore_path_for_store, validate, NarError, NarVisitor,
+    dump_path, parse, restore_buffered_for_store, restore_path, validate, NarError, NarVisitor,
     MAX_NAME_LEN, MAX_TARGET_LEN, NAR_MAGIC,
 };
 
@@ -233,22 +233,7 @@ pub fn check_restore(base: &Path, data: &[u8]) {
     // Clean up before asserting, so that one failure does not fail every later run.
     let cleaned = fs::remove_dir_all(&sandbox);
     assert_eq!(outside, [run], "something was written next to the sandbox");
-    match &restored {
-        Ok(()) => {
-            assert!(valid, "restore accepted a NAR that parse rejects");
-            assert_eq!(inside, ["out"], "a successful restore left other files");
-        }
-        Err(e) => {
-            assert!(
-                !valid || is_io_limit(e),
-                "restore rejected a valid NAR: {e}"
-            );
-            assert!(
-                inside.is_empty(),
-                "a failed restore ({e}) left files behind: {inside:?}"
-            );
-        }
-    }
+    check_outcome("restore", &restored, valid, &inside);
     match dumped {
         None => {}
         Some(Ok(nar)) => assert!(
@@ -265,7 +250,7 @@ pub fn check_restore(base: &Path, data: &[u8]) {
     check_store_restore(base, data, restored.is_ok());
 }
 
-/// The same NAR restored for the store (`restore_path_for_store`, from the bytes as a
+/// The same NAR restored for the store (`restore_buffered_for_store`, from the bytes as a
 /// `BufRead`): it succeeds iff the plain restore did, leaves nothing after a failure
 /// (read-only directories included), and after a success every node has the store's
 /// canonical metadata (mtime 1; files 0444/0555, directories 0555) and the tree dumps
@@ -273,33 +258,14 @@ pub fn check_restore(base: &Path, data: &[u8]) {
 fn check_store_restore(base: &Path, data: &[u8], plain_ok: bool) {
     let (_, sandbox) = new_sandbox(base, "store-run");
     let target = sandbox.join("out");
-    let restored = restore_path_for_store(&mut &data[..], &target);
+    let restored = restore_buffered_for_store(&mut &data[..], &target);
     let inside = names(&sandbox);
     let checked = restored.as_ref().ok().map(|metadata| {
         let mut nar = Vec::new();
         dump_path(&target, &mut nar).map(|()| (*metadata, nar, not_canonical(&target)))
     });
     let cleaned = delete_path(&target).and_then(|()| fs::remove_dir(&sandbox));
-    match &restored {
-        Ok(_) => {
-            assert!(plain_ok, "the store restore accepted what restore rejects");
-            assert_eq!(
-                inside,
-                ["out"],
-                "a successful store restore left other files"
-            );
-        }
-        Err(e) => {
-            assert!(
-                !plain_ok || is_io_limit(e),
-                "the store restore rejected what restore accepts: {e}"
-            );
-            assert!(
-                inside.is_empty(),
-                "a failed store restore ({e}) left files behind: {inside:?}"
-            );
-        }
-    }
+    check_outcome("store restore", &restored, plain_ok, &inside);
     match checked {
         None => {}
         Some(Ok((metadata, nar, wrong))) => {
@@ -318,6 +284,28 @@ fn check_store_restore(base: &Path, data: &[u8], plain_ok: bool) {
     }
     if let Err(e) = cleaned {
         panic!("removing {}: {e}", sandbox.display());
+    }
+}
+
+/// `what` (a restore) succeeded iff it should have (`accept`; file system limits
+/// aside), and left in its sandbox (`inside`) `out` alone after a success, nothing after
+/// a failure.
+fn check_outcome<T>(what: &str, restored: &Result<T, NarError>, accept: bool, inside: &[String]) {
+    match restored {
+        Ok(_) => {
+            assert!(accept, "{what} accepted a NAR it should reject");
+            assert_eq!(inside, ["out"], "a successful {what} left other files");
+        }
+        Err(e) => {
+            assert!(
+                !accept || is_io_limit(e),
+                "{what} rejected a NAR it should accept: {e}"
+            );
+            assert!(
+                inside.is_empty(),
+                "a failed {what} ({e}) left files behind: {inside:?}"
+            );
+        }
     }
 }
 

@@ -439,7 +439,6 @@ impl<R: RunningBuild> DerivationGoal<R> {
         matches!(self.state, GoalState::Building { .. })
     }
 
-    /// The descriptor of the running build's log, to poll.
     /// The descriptor to poll for the build's output, if there is one to wait on. Once
     /// the output is at its end (always readable), it is polled only for
     /// [`EOF_POLL`]: the builder's exit usually follows at once (it closes its

@@ -241,12 +241,7 @@ mod tests {
         );
         assert!(!path.exists(), "renamed into place only when finished");
         log.finish().unwrap();
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut bzip2::read::BzDecoder::new(File::open(&path).unwrap()),
-            &mut text,
-        )
-        .unwrap();
+        let text = String::from_utf8(decompressed(&path)).unwrap();
         assert_eq!(
             text,
             "one\ntwo\rTWO\nthree\r\nprogress 10%\rprogress 100%\rdone\n"
@@ -255,13 +250,7 @@ mod tests {
         // memory is compressed as it comes, and reads back whole.
         let empty = dir.join("drvs/ee/empty.bz2");
         BuildLog::create(empty.clone()).unwrap().finish().unwrap();
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut bzip2::read::BzDecoder::new(File::open(&empty).unwrap()),
-            &mut text,
-        )
-        .unwrap();
-        assert_eq!(text, "");
+        assert_eq!(decompressed(&empty), b"");
         let long = dir.join("drvs/ll/long.bz2");
         let mut log = BuildLog::create(long.clone()).unwrap();
         let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
@@ -273,17 +262,23 @@ mod tests {
         }
         assert!(want.len() > BUFFERED_MAX);
         log.finish().unwrap();
-        let mut got = Vec::new();
-        std::io::Read::read_to_end(
-            &mut bzip2::read::BzDecoder::new(File::open(&long).unwrap()),
-            &mut got,
-        )
-        .unwrap();
+        let got = decompressed(&long);
         assert!(got == want, "{} bytes back of {}", got.len(), want.len());
         // A log dropped unfinished leaves nothing.
         let other = dir.join("drvs/zz/other.bz2");
         drop(BuildLog::create(other.clone()).unwrap());
         assert_eq!(fs::read_dir(other.parent().unwrap()).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The bytes of the bzip2 file at `path`.
+    fn decompressed(path: &Path) -> Vec<u8> {
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(
+            &mut bzip2::read::BzDecoder::new(File::open(path).unwrap()),
+            &mut got,
+        )
+        .unwrap();
+        got
     }
 }

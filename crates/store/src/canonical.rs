@@ -11,8 +11,8 @@ use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 
-/// What a store restore ([`crate::nar::restore_path_for_store`]) leaves for the caller to do about
-/// the tree's metadata.
+/// What a store restore ([`crate::nar::restore_buffered_for_store`]) leaves for the
+/// caller to do about the tree's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub enum RestoredMetadata {

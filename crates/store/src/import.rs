@@ -90,11 +90,9 @@ impl Store {
             info: info.clone(),
             tmp: tmp.clone(),
         };
-        let mut buffered = std::io::BufReader::with_capacity(nar::READ_BUF_SIZE, &mut reader);
-        let metadata = nar::restore_path_for_store(&mut buffered, &tmp)?;
+        let metadata = nar::restore_path_for_store(&mut reader, &tmp)?;
         let mut rest = [0u8; 1];
-        let trailing = buffered.read(&mut rest).map_err(io_err(&tmp))?;
-        drop(buffered);
+        let trailing = reader.read(&mut rest).map_err(io_err(&tmp))?;
         if trailing != 0 {
             return Err(StoreError::NarTrailingData { path: shown });
         }

@@ -62,9 +62,8 @@ const DUMP_BUF_SIZE: usize = 256 * 1024;
 /// The buffer a dump starts with ([`NarWriter::new`]).
 const SMALL_BUF_SIZE: usize = 8 * 1024;
 
-/// Size of the input buffer of [`parse`] (and of callers' buffers around a reader for
-/// [`restore_path_for_store`]).
-pub(crate) const READ_BUF_SIZE: usize = 256 * 1024;
+/// Size of the input buffer of [`parse`] and the restores.
+const READ_BUF_SIZE: usize = 256 * 1024;
 
 /// Errors of NAR dumping, parsing and restoring.
 #[derive(Debug, thiserror::Error)]
@@ -780,29 +779,11 @@ impl BufRead for DumpReader<'_> {
 
 impl Read for DumpReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if let Some((buf, len, pos)) = &mut self.cur {
-                if *pos < *len {
-                    let n = out.len().min(*len - *pos);
-                    out[..n].copy_from_slice(&buf[*pos..*pos + n]);
-                    *pos += n;
-                    return Ok(n);
-                }
-            }
-            if let Some((buf, _, _)) = self.cur.take() {
-                self.pipe.recycle(buf);
-            }
-            if self.done {
-                return Ok(0);
-            }
-            match self.pipe.next_full() {
-                Some((buf, len)) => self.cur = Some((buf, len, 0)),
-                None => {
-                    self.done = true;
-                    return Ok(0);
-                }
-            }
-        }
+        let avail = self.fill_buf()?;
+        let n = out.len().min(avail.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
     }
 }
 
@@ -1570,28 +1551,34 @@ pub fn restore_path(input: &mut impl Read, target: &Path) -> Result<(), NarError
     restore_path_with(&mut input, target, Destination::Anywhere).map(|_| ())
 }
 
+/// [`restore_buffered_for_store`] from any reader (buffered here).
+pub fn restore_path_for_store(
+    input: &mut impl Read,
+    target: &Path,
+) -> Result<RestoredMetadata, NarError> {
+    let mut input = BufReader::with_capacity(READ_BUF_SIZE, input);
+    restore_buffered_for_store(&mut input, target)
+}
+
 /// [`restore_path`] for a store object that is going to be made durable and valid
 /// ([`Destination::Store`]): each large file's write-out to the disk starts as soon as
 /// it is written, so that the final sync has little left to wait for, and the nodes get
 /// the store's canonical metadata as they are made. Says whether the tree still needs
-/// [`crate::canonical::canonicalise_path_metadata`].
-pub fn restore_path_for_store(
+/// [`crate::canonical::canonicalise_path_metadata`]. File contents are written straight
+/// from `input`'s buffers (a [`DumpReader`]'s are the dumper's).
+pub fn restore_buffered_for_store(
     input: &mut impl BufRead,
     target: &Path,
 ) -> Result<RestoredMetadata, NarError> {
-    let canonical = restore_path_with(input, target, Destination::Store)?;
-    Ok(match canonical {
-        true => RestoredMetadata::Canonical,
-        false => RestoredMetadata::NeedsCanonicalising,
-    })
+    restore_path_with(input, target, Destination::Store)
 }
 
-/// Restore; whether the tree's metadata was made canonical on the way.
+/// Restore; what is left to do about the tree's metadata.
 fn restore_path_with(
     input: &mut impl BufRead,
     target: &Path,
     destination: Destination,
-) -> Result<bool, NarError> {
+) -> Result<RestoredMetadata, NarError> {
     let invalid = |msg: &str| NarError::Io {
         path: target.to_path_buf(),
         source: io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()),
@@ -1620,9 +1607,12 @@ fn restore_path_with(
         canonical: false,
     };
     parse_buffered(input, &mut restorer)?;
-    let canonical = restorer.canonical;
+    let metadata = match restorer.canonical {
+        true => RestoredMetadata::Canonical,
+        false => RestoredMetadata::NeedsCanonicalising,
+    };
     restorer.commit(target)?;
-    Ok(canonical)
+    Ok(metadata)
 }
 
 #[cfg(test)]

@@ -623,11 +623,10 @@ impl Store {
             sha256: nar::HashSink::new(),
             other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
         };
-        let reader = TeeReader {
+        let mut reader = TeeReader {
             inner: nar,
             sink: &mut hashes,
         };
-        let mut reader = io::BufReader::with_capacity(nar::READ_BUF_SIZE, reader);
         let restored = nar::restore_path_for_store(&mut reader, &staging);
         let copied = restored.map_err(StoreError::from).map(|metadata| {
             let (nar_hash, nar_size) = hashes.sha256.finish();
@@ -756,10 +755,7 @@ impl Store {
                 inner: nar,
                 sink: nar::HashSink::new(),
             };
-            let metadata = nar::restore_path_for_store(
-                &mut io::BufReader::with_capacity(nar::READ_BUF_SIZE, &mut hashing),
-                &tmp,
-            )?;
+            let metadata = nar::restore_path_for_store(&mut hashing, &tmp)?;
             let (got, size) = hashing.sink.finish();
             if got != info.nar_hash || size != info.nar_size {
                 return Err(StoreError::NarMismatch {
@@ -931,10 +927,7 @@ fn copy_via_nar(src: &Path, dst: &Path) -> Result<RestoredMetadata, StoreError> 
             drop(writer);
             r
         });
-        let restored = nar::restore_path_for_store(
-            &mut io::BufReader::with_capacity(nar::READ_BUF_SIZE, &mut reader),
-            dst,
-        );
+        let restored = nar::restore_path_for_store(&mut reader, dst);
         drop(reader);
         let dumped = dumper.join().unwrap_or_else(|_| {
             Err(NarError::Format {
@@ -967,7 +960,7 @@ fn copy_via_nar_hashing(
         other: (algo != HashAlgo::Sha256).then(|| nar::HashSink::with_algo(algo)),
     };
     let (dumped, restored) = nar::dump_path_through(src, &mut hashes, |reader| {
-        nar::restore_path_for_store(reader, dst)
+        nar::restore_buffered_for_store(reader, dst)
     });
     match (dumped, restored) {
         (Ok(()), Ok(metadata)) => {

@@ -17,7 +17,7 @@ use firn_derivation::{Hash, StoreDir, StorePath};
 use firn_store::canonical::RestoredMetadata;
 use firn_store::nar::{
     dump_path, dump_path_pipelined, dump_path_split, dump_path_through, dump_path_to_fd, hash_path,
-    hash_paths, restore_path, restore_path_for_store, validate, HashSink, NarError, Tee,
+    hash_paths, restore_buffered_for_store, restore_path, validate, HashSink, NarError, Tee,
 };
 use firn_store::references::{scan_path, RefScanner};
 use proptest::prelude::*;
@@ -1090,7 +1090,7 @@ fn dump_through_a_reader_restores_the_same_tree_and_stops_cleanly() {
     // Restored straight from it (with early write-out): dumps back to the same NAR.
     let target = tmp.join("restored");
     let (dumped, restored) = dump_path_through(&root, &mut std::io::sink(), |r| {
-        restore_path_for_store(r, &target)
+        restore_buffered_for_store(r, &target)
     });
     dumped.unwrap();
     // Made canonical on the way (this process owns what it creates).
