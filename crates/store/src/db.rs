@@ -12,7 +12,7 @@
 //! Rows of one registration are inserted in store-path order, references after all
 //! paths, as Nix does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use rusqlite::{
 };
 use thiserror::Error;
 
+mod closure;
 mod realisations;
 pub use realisations::{RealisationDbError, CA_SCHEMA, CA_SCHEMA_VERSION};
 
@@ -508,128 +509,6 @@ impl Database {
         Ok(out)
     }
 
-    /// The closure of `paths` (everything they reference, transitively, and themselves),
-    /// or with `referrers` the closure under the referrer relation. One recursive query.
-    pub fn query_closure(
-        &self,
-        paths: &[StorePath],
-        referrers: bool,
-    ) -> Result<BTreeSet<StorePath>, DbError> {
-        let sql = if referrers {
-            "with recursive closure(id) as (select id from ValidPaths where path = ?1
-               union select referrer from Refs join closure on Refs.reference = closure.id)
-             select path from ValidPaths join closure using (id)"
-        } else {
-            "with recursive closure(id) as (select id from ValidPaths where path = ?1
-               union select reference from Refs join closure on Refs.referrer = closure.id)
-             select path from ValidPaths join closure using (id)"
-        };
-        let mut out = BTreeSet::new();
-        for p in paths {
-            out.extend(self.paths_of(sql, &self.display(p))?);
-        }
-        Ok(out)
-    }
-
-    /// The closure of `paths` (see [`Self::query_closure`]) with the references of each
-    /// member within it, in one statement per root however large the closure (what
-    /// `nix-store -qR` needs to print it in order).
-    pub fn query_closure_graph(
-        &self,
-        paths: &[StorePath],
-        referrers: bool,
-    ) -> Result<PathGraph, DbError> {
-        let sql = if referrers {
-            "with recursive closure(id) as (select id from ValidPaths where path = ?1
-               union select referrer from Refs join closure on Refs.reference = closure.id)
-             select id from closure"
-        } else {
-            "with recursive closure(id) as (select id from ValidPaths where path = ?1
-               union select reference from Refs join closure on Refs.referrer = closure.id)
-             select id from closure"
-        };
-        let mut closure: HashSet<i64> = HashSet::new();
-        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
-        for p in paths {
-            let mut rows = stmt.query([self.display(p)]).map_err(|e| self.err(e))?;
-            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-                closure.insert(row.get(0).map_err(|e| self.err(e))?);
-            }
-        }
-        // Each member's path and references: for a closure that is a good part of the
-        // store, one pass over each table costs less than a lookup per member (a
-        // closure of 19,000 of 20,000 paths: about half the time).
-        let max_id: i64 = self
-            .conn
-            .query_row("select coalesce(max(id), 0) from ValidPaths", [], |r| {
-                r.get(0)
-            })
-            .map_err(|e| self.err(e))?;
-        let mut members: HashMap<i64, (String, Vec<i64>)> = HashMap::new();
-        if (closure.len() as i64).saturating_mul(8) > max_id {
-            let mut all = self
-                .conn
-                .prepare_cached("select id, path from ValidPaths")
-                .map_err(|e| self.err(e))?;
-            let mut rows = all.query([]).map_err(|e| self.err(e))?;
-            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-                let id: i64 = row.get(0).map_err(|e| self.err(e))?;
-                if closure.contains(&id) {
-                    members.insert(id, (row.get(1).map_err(|e| self.err(e))?, Vec::new()));
-                }
-            }
-            let mut refs = self
-                .conn
-                .prepare_cached("select referrer, reference from Refs")
-                .map_err(|e| self.err(e))?;
-            let mut rows = refs.query([]).map_err(|e| self.err(e))?;
-            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-                let referrer: i64 = row.get(0).map_err(|e| self.err(e))?;
-                if let Some(m) = members.get_mut(&referrer) {
-                    m.1.push(row.get(1).map_err(|e| self.err(e))?);
-                }
-            }
-        } else {
-            let mut one = self
-                .conn
-                .prepare_cached(
-                    "select v.path, Refs.reference from ValidPaths v
-                       left join Refs on Refs.referrer = v.id where v.id = ?1",
-                )
-                .map_err(|e| self.err(e))?;
-            for &id in &closure {
-                let mut rows = one.query([id]).map_err(|e| self.err(e))?;
-                while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-                    let reference: Option<i64> = row.get(1).map_err(|e| self.err(e))?;
-                    let entry = match members.entry(id) {
-                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert((row.get(0).map_err(|e| self.err(e))?, Vec::new()))
-                        }
-                    };
-                    entry.1.extend(reference);
-                }
-            }
-        }
-        let mut ids: Vec<(i64, String, Vec<i64>)> =
-            members.into_iter().map(|(id, (p, r))| (id, p, r)).collect();
-        ids.sort_by(|a, b| a.1.cmp(&b.1));
-        let index: HashMap<i64, usize> = ids.iter().enumerate().map(|(i, m)| (m.0, i)).collect();
-        let mut graph = PathGraph::default();
-        for (i, (_, path, refs)) in ids.iter().enumerate() {
-            graph.paths.push(self.parse_path(path)?);
-            let mut r: Vec<usize> = refs
-                .iter()
-                .filter_map(|id| index.get(id).copied())
-                .filter(|&j| j != i)
-                .collect();
-            r.sort_unstable();
-            r.dedup();
-            graph.references.push(r);
-        }
-        Ok(graph)
-    }
-
     /// Every valid path.
     pub fn query_all_valid_paths(&self) -> Result<BTreeSet<StorePath>, DbError> {
         let mut stmt = self
@@ -916,6 +795,76 @@ mod tests {
         assert_eq!(large.references[at(B)], [at(A)]);
         assert!(large.references[at(A)].is_empty());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A closure (both ways) and its graph are what a plain breadth-first walk over the
+    /// registered references gives, whether the walk stays on lookups (small closures),
+    /// reads the whole `Refs` table part-way (more than an eighth of the store), or
+    /// starts from paths that are not valid.
+    #[test]
+    fn closures_match_a_plain_walk() {
+        use proptest::prelude::*;
+        let graphs = (1usize..50).prop_flat_map(|n| {
+            (
+                // Each path's references among the paths before it, or itself.
+                proptest::collection::vec(proptest::collection::vec(0usize..n, 0..4), n),
+                proptest::collection::vec(0usize..n + 2, 1..4),
+            )
+        });
+        let case = std::cell::Cell::new(0);
+        proptest!(ProptestConfig::with_cases(40), |((refs, roots) in graphs)| {
+            case.set(case.get() + 1);
+            let n = refs.len();
+            let name = |i: usize| format!("{i:032}-p{i}");
+            let edges: Vec<Vec<usize>> = refs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| r.iter().copied().filter(|&j| j <= i).collect())
+                .collect();
+            let (dir, mut db) = tmpdb(&format!("walk{}", case.get()));
+            let regs: Vec<Registration> = (0..n)
+                .map(|i| {
+                    let names: Vec<String> = edges[i].iter().map(|&j| name(j)).collect();
+                    info(&name(i), &names.iter().map(String::as_str).collect::<Vec<_>>())
+                })
+                .collect();
+            db.register_valid_paths(&regs).unwrap();
+            // Roots n and n + 1 are not valid.
+            let root_paths: Vec<StorePath> = roots.iter().map(|&r| sp(&name(r))).collect();
+            for referrers in [false, true] {
+                let mut seen: BTreeSet<usize> = roots.iter().copied().filter(|&r| r < n).collect();
+                let mut todo: Vec<usize> = seen.iter().copied().collect();
+                while let Some(i) = todo.pop() {
+                    let next: Vec<usize> = if referrers {
+                        (0..n).filter(|&k| edges[k].contains(&i)).collect()
+                    } else {
+                        edges[i].clone()
+                    };
+                    for j in next {
+                        if seen.insert(j) {
+                            todo.push(j);
+                        }
+                    }
+                }
+                let expected: BTreeSet<StorePath> = seen.iter().map(|&i| sp(&name(i))).collect();
+                prop_assert_eq!(&db.query_closure(&root_paths, referrers).unwrap(), &expected);
+                let graph = db.query_closure_graph(&root_paths, referrers).unwrap();
+                prop_assert_eq!(graph.paths.iter().cloned().collect::<BTreeSet<_>>(), expected);
+                for (at, p) in graph.paths.iter().enumerate() {
+                    let i: usize = p.name()[1..].parse().unwrap();
+                    // Its references within the closure (all of them, going down).
+                    let want: BTreeSet<StorePath> = edges[i]
+                        .iter()
+                        .filter(|&&j| j != i && seen.contains(&j))
+                        .map(|&j| sp(&name(j)))
+                        .collect();
+                    let got: BTreeSet<StorePath> =
+                        graph.references[at].iter().map(|&k| graph.paths[k].clone()).collect();
+                    prop_assert_eq!(got, want);
+                }
+            }
+            std::fs::remove_dir_all(dir).unwrap();
+        });
     }
 
     #[test]
