@@ -2,7 +2,8 @@
 # Every row of issue 16's table, firn vs Nix 2.8 side by side in one run (run as root):
 #   add       `firn add` vs `nix-store --add` of a copy of TREE (default the 664 MB
 #             /usr/lib/x86_64-linux-gnu), fresh stores
-#   verify    `verify --check-contents` of those stores (the NAR hash of the tree)
+#   verify    `verify --check-contents` of those stores (the NAR hash of the tree), and of
+#             a store holding each top-level entry of the tree as its own path
 #   dump      `dump` of the tree's path to /dev/null, and into a pipe (`| cat`)
 #   fan-in    realise 100 leaves + 1, sandbox, -j2 (bench/trivial.nix)
 #   chain     realise a chain of 100, sandbox, -j2
@@ -92,6 +93,18 @@ for what in verify dump_null dump_pipe; do
   esac
   row "$label" "${n[*]}" "${f[*]}"
 done
+# The same bytes as one store path per top-level entry of the tree (untimed adds):
+# a store of many paths is what `verify --check-contents` usually meets, and there both
+# cores can hash (one path each), where one path's NAR hash is one SHA-256 stream.
+NM=$WORK/nsmany FM=$WORK/fsmany
+(cd "$WORK/tree" && nix-store --store "$NM" "${NIXS[@]}" --add -- * > "$WORK/many-nix")
+(cd "$WORK/tree" && "$FIRN" --store "$FM" add -- * > "$WORK/many-firn")
+cmp "$WORK/many-nix" "$WORK/many-firn" || { echo "paths of the entries differ" >&2; exit 1; }
+verify_many_nix() { nix-store --store "$NM" --verify --check-contents; }
+verify_many_firn() { "$FIRN" --store "$FM" verify --check-contents; }
+n=(); f=()
+for run in $(seq "$RUNS"); do pair verify_many_nix verify_many_firn "$run"; n+=("$nt"); f+=("$ft"); done
+row "\`verify --check-contents\` of a store of $(wc -l < "$WORK/many-nix") paths (the tree's top-level entries)" "${n[*]}" "${f[*]}"
 chmod -R u+w "$WORK"/ns* "$WORK"/fs*; rm -rf "$WORK"/ns* "$WORK"/fs*; sync
 sleep 61 # the same: the builds below start once those deletions are a minute old
 
