@@ -2,7 +2,8 @@
 //! into separate stores: `builtin:buildenv` (a user environment with priorities, merged
 //! directories, propagated packages, skipped files and a collision), `builtin:fetchurl`
 //! (`file://` flat, `executable`, `unpack` of a NAR and of a `.nar.xz`, and `http://`
-//! from a server this test runs; a wrong hash and a missing file) and
+//! from a server this test runs, `https://` from `openssl s_server` with a certificate
+//! nobody vouches for; a wrong hash and a missing file) and
 //! `builtin:unpack-channel` (`.tar.xz` and `.tar.bz2` made here; a tarball with two
 //! entries). Outputs must have the same paths and NAR hashes, failures the same exit
 //! status and message; firn builds in the sandbox and without it.
@@ -331,6 +332,51 @@ fn fetchurl_as_in_nix() {
         "{}",
         stderr(&firns[0].1)
     );
+    remove(&dir);
+}
+
+/// `https://` with a certificate no CA vouches for (a throw-away CA the builder does
+/// not know): Nix does not check it (`verifyTLS = false`; the output hash is the
+/// check) and neither does firn. A real TLS server: `openssl s_server`.
+#[test]
+fn fetchurl_over_https_as_in_nix() {
+    if !can_build() || !have_nix() || !common::tls::have_openssl() {
+        return;
+    }
+    let dir = tempdir("builtins-https");
+    let files = dir.join("files");
+    fs::create_dir_all(files.join("tree")).unwrap();
+    fs::write(files.join("hello.txt"), "hello over TLS\n").unwrap();
+    fs::write(files.join("tree/a"), "a\n").unwrap();
+    let nar = ok_bytes(run(
+        "nix-store",
+        &["--dump", files.join("tree").to_str().unwrap()],
+        None,
+    ));
+    fs::write(files.join("tree.nar"), &nar).unwrap();
+    let flat = nix_hash(
+        &["--flat", "--type", "sha256", "--base32"],
+        &files.join("hello.txt"),
+    );
+    let unpacked = nix_hash(&["--type", "sha256", "--base32"], &files.join("tree"));
+    let (_, cert, key) = common::tls::tls_ca(&dir, "fetch");
+    let (_server, url) = common::tls::https_server(&files, &cert, &key);
+    let expr = dir.join("fetch.nix");
+    fs::write(
+        &expr,
+        format!(
+            r#"let fetch = import <nix/fetchurl.nix>; in {{
+  https = fetch {{ url = "{url}/hello.txt"; sha256 = "{flat}"; name = "hello-https"; }};
+  httpsUnpack = fetch {{ url = "{url}/tree.nar"; sha256 = "{unpacked}"; unpack = true; name = "tree-https"; }};
+}}"#
+        ),
+    )
+    .unwrap();
+    for attr in ["https", "httpsUnpack"] {
+        let (nix, firns) = build_all_ways(&dir, &expr, attr, "");
+        assert!(nix.status.success(), "{attr}: {}", stderr(&nix));
+        assert!(firns.iter().all(|(_, f)| f.status.success()), "{attr}");
+    }
     remove(&dir);
 }
 

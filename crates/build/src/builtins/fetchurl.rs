@@ -4,13 +4,16 @@
 //! `.xz`). The derivation is fixed-output: the worker checks the hash afterwards, as
 //! for any other builder.
 //!
-//! `file://` URLs are read from the file system and `http://` ones with `ureq`, as Nix
-//! 2.8 does with curl: no decompression of the transfer, redirects followed, proxies
-//! from `http_proxy` and friends (the derivation's `impureEnvVars`), transient failures
-//! (connection refused, most 5xx) tried `download-attempts` times with Nix's backoff
-//! and warning. firn is built without TLS: an `https://` URL fails with a message
-//! saying so. Nix tries the `hashed-mirrors` first for flat outputs; its default
-//! list is empty and firn does not offer the setting, so only `url` is tried.
+//! `file://` URLs are read from the file system and `http://` and `https://` ones with
+//! `ureq`, as Nix 2.8 does with curl: no decompression of the transfer, redirects
+//! followed, proxies from `http_proxy` and friends (the derivation's `impureEnvVars`),
+//! transient failures (connection refused, most 5xx) tried `download-attempts` times
+//! with Nix's backoff and warning. Like Nix (`request.verifyTLS = false`), the server's
+//! certificate is not checked: what is downloaded is checked against the output hash
+//! afterwards, and a builder has no CA bundle to check against (nor credentials to
+//! protect: firn does not hand `netrc-file` to it). Nix tries the `hashed-mirrors` first
+//! for flat outputs; its default list is empty and firn does not offer the setting, so
+//! only `url` is tried.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -149,7 +152,11 @@ fn open_once(url: &str) -> Result<Box<dyn Read>, AttemptError> {
     match split_scheme(url) {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("file") => {
             let path = file_url_path(rest).ok_or_else(|| {
-                curl(Failure::Misc, "URL using bad/illegal format or missing URL", 3)
+                curl(
+                    Failure::Misc,
+                    "URL using bad/illegal format or missing URL",
+                    3,
+                )
             })?;
             let unreadable = || curl(Failure::NotFound, "Couldn't read a file:// file", 37);
             if path.is_dir() {
@@ -158,13 +165,11 @@ fn open_once(url: &str) -> Result<Box<dyn Read>, AttemptError> {
             let file = File::open(&path).map_err(|_| unreadable())?;
             Ok(Box::new(file))
         }
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => http_get(url),
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => Err(AttemptError {
-            failure: Failure::Misc,
-            message: format!(
-                "unable to download '{url}': this firn is built without TLS, so builtin:fetchurl supports file:// and http:// URLs only"
-            ),
-        }),
+        Some((scheme, _))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            http_get(url)
+        }
         _ => Err(curl(Failure::Misc, "Unsupported protocol", 1)),
     }
 }
@@ -202,11 +207,14 @@ pub fn file_url_path(rest: &str) -> Option<PathBuf> {
     )))
 }
 
-/// GET over HTTP: the body of a 2xx answer; an error answer as Nix words it.
+/// GET over HTTP(S): the body of a 2xx answer; an error answer as Nix words it.
 fn http_get(url: &str) -> Result<Box<dyn Read>, AttemptError> {
+    use ureq::tls::TlsConfig;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(300)))
+        // Nix's `verifyTLS = false` (module doc): the output hash is the check.
+        .tls_config(TlsConfig::builder().disable_verification(true).build())
         .build()
         .into();
     let curl = |failure, text: &str, code: u32| AttemptError {
@@ -228,6 +236,11 @@ fn http_get(url: &str) -> Result<Box<dyn Read>, AttemptError> {
             "URL using bad/illegal format or missing URL",
             3,
         ),
+        // curl's CURLE_SSL_CONNECT_ERROR, transient for Nix; with rustls's reason.
+        ureq::Error::Rustls(ref tls) => AttemptError {
+            failure: Failure::Transient,
+            message: format!("unable to download '{url}': SSL connect error (35): {tls}"),
+        },
         other => AttemptError {
             failure: Failure::Transient,
             message: format!("unable to download '{url}': {other}"),
