@@ -330,25 +330,25 @@ impl Database {
                 let path = sd.display(&i.path);
                 let existing = path_id(tx, &sd, &i.path)?;
                 if existing.is_some() {
-                    tx.execute(
+                    tx.prepare_cached(
                         "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
-                        params![i.nar_size as i64, hash, ultimate, sigs, i.ca, path],
                     )
+                    .and_then(|mut st| st.execute(params![i.nar_size as i64, hash, ultimate, sigs, i.ca, path]))
                     .map_err(err)?;
                 } else {
-                    tx.execute(
+                    tx.prepare_cached(
                         "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
-                        params![path, hash, i.registration_time, deriver, i.nar_size as i64, ultimate, sigs, i.ca],
                     )
+                    .and_then(|mut st| st.execute(params![path, hash, i.registration_time, deriver, i.nar_size as i64, ultimate, sigs, i.ca]))
                     .map_err(err)?;
                 }
                 if !r.drv_outputs.is_empty() {
                     let id = path_id(tx, &sd, &i.path)?.unwrap_or_default();
                     for (name, out) in &r.drv_outputs {
-                        tx.execute(
+                        tx.prepare_cached(
                             "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
-                            params![id, name, sd.display(out)],
                         )
+                        .and_then(|mut st| st.execute(params![id, name, sd.display(out)]))
                         .map_err(err)?;
                     }
                 }
@@ -357,10 +357,10 @@ impl Database {
                 let referrer = path_id(tx, &sd, &r.info.path)?.unwrap_or_default();
                 for reference in &r.info.references {
                     let reference = path_id(tx, &sd, reference)?.unwrap_or_default();
-                    tx.execute(
+                    tx.prepare_cached(
                         "insert or replace into Refs (referrer, reference) values (?, ?)",
-                        params![referrer, reference],
                     )
+                    .and_then(|mut st| st.execute(params![referrer, reference]))
                     .map_err(err)?;
                 }
             }

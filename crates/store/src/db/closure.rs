@@ -107,9 +107,8 @@ impl<'a> Walk<'a> {
     fn new(db: &'a Database) -> Result<Self, DbError> {
         let max_id = db
             .conn
-            .query_row("select coalesce(max(id), 0) from ValidPaths", [], |r| {
-                r.get(0)
-            })
+            .prepare_cached("select coalesce(max(id), 0) from ValidPaths")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(|e| db.err(e))?;
         Ok(Self {
             db,
