@@ -166,9 +166,9 @@ enum Command {
     /// Add files or trees to the store, recursive sha256 (`nix-store --add`).
     #[command(long_flag = "add")]
     Add {
-        /// Files or directories to add.
-        #[arg(required = true)]
-        paths: Vec<std::path::PathBuf>,
+        /// Files or directories to add (`""` is the current directory, as for Nix).
+        #[arg(required = true, value_parser = clap::value_parser!(std::ffi::OsString))]
+        paths: Vec<std::ffi::OsString>,
     },
     /// Add files or trees with a given hash algorithm (`nix-store --add-fixed`).
     #[command(long_flag = "add-fixed")]
@@ -179,14 +179,15 @@ enum Command {
         /// md5, sha1, sha256 or sha512.
         algo: String,
         /// Files (or, with --recursive, directories) to add.
-        #[arg(required = true)]
-        paths: Vec<std::path::PathBuf>,
+        #[arg(required = true, value_parser = clap::value_parser!(std::ffi::OsString))]
+        paths: Vec<std::ffi::OsString>,
     },
     /// Write the NAR serialisation of a path to stdout (`nix-store --dump`).
     #[command(long_flag = "dump")]
     Dump {
         /// Any file, directory or symlink; a store path is read from the store.
-        path: std::path::PathBuf,
+        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+        path: std::ffi::OsString,
     },
     /// Hash a file or tree as `nix-hash` does: the NAR serialisation (or, with --flat,
     /// the file's contents), md5 in base16 unless told otherwise.
@@ -323,16 +324,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Log { path } => store_cmds::log(&settings, &path, &mut out)?,
-        Command::Add { paths } => store_cmds::add(&settings, &paths, &mut out)?,
+        Command::Add { paths } => {
+            let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
+            store_cmds::add(&settings, &paths, &mut out)?
+        }
         Command::AddFixed {
             recursive,
             algo,
             paths,
-        } => store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?,
+        } => {
+            let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
+            store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?
+        }
         Command::Dump { path } => {
             let stdout = io::stdout();
             let fd = std::os::fd::AsFd::as_fd(&stdout);
-            store_cmds::dump(&settings, &path, &mut out, Some(fd))?
+            store_cmds::dump(&settings, path.as_ref(), &mut out, Some(fd))?
         }
         Command::Restore { path } => store_cmds::restore(&path)?,
         Command::Hash {

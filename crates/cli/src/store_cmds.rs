@@ -51,13 +51,36 @@ fn w(out: &mut impl Write, s: &str) -> Result<(), CliError> {
     out.write_all(s.as_bytes()).map_err(CliError::stdout)
 }
 
+/// `nix-store --add PATH…`: each named as Nix's `baseNameOf` names the argument as
+/// given (so `.` is named `.`), its contents read from the argument made absolute and
+/// lexically canonical (`absPath`: `f/` is `f`, `""` the current directory).
 pub fn add(settings: &Settings, paths: &[PathBuf], out: &mut impl Write) -> Result<(), CliError> {
     let mut store = open(settings)?;
     for p in paths {
-        let info = store.add_to_store(p, FileIngestionMethod::Recursive, HashAlgo::Sha256)?;
+        let info = store.add_to_store_named(
+            &base_name_of(p),
+            &firn_store::layout::absolute(p),
+            FileIngestionMethod::Recursive,
+            HashAlgo::Sha256,
+        )?;
         w(out, &format!("{}\n", store.store_dir().display(&info.path)))?;
     }
     Ok(())
+}
+
+/// Nix's `baseNameOf`: what follows the last `/`, one trailing `/` ignored (`a/b/` is
+/// `b`, `.` is `.`, `a//` and `""` are empty).
+pub fn base_name_of(path: &Path) -> String {
+    let bytes = path.as_os_str().as_bytes();
+    let end = match bytes {
+        [.., b'/'] if bytes.len() > 1 => bytes.len() - 1,
+        _ => bytes.len(),
+    };
+    let start = bytes[..end]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&bytes[start..end]).into_owned()
 }
 
 pub fn add_fixed(
@@ -74,8 +97,9 @@ pub fn add_fixed(
         FileIngestionMethod::Flat
     };
     let mut store = open(settings)?;
+    // Nix's `addToStoreSlow` reads the argument as given (not made absolute).
     for p in paths {
-        let info = store.add_to_store(p, method, algo)?;
+        let info = store.add_to_store_named(&base_name_of(p), p, method, algo)?;
         w(out, &format!("{}\n", store.store_dir().display(&info.path)))?;
     }
     Ok(())

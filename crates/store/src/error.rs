@@ -11,6 +11,7 @@ use crate::alive::AliveReason;
 use crate::db::{DbError, SCHEMA_VERSION};
 use crate::lock::LockError;
 use crate::nar::NarError;
+pub use crate::os_error::strerror;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -22,7 +23,7 @@ pub enum StoreError {
     Lock(#[from] LockError),
     #[error("{0}")]
     StorePath(#[from] StorePathError),
-    #[error("{path}: {source}")]
+    #[error("'{}': {}", path.display(), strerror(source))]
     Io { path: PathBuf, source: io::Error },
     #[error("current store schema at '{path}' is version {found}, but firn only supports {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: String },
@@ -142,14 +143,6 @@ impl Account {
             .flatten()
             .map_or_else(|| uid.to_string(), |u| u.name);
         Self { uid, name }
-    }
-}
-
-/// The system's text for an I/O error, without Rust's `(os error N)`, as Nix prints it.
-pub fn strerror(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
-        None => e.to_string(),
     }
 }
 

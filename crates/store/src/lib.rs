@@ -31,6 +31,7 @@ pub mod message;
 pub mod nar;
 pub mod nar_bound;
 pub mod optimise;
+pub mod os_error;
 pub mod references;
 pub mod roots;
 pub mod store;

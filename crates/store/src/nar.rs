@@ -42,6 +42,7 @@ use nix::sys::stat::{futimens, utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
 use crate::canonical::RestoredMetadata;
+use crate::os_error::strerror;
 
 /// The first string of every NAR.
 pub const NAR_MAGIC: &[u8] = b"nix-archive-1";
@@ -68,14 +69,17 @@ const READ_BUF_SIZE: usize = 256 * 1024;
 /// Errors of NAR dumping, parsing and restoring.
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
+    /// The object to dump cannot be `lstat`ed (Nix's words).
+    #[error("getting status of '{}': {}", path.display(), strerror(source))]
+    Stat { path: PathBuf, source: io::Error },
     /// A file system operation on `path` failed.
-    #[error("'{}': {source}", path.display())]
+    #[error("'{}': {}", path.display(), strerror(source))]
     Io { path: PathBuf, source: io::Error },
     /// Writing the NAR to its sink failed.
-    #[error("writing NAR: {source}")]
+    #[error("writing NAR: {}", strerror(source))]
     Write { source: io::Error },
     /// Reading the NAR from its source failed at byte `offset`.
-    #[error("reading NAR at byte {offset}: {source}")]
+    #[error("reading NAR at byte {offset}: {}", strerror(source))]
     Read { offset: u64, source: io::Error },
     /// The NAR ended before the archive was complete.
     #[error("bad NAR: unexpected end of archive at byte {offset}")]
@@ -394,7 +398,10 @@ pub fn dump_path_split<P: Write + ?Sized, W: Write + Send>(
 fn dump_with<S: BufSink>(path: &Path, sink: S) -> Result<(), NarError> {
     let mut w = NarWriter::new(sink);
     w.str(NAR_MAGIC)?;
-    let md = fs::symlink_metadata(path).map_err(NarError::io(path))?;
+    let md = fs::symlink_metadata(path).map_err(|source| NarError::Stat {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut path = path.to_path_buf();
     dump_node(&mut w, &mut path, &md)?;
     w.flush_buf()

@@ -534,8 +534,7 @@ impl Store {
         Ok(info)
     }
 
-    /// `nix-store --add` / `--add-fixed`: add the file or tree at `src` content-addressed.
-    /// `--add` is recursive sha256.
+    /// Add the file or tree at `src` content-addressed, named after its last component.
     pub fn add_to_store(
         &mut self,
         src: &Path,
@@ -546,10 +545,26 @@ impl Store {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        self.add_to_store_named(&name, src, method, algo)
+    }
+
+    /// `nix-store --add` / `--add-fixed` (`Store::addToStore`): add the file or tree at
+    /// `src` content-addressed as `name`. `--add` is recursive sha256.
+    pub fn add_to_store_named(
+        &mut self,
+        name: &str,
+        src: &Path,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    ) -> Result<ValidPathInfo, StoreError> {
+        let name = name.to_owned();
         if method == FileIngestionMethod::Recursive {
             return self.add_recursive(src, &name, algo);
         }
-        let meta = fs::symlink_metadata(src).map_err(io_err(src))?;
+        let meta = fs::symlink_metadata(src).map_err(|source| NarError::Stat {
+            path: src.to_path_buf(),
+            source,
+        })?;
         if !meta.is_file() {
             return Err(StoreError::NotRegularFile {
                 path: src.to_path_buf(),

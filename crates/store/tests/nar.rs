@@ -464,8 +464,15 @@ fn unsupported_file_types_are_errors() {
             other => panic!("{other:?}"),
         }
     }
+    // Nix's words for it: `getting status of 'PATH': No such file or directory`.
     match hash_path(&tmp.join("missing")) {
-        Err(NarError::Io { path, .. }) => assert_eq!(path, tmp.join("missing")),
+        Err(e @ NarError::Stat { .. }) => assert_eq!(
+            e.to_string(),
+            format!(
+                "getting status of '{}': No such file or directory",
+                tmp.join("missing").display()
+            )
+        ),
         other => panic!("{other:?}"),
     }
 }
@@ -955,7 +962,7 @@ fn pipelined_dump_is_identical_and_reports_sink_errors() {
     let mut sink = HashSink::new();
     assert!(matches!(
         dump_path_pipelined(&tmp.join("missing"), &mut sink),
-        Err(NarError::Io { .. })
+        Err(NarError::Stat { .. })
     ));
 }
 
@@ -1045,7 +1052,7 @@ fn dump_to_a_descriptor_is_identical_whatever_it_is() {
     let f = fs::File::create(tmp.join("x")).unwrap();
     assert!(matches!(
         dump_path_to_fd(&tmp.join("missing"), std::os::fd::AsFd::as_fd(&f)),
-        Err(NarError::Io { .. })
+        Err(NarError::Stat { .. })
     ));
 }
 
@@ -1119,7 +1126,7 @@ fn dump_through_a_reader_restores_the_same_tree_and_stops_cleanly() {
         let mut got = Vec::new();
         std::io::Read::read_to_end(r, &mut got).map(|_| got.len())
     });
-    assert!(matches!(dumped, Err(NarError::Io { .. })));
+    assert!(matches!(dumped, Err(NarError::Stat { .. })));
     assert_eq!(read.unwrap(), 0);
 }
 
