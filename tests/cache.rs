@@ -1379,7 +1379,7 @@ fn https_caches_check_certificates_against_ssl_cert_file() {
     assert_eq!(
         err.lines().collect::<Vec<_>>(),
         [format!(
-            "error: cannot use the CA bundle '{}' (setting 'ssl-cert-file'): No such file or directory (os error 2)",
+            "error: cannot use the CA bundle '{}' (setting 'ssl-cert-file'): No such file or directory",
             missing.display()
         )],
     );

@@ -375,6 +375,41 @@ fn add_arguments_are_read_as_nix_reads_them() {
     remove(&root);
 }
 
+/// A query argument outside the store is named as Nix names it: made absolute, its
+/// symlinks followed (`followLinksToStorePath`): the same line and status as Nix.
+#[test]
+fn query_arguments_outside_the_store_are_named_as_nix_names_them() {
+    if !have_nix() {
+        return;
+    }
+    let root = tempdir("query-args");
+    let work = root.join("work");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("f"), b"f\n").unwrap();
+    std::os::unix::fs::symlink(&root, work.join("up")).unwrap();
+    for arg in ["/tmp", "f", "", "/nix/store/", "up", "./f/../f"] {
+        let store = root.join("store");
+        let nix = command("nix-store")
+            .args(["--store", store.to_str().unwrap()])
+            .args(["--option", "substituters", "", "-q", "--hash", arg])
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        let firn = firn_command()
+            .args(["--store", store.to_str().unwrap(), "query", "--hash", arg])
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        assert_eq!(firn.status.code(), nix.status.code(), "{arg:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&firn.stderr).trim_end(),
+            String::from_utf8_lossy(&nix.stderr).trim_end(),
+            "{arg:?}"
+        );
+    }
+    remove(&root);
+}
+
 #[test]
 fn derivations_added_by_firn_match_nix_and_nix_reads_them() {
     if !have_nix() {

@@ -128,7 +128,7 @@ fn read_bundle(f: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, CacheEr
         file: f.to_path_buf(),
         msg,
     };
-    let pem = std::fs::read(f).map_err(|e| bad(e.to_string()))?;
+    let pem = std::fs::read(f).map_err(|e| bad(firn_store::error::strerror(&e)))?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         match item {

@@ -29,7 +29,9 @@ pub enum StoreError {
     Schema { path: PathBuf, found: String },
     #[error("path '{0}' is not valid")]
     NotValid(String),
-    #[error("path '{0}' is not in the store")]
+    /// The argument, made absolute and its symlinks followed, is outside the store (Nix's
+    /// `followLinksToStorePath`; its words).
+    #[error("path '{0}' is not in the Nix store")]
     NotInStore(String),
     #[error("'{path}' is not a regular file, so it cannot be added flat")]
     NotRegularFile { path: PathBuf },

@@ -409,7 +409,7 @@ impl Store {
                 Err(_) => break,
             }
         }
-        Err(StoreError::NotInStore(arg.to_owned()))
+        Err(StoreError::NotInStore(path.display().to_string()))
     }
 
     /// The store object `path` (logical or physical) is in, if any.
