@@ -559,6 +559,19 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
     }
     ok(firn_in(&root, &["restore", target.to_str().unwrap()], &nar));
     assert!(target.join("subdir").is_dir() || target.is_dir());
+    // Where it cannot go: one line naming the target (not a temporary sibling).
+    let nowhere = root.join("no/such/dir");
+    one_line(
+        &firn_in(&root, &["restore", nowhere.to_str().unwrap()], &nar),
+        &format!(
+            "cannot create '{}': No such file or directory",
+            nowhere.display()
+        ),
+    );
+    one_line(
+        &firn_in(&root, &["restore", target.to_str().unwrap()], &nar),
+        &format!("path '{}' already exists", target.display()),
+    );
     // A referenced path cannot be deleted.
     let json = format!(
         r#"{{"name":"x","outputs":{{"out":{{}}}},"inputSrcs":["{p}"],"inputDrvs":{{}},"system":"s","builder":"/bin/sh","args":[],"env":{{"out":"","name":"x"}}}}"#

@@ -198,7 +198,7 @@ fn names(dir: &Path) -> Vec<String> {
 /// Whether `e` comes from a limit of the file system rather than from the NAR.
 fn is_io_limit(e: &NarError) -> bool {
     match e {
-        NarError::Io { source, .. } => {
+        NarError::Io { source, .. } | NarError::CreateTarget { source, .. } => {
             source.raw_os_error() == Some(36) // ENAMETOOLONG
                 || source.kind() == io::ErrorKind::StorageFull
                 || source.kind() == io::ErrorKind::QuotaExceeded

@@ -212,7 +212,8 @@ enum Command {
     #[command(long_flag = "restore")]
     Restore {
         /// Where to unpack; must not exist.
-        path: std::path::PathBuf,
+        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+        path: std::ffi::OsString,
     },
     /// Query the store (`nix-store -q`; `firn -qR PATH` works too). Without a query
     /// flag: the outputs of derivations.
@@ -341,7 +342,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let fd = std::os::fd::AsFd::as_fd(&stdout);
             store_cmds::dump(&settings, path.as_ref(), &mut out, Some(fd))?
         }
-        Command::Restore { path } => store_cmds::restore(&path)?,
+        Command::Restore { path } => store_cmds::restore(path.as_ref())?,
         Command::Hash {
             algo,
             base32,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use firn_derivation::{FileIngestionMethod, HashAlgo, StorePath};
 use firn_store::db::PathGraph;
+use firn_store::nar::NarError;
 use firn_store::verify::VerifyEvent;
 use firn_store::{Reporter, Store, StoreError, ValidPathInfo, VerifyOptions};
 
@@ -139,9 +140,7 @@ pub fn dump(
         None => firn_store::nar::dump_path(&file, &mut buf),
     };
     dumped.map_err(|e| match e {
-        firn_store::nar::NarError::Write { source }
-            if source.kind() == io::ErrorKind::BrokenPipe =>
-        {
+        NarError::Write { source } if source.kind() == io::ErrorKind::BrokenPipe => {
             CliError::BrokenPipe
         }
         e if file != path => CliError::usage(format!(
@@ -206,8 +205,13 @@ pub fn hash(
 
 pub fn restore(path: &std::path::Path) -> Result<(), CliError> {
     let mut input = io::BufReader::with_capacity(1 << 20, io::stdin().lock());
-    firn_store::nar::restore_path(&mut input, path)
-        .map_err(|e| CliError::usage(format!("restoring '{}': {e}", path.display())))
+    firn_store::nar::restore_path(&mut input, path).map_err(|e| match e {
+        // These name the target already.
+        NarError::TargetExists { .. } | NarError::CreateTarget { .. } => {
+            CliError::usage(e.to_string())
+        }
+        e => CliError::usage(format!("restoring '{}': {e}", path.display())),
+    })
 }
 
 /// `nix-store -q`'s flags: one query (none: `--outputs`, as in Nix) and its modifiers.

@@ -93,6 +93,11 @@ pub enum NarError {
     /// The target of a restore already exists.
     #[error("path '{}' already exists", path.display())]
     TargetExists { path: PathBuf },
+    /// The target of a restore cannot be created (its parent is missing, not a
+    /// directory, not writable); named as the target, not as the temporary sibling
+    /// that was being made.
+    #[error("cannot create '{}': {}", path.display(), strerror(source))]
+    CreateTarget { path: PathBuf, source: io::Error },
 }
 
 impl NarError {
@@ -1402,7 +1407,12 @@ impl Restorer {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => {
                     attempts += 1;
                 }
-                Err(e) => return Err(NarError::io(&tmp)(e)),
+                Err(source) => {
+                    return Err(NarError::CreateTarget {
+                        path: self.parent.join(&self.name),
+                        source,
+                    })
+                }
             }
         }
     }
@@ -1596,18 +1606,16 @@ fn restore_path_with(
     target: &Path,
     destination: Destination,
 ) -> Result<RestoredMetadata, NarError> {
-    let invalid = |msg: &str| NarError::Io {
-        path: target.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()),
-    };
-    let name = target
-        .file_name()
-        .ok_or_else(|| invalid("restore target has no file name"))?;
     if fs::symlink_metadata(target).is_ok() {
         return Err(NarError::TargetExists {
             path: target.to_path_buf(),
         });
     }
+    // Only `""` has no name and does not exist (`/`, `.` and `..` do): as `mkdir("")`.
+    let name = target.file_name().ok_or_else(|| NarError::CreateTarget {
+        path: target.to_path_buf(),
+        source: io::Error::from_raw_os_error(nix::libc::ENOENT),
+    })?;
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -792,11 +792,18 @@ fn restore_target_must_not_exist() {
     assert!(fs::read_dir(&dir).unwrap().next().is_none());
     assert!(!tmp.join("nowhere").exists());
     assert_eq!(tmp.entries().len(), 3);
-    // Parent missing: an I/O error naming a path, nothing created.
-    assert!(matches!(
-        restore_path(&mut &data[..], &tmp.join("no/such/parent")),
-        Err(NarError::Io { .. })
-    ));
+    // Parent missing: an error naming the target (not the temporary sibling being
+    // made), nothing created.
+    match restore_path(&mut &data[..], &tmp.join("no/such/parent")) {
+        Err(e @ NarError::CreateTarget { .. }) => assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot create '{}': No such file or directory",
+                tmp.join("no/such/parent").display()
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(tmp.entries().len(), 3);
 }
 
