@@ -402,6 +402,26 @@ fn hash_defaults_equal_nix_hash() {
         ok(run(firn_bin(), &["hash", f], None)),
         "d3ea68e810bc7f9297024c01b858679e\n"
     );
+    // Odd arguments: the same status, output and error line as nix-hash (none is
+    // nothing to do; an empty path and a missing one are errors in Nix's words).
+    let missing = dir.join("missing");
+    let missing = missing.to_str().unwrap();
+    let odd: &[&[&str]] = &[
+        &[],
+        &[""],
+        &["--flat", ""],
+        &[missing],
+        &["--flat", missing],
+    ];
+    for args in odd {
+        let theirs = run("nix-hash", args, None);
+        let mut ours = vec!["hash"];
+        ours.extend_from_slice(args);
+        let ours = run(firn_bin(), &ours, None);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(ours.stdout, theirs.stdout, "{args:?}");
+        assert_eq!(text(&ours.stderr), text(&theirs.stderr), "{args:?}");
+    }
     remove(&dir);
 }
 

@@ -19,8 +19,11 @@ pub enum CliError {
     },
     #[error(transparent)]
     Config(firn_build::config::ConfigError),
-    #[error("reading '{path}': {source}")]
+    #[error("reading '{path}': {}", firn_store::error::strerror(source))]
     Read { path: String, source: io::Error },
+    /// A file that cannot be opened (Nix's words).
+    #[error("opening file '{path}': {}", firn_store::error::strerror(source))]
+    Open { path: String, source: io::Error },
     /// `--store` names no store firn can open (Nix's words).
     #[error("don't know how to open Nix store '{0}'")]
     UnknownStore(String),

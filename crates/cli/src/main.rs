@@ -204,9 +204,9 @@ enum Command {
         /// Fold hashes longer than 160 bits (sha256, sha512) to 160 bits, as Nix does.
         #[arg(long)]
         truncate: bool,
-        /// Files or directories to hash.
-        #[arg(required = true)]
-        paths: Vec<std::path::PathBuf>,
+        /// Files or directories to hash (none: nothing to do, as for nix-hash).
+        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+        paths: Vec<std::ffi::OsString>,
     },
     /// Read a NAR from stdin and unpack it at PATH, which must not exist (`nix-store --restore`).
     #[command(long_flag = "restore")]
@@ -355,6 +355,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 flat,
                 truncate,
             };
+            let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
             store_cmds::hash(&algo, how, &paths, &mut out)?
         }
         Command::Query(args) => {

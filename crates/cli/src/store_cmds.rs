@@ -181,7 +181,10 @@ pub fn hash(
     for p in paths {
         let mut hasher = firn_store::nar::HashSink::with_algo(algo);
         if how.flat {
-            let mut f = std::fs::File::open(p).map_err(|e| CliError::read(p, e))?;
+            let mut f = std::fs::File::open(p).map_err(|source| CliError::Open {
+                path: p.display().to_string(),
+                source,
+            })?;
             io::copy(&mut f, &mut hasher).map_err(|e| CliError::read(p, e))?;
         } else {
             firn_store::nar::dump_path_pipelined(p, &mut hasher)
