@@ -607,6 +607,68 @@ fn help_describes_every_flag() {
     assert!(q.find("--requisites").unwrap() < q.find("Global options:").unwrap());
 }
 
+/// I/O errors a user causes are one `error:` line in the system's words (Nix's
+/// `strerror`), naming what was being done and the path, never Rust's `(os error N)`.
+#[test]
+fn io_errors_are_one_line_in_the_systems_words() {
+    let dir = tempdir("habits-io");
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    let nowhere = dir.join("no/such/dir");
+    let nw = nowhere.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["--store", s, "dump", nw],
+            format!("error: getting status of '{nw}': No such file or directory"),
+        ),
+        (
+            vec!["--store", s, "add", nw],
+            format!("error: getting status of '{nw}': No such file or directory"),
+        ),
+        (
+            vec!["hash", "--flat", nw],
+            format!("error: opening file '{nw}': No such file or directory"),
+        ),
+        (
+            vec!["restore", nw],
+            format!("error: cannot create '{nw}': No such file or directory"),
+        ),
+        (
+            vec![
+                "--store",
+                s,
+                "sign",
+                "--key-file",
+                nw,
+                "/nix/store/00000000000000000000000000000000-x",
+            ],
+            format!("error: reading the key file '{nw}': No such file or directory"),
+        ),
+    ];
+    // The NAR of an empty regular file: strings as 8-byte little-endian lengths, then
+    // the bytes padded to 8.
+    let mut nar = Vec::new();
+    for t in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        b"",
+        b")",
+    ] {
+        nar.extend((t.len() as u64).to_le_bytes());
+        nar.extend(t);
+        nar.resize(nar.len().div_ceil(8) * 8, 0);
+    }
+    for (args, want) in cases {
+        let out = run(firn_bin(), &args, Some(&nar));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(text(&out.stderr).trim_end(), want, "{args:?}");
+    }
+    remove(&dir);
+}
+
 /// Usage errors: one `error:` line, then one hint line naming the command's help; exit
 /// 1, nothing on stdout (clap's default is several lines of usage and exit 2).
 #[test]

@@ -50,7 +50,7 @@ pub enum ConfigError {
     IllegalLine { line: String, origin: String },
     #[error("file '{path}' included from '{origin}' not found")]
     MissingInclude { path: PathBuf, origin: String },
-    #[error("reading '{path}': {source}")]
+    #[error("reading '{path}': {}", firn_store::error::strerror(source))]
     Read { path: PathBuf, source: io::Error },
     #[error("'{path}' includes itself")]
     IncludeLoop { path: PathBuf },

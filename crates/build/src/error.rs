@@ -143,12 +143,12 @@ pub enum BuildError {
     #[error(transparent)]
     Outputs(#[from] OutputError),
     /// Reading or writing the build's log or outputs.
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", firn_store::error::strerror(source))]
     Io { path: PathBuf, source: io::Error },
     #[error("derivation '{drv}' may not be deterministic: output '{output}' differs")]
     NotDeterministic { drv: String, output: String },
     /// The `post-build-hook` could not be started.
-    #[error("executing '{hook}': {source}")]
+    #[error("executing '{hook}': {}", firn_store::error::strerror(source))]
     PostBuildHookStart { hook: String, source: io::Error },
     /// The `post-build-hook` failed (the outputs stay registered).
     #[error("program '{hook}' {}", program_status(exit))]

@@ -72,7 +72,7 @@ pub enum OutputError {
         size: u64,
         limit: u64,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", firn_store::error::strerror(source))]
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -13,7 +13,7 @@ pub enum CacheError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Key(#[from] KeyError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", firn_store::error::strerror(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

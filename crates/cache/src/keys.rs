@@ -25,7 +25,10 @@ pub enum KeyError {
     /// `what` says where the key came from (a file, "standard input", a setting).
     #[error("{what}: key is corrupt: {msg}")]
     Corrupt { what: String, msg: String },
-    #[error("reading the key file '{path}': {source}")]
+    #[error(
+        "reading the key file '{path}': {}",
+        firn_store::error::strerror(source)
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,

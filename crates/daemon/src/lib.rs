@@ -78,7 +78,7 @@ pub fn default_socket_path(layout: &StoreLayout) -> PathBuf {
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    #[error("cannot listen on '{path}': {source}")]
+    #[error("cannot listen on '{path}': {}", firn_store::error::strerror(source))]
     Listen { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Io(#[from] io::Error),

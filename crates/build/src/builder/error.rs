@@ -9,23 +9,29 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ExecError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", firn_store::error::strerror(source))]
     Io { path: PathBuf, source: io::Error },
-    #[error("starting builder '{program}': {source}")]
+    #[error(
+        "starting builder '{program}': {}",
+        firn_store::error::strerror(source)
+    )]
     Spawn { program: String, source: io::Error },
     /// A step of the sandbox's set-up failed; firn never falls back to an unsandboxed
     /// build (`--option sandbox false` is the explicit way).
-    #[error("{step}: {source}{}", hint(source))]
+    #[error("{step}: {}{}", firn_store::error::strerror(source), hint(source))]
     SandboxSetup { step: String, source: io::Error },
     #[error("the group '{0}' specified in 'build-users-group' does not exist")]
     NoSuchGroup(String),
     #[error("the build users group '{0}' has no members")]
     NoMembers(String),
-    #[error("looking up the group '{group}' of 'build-users-group': {source}")]
+    #[error(
+        "looking up the group '{group}' of 'build-users-group': {}",
+        firn_store::error::strerror(source)
+    )]
     GroupLookup { group: String, source: io::Error },
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
-    #[error("making the build's cgroup: {source}")]
+    #[error("making the build's cgroup: {}", firn_store::error::strerror(source))]
     Cgroup { source: io::Error },
     /// firn's own binary or its libraries, which run builtin builders, were not found.
     #[error("starting builder 'builtin:{builtin}': {msg}")]

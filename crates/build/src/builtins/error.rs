@@ -51,7 +51,7 @@ pub enum BuiltinError {
     #[error("{0}")]
     Nar(#[from] firn_store::nar::NarError),
     /// unpack-channel: the tarball cannot be read.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", firn_store::error::strerror(source))]
     Archive { context: String, source: io::Error },
 }
 

@@ -20,9 +20,9 @@ pub enum RemoteError {
     Uri(#[from] SshUriError),
     #[error("no command to run")]
     NoCommand,
-    #[error("cannot run '{program}': {source}")]
+    #[error("cannot run '{program}': {}", firn_store::error::strerror(source))]
     Spawn { program: String, source: io::Error },
-    #[error("cannot write the host key file '{}': {source}", path.display())]
+    #[error("cannot write the host key file '{}': {}", path.display(), firn_store::error::strerror(source))]
     HostKeyFile {
         path: std::path::PathBuf,
         source: io::Error,

@@ -50,7 +50,7 @@ pub enum MachinesError {
     BadNumber { column: usize, line: String },
     #[error("bad machine specification: a column #{column} in a row: '{line}' is not valid base64 string")]
     BadBase64 { column: usize, line: String },
-    #[error("cannot read machines file '{}': {source}", path.display())]
+    #[error("cannot read machines file '{}': {}", path.display(), firn_store::error::strerror(source))]
     Read { path: PathBuf, source: io::Error },
     #[error("machines file '{}' is included more than {MAX_INCLUDE_DEPTH} levels deep (does it include itself?)", path.display())]
     TooDeep { path: PathBuf },
