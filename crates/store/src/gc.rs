@@ -580,7 +580,13 @@ impl Store {
         log(&StoreMessage::Deleting {
             path: shown.clone(),
         });
-        results.bytes_freed += delete_counting(&real).map_err(io_err)?;
+        // Already gone (an invalid path named to `--delete`, or a collector racing
+        // this one): deleted all the same, as for Nix's `deletePath`.
+        results.bytes_freed += match delete_counting(&real) {
+            Ok(freed) => freed,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(e)),
+        };
         results.paths.insert(shown);
         Ok(())
     }
@@ -942,9 +948,10 @@ impl Store {
         Ok(None)
     }
 
-    /// `nix-store --delete`: delete exactly `paths`, each valid or at least present in
-    /// the store directory, refusing (before deleting anything) if any is still alive,
-    /// with the reason. Valid ones go referrers first, each invalidated then deleted.
+    /// `nix-store --delete`: delete exactly `paths`, refusing (before deleting anything)
+    /// if any is still alive, with the reason. Valid ones go referrers first, each
+    /// invalidated then deleted; invalid ones are deleted if present (and counted either
+    /// way, as by Nix).
     pub fn delete_specific(
         &mut self,
         paths: &BTreeSet<StorePath>,
@@ -968,12 +975,12 @@ impl Store {
                 .extend(pids);
         }
         let sd = self.store_dir().clone();
+        // An invalid path is garbage whether or not something is there: Nix deletes
+        // what there is, and counts it, even when nothing is.
         let mut valid = BTreeSet::new();
         for p in paths {
             if self.db().is_valid_path(p)? {
                 valid.insert(p.clone());
-            } else if fs::symlink_metadata(self.real_path(p)).is_err() {
-                return Err(StoreError::NotValid(sd.display(p)));
             }
         }
         for p in paths {
