@@ -410,6 +410,74 @@ fn query_arguments_outside_the_store_are_named_as_nix_names_them() {
     remove(&root);
 }
 
+/// `verify-path` as `nix-store --verify-path`: silent and 0 for intact paths, Nix's
+/// "was modified!" line for each modified one (the rest still checked) and 1, an
+/// invalid path or unreadable contents the error; the same stderr and status as Nix on
+/// the same stores.
+#[test]
+fn verify_path_reports_as_nix_does() {
+    if !have_nix() {
+        return;
+    }
+    let root = tempdir("verify-path");
+    fs::write(root.join("h"), b"hello\n").unwrap();
+    fs::write(root.join("o"), b"other\n").unwrap();
+    let invalid = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f";
+    let mut seen: Vec<Vec<(Option<i32>, String)>> = Vec::new();
+    for tool in ["nix", "firn"] {
+        let store = root.join(format!("{tool}-store"));
+        let s = store.to_str().unwrap().to_owned();
+        let run_tool = |args: &[&str]| -> Output {
+            match tool {
+                "nix" => {
+                    let mut all = vec![
+                        "--store",
+                        &s,
+                        "--option",
+                        "substituters",
+                        "",
+                        "--verify-path",
+                    ];
+                    all.extend(args);
+                    run("nix-store", &all, None)
+                }
+                _ => {
+                    let mut all = vec!["--store", &s, "verify-path"];
+                    all.extend(args);
+                    run(firn_bin(), &all, None)
+                }
+            }
+        };
+        let h = ok(firn(&store, &["add", root.join("h").to_str().unwrap()]));
+        let o = ok(firn(&store, &["add", root.join("o").to_str().unwrap()]));
+        let (h, o) = (h.trim(), o.trim());
+        let real = store.join(h.trim_start_matches('/'));
+        let mut outs = vec![run_tool(&[h, o]), run_tool(&[])];
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&real, b"bye\n").unwrap();
+        outs.push(run_tool(&[h, o]));
+        outs.push(run_tool(&[invalid, h]));
+        fs::remove_file(&real).unwrap();
+        outs.push(run_tool(&[h]));
+        seen.push(
+            outs.iter()
+                .map(|out| {
+                    assert!(out.stdout.is_empty());
+                    let err = String::from_utf8_lossy(&out.stderr).replace(&s, "ROOT");
+                    (out.status.code(), err)
+                })
+                .collect(),
+        );
+    }
+    assert_eq!(seen[1], seen[0], "firn (right) against Nix (left)");
+    assert_eq!(seen[0][0], (Some(0), String::new()), "intact");
+    assert_eq!(seen[0][2].0, Some(1), "modified");
+    assert!(seen[0][2]
+        .1
+        .contains("was modified! expected hash 'sha256:"));
+    remove(&root);
+}
+
 #[test]
 fn derivations_added_by_firn_match_nix_and_nix_reads_them() {
     if !have_nix() {

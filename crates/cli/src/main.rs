@@ -232,6 +232,13 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Hash paths' contents again and compare with their registered NAR hashes (`nix-store
+    /// --verify-path`); exits 1 if one was modified.
+    #[command(long_flag = "verify-path")]
+    VerifyPath {
+        /// Store paths, or symlinks to them.
+        paths: Vec<String>,
+    },
     /// Delete the paths that no root keeps alive (`nix-store --gc`).
     #[command(long_flag = "gc")]
     Gc(gc::GcArgs),
@@ -370,6 +377,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             repair,
         } => {
             if !store_cmds::verify(&settings, check_contents, repair)? {
+                return Err(CliError::Silent);
+            }
+        }
+        Command::VerifyPath { paths } => {
+            if !store_cmds::verify_path(&settings, &paths)? {
                 return Err(CliError::Silent);
             }
         }
