@@ -779,6 +779,100 @@ fn dry_run_json_add_root_keep_failed() {
     remove(&root);
 }
 
+/// What `realise` prints is what `nix-store -r` prints, per argument in order (a
+/// repeated argument again, each argument's paths sorted), and with `--add-root LINK`
+/// the roots instead of the paths, named as Nix names them (`LINK`, then `LINK-N` for
+/// the N-th argument, `-NAME` for an output other than `out`), pointing where Nix's do.
+#[test]
+fn realise_prints_and_roots_per_argument_as_nix_does() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let root = tempdir("realise-order");
+    let mut seen = Vec::new();
+    for tool in ["nix", "firn"] {
+        let store = root.join(format!("{tool}-store"));
+        let drv = instantiate(&store, "multi.nix");
+        let file = root.join("plain.txt");
+        fs::write(&file, b"plain\n").unwrap();
+        let plain = String::from_utf8(firn(&store, &["add", file.to_str().unwrap()], None).stdout)
+            .unwrap()
+            .trim()
+            .to_owned();
+        let links = root.join(format!("{tool}-links"));
+        fs::create_dir_all(&links).unwrap();
+        let link = links.join("r");
+        let dev = format!("{drv}!dev");
+        let run_tool = |extra: &[&str]| -> Output {
+            let mut args = vec![drv.as_str(), plain.as_str(), dev.as_str(), drv.as_str()];
+            args.extend_from_slice(extra);
+            match tool {
+                "nix" => {
+                    let mut all = vec![
+                        "--store",
+                        store.to_str().unwrap(),
+                        "--option",
+                        "substituters",
+                        "",
+                        "--option",
+                        "sandbox-paths",
+                        "/bin/sh=/bin/busybox",
+                        "-r",
+                    ];
+                    all.extend(args);
+                    run("nix-store", &all, None)
+                }
+                _ => {
+                    let mut all = vec![
+                        "--store",
+                        store.to_str().unwrap(),
+                        "--option",
+                        "sandbox-paths",
+                        "/bin/sh=/bin/busybox",
+                        "realise",
+                    ];
+                    all.extend(args);
+                    run(firn_bin(), &all, None)
+                }
+            }
+        };
+        let plain_out = run_tool(&[]);
+        assert!(
+            plain_out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&plain_out.stderr)
+        );
+        let rooted = run_tool(&["--add-root", link.to_str().unwrap()]);
+        assert!(rooted.status.success(), "{tool}");
+        let mut made: Vec<(String, String)> = fs::read_dir(&links)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let target = fs::read_link(e.path()).unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    target.display().to_string(),
+                )
+            })
+            .collect();
+        made.sort();
+        let text = |o: &Output| {
+            String::from_utf8_lossy(&o.stdout).replace(&links.display().to_string(), "LINKS")
+        };
+        seen.push((text(&plain_out), text(&rooted), made));
+    }
+    assert_eq!(seen[1], seen[0], "firn (right) against Nix (left)");
+    assert_eq!(
+        seen[0].0.lines().count(),
+        8,
+        "3 + 1 + 1 + 3 lines: {}",
+        seen[0].0
+    );
+    assert_eq!(seen[0].2.len(), 8);
+    assert!(seen[0].1.starts_with("LINKS/r\n"), "{}", seen[0].1);
+    remove(&root);
+}
+
 /// `DRV^dev` realises the derivation and prints only the wanted output.
 #[test]
 fn wanted_outputs_are_honoured() {

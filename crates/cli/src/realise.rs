@@ -270,21 +270,25 @@ pub fn realise(
             stopped.join(", ")
         )));
     }
-    let mut paths: BTreeSet<StorePath> = BTreeSet::new();
+    // What each argument realised, in argument order (Nix's `opRealise`): a
+    // derivation's wanted outputs by name, or the path itself.
+    let mut realised: Vec<Realised> = Vec::new();
     for (p, w) in &tops {
         if !p.is_derivation() {
-            paths.insert(p.clone());
+            realised.push(Realised::Path(p.clone()));
             continue;
         }
+        let mut outputs = BTreeMap::new();
         if let Some((_, r)) = results.iter().find(|(k, _)| k == p) {
             if r.status.success() {
                 for (name, out) in &r.outputs {
                     if w.contains(name.as_str()) {
-                        paths.insert(out.clone());
+                        outputs.insert(name.as_str().to_owned(), out.clone());
                     }
                 }
             }
         }
+        realised.push(Realised::Outputs(outputs));
     }
     // Like Nix's worker flags: every goal's failure counts, not only the top ones'.
     let all: Vec<&BuildResult> = worker.results().map(|(_, r)| r).collect();
@@ -320,32 +324,68 @@ pub fn realise(
         text.push('\n');
         out.write_all(text.as_bytes()).map_err(CliError::stdout)?;
     } else if code == 0 {
-        for p in &paths {
-            out.write_all(format!("{}\n", sd.display(p)).as_bytes())
+        let printed = print_realised(&store, &realised, args.add_root.as_deref())?;
+        for line in printed {
+            out.write_all(format!("{line}\n").as_bytes())
                 .map_err(CliError::stdout)?;
         }
     }
-    if code == 0 {
-        if let Some(link) = &args.add_root {
-            for (i, p) in paths.iter().enumerate() {
-                let l = if i == 0 {
-                    link.clone()
-                } else {
-                    PathBuf::from(format!("{}-{}", link.display(), i + 1))
-                };
-                add_root(&store, &l, p)?;
-            }
-        }
+    if code == 0 && args.json {
+        // With --json the roots are made all the same; the JSON says what was built.
+        print_realised(&store, &realised, args.add_root.as_deref())?;
     }
     Ok(code)
 }
 
-/// An indirect GC root: LINK → output, and `gcroots/auto/<hash of LINK>` → LINK.
-fn add_root(
+/// What one argument of `realise` stands for once built.
+enum Realised {
+    /// A path that is not a derivation: itself.
+    Path(StorePath),
+    /// A derivation: its wanted outputs, by name.
+    Outputs(BTreeMap<String, StorePath>),
+}
+
+/// The lines `nix-store -r` prints (`opRealise`/`realisePath`): per argument, in order
+/// (a repeated argument is printed again), its paths sorted by their text. With
+/// `--add-root LINK` each path is rooted and the root printed instead: the N-th
+/// argument's root is LINK, then LINK-N from the second on, with `-NAME` for an output
+/// other than `out`.
+fn print_realised(
     store: &firn_store::Store,
-    link: &std::path::Path,
-    p: &StorePath,
-) -> Result<(), CliError> {
-    store.add_perm_root(link, p)?;
-    Ok(())
+    realised: &[Realised],
+    add_root_link: Option<&std::path::Path>,
+) -> Result<Vec<String>, CliError> {
+    let sd = store.store_dir();
+    let mut lines = Vec::new();
+    for (i, r) in realised.iter().enumerate() {
+        let root_nr = i + 1;
+        let root_name = |output: Option<&str>| {
+            let mut name = add_root_link.map(|l| l.display().to_string())?;
+            if root_nr > 1 {
+                name.push_str(&format!("-{root_nr}"));
+            }
+            if let Some(o) = output.filter(|o| *o != "out") {
+                name.push_str(&format!("-{o}"));
+            }
+            Some(PathBuf::from(name))
+        };
+        let mut shown = BTreeSet::new();
+        let wanted: Vec<(Option<&str>, &StorePath)> = match r {
+            Realised::Path(p) => vec![(None, p)],
+            Realised::Outputs(outs) => outs.iter().map(|(n, p)| (Some(n.as_str()), p)).collect(),
+        };
+        for (output, p) in wanted {
+            match root_name(output) {
+                Some(link) => {
+                    let root = store.add_perm_root(&link, p)?;
+                    shown.insert(root.display().to_string());
+                }
+                None => {
+                    shown.insert(sd.display(p));
+                }
+            }
+        }
+        lines.extend(shown);
+    }
+    Ok(lines)
 }
