@@ -128,7 +128,13 @@ fn build_hi(home: &Path) -> (String, String) {
         &[],
         "",
     );
-    let path = ok(out).trim().to_owned();
+    // As `nix-store -r --add-root`, the root is printed; it points at the output.
+    assert_eq!(ok(out).trim(), home.join("result").to_str().unwrap());
+    let path = fs::read_link(home.join("result"))
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(
         path.starts_with("/nix/store/") && path.ends_with("-hi"),
         "{path}"
