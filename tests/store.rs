@@ -478,6 +478,127 @@ fn verify_path_reports_as_nix_does() {
     remove(&root);
 }
 
+/// `export` writes what `nix-store --export` writes, byte for byte (a closure with a
+/// reference and derivers); each tool imports the other's export into a fresh store
+/// with the same paths, hashes, references and derivers; a stream that is not an
+/// export and a path whose contents changed are one error each, nothing half-added.
+#[test]
+fn export_and_import_match_nix() {
+    if !can_build() || !have_nix() {
+        return;
+    }
+    let root = tempdir("export");
+    let store = root.join("store");
+    let drv = {
+        let out = command("nix-instantiate")
+            .args([
+                "--store",
+                store.to_str().unwrap(),
+                "--option",
+                "substituters",
+                "",
+            ])
+            .arg(fixtures().join("exprs/chain.nix"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let out = ok(firn(
+        &store,
+        &["--option", "sandbox", "false", "realise", &drv],
+    ));
+    let closure: Vec<String> = ok(firn(&store, &["query", "--requisites", out.trim()]))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(closure.len(), 2, "{closure:?}");
+    let mut args = vec!["export"];
+    args.extend(closure.iter().map(String::as_str));
+    let ours = firn(&store, &args);
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let mut nix_args = vec!["--export"];
+    nix_args.extend(closure.iter().map(String::as_str));
+    let theirs = nix(&store, "nix-store", &nix_args);
+    assert!(theirs.status.success());
+    assert_eq!(
+        ours.stdout, theirs.stdout,
+        "the same bytes as nix-store --export"
+    );
+
+    let info = |s: &Path, p: &str| {
+        ["--hash", "--references", "--deriver"]
+            .map(|q| ok(nix(s, "nix-store", &["-q", q, p])))
+            .join("")
+    };
+    let into_nix = root.join("into-nix");
+    let imported = command("nix-store")
+        .args([
+            "--store",
+            into_nix.to_str().unwrap(),
+            "--option",
+            "substituters",
+            "",
+            "--import",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let imported = {
+        let mut child = imported;
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&ours.stdout).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    assert!(imported.status.success());
+    let into_firn = root.join("into-firn");
+    let ours_in = firn_in(&into_firn, &["import"], &theirs.stdout);
+    assert!(
+        ours_in.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours_in.stderr)
+    );
+    assert_eq!(
+        ours_in.stdout, imported.stdout,
+        "the imported paths, as Nix lists them"
+    );
+    for p in &closure {
+        assert_eq!(info(&into_firn, p), info(&store, p), "{p}");
+        assert_eq!(info(&into_nix, p), info(&store, p), "{p}");
+    }
+    assert_verifies(&into_firn, "after the import");
+
+    // Not an export: one line, nothing added.
+    let junk = root.join("junk");
+    let bad = firn_in(&junk, &["import"], b"this is not an export at all");
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+    assert!(
+        store_entries(&junk).is_empty(),
+        "{:?}",
+        store_entries(&junk)
+    );
+    // A path whose contents changed is refused with Nix's words.
+    let real = store.join(out.trim().trim_start_matches('/'));
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&real, b"changed\n").unwrap();
+    let changed = firn(&store, &["export", out.trim()]);
+    assert_eq!(changed.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "error: hash of path '{}' has changed from 'sha256:",
+            out.trim()
+        )),
+        "{err}"
+    );
+    remove(&root);
+}
+
 #[test]
 fn derivations_added_by_firn_match_nix_and_nix_reads_them() {
     if !have_nix() {

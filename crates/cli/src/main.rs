@@ -239,6 +239,17 @@ enum Command {
         /// Store paths, or symlinks to them.
         paths: Vec<String>,
     },
+    /// Write the export of store paths (NARs and metadata, references first) to stdout
+    /// (`nix-store --export`).
+    #[command(long_flag = "export")]
+    Export {
+        /// Store paths, or symlinks to them (not their closures).
+        paths: Vec<String>,
+    },
+    /// Add the store paths of an export read from stdin and print them (`nix-store
+    /// --import`); signatures are not required, as for Nix.
+    #[command(long_flag = "import")]
+    Import,
     /// Delete the paths that no root keeps alive (`nix-store --gc`).
     #[command(long_flag = "gc")]
     Gc(gc::GcArgs),
@@ -385,6 +396,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Silent);
             }
         }
+        Command::Export { paths } => store_cmds::export(&settings, &paths)?,
+        Command::Import => store_cmds::import(&settings, &mut out)?,
         Command::Gc(args) => gc::gc(&settings, &args, &mut out)?,
         Command::ShowConfig => {
             let mut shown = settings.build.show();

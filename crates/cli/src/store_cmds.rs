@@ -721,6 +721,40 @@ enum PathInfoJson {
     },
 }
 
+/// `nix-store --export PATH…`: the export of exactly those paths on stdout
+/// (`firn_daemon::export`).
+pub fn export(settings: &Settings, args: &[String]) -> Result<(), CliError> {
+    let store = open(settings)?;
+    let mut paths = BTreeSet::new();
+    for a in args {
+        paths.insert(store.parse_path_arg(a)?);
+    }
+    let stdout = io::stdout().lock();
+    firn_daemon::export::export_to(
+        &store,
+        &paths,
+        io::BufWriter::with_capacity(1 << 20, stdout),
+    )
+    .map_err(|e| match e {
+        firn_daemon::export::ExportError::Write(e) => CliError::stdout(e),
+        e => CliError::usage(e.to_string()),
+    })
+}
+
+/// `nix-store --import`: add the paths of the export on stdin; print them.
+pub fn import(settings: &Settings, out: &mut impl Write) -> Result<(), CliError> {
+    let mut store = open(settings)?;
+    let stdin = io::stdin().lock();
+    let paths =
+        firn_daemon::export::import_from(&mut store, io::BufReader::with_capacity(1 << 20, stdin))
+            .map_err(|e| CliError::usage(e.to_string()))?;
+    let sd = store.store_dir().clone();
+    for p in paths {
+        w(out, &format!("{}\n", sd.display(&p)))?;
+    }
+    Ok(())
+}
+
 /// `nix-store --verify-path PATH…` (`opVerifyPath`): hash each path's contents again
 /// and compare with its registered NAR hash. A modified path is reported (Nix's line,
 /// without `error:`) and the others are still checked; an argument that is not a valid

@@ -22,6 +22,7 @@
 
 pub mod conn;
 pub mod events;
+pub mod export;
 pub mod recursive;
 pub mod restrict;
 pub mod serve;

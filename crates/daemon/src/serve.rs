@@ -15,10 +15,8 @@ use std::io::{self, Read, Write};
 use firn_build::builder::local::{LocalBuilder, LocalOptions};
 use firn_build::events::BuildEvents;
 use firn_build::{BuildStatus as FirnStatus, Wanted, Worker};
-use firn_derivation::{hash_derivation_modulo, Derivation, Hash, OutputName, StoreDir, StorePath};
-use firn_protocol::serve::{
-    self, BuildSettings, Command, ExportTrailer, ServeError, ServePathInfo, ServeRequest,
-};
+use firn_derivation::{hash_derivation_modulo, Derivation, OutputName, StoreDir, StorePath};
+use firn_protocol::serve::{self, BuildSettings, Command, ServeError, ServePathInfo, ServeRequest};
 use firn_protocol::{
     BasicDerivation, BuildResult, BuildStatus, DerivedPath, Limits, Reader, Writer,
 };
@@ -27,10 +25,6 @@ use thiserror::Error;
 
 use crate::events::{error_text, wire_status};
 use crate::DaemonConfig;
-use firn_store::nar_bound::NarBounded;
-
-/// Largest NAR taken into memory by ImportPaths (its metadata comes after the NAR).
-const MAX_IMPORT_NAR: u64 = 1 << 30;
 
 /// Why a serve session ended early. Each is one `error:` line for the caller.
 #[derive(Debug, Error)]
@@ -53,6 +47,17 @@ pub enum ServeFailure {
     Import(String),
     #[error("{0}")]
     Io(#[from] io::Error),
+}
+
+impl From<crate::export::ExportError> for ServeFailure {
+    fn from(e: crate::export::ExportError) -> Self {
+        use crate::export::ExportError;
+        match e {
+            ExportError::Store(e) => Self::Store(*e),
+            ExportError::NotValid(p) => Self::NotValid(p),
+            e => Self::Import(e.to_string()),
+        }
+    }
 }
 
 impl From<firn_store::DbError> for ServeFailure {
@@ -313,61 +318,16 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         }
     }
 
-    /// `exportPaths`: references first; each path `1`, its NAR, its trailer; then `0`.
+    /// `exportPaths` (`crate::export`).
     fn export_paths(&mut self, paths: &BTreeSet<StorePath>) -> Res<()> {
-        let mut infos = Vec::new();
-        for p in paths {
-            infos.push(self.valid(p)?);
-        }
-        for p in firn_store::import::references_first(&infos) {
-            let Some(info) = infos.iter().find(|i| i.path == p) else {
-                continue;
-            };
-            self.w.write_u64(1)?;
-            let real = self.store.real_path(&p);
-            firn_store::nar::dump_path(&real, self.w.get_mut())
-                .map_err(|e| ServeFailure::Import(e.to_string()))?;
-            ExportTrailer {
-                path: p.clone(),
-                references: info.references.clone(),
-                deriver: info.deriver.clone(),
-            }
-            .write(&mut self.w)?;
-        }
-        self.w.write_u64(0)?;
-        Ok(())
+        crate::export::export_paths(&self.store, paths, &mut self.w).map_err(ServeFailure::from)
     }
 
-    /// `importPaths(NoCheckSigs)`: each NAR is read whole (its metadata follows it),
-    /// hashed, and added with the references and deriver the trailer gives.
+    /// `importPaths(NoCheckSigs)` (`crate::export`).
     fn import_paths(&mut self) -> Res<()> {
-        while serve::read_export_marker(&mut self.r)? {
-            let mut nar = Vec::new();
-            {
-                let mut bounded = NarBounded::new(self.r.get_mut().take(MAX_IMPORT_NAR));
-                io::copy(&mut bounded, &mut nar)
-                    .map_err(|e| ServeFailure::Import(format!("reading an imported NAR: {e}")))?;
-                if !bounded.is_done() {
-                    return Err(ServeFailure::Import(format!(
-                        "an imported NAR is larger than {MAX_IMPORT_NAR} bytes or cut short"
-                    )));
-                }
-            }
-            let trailer = ExportTrailer::read(&mut self.r)?;
-            let info = firn_store::ValidPathInfo {
-                path: trailer.path,
-                nar_hash: Hash::sha256(&nar),
-                nar_size: nar.len() as u64,
-                references: trailer.references,
-                deriver: trailer.deriver,
-                registration_time: 0,
-                ultimate: false,
-                sigs: Vec::new(),
-                ca: None,
-            };
-            self.store.add_nar(&info, &mut &nar[..])?;
-        }
-        Ok(())
+        crate::export::import_paths(&mut self.store, &mut self.r)
+            .map(drop)
+            .map_err(ServeFailure::from)
     }
 
     /// Substitute the invalid ones of `paths` that the substituters have; a failure is
