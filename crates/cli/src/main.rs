@@ -167,8 +167,8 @@ enum Command {
     #[command(long_flag = "add")]
     Add {
         /// Files or directories to add (`""` is the current directory, as for Nix).
-        #[arg(required = true, value_parser = clap::value_parser!(std::ffi::OsString))]
-        paths: Vec<std::ffi::OsString>,
+        #[arg(required = true, value_parser = any_path())]
+        paths: Vec<std::path::PathBuf>,
     },
     /// Add files or trees with a given hash algorithm (`nix-store --add-fixed`).
     #[command(long_flag = "add-fixed")]
@@ -179,15 +179,15 @@ enum Command {
         /// md5, sha1, sha256 or sha512.
         algo: String,
         /// Files (or, with --recursive, directories) to add.
-        #[arg(required = true, value_parser = clap::value_parser!(std::ffi::OsString))]
-        paths: Vec<std::ffi::OsString>,
+        #[arg(required = true, value_parser = any_path())]
+        paths: Vec<std::path::PathBuf>,
     },
     /// Write the NAR serialisation of a path to stdout (`nix-store --dump`).
     #[command(long_flag = "dump")]
     Dump {
         /// Any file, directory or symlink; a store path is read from the store.
-        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
-        path: std::ffi::OsString,
+        #[arg(value_parser = any_path())]
+        path: std::path::PathBuf,
     },
     /// Hash a file or tree as `nix-hash` does: the NAR serialisation (or, with --flat,
     /// the file's contents), md5 in base16 unless told otherwise.
@@ -205,15 +205,15 @@ enum Command {
         #[arg(long)]
         truncate: bool,
         /// Files or directories to hash (none: nothing to do, as for nix-hash).
-        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
-        paths: Vec<std::ffi::OsString>,
+        #[arg(value_parser = any_path())]
+        paths: Vec<std::path::PathBuf>,
     },
     /// Read a NAR from stdin and unpack it at PATH, which must not exist (`nix-store --restore`).
     #[command(long_flag = "restore")]
     Restore {
         /// Where to unpack; must not exist.
-        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
-        path: std::ffi::OsString,
+        #[arg(value_parser = any_path())]
+        path: std::path::PathBuf,
     },
     /// Query the store (`nix-store -q`; `firn -qR PATH` works too). Without a query
     /// flag: the outputs of derivations.
@@ -343,24 +343,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Log { path } => store_cmds::log(&settings, &path, &mut out)?,
-        Command::Add { paths } => {
-            let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
-            store_cmds::add(&settings, &paths, &mut out)?
-        }
+        Command::Add { paths } => store_cmds::add(&settings, &paths, &mut out)?,
         Command::AddFixed {
             recursive,
             algo,
             paths,
-        } => {
-            let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
-            store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?
-        }
+        } => store_cmds::add_fixed(&settings, recursive, &algo, &paths, &mut out)?,
         Command::Dump { path } => {
             let stdout = io::stdout();
             let fd = std::os::fd::AsFd::as_fd(&stdout);
-            store_cmds::dump(&settings, path.as_ref(), &mut out, Some(fd))?
+            store_cmds::dump(&settings, &path, &mut out, Some(fd))?
         }
-        Command::Restore { path } => store_cmds::restore(path.as_ref())?,
+        Command::Restore { path } => store_cmds::restore(&path)?,
         Command::Hash {
             algo,
             base32,
@@ -373,7 +367,6 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 flat,
                 truncate,
             };
-            let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
             store_cmds::hash(&algo, how, &paths, &mut out)?
         }
         Command::Query(args) => {
@@ -575,6 +568,14 @@ fn serve(settings: Settings, write: bool) -> Result<(), CliError> {
     };
     firn_daemon::serve::serve_stdio(&config, write, &interrupt::interrupted)
         .map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// A path argument as typed, the empty one included: clap's `PathBuf` parser refuses
+/// `""`, which Nix takes (as the current directory for `--add`, else as a file that is
+/// not there).
+fn any_path() -> impl clap::builder::TypedValueParser<Value = std::path::PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().map(std::path::PathBuf::from)
 }
 
 fn main() -> ExitCode {

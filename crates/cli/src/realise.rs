@@ -323,16 +323,16 @@ pub fn realise(
             .map_err(|e| CliError::usage(format!("writing JSON: {e}")))?;
         text.push('\n');
         out.write_all(text.as_bytes()).map_err(CliError::stdout)?;
-    } else if code == 0 {
-        let printed = print_realised(&store, &realised, args.add_root.as_deref())?;
-        for line in printed {
-            out.write_all(format!("{line}\n").as_bytes())
-                .map_err(CliError::stdout)?;
-        }
     }
-    if code == 0 && args.json {
-        // With --json the roots are made all the same; the JSON says what was built.
-        print_realised(&store, &realised, args.add_root.as_deref())?;
+    if code == 0 {
+        // Rooted with --json too; only the lines are left out then.
+        let lines = realised_lines(&store, &realised, args.add_root.as_deref())?;
+        if !args.json {
+            for line in lines {
+                out.write_all(format!("{line}\n").as_bytes())
+                    .map_err(CliError::stdout)?;
+            }
+        }
     }
     Ok(code)
 }
@@ -345,12 +345,13 @@ enum Realised {
     Outputs(BTreeMap<String, StorePath>),
 }
 
-/// The lines `nix-store -r` prints (`opRealise`/`realisePath`): per argument, in order
+/// The lines `nix-store -r` prints (`opRealise`/`realisePath`), making the roots they
+/// name: per argument, in order
 /// (a repeated argument is printed again), its paths sorted by their text. With
 /// `--add-root LINK` each path is rooted and the root printed instead: the N-th
 /// argument's root is LINK, then LINK-N from the second on, with `-NAME` for an output
 /// other than `out`.
-fn print_realised(
+fn realised_lines(
     store: &firn_store::Store,
     realised: &[Realised],
     add_root_link: Option<&std::path::Path>,

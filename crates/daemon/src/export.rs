@@ -13,7 +13,7 @@
 //! [`MAX_IMPORT_NAR`], and added with the references and deriver of its trailer, the NAR
 //! hash computed here, without signatures (`NoCheckSigs`, as both of Nix's callers).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 
 use firn_derivation::{Hash, StorePath};
@@ -79,8 +79,10 @@ pub fn export_paths<W: Write>(
             .ok_or_else(|| ExportError::NotValid(sd.display(p)))?;
         infos.push(info);
     }
+    let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+        infos.iter().map(|i| (&i.path, i)).collect();
     for p in firn_store::import::references_first(&infos) {
-        let Some(info) = infos.iter().find(|i| i.path == p) else {
+        let Some(info) = by_path.get(&p) else {
             continue;
         };
         w.write_u64(1).map_err(ExportError::Write)?;

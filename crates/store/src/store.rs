@@ -557,9 +557,8 @@ impl Store {
         method: FileIngestionMethod,
         algo: HashAlgo,
     ) -> Result<ValidPathInfo, StoreError> {
-        let name = name.to_owned();
         if method == FileIngestionMethod::Recursive {
-            return self.add_recursive(src, &name, algo);
+            return self.add_recursive(src, name, algo);
         }
         let meta = fs::symlink_metadata(src).map_err(|source| NarError::Stat {
             path: src.to_path_buf(),
@@ -577,10 +576,7 @@ impl Store {
             method,
             hash: h.finish().0,
         };
-        let path = self
-            .layout
-            .store_dir
-            .make_fixed_output_path(&fixed, &name)?;
+        let path = self.layout.store_dir.make_fixed_output_path(&fixed, name)?;
         let src = src.to_path_buf();
         self.add_content(
             path,
