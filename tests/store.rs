@@ -1390,3 +1390,106 @@ fn dump_matches_nix_for_any_path() {
     remove(&root);
     remove(&tree);
 }
+
+/// The directories (and the one symlink) a store's state has, with their modes and link
+/// targets relative to `root`: what `LocalStore`'s constructor makes, leaving out what
+/// only one of the tools makes (firn's log directories, made as it opens a store; Nix's
+/// `db/reserved` and the collector's socket, made as they are needed).
+fn layout_of(root: &Path) -> BTreeSet<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeSet::new();
+    let mut todo = vec![root.to_path_buf()];
+    let mut all = Vec::new();
+    while let Some(dir) = todo.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.symlink_metadata().unwrap().is_dir() {
+                todo.push(p.clone());
+            }
+            all.push(p);
+        }
+    }
+    for path in all {
+        let rel = path.strip_prefix(root).unwrap().display().to_string();
+        let skip = rel.starts_with("nix/var/log")
+            || rel.starts_with("nix/var/nix/gc-socket")
+            || rel.starts_with("nix/var/nix/db/")
+            || (rel.starts_with("nix/store/") && !rel.starts_with("nix/store/.links"));
+        if skip {
+            continue;
+        }
+        let m = path.symlink_metadata().unwrap();
+        let what = if m.file_type().is_symlink() {
+            let t = fs::read_link(&path).unwrap();
+            format!("-> {}", t.strip_prefix(root).unwrap_or(&t).display())
+        } else {
+            format!("{:o}", m.mode() & 0o7777)
+        };
+        out.insert(format!("{rel} {what}"));
+    }
+    out
+}
+
+/// A store firn makes has the state directories Nix's `LocalStore` makes (`.links`, the
+/// `per-user` directories and this user's own in them, `gcroots/profiles` linking to the
+/// profiles, so that real Nix collecting a store firn made keeps what profiles hold), and
+/// real Nix makes the same ones.
+#[test]
+fn a_new_store_has_the_layout_nix_makes() {
+    let root = tempdir("layout");
+    let src = tempdir("layout-src");
+    fs::write(src.join("f"), "f\n").unwrap();
+    ok(firn(&root, &["add", src.join("f").to_str().unwrap()]));
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    // From LocalStore::LocalStore and LocalStore::createUser (Nix 2.8).
+    let mut want: BTreeSet<String> = [
+        "nix 755",
+        "nix/store 1775",
+        "nix/store/.links 755",
+        "nix/var 755",
+        "nix/var/nix 755",
+        "nix/var/nix/db 755",
+        "nix/var/nix/gc.lock 600",
+        "nix/var/nix/gcroots 755",
+        "nix/var/nix/gcroots/per-user 755",
+        "nix/var/nix/gcroots/profiles -> nix/var/nix/profiles",
+        "nix/var/nix/profiles 755",
+        "nix/var/nix/profiles/per-user 755",
+        "nix/var/nix/temproots 755",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    want.insert(format!("nix/var/nix/gcroots/per-user/{user} 755"));
+    want.insert(format!("nix/var/nix/profiles/per-user/{user} 755"));
+    let got = layout_of(&root);
+    assert_eq!(got, want);
+    // A store that has its `gcroots` keeps it as it is: no link is made again.
+    fs::remove_file(root.join("nix/var/nix/gcroots/profiles")).unwrap();
+    ok(firn(
+        &root,
+        &[
+            "query",
+            "--hash",
+            ok(firn(&root, &["add", src.join("f").to_str().unwrap()])).trim(),
+        ],
+    ));
+    assert!(fs::symlink_metadata(root.join("nix/var/nix/gcroots/profiles")).is_err());
+    if !have_nix() {
+        println!("skipped the comparison with real Nix: nix-store is not installed");
+    } else {
+        let nroot = tempdir("layout-nix");
+        ok(nix(
+            &nroot,
+            "nix-store",
+            &["--add", src.join("f").to_str().unwrap()],
+        ));
+        assert_eq!(layout_of(&nroot), want, "Nix makes the same");
+        remove(&nroot);
+    }
+    remove(&root);
+    remove(&src);
+}

@@ -132,9 +132,7 @@ pub fn serve_connection_with<R: Read, W: Write>(
     });
     let store = match store {
         Ok(s) => {
-            // Nix's LocalStore makes the hard-link directory on open; clients and
-            // Nix's tests expect it (`rmdir $NIX_STORE_DIR/.links` after a GC).
-            let _ = std::fs::create_dir_all(s.real_store_dir().join(".links"));
+            // (Opening made `.links` and the per-user directories, as Nix's LocalStore.)
             StderrMsg::Last.write(&mut w)?;
             w.flush()?;
             s

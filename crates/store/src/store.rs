@@ -78,6 +78,46 @@ pub fn create_dirs(path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// The state directories Nix's `LocalStore` makes for the users (`profiles/per-user`,
+/// `gcroots/per-user`, mode 0755) and, as its `createUser`, this user's own in each
+/// (mode 0755, owned by the user and its group), where `nix-env` and `nix-build` put the
+/// user's profiles and roots. A user without a name (no passwd entry, no `$USER`) gets
+/// none (Nix refuses to open the store then).
+fn create_user_dirs(layout: &StoreLayout) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid();
+    let gid = nix::unistd::getgid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|n| !n.is_empty() && !n.contains('/'));
+    for base in [layout.profiles_dir(), layout.gcroots_dir()] {
+        let per_user = base.join("per-user");
+        let mut dirs = vec![(per_user.clone(), false)];
+        if let Some(name) = &name {
+            dirs.push((per_user.join(name), true));
+        }
+        for (dir, own) in dirs {
+            create_dirs(&dir)?;
+            let meta = fs::metadata(&dir).map_err(io_err(&dir))?;
+            if meta.mode() & 0o7777 != 0o755 {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                    .map_err(io_err(&dir))?;
+            }
+            if own && (meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw()) {
+                match nix::unistd::chown(&dir, Some(uid), Some(gid)) {
+                    // A user namespace that does not map the group: left as it is.
+                    Err(nix::errno::Errno::EINVAL) => {}
+                    r => r.map_err(|e| io_err(&dir)(e.into()))?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `e`, or [`StoreError::NotOwner`] when `e` is a permission denied by a store (whose
 /// state is in `state_dir`) that belongs to someone else than this non-root user.
 fn foreign_store(layout: &StoreLayout, e: StoreError) -> StoreError {
@@ -191,7 +231,11 @@ impl Store {
             fs::set_permissions(&real_store, fs::Permissions::from_mode(0o1775))
                 .map_err(io_err(&real_store))?;
         }
+        // Nix links `gcroots/profiles` to the profiles only when it makes `gcroots`: a
+        // store keeps what its owner made of it since.
+        let new_gcroots = fs::symlink_metadata(layout.gcroots_dir()).is_err();
         for d in [
+            real_store.join(".links"),
             layout.db_dir(),
             layout.gcroots_dir(),
             layout.temproots_dir(),
@@ -200,6 +244,16 @@ impl Store {
         ] {
             create_dirs(&d)?;
         }
+        if new_gcroots {
+            let link = layout.gcroots_dir().join("profiles");
+            match std::os::unix::fs::symlink(layout.profiles_dir(), &link) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_err(&link)(e));
+                }
+                _ => {}
+            }
+        }
+        create_user_dirs(&layout)?;
         // As Nix does with `build-users-group`, on every open (so that a process killed
         // between the mkdir and the chown leaves nothing wrong): the build users may
         // create their outputs in the store (1775: only their own entries are theirs to
@@ -1059,7 +1113,7 @@ mod tests {
         let mut v: Vec<String> = fs::read_dir(store.real_store_dir())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
+            .filter(|n| n.starts_with('.') && n != ".links")
             .collect();
         v.sort();
         v
