@@ -1006,3 +1006,96 @@ fn realise_add_root_makes_the_indirect_root_nix_makes() {
     remove(&root);
     remove(&scratch);
 }
+
+/// `gc` reads its flags as `nix-store --gc` does (any may be repeated, `--print-roots`
+/// wins, the last of `--print-live`/`--print-dead` counts), and what `gc` and `delete`
+/// print, stdout and stderr, is what Nix prints on the same store (the `.links` lines
+/// included: every store has `.links`, as Nix makes it).
+#[test]
+fn gc_flags_and_messages_are_nixs() {
+    let root = tempdir("gc-flags");
+    let scratch = tempdir("gc-flags-scratch");
+    let r = root.join("s");
+    let live = add_file(&r, &scratch, "live", b"live\n");
+    let dead = add_file(&r, &scratch, "dead", b"dead\n");
+    let link = r.join("nix/var/nix/gcroots/keep");
+    std::os::unix::fs::symlink(&live, &link).unwrap();
+    let roots_line = format!("{} -> {live}\n", link.display());
+    let cases: [(&[&str], String); 6] = [
+        (&["--print-dead", "--print-live"], format!("{live}\n")),
+        (&["--print-live", "--print-dead"], format!("{dead}\n")),
+        (&["--print-dead", "--print-dead"], format!("{dead}\n")),
+        (&["--print-dead", "--print-roots"], roots_line.clone()),
+        (
+            &["--print-roots", "--print-live", "--print-roots"],
+            roots_line,
+        ),
+        (
+            &["--max-freed", "1", "--print-dead", "--max-freed", "0"],
+            String::new(),
+        ),
+    ];
+    let with_nix = have_nix();
+    if !with_nix {
+        println!("skipped the comparisons with real Nix: nix-store is not installed");
+    }
+    for (flags, want) in &cases {
+        let mut args = vec!["gc"];
+        args.extend_from_slice(flags);
+        let out = firn(&r, &args);
+        assert_eq!(&ok(out), want, "{flags:?}");
+        if with_nix {
+            let mut args = vec!["--gc"];
+            args.extend_from_slice(flags);
+            assert_eq!(&ok(nix(&r, &args)), want, "Nix: {flags:?}");
+        }
+    }
+    // A deleting collection and a delete, each on its own copy for Nix.
+    let other = add_file(&r, &scratch, "other", b"other\n");
+    let theirs = root.join("nix-copy");
+    copy_store(&r, &theirs);
+    let ours = firn(&r, &["gc"]);
+    // The paths go in the store directory's order: compared as a set, in their place.
+    let lines: Vec<String> = stderr(&ours).lines().map(str::to_owned).collect();
+    let deleted: BTreeSet<String> = deleted_in_order(&stderr(&ours)).into_iter().collect();
+    assert_eq!(deleted, BTreeSet::from([dead.clone(), other.clone()]));
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| !l.starts_with("deleting '"))
+            .collect::<Vec<_>>(),
+        [
+            "finding garbage collector roots...",
+            "deleting garbage...",
+            "deleting unused links...",
+            "note: currently hard linking saves -0.00 MiB"
+        ]
+    );
+    assert!(lines[2].starts_with("deleting '") && lines[3].starts_with("deleting '"));
+    assert_eq!(ok(ours), "2 store paths deleted, 0.00 MiB freed\n");
+    let delete_err = |p: &str| {
+        format!(
+            "finding garbage collector roots...\ndeleting '{p}'\n\
+             deleting unused links...\nnote: currently hard linking saves -0.00 MiB\n"
+        )
+    };
+    if with_nix {
+        let out = nix(&theirs, &["--delete", &dead]);
+        assert_eq!(stderr(&out), delete_err(&dead), "Nix");
+        let out = nix(&theirs, &["--gc"]);
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "finding garbage collector roots...\ndeleting garbage...\ndeleting '{other}'\n\
+                 deleting unused links...\nnote: currently hard linking saves -0.00 MiB\n"
+            ),
+            "Nix"
+        );
+    }
+    let again = add_file(&r, &scratch, "dead", b"dead\n");
+    let out = firn(&r, &["delete", &again]);
+    assert_eq!(stderr(&out), delete_err(&again));
+    assert_eq!(ok(out), "1 store paths deleted, 0.00 MiB freed\n");
+    remove(&root);
+    remove(&scratch);
+}

@@ -13,17 +13,25 @@ use crate::store_cmds::open;
 
 #[derive(Debug, Args)]
 pub struct GcArgs {
+    // As `nix-store --gc` reads its flags: any may be repeated, `--print-roots` wins
+    // over the others, of `--print-live`/`--print-dead` and of `--max-freed` the last
+    // one counts.
     /// Print the roots (`LINK -> PATH`, sorted by link), delete nothing.
-    #[arg(long, group = "mode")]
+    #[arg(long, overrides_with = "print_roots")]
     print_roots: bool,
     /// Print the live paths, delete nothing.
-    #[arg(long, group = "mode")]
+    #[arg(long, overrides_with_all = ["print_live", "print_dead"])]
     print_live: bool,
     /// Print the dead paths, delete nothing.
-    #[arg(long, group = "mode")]
+    #[arg(long, overrides_with_all = ["print_live", "print_dead"])]
     print_dead: bool,
     /// Stop after freeing more than N bytes (suffixes K, M, G, T: powers of 1024).
-    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_hyphen_values = true,
+        overrides_with = "max_freed"
+    )]
     max_freed: Option<String>,
 }
 

@@ -964,7 +964,9 @@ impl Store {
             self.store_dir().clone(),
             self.reporter().clone(),
         )?;
-        // (Nix says "finding garbage collector roots..." here; a refusal is one line.)
+        // (Nix says "finding garbage collector roots..." here; firn says it once none
+        // of `paths` is found alive, so that a refusal is one line and a delete's
+        // output is Nix's.)
         let roots = self.find_roots_no_temp(false)?;
         let mut temp: HashMap<String, BTreeSet<String>> = HashMap::new();
         let found = self.find_temp_roots(log)?;
@@ -991,6 +993,7 @@ impl Store {
                 });
             }
         }
+        log(&StoreMessage::FindingRoots);
         let mut results = GcResults::default();
         let order = self.referrers_first(&valid)?;
         let invalid = paths.difference(&valid).cloned();
@@ -1019,6 +1022,8 @@ impl Store {
                 });
             }
         }
+        // As after a collection (Nix's `gcDeleteSpecific` ends the same way).
+        self.delete_unused_links(&mut results, log)?;
         Ok(results)
     }
 }
