@@ -779,10 +779,14 @@ fn dry_run_json_add_root_keep_failed() {
     remove(&root);
 }
 
+const GC_WARNING: &str =
+    "warning: you did not specify '--add-root'; the result might be removed by the garbage collector";
+
 /// What `realise` prints is what `nix-store -r` prints, per argument in order (a
 /// repeated argument again, each argument's paths sorted), and with `--add-root LINK`
 /// the roots instead of the paths, named as Nix names them (`LINK`, then `LINK-N` for
-/// the N-th argument, `-NAME` for an output other than `out`), pointing where Nix's do.
+/// the N-th argument, `-NAME` for an output other than `out`), pointing where Nix's do;
+/// without `--add-root`, Nix's warning that the results may be collected, once.
 #[test]
 fn realise_prints_and_roots_per_argument_as_nix_does() {
     if !can_build() || !have_nix() {
@@ -859,8 +863,23 @@ fn realise_prints_and_roots_per_argument_as_nix_does() {
         let text = |o: &Output| {
             String::from_utf8_lossy(&o.stdout).replace(&links.display().to_string(), "LINKS")
         };
-        seen.push((text(&plain_out), text(&rooted), made));
+        // Nix's `printGCWarning`: once per run without --add-root, never with it.
+        let warnings = |o: &Output| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .filter(|l| *l == GC_WARNING)
+                .count()
+        };
+        let warned = (warnings(&plain_out), warnings(&rooted));
+        seen.push((text(&plain_out), text(&rooted), made, warned));
+        if tool == "firn" {
+            let quiet = run_tool(&["--no-gc-warning"]);
+            assert!(quiet.status.success());
+            assert_eq!(warnings(&quiet), 0, "--no-gc-warning");
+            assert_eq!(text(&quiet), seen[1].0);
+        }
     }
+    assert_eq!(seen[0].3, (1, 0), "Nix warns once without --add-root");
     assert_eq!(seen[1], seen[0], "firn (right) against Nix (left)");
     assert_eq!(
         seen[0].0.lines().count(),

@@ -71,6 +71,10 @@ struct GlobalArgs {
     #[arg(long, global = true)]
     quiet: bool,
 
+    /// Do not warn that what `realise` prints without `--add-root` may be collected.
+    #[arg(long, global = true)]
+    no_gc_warning: bool,
+
     /// How progress is shown: bar (a status line on a terminal), raw (lines), or
     /// internal-json (Nix's `@nix` JSON lines, for nix-output-monitor).
     #[arg(
@@ -327,6 +331,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let mut settings = Settings::from_cli(g.store.clone(), &g.option_pairs(), quiet)?;
     settings.log_format = g.log_format;
     settings.verbosity = g.verbose;
+    settings.gc_warning = !g.no_gc_warning && !quiet;
     for w in &settings.warnings {
         if !quiet {
             eprintln!("warning: {w}");

@@ -327,6 +327,13 @@ pub fn realise(
     if code == 0 {
         // Rooted with --json too; only the lines are left out then.
         let lines = realised_lines(&store, &realised, args.add_root.as_deref())?;
+        // Once per run, as Nix's `printGCWarning`.
+        if args.add_root.is_none() && settings.gc_warning && !lines.is_empty() {
+            events.line(
+                1,
+                "warning: you did not specify '--add-root'; the result might be removed by the garbage collector",
+            );
+        }
         if !args.json {
             for line in lines {
                 out.write_all(format!("{line}\n").as_bytes())

@@ -28,6 +28,9 @@ pub struct Settings {
     /// back on or off itself): every unsandboxed build says so.
     pub sandbox_off_from: Option<String>,
     pub quiet: bool,
+    /// Warn that realised paths without `--add-root` may be collected (as nix-store
+    /// does; `--no-gc-warning` says not to).
+    pub gc_warning: bool,
     /// `--log-format`.
     pub log_format: crate::progress::LogFormat,
     /// `-v` given this many times.
@@ -134,6 +137,7 @@ impl Settings {
             userpool,
             build,
             quiet,
+            gc_warning: true,
             log_format: crate::progress::LogFormat::Bar,
             verbosity: 0,
             warnings,
