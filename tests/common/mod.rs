@@ -81,7 +81,11 @@ pub fn run(cmd: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
         .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     let mut pipe = child.stdin.take().unwrap();
     if let Some(input) = stdin {
-        pipe.write_all(input).unwrap();
+        // A command may stop reading early (a refused NAR, say): its exit is the result.
+        match pipe.write_all(input) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.unwrap(),
+        }
     }
     drop(pipe);
     child.wait_with_output().unwrap()
