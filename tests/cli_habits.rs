@@ -463,13 +463,17 @@ fn path_info_columns_equal_nix() {
             );
         }
     }
-    // Nix's -h is firn's --human-readable (firn's -h is --help).
+    // `-h` is --human-readable, as Nix's (help is --help there).
     let theirs = nix(&root, "nix", &[&["path-info", "-rsSh"][..], &srcs].concat());
-    let ours = firn(
+    for h in ["-rsSh", "-hrsS"] {
+        let ours = firn(&root, &[&["path-info", h][..], &srcs].concat());
+        assert_same(&ours, &theirs, "path-info -h");
+    }
+    let long = firn(
         &root,
         &[&["path-info", "-rsS", "--human-readable"][..], &srcs].concat(),
     );
-    assert_same(&ours, &theirs, "path-info -h");
+    assert_same(&long, &theirs, "path-info --human-readable");
     remove(&root);
 }
 

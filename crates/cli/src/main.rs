@@ -224,6 +224,8 @@ enum Command {
     #[command(short_flag = 'q', long_flag = "query")]
     Query(store_cmds::QueryArgs),
     /// Show metadata of store paths (`nix path-info`).
+    // `-h` is --human-readable there, as in `nix path-info`.
+    #[command(disable_help_flag = true)]
     PathInfo(store_cmds::PathInfoArgs),
     /// Check the database against the disk (`nix-store --verify`).
     #[command(long_flag = "verify")]

@@ -549,9 +549,12 @@ pub struct PathInfoArgs {
     /// Print the sum of the NAR sizes of each path's closure.
     #[arg(short = 'S', long)]
     closure_size: bool,
-    /// With --size and --closure-size: sizes as 5.7M (Nix's -h; firn's -h is --help).
-    #[arg(long)]
+    /// With --size and --closure-size: sizes as 5.7M (`-h`, as Nix's: help is --help).
+    #[arg(short = 'h', long)]
     human_readable: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
     /// Print the signatures (`ultimate` for paths built here, `ca:…` for content-addressed
     /// ones, then the signatures).
     #[arg(long)]
