@@ -477,6 +477,52 @@ fn path_info_columns_equal_nix() {
     remove(&root);
 }
 
+/// `derivation show OUTPUT` shows the derivation that has OUTPUT as an output, as `nix
+/// show-derivation` does with a store path that is not a derivation (built or not); a
+/// path no valid derivation outputs is Nix's "does not have a known deriver".
+#[test]
+fn derivation_show_of_an_output_is_its_derivation() {
+    if !have_nix() {
+        return;
+    }
+    let root = tempdir("habits-showout");
+    let c = instantiate(&root, "chain.nix");
+    let out = ok(firn(&root, &["query", "--outputs", &c]))
+        .trim()
+        .to_owned();
+    assert!(!out.ends_with(".drv"), "{out}");
+    let src = root.join("plain.txt");
+    fs::write(&src, "plain\n").unwrap();
+    let plain = ok(firn(&root, &["add", src.to_str().unwrap()]))
+        .trim()
+        .to_owned();
+    for args in [vec![out.as_str()], vec!["-r", &out], vec![&out, &c]] {
+        let theirs = nix(&root, "nix", &[&["show-derivation"][..], &args].concat());
+        let ours = firn(&root, &[&["derivation", "show"][..], &args].concat());
+        assert_same(&ours, &theirs, &format!("show {args:?}"));
+    }
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(firn(&root, &["derivation", "show", &out]))).unwrap();
+    assert_eq!(
+        shown.as_object().unwrap().keys().collect::<Vec<_>>(),
+        [&c],
+        "keyed by the derivation"
+    );
+    let refused = firn(&root, &["derivation", "show", &plain]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        text(&refused.stderr),
+        format!("error: '{plain}' does not have a known deriver\n")
+    );
+    let theirs = nix(&root, "nix", &["show-derivation", &plain]);
+    assert!(
+        text(&theirs.stderr).contains(&format!("'{plain}' does not have a known deriver")),
+        "{}",
+        text(&theirs.stderr)
+    );
+    remove(&root);
+}
+
 /// `firn derivation show -r` is `nix show-derivation -r`: the closure's derivations.
 #[test]
 fn derivation_show_recursive_equals_nix() {

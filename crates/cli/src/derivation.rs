@@ -44,15 +44,53 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     match cmd {
-        DerivationCommand::Show { recursive, drvs } => match recursive {
-            true => show(&closure_drvs(&drvs, settings)?, settings, out),
-            false => show(&drvs, settings, out),
-        },
+        DerivationCommand::Show { recursive, drvs } => {
+            let drvs = derivers_for_outputs(drvs, settings)?;
+            match recursive {
+                true => show(&closure_drvs(&drvs, settings)?, settings, out),
+                false => show(&drvs, settings, out),
+            }
+        }
         DerivationCommand::Print => print(settings, out),
         DerivationCommand::Add { dry_run } => {
             crate::store_cmds::derivation_add(settings, dry_run, out)
         }
     }
+}
+
+/// `nix show-derivation`'s `toDerivations` for an argument that is a store path but not
+/// a derivation (an output, say): the derivation that has it as an output and is valid
+/// (the first by path, as Nix takes the first of `queryValidDerivers`), else Nix's
+/// "'P' does not have a known deriver". Other arguments stay as they are.
+fn derivers_for_outputs(drvs: Vec<PathBuf>, settings: &Settings) -> Result<Vec<PathBuf>, CliError> {
+    let is_output = |arg: &PathBuf| {
+        let (key, _) = locate(arg, settings);
+        key == firn_store::store::absolute(arg).to_string_lossy() && !key.ends_with(".drv")
+    };
+    if !drvs.iter().any(is_output) {
+        return Ok(drvs);
+    }
+    let store = crate::store_cmds::open(settings)?;
+    let sd = &settings.store_dir;
+    drvs.into_iter()
+        .map(|arg| {
+            if !is_output(&arg) {
+                return Ok(arg);
+            }
+            let key = locate(&arg, settings).0;
+            let path = store.parse_path_arg(&key)?;
+            let derivers = store
+                .db()
+                .query_valid_derivers(&path)
+                .map_err(firn_store::StoreError::from)?;
+            match derivers.first() {
+                Some(d) => Ok(PathBuf::from(sd.display(d))),
+                None => Err(CliError::usage(format!(
+                    "'{key}' does not have a known deriver"
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// The key `nix show-derivation` would use and where to read the file from.
