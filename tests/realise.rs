@@ -143,6 +143,24 @@ fn failures_exit_and_say_what_nix_says() {
         String::from_utf8_lossy(&log.stdout),
         vector("fail-exit", "build.log")
     );
+    // As `nix-store -l`: several paths, their logs in order; the first without one
+    // stops there, in Nix's words.
+    let twice = firn(&root, &["log", &drv, &drv], None);
+    assert_eq!(
+        String::from_utf8_lossy(&twice.stdout),
+        vector("fail-exit", "build.log").repeat(2)
+    );
+    let nothing = "/nix/store/00000000000000000000000000000000-nothing";
+    let missing = firn(&root, &["log", &drv, nothing], None);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stdout),
+        vector("fail-exit", "build.log")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        format!("error: build log of derivation '{nothing}' is not available\n")
+    );
     // fail-no-output: exit 1.
     let drv = instantiate(&root, "fail-no-output.nix");
     let out = firn(&root, &["realise", &drv], None);

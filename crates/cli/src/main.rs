@@ -164,8 +164,10 @@ enum Command {
     /// Print the build log of a derivation or of one of its outputs (`nix-store -l`).
     #[command(short_flag = 'l', long_flag = "read-log")]
     Log {
-        /// A `.drv` store path or an output path (or a symlink to one).
-        path: String,
+        /// `.drv` store paths or output paths (or symlinks to them): their logs in
+        /// order, as nix-store -l (none: nothing).
+        #[arg(value_name = "PATH")]
+        paths: Vec<String>,
     },
     /// Add files or trees to the store, recursive sha256 (`nix-store --add`).
     #[command(long_flag = "add")]
@@ -349,7 +351,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Exit(code));
             }
         }
-        Command::Log { path } => store_cmds::log(&settings, &path, &mut out)?,
+        Command::Log { paths } => {
+            for path in &paths {
+                store_cmds::log(&settings, path, &mut out)?;
+            }
+        }
         Command::Add { paths } => store_cmds::add(&settings, &paths, &mut out)?,
         Command::AddFixed {
             recursive,

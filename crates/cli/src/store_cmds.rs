@@ -954,7 +954,7 @@ pub fn log(settings: &Settings, arg: &str, out: &mut impl Write) -> Result<(), C
         }
     }
     Err(CliError::usage(format!(
-        "build log of '{}' is not available",
+        "build log of derivation '{}' is not available",
         sd.display(&p)
     )))
 }
