@@ -719,6 +719,54 @@ fn io_errors_are_one_line_in_the_systems_words() {
     remove(&dir);
 }
 
+/// Commands given no path do nothing and succeed, as nix-store's do (`-q --graph` prints
+/// an empty graph, `--delete` only tidies `.links`): output, messages and status the
+/// same as Nix's on the same store.
+#[test]
+fn no_paths_is_nothing_to_do_as_in_nix() {
+    let root = tempdir("habits-noargs");
+    let src = root.join("f");
+    fs::write(&src, "f\n").unwrap();
+    let kept = ok(firn(&root, &["add", src.to_str().unwrap()]));
+    let cases: [(&[&str], &[&str], &str); 9] = [
+        (&["realise"], &["-r"], ""),
+        (&["add"], &["--add"], ""),
+        (&["add-fixed", "sha256"], &["--add-fixed", "sha256"], ""),
+        (&["query"], &["-q"], ""),
+        (&["-qR"], &["-qR"], ""),
+        (&["query", "--tree"], &["-q", "--tree"], ""),
+        (
+            &["query", "--graph"],
+            &["-q", "--graph"],
+            "digraph G {\n}\n",
+        ),
+        (&["query", "--hash"], &["-q", "--hash"], ""),
+        (
+            &["delete"],
+            &["--delete"],
+            "0 store paths deleted, 0.00 MiB freed\n",
+        ),
+    ];
+    for (ours, theirs, want) in cases {
+        let out = firn(&root, ours);
+        assert_eq!(ok(out.clone()), want, "{ours:?}");
+        if have_nix() {
+            assert_same(&out, &nix(&root, "nix-store", theirs), &format!("{ours:?}"));
+            assert_eq!(
+                text(&out.stderr),
+                text(&nix(&root, "nix-store", theirs).stderr),
+                "{ours:?}"
+            );
+        }
+    }
+    if !have_nix() {
+        println!("skipped the comparisons with real Nix: nix-store is not installed");
+    }
+    // Nothing was deleted or added.
+    assert_eq!(ok(firn(&root, &["add", src.to_str().unwrap()])), kept);
+    remove(&root);
+}
+
 /// Usage errors: one `error:` line, then one hint line naming the command's help; exit
 /// 1, nothing on stdout (clap's default is several lines of usage and exit 2).
 #[test]
@@ -726,7 +774,7 @@ fn usage_errors_are_one_line_and_a_hint() {
     for (args, hint, needle) in [
         (&["query", "--bogus", "x"][..], "firn query", "'--bogus'"),
         (&["-q", "--jsn", "x"], "firn query", "'--jsn'"),
-        (&["-qR"], "firn query", "<PATH>"),
+        (&["add-fixed"], "firn add-fixed", "<ALGO>"),
         (&[], "firn", "no command given"),
         (&["derivation"], "firn derivation", "no command given"),
         (&["nonesuch"], "firn", "'nonesuch'"),

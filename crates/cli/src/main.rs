@@ -172,8 +172,9 @@ enum Command {
     /// Add files or trees to the store, recursive sha256 (`nix-store --add`).
     #[command(long_flag = "add")]
     Add {
-        /// Files or directories to add (`""` is the current directory, as for Nix).
-        #[arg(required = true, value_parser = any_path())]
+        /// Files or directories to add (`""` is the current directory, as for Nix; none:
+        /// nothing).
+        #[arg(value_parser = any_path())]
         paths: Vec<std::path::PathBuf>,
     },
     /// Add files or trees with a given hash algorithm (`nix-store --add-fixed`).
@@ -184,8 +185,8 @@ enum Command {
         recursive: bool,
         /// md5, sha1, sha256 or sha512.
         algo: String,
-        /// Files (or, with --recursive, directories) to add.
-        #[arg(required = true, value_parser = any_path())]
+        /// Files (or, with --recursive, directories) to add (none: nothing).
+        #[arg(value_parser = any_path())]
         paths: Vec<std::path::PathBuf>,
     },
     /// Write the NAR serialisation of a path to stdout (`nix-store --dump`).
@@ -267,8 +268,8 @@ enum Command {
     /// Delete store paths that nothing keeps alive (`nix-store --delete`).
     #[command(long_flag = "delete")]
     Delete {
-        /// Store paths (or symlinks to them) to delete.
-        #[arg(required = true)]
+        /// Store paths (or symlinks to them) to delete (none: only the unused files of
+        /// `.links`, as nix-store --delete).
         paths: Vec<String>,
     },
     /// Hard-link identical files of the store through `.links` (`nix-store --optimise`).

@@ -17,7 +17,8 @@ use crate::store_cmds::open;
 pub struct RealiseArgs {
     /// `.drv` store paths; `DRV!out,dev` or `DRV^out,dev` for some outputs (`!` is
     /// nix-store's spelling), `DRV!*` or `DRV^*` for all; other store paths must be valid.
-    #[arg(required = true, value_name = "DRV")]
+    // (None: nothing to do, as nix-store -r.)
+    #[arg(value_name = "DRV")]
     pub drvs: Vec<String>,
     /// Make LINK a GC root pointing at the (first) output; further outputs get LINK-2, …
     #[arg(long, value_name = "LINK")]

@@ -233,8 +233,9 @@ pub struct QueryArgs {
     /// that are valid), and their closures.
     #[arg(long)]
     include_outputs: bool,
-    /// Store paths, or symlinks to them.
-    #[arg(required = true, value_name = "PATH")]
+    /// Store paths, or symlinks to them (none: nothing, as nix-store -q; `--graph`
+    /// an empty graph).
+    #[arg(value_name = "PATH")]
     pub paths: Vec<String>,
 }
 
