@@ -185,6 +185,14 @@ fn bang_outputs_and_built_stores_as_nix() {
     assert_eq!(ok(firn(&root, &["realise", &format!("{drv}^*")])), star);
     assert_eq!(ok(firn(&root, &["realise", &drv])), star);
     assert_eq!(ok(nix(&root, "nix-store", &["-r", &drv])), star);
+    // Empty names are dropped, as Nix drops them; none left is every output.
+    for odd in ["!", "!,", "!dev,,lib", "!,dev,lib"] {
+        let arg = format!("{drv}{odd}");
+        let theirs = ok(nix(&root, "nix-store", &["-r", &arg]));
+        assert_eq!(ok(firn(&root, &["realise", &arg])), theirs, "{odd}");
+        let want = if odd.contains("dev") { &by_bang } else { &star };
+        assert_eq!(&theirs, want, "{odd}");
+    }
 
     let outs: Vec<&str> = star.lines().collect();
     for args in [

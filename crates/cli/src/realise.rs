@@ -61,14 +61,22 @@ impl RealiseArgs {
 }
 
 /// `DRV`, `DRV^*`, `DRV^out,dev`, and nix-store's `DRV!out,dev`, `DRV!*`: split at the
-/// first `^` or `!` (neither can be in a store path's name).
+/// first `^` or `!` (neither can be in a store path's name). Empty names are dropped, as
+/// Nix's `tokenizeString` drops them, and none left means all (`DRV!` is `DRV`).
 fn parse_target(arg: &str) -> (&str, Wanted) {
     match arg.split_once(['^', '!']) {
         Some((p, "*")) => (p, Wanted::All),
-        Some((p, outs)) => (
-            p,
-            Wanted::Some(outs.split(',').map(OutputName::from).collect()),
-        ),
+        Some((p, outs)) => {
+            let names: BTreeSet<OutputName> = outs
+                .split(',')
+                .filter(|o| !o.is_empty())
+                .map(OutputName::from)
+                .collect();
+            match names.is_empty() {
+                true => (p, Wanted::All),
+                false => (p, Wanted::Some(names)),
+            }
+        }
         None => (arg, Wanted::All),
     }
 }
