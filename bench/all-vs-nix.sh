@@ -18,6 +18,9 @@
 # NAR bytes, query output).
 # Usage: [FIRN=BINARY] bench/all-vs-nix.sh [TREE] [RUNS] [DAEMON_N]
 set -euo pipefail
+# Both tools measured offline: Nix gets `--option substituters ''`, and firn (whose
+# default cache is Nix's too) reads this.
+export NIX_CONFIG="substituters ="
 cd "$(dirname "$0")/.."
 SRC=${1:-/usr/lib/x86_64-linux-gnu}; RUNS=${2:-3}; DN=${3:-1000}
 # FIRN=/path/to/firn measures that binary (an older build, say) instead of building.

@@ -6,6 +6,9 @@
 # per build, cache and round: wall ms of firn and of Nix, and the load average.
 # Usage: bench/cache-from-builds.sh N SIZE_KIB ROUNDS LABEL=FIRN_BINARY...
 set -euo pipefail
+# Both tools measured offline: Nix gets `--option substituters ''`, and firn (whose
+# default cache is Nix's too) reads this.
+export NIX_CONFIG="substituters ="
 N=$1; SIZE=$2; ROUNDS=$3; shift 3
 WORK=$(mktemp -d /tmp/firn-cfb.XXXXXX)
 trap 'chmod -R u+w "$WORK"; rm -rf "$WORK"' EXIT

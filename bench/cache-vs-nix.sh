@@ -8,6 +8,9 @@
 # Then both fetch the closure over HTTP from one `firn serve-cache`.
 # Usage: bench/cache-vs-nix.sh [N] [SIZE_KIB] [RUNS]
 set -euo pipefail
+# Both tools measured offline: Nix gets `--option substituters ''`, and firn (whose
+# default cache is Nix's too) reads this.
+export NIX_CONFIG="substituters ="
 cd "$(dirname "$0")/.."
 N=${1:-200}; SIZE=${2:-64}; RUNS=${3:-5}
 cargo build --release -q -p firn-cli

@@ -6,6 +6,9 @@
 # (a new salt) in fresh chroot stores; both tools get the same .drv files.
 # Usage: bench/sandbox-vs-nix.sh [N] [RUNS]
 set -euo pipefail
+# Both tools measured offline: Nix gets `--option substituters ''`, and firn (whose
+# default cache is Nix's too) reads this.
+export NIX_CONFIG="substituters ="
 cd "$(dirname "$0")/.."
 N=${1:-100}; RUNS=${2:-3}
 cargo build --release -q -p firn-cli

@@ -21,6 +21,8 @@ fn firn_conf(dir: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
         .env("FIRN_CONF_DIR", dir.join("firn"))
         .env("XDG_CONFIG_HOME", dir.join("home"))
         .env("NIX_USER_CONF_FILES", "")
+        // The files here say what there is to say (and the defaults are compared).
+        .env_remove("NIX_CONFIG")
         .args(args);
     for (k, v) in extra_env {
         c.env(k, v);
@@ -93,6 +95,8 @@ fn the_files_nix_reads_give_the_values_nix_shows() {
         "system",
         "extra-platforms",
         "system-features",
+        "substituters",
+        "trusted-public-keys",
     ] {
         assert_eq!(firn.get(name), nix.get(name), "setting '{name}'");
     }

@@ -38,7 +38,8 @@ pub fn command(cmd: &str) -> Command {
     c
 }
 
-/// Make `c` (a firn) see no settings file and no `NIX_CONFIG`.
+/// Make `c` (a firn) see no settings file, and no `NIX_CONFIG` but `substituters =`
+/// (Nix's default cache is firn's too; tests build offline, as Nix's own tests do).
 pub fn isolate_settings(c: &mut Command) -> &mut Command {
     let none = std::env::temp_dir().join("firn-tests-no-config");
     c.env("NIX_CONF_DIR", &none)
@@ -51,7 +52,7 @@ pub fn isolate_settings(c: &mut Command) -> &mut Command {
             "XDG_CACHE_HOME",
             std::env::temp_dir().join(format!("firn-tests-cache-{}", std::process::id())),
         )
-        .env_remove("NIX_CONFIG")
+        .env("NIX_CONFIG", "substituters =")
 }
 
 /// A `Command` for a program that runs firn itself (`script`, `unshare`, `setpriv`):

@@ -58,6 +58,9 @@ pub struct Bytes(pub Option<u64>);
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Strings(pub Vec<String>);
 
+/// The default of `substituters`, as in Nix.
+pub const NIXOS_CACHE: &str = "https://cache.nixos.org/";
+
 /// The default of `trusted-public-keys`, as in Nix.
 pub const NIXOS_CACHE_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
@@ -505,8 +508,8 @@ settings! {
     build_memory_max: Bytes = Bytes(None), "build-memory-max";
     /// The processes and threads a build may have at once (0: no limit; needs cgroups).
     build_pids_max: Bytes = Bytes(None), "build-pids-max";
-    /// Binary caches to substitute from, before building (`file:///DIR` caches).
-    substituters: Strings = Strings::default(), "substituters", ["binary-caches"];
+    /// Binary caches to substitute from, before building (Nix's default: its cache).
+    substituters: Strings = Strings(vec![NIXOS_CACHE.to_owned()]), "substituters", ["binary-caches"];
     /// Caches an untrusted client (of a daemon) may add to `substituters`.
     trusted_substituters: Strings = Strings::default(), "trusted-substituters", ["trusted-binary-caches"];
     /// Keys (`NAME:base64`) whose signatures make a substitute acceptable.
