@@ -696,9 +696,10 @@ mod tests {
         s.apply("extra-sandbox-paths", "/y").unwrap();
         assert_eq!(s.sandbox_paths.len(), 3);
         assert_eq!(s.sandbox_paths[2].target, PathBuf::from("/y"));
+        // (After Nix's default cache, as Nix appends them.)
         s.apply("extra-substituters", "a b").unwrap();
         s.apply("extra-substituters", "c").unwrap();
-        assert_eq!(s.substituters.0, ["a", "b", "c"]);
+        assert_eq!(s.substituters.0, [NIXOS_CACHE, "a", "b", "c"]);
         assert_eq!(
             s.apply("fsync-metadata", "false").unwrap(),
             Applied::NixOnly
