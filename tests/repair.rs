@@ -77,6 +77,24 @@ fn a_modified_output_is_rebuilt_and_replaced() {
         .filter(|e| e.contains("repair-old"))
         .collect();
     assert!(aside.is_empty(), "{aside:?}");
+    // `repair-path` (nix-store --repair-path) does the same for the paths it is given,
+    // modified or not.
+    fs::write(&data, "tampered again\n").unwrap();
+    let sp = ["--option", "sandbox-paths", "/bin/busybox"];
+    let again = firn_at(&root, &[&sp[..], &["repair-path", &out]].concat(), None);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(fs::read_to_string(&data).unwrap(), "original\n");
+    let intact = firn_at(&root, &[&sp[..], &["--repair-path", &out]].concat(), None);
+    assert!(
+        intact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&intact.stderr)
+    );
+    assert_verifies(&root, "after repair-path");
 
     // A modified path with no derivation to rebuild it from cannot be repaired.
     let src = root.join("plain.txt");
@@ -97,6 +115,19 @@ fn a_modified_output_is_rebuilt_and_replaced() {
     assert!(
         err.contains("warning: not all store errors were fixed"),
         "{err}"
+    );
+    let refused = firn_at(&root, &["repair-path", &added], None);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        format!("error: cannot repair path '{added}'\n")
+    );
+    let invalid = "/nix/store/00000000000000000000000000000000-gone";
+    let refused = firn_at(&root, &["repair-path", invalid], None);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        format!("error: path '{invalid}' is not valid\n")
     );
     remove(&root);
 }

@@ -248,6 +248,13 @@ enum Command {
         /// Store paths, or symlinks to them.
         paths: Vec<String>,
     },
+    /// Rebuild store paths from their valid derivations and put them in place, modified
+    /// or not (`nix-store --repair-path`; Nix tries its substituters first).
+    #[command(long_flag = "repair-path")]
+    RepairPath {
+        /// Valid store paths, or symlinks to them.
+        paths: Vec<String>,
+    },
     /// Write the export of store paths (NARs and metadata, references first) to stdout
     /// (`nix-store --export`).
     #[command(long_flag = "export")]
@@ -403,6 +410,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Silent);
             }
         }
+        Command::RepairPath { paths } => store_cmds::repair_path(&settings, &paths)?,
         Command::Export { paths } => store_cmds::export(&settings, &paths)?,
         Command::Import => store_cmds::import(&settings, &mut out)?,
         Command::Gc(args) => gc::gc(&settings, &args, &mut out)?,

@@ -833,6 +833,25 @@ pub fn verify(settings: &Settings, check_contents: bool, repair: bool) -> Result
     Ok(fixed)
 }
 
+/// `nix-store --repair-path`: each path (which must be valid) rebuilt from its valid
+/// deriver and put in place, whatever its state, in order; the first that cannot be is
+/// Nix's error, `cannot repair path '…'`. (Nix substitutes first; firn's repair does not
+/// use substituters yet.)
+pub fn repair_path(settings: &Settings, paths: &[String]) -> Result<(), CliError> {
+    let mut store = open(settings)?;
+    for arg in paths {
+        let p = store.valid_path_arg(arg)?;
+        let unrepaired = repair_by_rebuilding(settings, &mut store, &BTreeSet::from([p]))?;
+        if let Some(p) = unrepaired.first() {
+            return Err(CliError::usage(format!(
+                "cannot repair path '{}'",
+                store.store_dir().display(p)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Nix 2.8's `repairPath` without substituters: rebuild the valid deriver of each
 /// modified path, in the sandbox, and put the rebuilt outputs in place. Returns the
 /// paths that could not be repaired.
