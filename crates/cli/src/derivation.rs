@@ -63,21 +63,17 @@ pub fn run(
 /// (the first by path, as Nix takes the first of `queryValidDerivers`), else Nix's
 /// "'P' does not have a known deriver". Other arguments stay as they are.
 fn derivers_for_outputs(drvs: Vec<PathBuf>, settings: &Settings) -> Result<Vec<PathBuf>, CliError> {
-    let is_output = |arg: &PathBuf| {
-        let (key, _) = locate(arg, settings);
-        key == firn_store::store::absolute(arg).to_string_lossy() && !key.ends_with(".drv")
-    };
-    if !drvs.iter().any(is_output) {
+    let output_key = |arg: &PathBuf| store_key(arg, settings).filter(|k| !k.ends_with(".drv"));
+    if !drvs.iter().any(|a| output_key(a).is_some()) {
         return Ok(drvs);
     }
     let store = crate::store_cmds::open(settings)?;
     let sd = &settings.store_dir;
     drvs.into_iter()
         .map(|arg| {
-            if !is_output(&arg) {
+            let Some(key) = output_key(&arg) else {
                 return Ok(arg);
-            }
-            let key = locate(&arg, settings).0;
+            };
             let path = store.parse_path_arg(&key)?;
             let derivers = store
                 .db()
@@ -91,6 +87,12 @@ fn derivers_for_outputs(drvs: Vec<PathBuf>, settings: &Settings) -> Result<Vec<P
             }
         })
         .collect()
+}
+
+/// The argument as a logical store path, if it is one (else it is a file anywhere).
+fn store_key(arg: &Path, settings: &Settings) -> Option<String> {
+    let (key, _) = locate(arg, settings);
+    (key == firn_store::store::absolute(arg).to_string_lossy()).then_some(key)
 }
 
 /// The key `nix show-derivation` would use and where to read the file from.
@@ -122,11 +124,11 @@ fn closure_drvs(drvs: &[PathBuf], settings: &Settings) -> Result<Vec<PathBuf>, C
     let mut files = Vec::new();
     let mut roots = Vec::new();
     for arg in drvs {
-        let (key, file) = locate(arg, settings);
-        if key == firn_store::store::absolute(arg).to_string_lossy() {
+        if let Some(key) = store_key(arg, settings) {
             roots.push(store.valid_path_arg(&key)?);
             continue;
         }
+        let (key, file) = locate(arg, settings);
         let text = fs::read(&file).map_err(|e| CliError::read(&file, e))?;
         let base = key.rsplit('/').next().unwrap_or_default();
         let drv = parse_derivation(sd, &text, name_from_drv_base_name(base))

@@ -359,11 +359,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Exit(code));
             }
         }
-        Command::Log { paths } => {
-            for path in &paths {
-                store_cmds::log(&settings, path, &mut out)?;
-            }
-        }
+        Command::Log { paths } => store_cmds::log(&settings, &paths, &mut out)?,
         Command::Add { paths } => store_cmds::add(&settings, &paths, &mut out)?,
         Command::AddFixed {
             recursive,

@@ -944,10 +944,20 @@ pub fn derivation_add(
     w(out, &format!("{}\n", store.store_dir().display(&p)))
 }
 
-/// `nix-store -l`: the bzip2 build log of a derivation, or of the derivation that
-/// produced an output.
-pub fn log(settings: &Settings, arg: &str, out: &mut impl Write) -> Result<(), CliError> {
+/// `nix-store -l PATH…`: the bzip2 build logs of derivations, or of the derivations that
+/// produced outputs, in order; the first without one ends it with Nix's error.
+pub fn log(settings: &Settings, args: &[String], out: &mut impl Write) -> Result<(), CliError> {
+    if args.is_empty() {
+        return Ok(());
+    }
     let store = open(settings)?;
+    for arg in args {
+        log_one(&store, arg, out)?;
+    }
+    Ok(())
+}
+
+fn log_one(store: &Store, arg: &str, out: &mut impl Write) -> Result<(), CliError> {
     let sd = store.store_dir().clone();
     let p = store.parse_path_arg(arg)?;
     let mut candidates = vec![p.clone()];
